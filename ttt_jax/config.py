@@ -1,0 +1,437 @@
+"""Typed, validated configuration: YAML presets plus ``key=value`` overrides.
+
+A run is described by one :class:`Config` made of four sections::
+
+    model:  architecture (Qwen3/Llama-compatible) and the In-Place TTT settings (model.ttt.*)
+    data:   corpus, tokenizer, sequence packing
+    train:  optimizer, schedule, checkpoints, logging
+    mesh:   device mesh shape (data, fsdp, tensor, context)
+
+Presets live in ``configs/*.yaml``; any field can be overridden on the command line with dotted keys
+(``train.steps=200 model.ttt.lr=1.0``). Every value is checked when the config is built, so a user's
+mistake surfaces as a ``ValueError`` naming the field, before any compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value a user supplied is invalid; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTConfig:
+    """In-Place TTT settings (DESIGN.md section 1).
+
+    ``layers`` is either an explicit list of layer indices or ``None``, in which case TTT is on every
+    ``every``-th layer starting at ``start`` (paper default: every 6th layer from 0).
+    """
+
+    enabled: bool = True
+    layers: Optional[tuple[int, ...]] = None
+    every: int = 6
+    start: int = 0
+    lr: float = 3.0
+    chunk_size: int = 1024
+    conv_kernel: int = 5
+    target_source: Literal["embeddings", "hidden"] = "embeddings"
+    clip_tau: Optional[float] = None
+    impl: Literal["auto", "reference", "associative", "scan", "attention"] = "auto"
+
+    def validate(self, n_layers: int) -> None:
+        _check(self.chunk_size >= 1, "model.ttt.chunk_size", self.chunk_size, "an integer >= 1")
+        _check(self.conv_kernel >= 1 and self.conv_kernel % 2 == 1, "model.ttt.conv_kernel",
+               self.conv_kernel, "an odd integer >= 1 (the conv is centred: (K-1)//2 past and future taps)")
+        _check(self.every >= 1, "model.ttt.every", self.every, "an integer >= 1")
+        _check(0 <= self.start, "model.ttt.start", self.start, "an integer >= 0")
+        _check(self.clip_tau is None or self.clip_tau > 0, "model.ttt.clip_tau", self.clip_tau,
+               "null (off) or a positive float")
+        if self.layers is not None:
+            bad = [i for i in self.layers if not 0 <= i < n_layers]
+            _check(not bad, "model.ttt.layers", list(self.layers),
+                   f"layer indices in [0, {n_layers}) (model.n_layers={n_layers}); out of range: {bad}")
+
+    def layer_ids(self, n_layers: int) -> tuple[int, ...]:
+        """The layers whose MLP gets In-Place TTT (empty when disabled)."""
+        if not self.enabled:
+            return ()
+        if self.layers is not None:
+            return tuple(sorted(set(self.layers)))
+        return tuple(range(self.start, n_layers, self.every))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Qwen3/Llama-style decoder-only LM.
+
+    ``attention_window`` > 0 makes every layer sliding-window (window = number of keys a query sees,
+    itself included) unless ``full_attention_layers`` lists it; 0 means full causal attention everywhere.
+    """
+
+    vocab_size: int = 259
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: Optional[int] = None
+    d_ff: int = 768
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    qk_norm: bool = True
+    attention_window: int = 0
+    full_attention_layers: tuple[int, ...] = ()
+    attention_impl: Literal["auto", "xla", "cudnn", "pallas", "reference"] = "auto"
+    initializer_range: float = 0.02
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    remat: bool = False
+    ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    def layer_window(self, layer: int) -> int:
+        """Sliding window of ``layer`` (0 = full causal attention)."""
+        if self.attention_window > 0 and layer not in self.full_attention_layers:
+            return self.attention_window
+        return 0
+
+    def validate(self) -> None:
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            v = getattr(self, key)
+            _check(isinstance(v, int) and v >= 1, f"model.{key}", v, "an integer >= 1")
+        _check(self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads", self.n_kv_heads,
+               f"a divisor of model.n_heads={self.n_heads} (grouped-query attention)")
+        if self.head_dim is None:
+            _check(self.d_model % self.n_heads == 0, "model.head_dim", None,
+                   f"set explicitly, since model.d_model={self.d_model} is not a multiple of "
+                   f"model.n_heads={self.n_heads}")
+        _check(self.resolved_head_dim % 2 == 0, "model.head_dim", self.resolved_head_dim,
+               "an even integer (RoPE rotates pairs)")
+        _check(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "a positive float")
+        _check(self.attention_window >= 0, "model.attention_window", self.attention_window,
+               "0 (full attention) or a positive window length")
+        _check(self.initializer_range > 0, "model.initializer_range", self.initializer_range, "> 0")
+        bad = [i for i in self.full_attention_layers if not 0 <= i < self.n_layers]
+        _check(not bad, "model.full_attention_layers", list(self.full_attention_layers),
+               f"layer indices in [0, {self.n_layers})")
+        self.ttt.validate(self.n_layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Corpus, tokenizer and packing.
+
+    ``source``: ``stdlib`` (the embedded default corpus: this Python's standard-library sources),
+    ``text`` (``paths``: files, directories or globs), ``jsonl`` (``paths`` + ``field``) or
+    ``parquet`` (``paths`` + ``column``). ``tokenizer``: ``byte`` or a path to a Hugging Face
+    ``tokenizer.json``. ``on_error``: what a malformed record (bad UTF-8, invalid JSON line, missing
+    field, unreadable Parquet) does: ``raise`` a ``ValueError`` naming file and line/row, or ``skip``
+    it (counted, with a warning).
+    """
+
+    source: Literal["stdlib", "text", "jsonl", "parquet"] = "stdlib"
+    paths: tuple[str, ...] = ()
+    field: str = "text"
+    column: str = "text"
+    tokenizer: str = "byte"
+    seq_len: int = 512
+    batch_size: int = 8
+    chunk_align: bool = False
+    validation_fraction: float = 0.05
+    max_documents: Optional[int] = None
+    shuffle: bool = True
+    seed: int = 0
+    worker_count: int = 0
+    on_error: Literal["raise", "skip"] = "raise"
+
+    def validate(self) -> None:
+        _check(self.seq_len >= 2, "data.seq_len", self.seq_len, "an integer >= 2")
+        _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+        _check(0.0 < self.validation_fraction < 1.0, "data.validation_fraction",
+               self.validation_fraction, "a float in (0, 1)")
+        _check(self.source == "stdlib" or len(self.paths) > 0, "data.paths", list(self.paths),
+               f"at least one file, directory or glob for data.source={self.source!r}")
+        _check(self.max_documents is None or self.max_documents >= 2, "data.max_documents",
+               self.max_documents, "null or an integer >= 2")
+        _check(self.worker_count >= 0, "data.worker_count", self.worker_count, "an integer >= 0")
+        _check(self.on_error in ("raise", "skip"), "data.on_error", self.on_error, "'raise' or 'skip'")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer, schedule, checkpoints and logging.
+
+    ``stop_after`` ends this invocation after that many total steps (with a checkpoint) while the
+    schedule stays defined by ``steps``: a long run split over time-limited jobs resumes exactly.
+    """
+
+    steps: int = 1000
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    run_dir: str = "runs/default"
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    resume: bool = True
+    progress: bool = True
+    tensorboard: bool = True
+    peak_tflops: Optional[float] = None
+    stop_after: Optional[int] = None
+
+    def validate(self) -> None:
+        _check(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
+        _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        _check(0 <= self.warmup_steps <= self.steps, "train.warmup_steps", self.warmup_steps,
+               f"in [0, train.steps={self.steps}]")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "train.b1/b2", (self.b1, self.b2), "in [0, 1)")
+        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
+        for key in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+            _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "an integer >= 1")
+        _check(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops", self.peak_tflops,
+               "null (look up the device) or a positive number")
+        _check(self.stop_after is None or 1 <= self.stop_after <= self.steps, "train.stop_after",
+               self.stop_after, f"null or an integer in [1, train.steps={self.steps}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape. ``-1`` on one axis means "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    context: int = 1
+
+    def validate(self) -> None:
+        sizes = dataclasses.asdict(self)
+        for k, v in sizes.items():
+            _check(v == -1 or v >= 1, f"mesh.{k}", v, "-1 (fill) or an integer >= 1")
+        _check(sum(v == -1 for v in sizes.values()) <= 1, "mesh", sizes, "at most one axis set to -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        self.mesh.validate()
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                "raise model.max_seq_len or lower data.seq_len")
+        if self.data.chunk_align and self.model.ttt.enabled and self.data.seq_len % self.model.ttt.chunk_size:
+            raise ConfigError(
+                f"data.chunk_align=true needs data.seq_len ({self.data.seq_len}) to be a multiple of "
+                f"model.ttt.chunk_size ({self.model.ttt.chunk_size}) so every document can start on a "
+                "chunk boundary; change one of them or set data.chunk_align=false")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides
+# --------------------------------------------------------------------------------------------------
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid {key}={value!r}: expected {expected}")
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _suggest(key: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type ``tp``, or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"invalid {key}={value!r}: expected one of {list(args)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else \
+                [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(v, args[0], f"{key}[]") for v in value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"invalid {key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"invalid {key}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"invalid {key}={value!r}: expected an integer")
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid {key}={value!r}: expected an integer") from None
+        if f != int(f):
+            raise ConfigError(f"invalid {key}={value!r}: expected an integer")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"invalid {key}={value!r}: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid {key}={value!r}: expected a number") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"invalid {key}={value!r}: expected a string")
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        if k not in names:
+            raise ConfigError(f"unknown config key {prefix}{k!r}" + _suggest(k, names))
+        kwargs[k] = _coerce(v, hints[k], f"{prefix}{k}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or the name of a preset in ``configs/`` (``tiny`` -> configs/tiny.yaml)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / f"{name_or_path}.yaml", CONFIG_DIR / str(name_or_path)):
+        if cand.is_file():
+            return cand
+    presets = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise ConfigError(f"config {str(name_or_path)!r} is neither a YAML file nor a preset; "
+                      f"presets: {', '.join(presets) or '(none found)'}")
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a nested dict (unknown keys are errors)."""
+    return _build(Config, values or {}).validate()
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a preset or YAML file, apply ``key=value`` overrides, validate.
+
+    Example::
+
+        cfg = load_config("tiny", ["train.steps=50", "model.ttt.chunk_size=64"])
+    """
+    base: dict[str, Any] = {}
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        with open(path) as f:
+            base = yaml.safe_load(f) or {}
+        if not isinstance(base, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        base.pop("base", None)
+    return config_from_dict(_merge(base, parse_overrides(overrides)))
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """Return ``cfg`` with fields changed, e.g. ``replace(cfg, model={"n_layers": 2})``; validated."""
+    return config_from_dict(_merge(cfg.to_dict(), sections))

@@ -1,0 +1,118 @@
+"""In-Place TTT: the fast-weight down-projection, one public function with an ``impl=`` switch.
+
+``inplace_ttt(z, v, w0, lr=..., chunk_size=...)`` computes, for chunk ``i`` of every sequence,
+``O_i = Z_i (W0 + lr * sum_{j<i} Z_j^T V_j)`` — apply-then-update with one gradient step per chunk
+on the loss ``-<Z W, V>`` (DESIGN.md section 1), restarted at every document when ``segment_ids``
+are given. Implementations:
+
+=================  ==================================================================  ===========
+impl               how                                                                 memory
+=================  ==================================================================  ===========
+``reference``      sequential apply-then-update, Python loop over chunks (the oracle)   O(N F D)
+``attention``      per-token block-causal linear attention (quadratic; test oracle)     O(T^2)
+``associative``    chunk deltas through ``lax.associative_scan`` of the affine monoid   O(N F D)
+``scan``           ``lax.scan`` with a state-recomputing custom VJP (memory-lean)       O(F D)
+``auto``           ``scan``
+=================  ==================================================================  ===========
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from ttt_jax.ops import inplace_ttt_reference as reference
+from ttt_jax.ops.inplace_ttt_layout import ChunkLayout, chunk_layout, clip_update, pad_to_chunks, unchunk
+from ttt_jax.ops.inplace_ttt_scan import scan_chunks
+
+IMPLS = ("auto", "reference", "attention", "associative", "scan")
+
+
+def affine_combine(first: tuple[jax.Array, jax.Array], second: tuple[jax.Array, jax.Array]):
+    """Compose ``W -> a1 W + B1`` then ``W -> a2 W + B2``: ``(a2 a1, a2 B1 + B2)``.
+
+    ``a`` has shape ``[..., N]`` and ``B`` ``[..., N, F, D]``; associative, identity ``(1, 0)``.
+    """
+    a1, b1 = first
+    a2, b2 = second
+    return a2 * a1, a2[..., None, None] * b1 + b2
+
+
+def _associative(zc: jax.Array, vm: jax.Array, w0: jax.Array, lay: ChunkLayout, lr: float,
+                 clip_tau: Optional[float]) -> jax.Array:
+    """Chunked form 2: exclusive prefix of chunk deltas via ``lax.associative_scan``.
+
+    ``zc [B,N,C,F]``, ``vm [B,N,C,D]`` (pre-masked) -> ``[B,N,C,D]``.
+    """
+    f32 = jnp.float32
+    deltas = clip_update(lr * jnp.einsum("bncf,bncd->bnfd", zc, vm.astype(zc.dtype),
+                                         preferred_element_type=f32), clip_tau)
+    _, incl = jax.lax.associative_scan(affine_combine, (lay.a, deltas), axis=1)
+    state = jnp.concatenate([jnp.zeros_like(incl[:, :1]), incl[:, :-1]], axis=1)   # exclusive
+    cdt = zc.dtype
+    out = jnp.einsum("bncf,fd->bncd", zc, w0.astype(cdt), preferred_element_type=f32)
+    out = out + lay.use[..., None] * jnp.einsum("bncf,bnfd->bncd", zc, state.astype(cdt),
+                                                preferred_element_type=f32)
+    return out.astype(zc.dtype)
+
+
+def _check_args(z, v, w0, lr, chunk_size, impl, clip_tau):
+    if z.ndim != 3:
+        raise ValueError(f"z must be [B, T, F], got shape {z.shape}")
+    b, t, f = z.shape
+    if v.ndim != 3 or v.shape[:2] != (b, t):
+        raise ValueError(f"v must be [B, T, D] with B, T = {(b, t)} matching z, got shape {v.shape}")
+    if w0.shape != (f, v.shape[-1]):
+        raise ValueError(f"w0 must be [F, D] = {(f, v.shape[-1])}, got shape {w0.shape}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if isinstance(lr, jax.core.Tracer):
+        raise ValueError("lr must be a Python float (a static hyper-parameter), not a traced array")
+    if clip_tau is not None and clip_tau <= 0:
+        raise ValueError(f"clip_tau must be None (off) or > 0, got {clip_tau}")
+    if clip_tau is not None and impl == "attention":
+        raise ValueError("impl='attention' cannot express update clipping; use 'scan' or 'reference'")
+
+
+def inplace_ttt(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float, chunk_size: int,
+                segment_ids: Optional[jax.Array] = None, impl: str = "auto",
+                clip_tau: Optional[float] = None) -> jax.Array:
+    """In-Place TTT down-projection with chunk-wise fast-weight updates.
+
+    Args:
+      z: ``[B, T, F]`` gated MLP activation ``silu(H W_gate) * (H W_up)``.
+      v: ``[B, T, D]`` LM-aligned target (see ``inplace_ttt_target``).
+      w0: ``[F, D]`` slow down-projection (initial fast weight); plain MLP output is ``z @ w0``.
+      lr: fast-weight learning rate (Python float).
+      chunk_size: update every ``chunk_size`` positions; ``T`` need not be a multiple (padding is
+        internal and never affects real tokens).
+      segment_ids: optional ``[B, T]`` int packed-document ids, 0 = padding. A token only sees
+        updates from earlier chunks of its own document; chunk boundaries stay those of the
+        packed row.
+      impl: ``"auto" | "reference" | "attention" | "associative" | "scan"`` (module docstring).
+      clip_tau: if set, each chunk's update ``lr * dW_i`` is rescaled to Frobenius norm <= clip_tau.
+
+    Returns:
+      ``[B, T, D]`` in ``z.dtype``: chunk ``i`` uses ``W0 + lr * sum_{j<i} z_j^T v_j``. Fast-weight
+      state and prefix sums are fp32; matmuls run in ``z.dtype`` with fp32 accumulation.
+    """
+    _check_args(z, v, w0, lr, chunk_size, impl, clip_tau)
+    lr = float(lr)
+    if impl == "reference":
+        return reference.sequential(z, v, w0, lr=lr, chunk_size=chunk_size, segment_ids=segment_ids,
+                                    clip_tau=clip_tau)
+    if impl == "attention":
+        return reference.linear_attention(z, v, w0, lr=lr, chunk_size=chunk_size, segment_ids=segment_ids)
+    b, t, _ = z.shape
+    lay = chunk_layout(b, t, chunk_size, segment_ids)
+    zc = pad_to_chunks(z, chunk_size)
+    vm = pad_to_chunks(v, chunk_size) * lay.upd[..., None].astype(v.dtype)
+    if impl == "associative":
+        out = _associative(zc, vm, w0, lay, lr, clip_tau)
+    else:  # "scan" and "auto"
+        out = scan_chunks(zc, vm, w0, lay.use, lay.a, lr, clip_tau, lay.segmented)
+    return unchunk(out, t)

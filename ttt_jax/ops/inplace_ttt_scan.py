@@ -1,0 +1,152 @@
+"""Memory-lean In-Place TTT: a chunk ``lax.scan`` with a custom VJP that recomputes states.
+
+Autodiff of a ``lax.scan`` carrying the fast weight stores every chunk's ``[F, D]`` state for the
+backward pass (``N * F * D * 4`` bytes per layer and sequence). Here the backward pass instead runs
+
+1. a forward scan that recomputes ``S_i`` and produces ``dz_i = g_i (W0 + S_i)^T`` (the gradient
+   through the apply), and
+2. a reverse scan carrying ``G_{i+1} = dL/dS_{i+1}`` that produces the gradients through the
+   update (``dz``, ``dv``) and accumulates ``dW0``,
+
+so the only residuals are the inputs themselves: extra memory is a few ``[B, F, D]`` carries,
+independent of the number of chunks. Matmul work (per token, ``F x D`` each): forward 2 (apply,
+update), backward 5 (recompute update, apply-grad, ``z^T g``, ``v dK^T``, ``z dK``) — 7 against 3 for
+a plain down-projection, the ideal ratio 2.33 of DESIGN.md.
+
+Layout: time-major chunks ``[N, B, C, ...]`` inside the scans; the public wrapper takes
+``[B, N, C, ...]``. State and gradients of the state are fp32; matmuls run in the input dtype with
+fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from ttt_jax.ops.inplace_ttt_layout import clip_update
+
+_F32 = jnp.float32
+
+
+def _mm(eq: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.einsum(eq, x, y.astype(x.dtype), preferred_element_type=_F32)
+
+
+def _apply(zi, ui, state, w0, segmented: bool):
+    """Chunk output ``[B, C, D]`` (fp32): ``z W0 + use * z S`` (one matmul when unsegmented)."""
+    if segmented:
+        return _mm("bcf,fd->bcd", zi, w0) + ui[..., None] * _mm("bcf,bfd->bcd", zi, state)
+    return _mm("bcf,bfd->bcd", zi, w0.astype(_F32)[None] + state)
+
+
+def _apply_grad(gi, ui, state, w0, segmented: bool):
+    """``dL/dz`` through the apply, ``[B, C, F]`` (fp32)."""
+    if segmented:
+        return _mm("bcd,fd->bcf", gi, w0) + _mm("bcd,bfd->bcf", gi * ui[..., None].astype(gi.dtype), state)
+    return _mm("bcd,bfd->bcf", gi, w0.astype(_F32)[None] + state)
+
+
+def _update(zi, vmi, lr: float, clip_tau: Optional[float]):
+    """``K_i = clip(lr * z_i^T vm_i)``: ``[B, F, D]`` fp32."""
+    return clip_update(lr * _mm("bcf,bcd->bfd", zi, vmi), clip_tau)
+
+
+def _clip_grad(dk, p, clip_tau: float):
+    """Gradient w.r.t. ``p`` of ``<dk, clip(p)>`` for per-example Frobenius-norm clipping."""
+    sq = jnp.sum(jnp.square(p), axis=(-2, -1), keepdims=True)
+    norm = jnp.sqrt(sq)
+    scale = jnp.minimum(1.0, clip_tau / jnp.maximum(norm, 1e-30))
+    radial = jnp.sum(dk * p, axis=(-2, -1), keepdims=True) / jnp.maximum(sq, 1e-30)
+    return jnp.where(norm > clip_tau, scale * (dk - radial * p), dk)
+
+
+def _time_major(*xs):
+    return tuple(jnp.moveaxis(x, 1, 0) for x in xs)
+
+
+def _forward(z, vm, w0, use, a, lr, clip_tau, segmented):
+    b = z.shape[0]
+    zt, vt, ut, at = _time_major(z, vm, use, a)
+
+    def step(state, xs):
+        zi, vi, ui, ai = xs
+        out = _apply(zi, ui, state, w0, segmented).astype(z.dtype)
+        state = ai[:, None, None] * state + _update(zi, vi, lr, clip_tau)
+        return state, out
+
+    state0 = jnp.zeros((b,) + w0.shape, _F32)
+    _, out = jax.lax.scan(step, state0, (zt, vt, ut, at))
+    return jnp.moveaxis(out, 0, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def scan_chunks(z, vm, w0, use, a, lr, clip_tau, segmented):
+    """In-Place TTT over chunks with a state-recomputing backward pass.
+
+    Args:
+      z: ``[B, N, C, F]`` gated activations (chunk-padded with zeros).
+      vm: ``[B, N, C, D]`` targets already multiplied by the ``upd`` mask.
+      w0: ``[F, D]`` initial fast weight (the slow down-projection).
+      use: ``[B, N, C]`` float, 1 where a token reads the carried state.
+      a: ``[B, N]`` float carry factor (1 = same document continues, 0 = reset).
+      lr: fast-weight learning rate (static).
+      clip_tau: optional per-chunk update norm bound (static).
+      segmented: whether ``use``/``a`` can differ from 1 (static; picks one-matmul applies).
+
+    Returns:
+      ``[B, N, C, D]`` in ``z.dtype``.
+    """
+    return _forward(z, vm, w0, use, a, lr, clip_tau, segmented)
+
+
+def _scan_fwd(z, vm, w0, use, a, lr, clip_tau, segmented):
+    out = _forward(z, vm, w0, use, a, lr, clip_tau, segmented)
+    return out, (z, vm, w0, use, a)
+
+
+def _scan_bwd(lr, clip_tau, segmented, res, g):
+    z, vm, w0, use, a = res
+    b = z.shape[0]
+    zt, vt, ut, at, gt = _time_major(z, vm, use, a, g)
+
+    # Pass 1 (forward): recompute S_i, gradient through the apply.
+    def fwd_step(state, xs):
+        zi, vi, ui, ai, gi = xs
+        dz_apply = _apply_grad(gi, ui, state, w0, segmented).astype(z.dtype)
+        state = ai[:, None, None] * state + _update(zi, vi, lr, clip_tau)
+        return state, dz_apply
+
+    state0 = jnp.zeros((b,) + w0.shape, _F32)
+    _, dz_apply = jax.lax.scan(fwd_step, state0, (zt, vt, ut, at, gt))
+
+    # Pass 2 (reverse): G = dL/dS_{i+1} flows back through the updates.
+    def bwd_step(carry, xs):
+        grad_next, dw0 = carry
+        zi, vi, ui, ai, gi, dzi = xs
+        dk = grad_next
+        if clip_tau is not None:
+            dk = _clip_grad(dk, lr * _mm("bcf,bcd->bfd", zi, vi), clip_tau)
+        dk = (lr * dk).astype(z.dtype)                               # d/d(z^T vm), [B, F, D]
+        dz = dzi.astype(_F32) + _mm("bcd,bfd->bcf", vi, dk)
+        dv = _mm("bcf,bfd->bcd", zi, dk)  # w.r.t. vm; the caller's mask product routes it to v
+        if segmented:
+            g_state = _mm("bcf,bcd->bfd", zi, gi * ui[..., None].astype(gi.dtype))
+            dw0 = dw0 + _mm("bcf,bcd->fd", zi, gi)
+        else:
+            g_state = _mm("bcf,bcd->bfd", zi, gi)
+            dw0 = dw0 + jnp.sum(g_state, axis=0)
+        grad = ai[:, None, None] * grad_next + g_state
+        return (grad, dw0), (dz.astype(z.dtype), dv.astype(vm.dtype))
+
+    carry0 = (jnp.zeros((b,) + w0.shape, _F32), jnp.zeros(w0.shape, _F32))
+    (_, dw0), (dz, dv) = jax.lax.scan(
+        bwd_step, carry0, (zt, vt, ut, at, gt, dz_apply), reverse=True)
+    dz, dv = jnp.moveaxis(dz, 0, 1), jnp.moveaxis(dv, 0, 1)
+    zeros = jnp.zeros_like
+    return dz, dv, dw0.astype(w0.dtype), zeros(use), zeros(a)
+
+
+scan_chunks.defvjp(_scan_fwd, _scan_bwd)
