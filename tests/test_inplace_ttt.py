@@ -306,7 +306,7 @@ def test_scan_memory_does_not_grow_with_chunks():
     for impl, expect_lean in (("scan", True), ("associative", False)):
         _, vjp = jax.vjp(lambda z, v, w0: inplace_ttt(z, v, w0, lr=0.3, chunk_size=4, impl=impl), z, v, w0)
         res = [x for x in jax.tree_util.tree_leaves(vjp) if hasattr(x, "shape")]
-        per_chunk_states = [x for x in res if x.ndim >= 3 and x.shape[-2:] == (F, D)]
+        per_chunk_states = [x for x in res if x.ndim >= 4 and x.shape[-2:] == (F, D)]
         assert (not per_chunk_states) == expect_lean, (impl, [x.shape for x in per_chunk_states])
 
 
@@ -316,3 +316,34 @@ def test_all_impls_jit_compile_with_grads():
         g = jax.jit(jax.grad(lambda z: jnp.sum(
             inplace_ttt(z, v, w0, lr=0.3, chunk_size=4, impl=impl).astype(jnp.float32))))(z)
         assert g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all()
+
+
+@pytest.mark.parametrize("impl", ["reference", "associative", "scan"])
+@pytest.mark.parametrize("segs", ["none", "packed"])
+def test_state_carry_splits_sequence(impl, segs):
+    """Running [0, s) with return_state, then [s, T) from that state == running [0, T) at once
+    (s a multiple of the chunk size), in values and in gradients through the carried state."""
+    length, split = 40, 24
+    z, v, w0 = _inputs(2, length, jnp.float32, seed=11)
+    seg = _segments(2, length, segs)
+    kw = dict(lr=0.3, chunk_size=C, impl=impl)
+
+    def whole(z, v, w0):
+        return inplace_ttt(z, v, w0, segment_ids=seg, **kw)
+
+    def split_run(z, v, w0):
+        s1 = None if seg is None else seg[:, :split]
+        s2 = None if seg is None else seg[:, split:]
+        out1, state = inplace_ttt(z[:, :split], v[:, :split], w0, segment_ids=s1, return_state=True, **kw)
+        if seg is not None:  # the carried state belongs to a document only if it goes on
+            same = (seg[:, split - 1] == seg[:, split]) & (seg[:, split] != 0)
+            state = state * same[:, None, None]
+        out2 = inplace_ttt(z[:, split:], v[:, split:], w0, segment_ids=s2, initial_state=state, **kw)
+        return jnp.concatenate([out1, out2], axis=1)
+
+    np.testing.assert_allclose(split_run(z, v, w0), whole(z, v, w0), atol=1e-4, rtol=1e-4)
+    cot = jax.random.normal(jax.random.key(2), (2, length, D))
+    ga = jax.grad(lambda *a: jnp.sum(split_run(*a) * cot), argnums=(0, 1, 2))(z, v, w0)
+    gb = jax.grad(lambda *a: jnp.sum(whole(*a) * cot), argnums=(0, 1, 2))(z, v, w0)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)

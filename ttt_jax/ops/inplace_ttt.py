@@ -41,24 +41,28 @@ def affine_combine(first: tuple[jax.Array, jax.Array], second: tuple[jax.Array, 
 
 
 def _associative(zc: jax.Array, vm: jax.Array, w0: jax.Array, lay: ChunkLayout, lr: float,
-                 clip_tau: Optional[float]) -> jax.Array:
+                 clip_tau: Optional[float], s0: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Chunked form 2: exclusive prefix of chunk deltas via ``lax.associative_scan``.
 
-    ``zc [B,N,C,F]``, ``vm [B,N,C,D]`` (pre-masked) -> ``[B,N,C,D]``.
+    ``zc [B,N,C,F]``, ``vm [B,N,C,D]`` (pre-masked), ``s0 [B,F,D]`` -> (``[B,N,C,D]``, ``[B,F,D]``).
     """
     f32 = jnp.float32
     deltas = clip_update(lr * jnp.einsum("bncf,bncd->bnfd", zc, vm.astype(zc.dtype),
                                          preferred_element_type=f32), clip_tau)
-    _, incl = jax.lax.associative_scan(affine_combine, (lay.a, deltas), axis=1)
-    state = jnp.concatenate([jnp.zeros_like(incl[:, :1]), incl[:, :-1]], axis=1)   # exclusive
+    a_incl, b_incl = jax.lax.associative_scan(affine_combine, (lay.a, deltas), axis=1)
+    # State before chunk i: the composition of chunks < i applied to s0 (exclusive scan).
+    a_excl = jnp.concatenate([jnp.ones_like(a_incl[:, :1]), a_incl[:, :-1]], axis=1)
+    b_excl = jnp.concatenate([jnp.zeros_like(b_incl[:, :1]), b_incl[:, :-1]], axis=1)
+    state = a_excl[..., None, None] * s0[:, None] + b_excl
+    final = a_incl[:, -1, None, None] * s0 + b_incl[:, -1]
     cdt = zc.dtype
     out = jnp.einsum("bncf,fd->bncd", zc, w0.astype(cdt), preferred_element_type=f32)
     out = out + lay.use[..., None] * jnp.einsum("bncf,bnfd->bncd", zc, state.astype(cdt),
                                                 preferred_element_type=f32)
-    return out.astype(zc.dtype)
+    return out.astype(zc.dtype), final
 
 
-def _check_args(z, v, w0, lr, chunk_size, impl, clip_tau):
+def _check_args(z, v, w0, lr, chunk_size, impl, clip_tau, initial_state, return_state):
     if z.ndim != 3:
         raise ValueError(f"z must be [B, T, F], got shape {z.shape}")
     b, t, f = z.shape
@@ -76,11 +80,16 @@ def _check_args(z, v, w0, lr, chunk_size, impl, clip_tau):
         raise ValueError(f"clip_tau must be None (off) or > 0, got {clip_tau}")
     if clip_tau is not None and impl == "attention":
         raise ValueError("impl='attention' cannot express update clipping; use 'scan' or 'reference'")
+    if impl == "attention" and (initial_state is not None or return_state):
+        raise ValueError("impl='attention' has no fast-weight state; use 'scan' or 'reference'")
+    if initial_state is not None and initial_state.shape != (b, f, v.shape[-1]):
+        raise ValueError(f"initial_state must be [B, F, D] = {(b, f, v.shape[-1])}, got {initial_state.shape}")
 
 
 def inplace_ttt(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float, chunk_size: int,
                 segment_ids: Optional[jax.Array] = None, impl: str = "auto",
-                clip_tau: Optional[float] = None) -> jax.Array:
+                clip_tau: Optional[float] = None, initial_state: Optional[jax.Array] = None,
+                return_state: bool = False):
     """In-Place TTT down-projection with chunk-wise fast-weight updates.
 
     Args:
@@ -95,24 +104,35 @@ def inplace_ttt(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float, chunk_s
         packed row.
       impl: ``"auto" | "reference" | "attention" | "associative" | "scan"`` (module docstring).
       clip_tau: if set, each chunk's update ``lr * dW_i`` is rescaled to Frobenius norm <= clip_tau.
+      initial_state: optional ``[B, F, D]`` fp32 accumulated delta ``S`` (``W = W0 + S``) carried in
+        from earlier tokens of the document open at position 0; zeros by default.
+      return_state: also return the ``[B, F, D]`` fp32 state after the last chunk (a final partial
+        chunk counts as complete) for the document open at position ``T - 1``, as a context-parallel
+        shard or a prefill hands it on.
 
     Returns:
-      ``[B, T, D]`` in ``z.dtype``: chunk ``i`` uses ``W0 + lr * sum_{j<i} z_j^T v_j``. Fast-weight
-      state and prefix sums are fp32; matmuls run in ``z.dtype`` with fp32 accumulation.
+      ``[B, T, D]`` in ``z.dtype`` (and the state when ``return_state``): chunk ``i`` uses
+      ``W0 + lr * sum_{j<i} z_j^T v_j``. Fast-weight state and prefix sums are fp32; matmuls run in
+      ``z.dtype`` with fp32 accumulation.
     """
-    _check_args(z, v, w0, lr, chunk_size, impl, clip_tau)
+    _check_args(z, v, w0, lr, chunk_size, impl, clip_tau, initial_state, return_state)
     lr = float(lr)
-    if impl == "reference":
-        return reference.sequential(z, v, w0, lr=lr, chunk_size=chunk_size, segment_ids=segment_ids,
-                                    clip_tau=clip_tau)
     if impl == "attention":
         return reference.linear_attention(z, v, w0, lr=lr, chunk_size=chunk_size, segment_ids=segment_ids)
-    b, t, _ = z.shape
-    lay = chunk_layout(b, t, chunk_size, segment_ids)
+    b, t, f = z.shape
+    s0 = (jnp.zeros((b, f, v.shape[-1]), jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32))
+    continues = jnp.ones((b,), bool) if return_state else None
+    if impl == "reference":
+        out, final = reference.sequential(z, v, w0, lr=lr, chunk_size=chunk_size, segment_ids=segment_ids,
+                                          clip_tau=clip_tau, initial_state=s0, continues=continues)
+        return (out, final) if return_state else out
+    lay = chunk_layout(b, t, chunk_size, segment_ids, continues)
     zc = pad_to_chunks(z, chunk_size)
     vm = pad_to_chunks(v, chunk_size) * lay.upd[..., None].astype(v.dtype)
     if impl == "associative":
-        out = _associative(zc, vm, w0, lay, lr, clip_tau)
+        out, final = _associative(zc, vm, w0, lay, lr, clip_tau, s0)
     else:  # "scan" and "auto"
-        out = scan_chunks(zc, vm, w0, lay.use, lay.a, lr, clip_tau, lay.segmented)
-    return unchunk(out, t)
+        out, final = scan_chunks(zc, vm, w0, lay.use, lay.a, s0, lr, clip_tau, lay.segmented)
+    out = unchunk(out, t)
+    return (out, final) if return_state else out

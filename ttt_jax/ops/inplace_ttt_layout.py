@@ -90,8 +90,15 @@ def check_segment_ids(segment_ids: Optional[jax.Array], batch: int, length: int)
 
 
 def chunk_layout(batch: int, length: int, chunk_size: int,
-                 segment_ids: Optional[jax.Array] = None) -> ChunkLayout:
-    """Build the masks for ``[B, T]`` tokens in chunks of ``chunk_size`` (see module docstring)."""
+                 segment_ids: Optional[jax.Array] = None,
+                 continues: Optional[jax.Array] = None) -> ChunkLayout:
+    """Build the masks for ``[B, T]`` tokens in chunks of ``chunk_size`` (see module docstring).
+
+    ``continues``: optional ``[B]`` bool, whether the document open at position ``T - 1`` goes on
+    after this sequence (a context-parallel shard, or a prefill followed by decoding). Then the last
+    chunk's update is kept (``upd``/``a`` of the last chunk refer to that document) so that the final
+    state is the carried-out state; by default the sequence ends there and the last update is dropped.
+    """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     check_segment_ids(segment_ids, batch, length)
@@ -107,7 +114,11 @@ def chunk_layout(batch: int, length: int, chunk_size: int,
         doc = document_index(seg).reshape(batch, n, chunk_size)
         valid = seg.reshape(batch, n, chunk_size) != 0
     doc_start = doc[:, :, 0]                                            # [B, N]
-    doc_next = jnp.concatenate([doc_start[:, 1:], jnp.full_like(doc_start[:, :1], -1)], axis=1)
+    last = jnp.full_like(doc_start[:, :1], -1)
+    if continues is not None:
+        last_doc = doc.reshape(batch, -1)[:, length - 1:length]
+        last = jnp.where(jnp.asarray(continues, bool).reshape(batch, 1), last_doc, last)
+    doc_next = jnp.concatenate([doc_start[:, 1:], last], axis=1)
     use = (doc == doc_start[:, :, None]).astype(jnp.float32)
     upd = ((doc == doc_next[:, :, None]) & valid).astype(jnp.float32)
     a = (doc_next == doc_start).astype(jnp.float32)

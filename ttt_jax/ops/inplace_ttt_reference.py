@@ -23,14 +23,19 @@ from ttt_jax.ops.inplace_ttt_layout import (chunk_layout, clip_update, document_
 
 
 def sequential(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float, chunk_size: int,
-               segment_ids: Optional[jax.Array] = None, clip_tau: Optional[float] = None) -> jax.Array:
-    """Form 1: ``z [B,T,F]``, ``v [B,T,D]``, ``w0 [F,D]`` -> ``[B,T,D]``."""
+               segment_ids: Optional[jax.Array] = None, clip_tau: Optional[float] = None,
+               initial_state: Optional[jax.Array] = None, continues: Optional[jax.Array] = None):
+    """Form 1: ``z [B,T,F]``, ``v [B,T,D]``, ``w0 [F,D]`` -> ``[B,T,D]``.
+
+    With ``initial_state`` (``[B,F,D]``) given, returns ``(out, final_state)``.
+    """
     b, length, _ = z.shape
-    lay = chunk_layout(b, length, chunk_size, segment_ids)
+    lay = chunk_layout(b, length, chunk_size, segment_ids, continues)
     zc = pad_to_chunks(z, chunk_size).astype(jnp.float32)               # [B, N, C, F]
     vc = pad_to_chunks(v, chunk_size).astype(jnp.float32)               # [B, N, C, D]
     w0f = w0.astype(jnp.float32)
-    state = jnp.zeros((b,) + w0.shape, jnp.float32)                      # S_i: [B, F, D]
+    state = (jnp.zeros((b,) + w0.shape, jnp.float32) if initial_state is None   # S_i: [B, F, D]
+             else initial_state.astype(jnp.float32))
     outs = []
     for i in range(zc.shape[1]):
         zi, vi = zc[:, i], vc[:, i]
@@ -40,8 +45,8 @@ def sequential(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float, chunk_si
         # Update: the next chunk's document accumulates this chunk's (masked) gradient step.
         delta = lr * jnp.einsum("bcf,bcd->bfd", zi, vi * lay.upd[:, i, :, None])
         state = lay.a[:, i, None, None] * state + clip_update(delta, clip_tau)
-    out = jnp.stack(outs, axis=1)
-    return unchunk(out, length).astype(z.dtype)
+    out = unchunk(jnp.stack(outs, axis=1), length).astype(z.dtype)
+    return out if initial_state is None else (out, state)
 
 
 def linear_attention(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float, chunk_size: int,

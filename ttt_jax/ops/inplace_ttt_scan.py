@@ -67,8 +67,7 @@ def _time_major(*xs):
     return tuple(jnp.moveaxis(x, 1, 0) for x in xs)
 
 
-def _forward(z, vm, w0, use, a, lr, clip_tau, segmented):
-    b = z.shape[0]
+def _forward(z, vm, w0, use, a, s0, lr, clip_tau, segmented):
     zt, vt, ut, at = _time_major(z, vm, use, a)
 
     def step(state, xs):
@@ -77,13 +76,12 @@ def _forward(z, vm, w0, use, a, lr, clip_tau, segmented):
         state = ai[:, None, None] * state + _update(zi, vi, lr, clip_tau)
         return state, out
 
-    state0 = jnp.zeros((b,) + w0.shape, _F32)
-    _, out = jax.lax.scan(step, state0, (zt, vt, ut, at))
-    return jnp.moveaxis(out, 0, 1)
+    state, out = jax.lax.scan(step, s0.astype(_F32), (zt, vt, ut, at))
+    return jnp.moveaxis(out, 0, 1), state
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def scan_chunks(z, vm, w0, use, a, lr, clip_tau, segmented):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def scan_chunks(z, vm, w0, use, a, s0, lr, clip_tau, segmented):
     """In-Place TTT over chunks with a state-recomputing backward pass.
 
     Args:
@@ -92,24 +90,27 @@ def scan_chunks(z, vm, w0, use, a, lr, clip_tau, segmented):
       w0: ``[F, D]`` initial fast weight (the slow down-projection).
       use: ``[B, N, C]`` float, 1 where a token reads the carried state.
       a: ``[B, N]`` float carry factor (1 = same document continues, 0 = reset).
+      s0: ``[B, F, D]`` fp32 initial accumulated delta (zeros at a sequence start; the carried-in
+        state of a context-parallel shard or of a decoding cache otherwise).
       lr: fast-weight learning rate (static).
       clip_tau: optional per-chunk update norm bound (static).
       segmented: whether ``use``/``a`` can differ from 1 (static; picks one-matmul applies).
 
     Returns:
-      ``[B, N, C, D]`` in ``z.dtype``.
+      ``(out, s_final)``: ``[B, N, C, D]`` in ``z.dtype`` and the ``[B, F, D]`` fp32 state after the
+      last chunk (``a``/``vm`` of the last chunk decide whether its update is kept).
     """
-    return _forward(z, vm, w0, use, a, lr, clip_tau, segmented)
+    return _forward(z, vm, w0, use, a, s0, lr, clip_tau, segmented)
 
 
-def _scan_fwd(z, vm, w0, use, a, lr, clip_tau, segmented):
-    out = _forward(z, vm, w0, use, a, lr, clip_tau, segmented)
-    return out, (z, vm, w0, use, a)
+def _scan_fwd(z, vm, w0, use, a, s0, lr, clip_tau, segmented):
+    out = _forward(z, vm, w0, use, a, s0, lr, clip_tau, segmented)
+    return out, (z, vm, w0, use, a, s0)
 
 
-def _scan_bwd(lr, clip_tau, segmented, res, g):
-    z, vm, w0, use, a = res
-    b = z.shape[0]
+def _scan_bwd(lr, clip_tau, segmented, res, cotangents):
+    z, vm, w0, use, a, s0 = res
+    g, g_state = cotangents
     zt, vt, ut, at, gt = _time_major(z, vm, use, a, g)
 
     # Pass 1 (forward): recompute S_i, gradient through the apply.
@@ -119,8 +120,7 @@ def _scan_bwd(lr, clip_tau, segmented, res, g):
         state = ai[:, None, None] * state + _update(zi, vi, lr, clip_tau)
         return state, dz_apply
 
-    state0 = jnp.zeros((b,) + w0.shape, _F32)
-    _, dz_apply = jax.lax.scan(fwd_step, state0, (zt, vt, ut, at, gt))
+    _, dz_apply = jax.lax.scan(fwd_step, s0.astype(_F32), (zt, vt, ut, at, gt))
 
     # Pass 2 (reverse): G = dL/dS_{i+1} flows back through the updates.
     def bwd_step(carry, xs):
@@ -141,12 +141,12 @@ def _scan_bwd(lr, clip_tau, segmented, res, g):
         grad = ai[:, None, None] * grad_next + g_state
         return (grad, dw0), (dz.astype(z.dtype), dv.astype(vm.dtype))
 
-    carry0 = (jnp.zeros((b,) + w0.shape, _F32), jnp.zeros(w0.shape, _F32))
-    (_, dw0), (dz, dv) = jax.lax.scan(
+    carry0 = (g_state.astype(_F32), jnp.zeros(w0.shape, _F32))
+    (ds0, dw0), (dz, dv) = jax.lax.scan(
         bwd_step, carry0, (zt, vt, ut, at, gt, dz_apply), reverse=True)
     dz, dv = jnp.moveaxis(dz, 0, 1), jnp.moveaxis(dv, 0, 1)
     zeros = jnp.zeros_like
-    return dz, dv, dw0.astype(w0.dtype), zeros(use), zeros(a)
+    return dz, dv, dw0.astype(w0.dtype), zeros(use), zeros(a), ds0.astype(s0.dtype)
 
 
 scan_chunks.defvjp(_scan_fwd, _scan_bwd)
