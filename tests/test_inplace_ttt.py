@@ -52,7 +52,7 @@ def _tol(dtype):
 SHAPES = [(1, 37), (3, 37), (3, 5), (1, 32), (3, 24)]   # T not a multiple of C, T < C, T multiple
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("impl", ["reference", "associative", "scan"])  # "auto" is "scan": see below
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("segs", ["none", "packed"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}T{s[1]}")
@@ -347,3 +347,10 @@ def test_state_carry_splits_sequence(impl, segs):
     gb = jax.grad(lambda *a: jnp.sum(whole(*a) * cot), argnums=(0, 1, 2))(z, v, w0)
     for a, b in zip(ga, gb):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
+
+
+def test_auto_is_scan():
+    z, v, w0 = _inputs(1, 20, jnp.float32)
+    a = inplace_ttt(z, v, w0, lr=0.3, chunk_size=C, impl="auto")
+    b = inplace_ttt(z, v, w0, lr=0.3, chunk_size=C, impl="scan")
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
