@@ -63,6 +63,39 @@ def _clip_grad(dk, p, clip_tau: float):
     return jnp.where(norm > clip_tau, scale * (dk - radial * p), dk)
 
 
+def _varying_axes(x) -> set:
+    """Manual mesh axes along which ``x`` varies inside ``shard_map`` (JAX 0.6-0.9: ``aval.vma``;
+    0.10+: ``aval.manual_axis_type.varying``)."""
+    aval = jax.typeof(x) if hasattr(jax, "typeof") else None
+    if aval is None:
+        return set()
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+    return set(vma or ())
+
+
+def _vary_like(x, *likes):
+    """Inside ``shard_map``, give ``x`` the varying manual axes of ``likes`` (a ``lax.scan`` carry
+    must have the same type in and out; a zero initial state is otherwise "replicated")."""
+    axes = set()
+    for like in likes:
+        axes |= _varying_axes(like)
+    missing = tuple(sorted(axes - _varying_axes(x)))
+    if not missing:
+        return x
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, missing, to="varying")
+    return jax.lax.pvary(x, missing)
+
+
+def _reduce_like(ct, primal):
+    """Cotangent of an input that is replicated over some manual axes but used by varying
+    computation: sum it over those axes (the transpose of the implicit broadcast)."""
+    axes = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+    return jax.lax.psum(ct, axes) if axes else ct
+
+
 def _time_major(*xs):
     return tuple(jnp.moveaxis(x, 1, 0) for x in xs)
 
@@ -76,7 +109,8 @@ def _forward(z, vm, w0, use, a, s0, lr, clip_tau, segmented):
         state = ai[:, None, None] * state + _update(zi, vi, lr, clip_tau)
         return state, out
 
-    state, out = jax.lax.scan(step, s0.astype(_F32), (zt, vt, ut, at))
+    state0 = _vary_like(s0.astype(_F32), z, vm, use, a, w0)
+    state, out = jax.lax.scan(step, state0, (zt, vt, ut, at))
     return jnp.moveaxis(out, 0, 1), state
 
 
@@ -120,7 +154,8 @@ def _scan_bwd(lr, clip_tau, segmented, res, cotangents):
         state = ai[:, None, None] * state + _update(zi, vi, lr, clip_tau)
         return state, dz_apply
 
-    _, dz_apply = jax.lax.scan(fwd_step, s0.astype(_F32), (zt, vt, ut, at, gt))
+    state0 = _vary_like(s0.astype(_F32), z, vm, use, a, w0, g)
+    _, dz_apply = jax.lax.scan(fwd_step, state0, (zt, vt, ut, at, gt))
 
     # Pass 2 (reverse): G = dL/dS_{i+1} flows back through the updates.
     def bwd_step(carry, xs):
@@ -141,12 +176,14 @@ def _scan_bwd(lr, clip_tau, segmented, res, cotangents):
         grad = ai[:, None, None] * grad_next + g_state
         return (grad, dw0), (dz.astype(z.dtype), dv.astype(vm.dtype))
 
-    carry0 = (g_state.astype(_F32), jnp.zeros(w0.shape, _F32))
+    likes = (z, vm, use, a, w0, g, g_state)
+    carry0 = (_vary_like(g_state.astype(_F32), *likes), _vary_like(jnp.zeros(w0.shape, _F32), *likes))
     (ds0, dw0), (dz, dv) = jax.lax.scan(
         bwd_step, carry0, (zt, vt, ut, at, gt, dz_apply), reverse=True)
     dz, dv = jnp.moveaxis(dz, 0, 1), jnp.moveaxis(dv, 0, 1)
     zeros = jnp.zeros_like
-    return dz, dv, dw0.astype(w0.dtype), zeros(use), zeros(a), ds0.astype(s0.dtype)
+    return (_reduce_like(dz, z), _reduce_like(dv, vm), _reduce_like(dw0.astype(w0.dtype), w0),
+            zeros(use), zeros(a), _reduce_like(ds0.astype(s0.dtype), s0))
 
 
 scan_chunks.defvjp(_scan_fwd, _scan_bwd)
