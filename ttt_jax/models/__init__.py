@@ -1,0 +1,7 @@
+"""Models: the causal LM and its FLOP count."""
+
+from ttt_jax.models.flops import effective_keys, flops_per_token, matmul_params
+from ttt_jax.models.lm import CausalLM, check_tokens, count_params, positions_from_segments
+
+__all__ = ["CausalLM", "check_tokens", "count_params", "effective_keys", "flops_per_token",
+           "matmul_params", "positions_from_segments"]

@@ -1,0 +1,77 @@
+"""Grouped-query self-attention with optional Qwen3 QK-norm, RoPE, sliding window and segments.
+
+Parameters (JAX layout ``[in, out]``, heads kept as their own axis):
+
+=========  ===========================  ==================================
+name       shape                        logical axes
+=========  ===========================  ==================================
+``q``      ``[D, H, Dh]``               ``("embed", "heads", "head_dim")``
+``k``      ``[D, KV, Dh]``              ``("embed", "kv_heads", "head_dim")``
+``v``      ``[D, KV, Dh]``              ``("embed", "kv_heads", "head_dim")``
+``o``      ``[H, Dh, D]``               ``("heads", "head_dim", "embed")``
+``q_norm`` ``scale [Dh]`` (qk_norm)     ``("norm",)``
+``k_norm`` ``scale [Dh]`` (qk_norm)     ``("norm",)``
+=========  ===========================  ==================================
+
+A Hugging Face ``q_proj.weight [H*Dh, D]`` maps to ``q`` as ``weight.T.reshape(D, H, Dh)``;
+``o_proj.weight [D, H*Dh]`` maps to ``o`` as ``weight.T.reshape(H, Dh, D)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ttt_jax.config import ModelConfig
+from ttt_jax.nn.norm import RMSNorm
+from ttt_jax.nn.params import dense, make_param, normal_init
+from ttt_jax.nn.rope import apply_rope
+from ttt_jax.ops.attention import attention
+
+
+class Attention(nnx.Module):
+    """Causal GQA self-attention of one decoder layer.
+
+    ``__call__(x [B, T, D], *, positions [B, T] int, segment_ids [B, T] int | None) -> [B, T, D]``
+    in the compute dtype. ``window`` is this layer's sliding window (0 = full causal).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, window: int = 0, rngs: nnx.Rngs):
+        self.d_model = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.resolved_head_dim
+        self.window = int(window)
+        self.rope_theta = float(cfg.rope_theta)
+        self.impl = cfg.attention_impl
+        self.dtype = jnp.dtype(cfg.compute_dtype)
+        pd = jnp.dtype(cfg.param_dtype)
+        init = normal_init(cfg.initializer_range)
+        d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, self.head_dim
+        self.q = make_param(init, rngs.params(), (d, h, dh), ("embed", "heads", "head_dim"), pd)
+        self.k = make_param(init, rngs.params(), (d, kv, dh), ("embed", "kv_heads", "head_dim"), pd)
+        self.v = make_param(init, rngs.params(), (d, kv, dh), ("embed", "kv_heads", "head_dim"), pd)
+        self.o = make_param(init, rngs.params(), (h, dh, d), ("heads", "head_dim", "embed"), pd)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(dh, eps=cfg.rms_norm_eps, param_dtype=pd)
+            self.k_norm = RMSNorm(dh, eps=cfg.rms_norm_eps, param_dtype=pd)
+        else:
+            self.q_norm = None
+            self.k_norm = None
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array,
+                 segment_ids: Optional[jax.Array] = None) -> jax.Array:
+        dt = self.dtype
+        q = dense(x, self.q[...], "btd,dhk->bthk", dt)
+        k = dense(x, self.k[...], "btd,dhk->bthk", dt)
+        v = dense(x, self.v[...], "btd,dhk->bthk", dt)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = apply_rope(q, positions, theta=self.rope_theta)
+        k = apply_rope(k, positions, theta=self.rope_theta)
+        out = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)
+        return dense(out, self.o[...], "bthk,hkd->btd", dt)

@@ -1,0 +1,41 @@
+"""Pre-norm decoder block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+Sub-modules: ``attn_norm`` (RMSNorm), ``attn`` (:class:`Attention`), ``mlp_norm`` (RMSNorm), ``mlp``
+(:class:`InPlaceTTTMLP` on the layers of ``cfg.ttt.layer_ids``, :class:`SwiGLUMLP` elsewhere).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ttt_jax.config import ModelConfig
+from ttt_jax.nn.attention import Attention
+from ttt_jax.nn.mlp import InPlaceTTTMLP, SwiGLUMLP
+from ttt_jax.nn.norm import RMSNorm
+
+
+class DecoderBlock(nnx.Module):
+    """Layer ``layer`` of the decoder.
+
+    ``__call__(x [B, T, D], *, x0 [B, T, D], positions [B, T], segment_ids [B, T] | None)
+    -> [B, T, D]`` in the compute dtype. ``x0`` (token embeddings) feeds the In-Place TTT target.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.layer = layer
+        self.is_ttt = layer in cfg.ttt.layer_ids(cfg.n_layers)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.attn = Attention(cfg, window=cfg.layer_window(layer), rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.mlp = InPlaceTTTMLP(cfg, rngs=rngs) if self.is_ttt else SwiGLUMLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, x0: Optional[jax.Array], positions: jax.Array,
+                 segment_ids: Optional[jax.Array] = None) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
+        x = x + self.mlp(self.mlp_norm(x), x0=x0, segment_ids=segment_ids)
+        return x

@@ -1,0 +1,119 @@
+"""SwiGLU MLP and the In-Place TTT MLP (DESIGN.md section 1).
+
+Parameters (JAX layout ``[in, out]``):
+
+============  ===========  ====================  ==============================================
+name          shape        logical axes          init
+============  ===========  ====================  ==============================================
+``gate``      ``[D, F]``   ``("embed", "mlp")``  N(0, initializer_range^2)
+``up``        ``[D, F]``   ``("embed", "mlp")``  N(0, initializer_range^2)
+``down``      ``[F, D]``   ``("mlp", "embed")``  N(0, initializer_range^2); the TTT fast weight W0
+``ttt_conv``  ``[K, D]``   ``("conv", "embed")`` zeros (TTT only)
+``ttt_proj``  ``[D, D]``   ``("embed", None)``   diagonal ~ N(0, initializer_range^2), zeros off
+                                                 the diagonal (TTT only)
+============  ===========  ====================  ==============================================
+
+Because ``ttt_conv`` starts at zero the target ``V`` is zero at initialisation, so an
+:class:`InPlaceTTTMLP` computes exactly what a :class:`SwiGLUMLP` with the same gate/up/down does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ttt_jax.config import ModelConfig
+from ttt_jax.nn.params import dense, make_param, normal_init, zeros_init
+from ttt_jax.ops import inplace_ttt, inplace_ttt_target
+
+
+def _mlp_keys(rngs: nnx.Rngs) -> jax.Array:
+    """Both MLP kinds draw one key and split it, so a TTT and a plain model built from the same
+    seed share every other parameter (gate/up/down included)."""
+    return jax.random.split(rngs.params(), 4)
+
+
+def _diag_normal_init(stddev: float):
+    def init(key, shape, dtype):
+        d = shape[0]
+        diag = stddev * jax.random.normal(key, (d,), jnp.float32)
+        return jnp.diag(diag).astype(dtype)
+    return init
+
+
+class SwiGLUMLP(nnx.Module):
+    """``out = (silu(h W_gate) * (h W_up)) W_down``.
+
+    ``__call__(h [B, T, D], **unused) -> [B, T, D]`` in the compute dtype (fp32 accumulation).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self._build(cfg, _mlp_keys(rngs))
+
+    def _build(self, cfg: ModelConfig, keys: jax.Array) -> None:
+        self.dtype = jnp.dtype(cfg.compute_dtype)
+        pd = jnp.dtype(cfg.param_dtype)
+        init = normal_init(cfg.initializer_range)
+        d, f = cfg.d_model, cfg.d_ff
+        self.gate = make_param(init, keys[0], (d, f), ("embed", "mlp"), pd)
+        self.up = make_param(init, keys[1], (d, f), ("embed", "mlp"), pd)
+        self.down = make_param(init, keys[2], (f, d), ("mlp", "embed"), pd)
+
+    def activation(self, h: jax.Array) -> jax.Array:
+        """``z = silu(h W_gate) * (h W_up)``: ``[B, T, D] -> [B, T, F]`` in the compute dtype."""
+        dt = self.dtype
+        g = jnp.einsum("btd,df->btf", h.astype(dt), self.gate[...].astype(dt),
+                       preferred_element_type=jnp.float32)
+        u = jnp.einsum("btd,df->btf", h.astype(dt), self.up[...].astype(dt),
+                       preferred_element_type=jnp.float32)
+        return (jax.nn.silu(g) * u).astype(dt)
+
+    def __call__(self, h: jax.Array, *, x0: Optional[jax.Array] = None,
+                 segment_ids: Optional[jax.Array] = None) -> jax.Array:
+        del x0, segment_ids
+        return dense(self.activation(h), self.down[...], "btf,fd->btd", self.dtype)
+
+
+class InPlaceTTTMLP(SwiGLUMLP):
+    """SwiGLU MLP whose down-projection is an In-Place TTT fast weight.
+
+    ``__call__(h [B, T, D], *, x0 [B, T, D] | None, segment_ids [B, T] | None) -> [B, T, D]``:
+    ``z = silu(h W_gate) * (h W_up)``; target source ``t = x0`` (``target_source="embeddings"``, the
+    token embeddings) or ``h`` (``"hidden"``); ``v = inplace_ttt_target(t, ttt_conv, ttt_proj)``;
+    ``out = inplace_ttt(z, v, down, lr, chunk_size, segment_ids, impl, clip_tau)``.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        keys = _mlp_keys(rngs)
+        self._build(cfg, keys)
+        t = cfg.ttt
+        self.lr = float(t.lr)
+        self.chunk_size = int(t.chunk_size)
+        self.target_source = t.target_source
+        self.impl = t.impl
+        self.clip_tau = None if t.clip_tau is None else float(t.clip_tau)
+        pd = jnp.dtype(cfg.param_dtype)
+        d = cfg.d_model
+        self.ttt_conv = make_param(zeros_init, None, (t.conv_kernel, d), ("conv", "embed"), pd)
+        self.ttt_proj = make_param(_diag_normal_init(cfg.initializer_range), keys[3], (d, d),
+                                   ("embed", None), pd)
+
+    def __call__(self, h: jax.Array, *, x0: Optional[jax.Array] = None,
+                 segment_ids: Optional[jax.Array] = None) -> jax.Array:
+        dt = self.dtype
+        z = self.activation(h)
+        if self.target_source == "embeddings":
+            if x0 is None:
+                raise ValueError("InPlaceTTTMLP with target_source='embeddings' needs x0 (the token "
+                                 "embeddings); pass x0=... or set model.ttt.target_source=hidden")
+            src = x0
+        else:
+            src = h
+        v = inplace_ttt_target(src.astype(dt), self.ttt_conv[...].astype(dt),
+                               self.ttt_proj[...].astype(dt), chunk_size=self.chunk_size,
+                               segment_ids=segment_ids)
+        return inplace_ttt(z, v, self.down[...].astype(dt), lr=self.lr, chunk_size=self.chunk_size,
+                           segment_ids=segment_ids, impl=self.impl, clip_tau=self.clip_tau)
