@@ -101,6 +101,27 @@ class CausalLM(nnx.Module):
 
     def __call__(self, tokens: jax.Array, *, segment_ids: Optional[jax.Array] = None,
                  positions: Optional[jax.Array] = None) -> jax.Array:
+        """``[B, T]`` int tokens -> ``[B, T, V]`` float32 logits."""
+        return self.logits(self.hidden(tokens, segment_ids=segment_ids, positions=positions))
+
+    def head(self) -> jax.Array:
+        """The output projection as ``[D, V]`` in the compute dtype (the embedding when tied)."""
+        if self.lm_head is None:
+            return self.embed[...].astype(self.dtype).T
+        return self.lm_head[...].astype(self.dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``[B, T, D]`` final hidden states -> ``[B, T, V]`` float32 logits."""
+        return jnp.einsum("btd,dv->btv", hidden.astype(self.dtype), self.head(),
+                          preferred_element_type=jnp.float32)
+
+    def hidden(self, tokens: jax.Array, *, segment_ids: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None) -> jax.Array:
+        """``[B, T]`` int tokens -> ``[B, T, D]`` final-normed hidden states (compute dtype).
+
+        Long-context training uses this with a chunked loss so that ``[B, T, V]`` logits are never
+        materialised at once (``ttt_jax.train.steps.chunked_cross_entropy``).
+        """
         cfg = self.cfg
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
@@ -127,12 +148,7 @@ class CausalLM(nnx.Module):
         x = x0
         for block in self.layers:
             x = run_block(block, x, x0, positions, segment_ids)
-        x = self.final_norm(x)
-        if self.lm_head is None:
-            head = self.embed[...].astype(self.dtype)
-            return jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
-        head = self.lm_head[...].astype(self.dtype)
-        return jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        return self.final_norm(x)
 
 
 def count_params(model: nnx.Module) -> int:
