@@ -1,0 +1,142 @@
+"""Model-level benchmark: train-step time and peak memory with and without In-Place TTT.
+
+Each variant runs in its own subprocess (so the device's peak-memory counter belongs to it alone):
+build the model from a preset, one jitted AdamW train step (chunked cross-entropy, donation),
+warm up, time the median of ``--iters`` steps, and read ``peak_bytes_in_use``. The parent prints a
+table with tokens/s, MFU (analytic FLOPs, ``ttt_jax.models.flops``) and the TTT / base ratios.
+
+Usage (Qwen3-4B shape, 32k tokens, remat, bf16 parameters)::
+
+    python benchmarks/model_bench.py --preset qwen3_4b_shape --seq-len 32768 \\
+        --set model.param_dtype=bfloat16 model.remat=true --out results/model.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    "base": ["model.ttt.enabled=false"],
+    "ttt": ["model.ttt.enabled=true"],
+}
+
+
+def run_variant(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from ttt_jax.config import load_config
+    from ttt_jax.models.flops import flops_per_token
+    from ttt_jax.models.lm import CausalLM, count_params
+    from ttt_jax.ops.loss import chunked_cross_entropy
+
+    overrides = list(args.set) + VARIANTS[args.variant] + [f"data.seq_len={args.seq_len}",
+                                                           f"model.max_seq_len={max(args.seq_len, 8)}"]
+    cfg = load_config(args.preset, overrides)
+    mcfg = cfg.model
+    model = CausalLM(mcfg, rngs=nnx.Rngs(0))
+    n_params = count_params(model)
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-5, weight_decay=0.1), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+
+    def step(state, tokens):
+        model, opt = nnx.merge(graphdef, state)
+
+        def loss_fn(m):
+            h = m.hidden(tokens[:, :-1])
+            nll, n = chunked_cross_entropy(h, m.head(), tokens[:, 1:],
+                                           jnp.ones(tokens[:, 1:].shape, jnp.float32))
+            return nll / n
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return nnx.state((model, opt)), loss
+
+    step = jax.jit(step, donate_argnums=0)
+    t = args.seq_len
+    tokens = jax.random.randint(jax.random.key(1), (args.batch, t + 1), 0, mcfg.vocab_size, jnp.int32)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, tokens).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    for _ in range(2):
+        state, loss = step(state, tokens)
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        state, loss = step(state, tokens)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() or {}
+    fpt = flops_per_token(mcfg, t)
+    return dict(variant=args.variant, device=dev.device_kind, params=n_params, seq_len=t, batch=args.batch,
+                step_s=sec, tokens_per_s=args.batch * t / sec, tflops=fpt * args.batch * t / sec / 1e12,
+                peak_gib=stats.get("peak_bytes_in_use", 0) / 2 ** 30,
+                temp_gib=(mem.temp_size_in_bytes / 2 ** 30) if mem is not None else None,
+                compile_s=compile_s, loss=float(loss), ttt_layers=list(mcfg.ttt.layer_ids(mcfg.n_layers)))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="qwen3_4b_shape")
+    p.add_argument("--seq-len", type=int, default=32768)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--set", nargs="*", default=["model.param_dtype=bfloat16", "model.remat=true"],
+                   help="config overrides applied to every variant")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.variant:
+        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return None
+    rows = []
+    for v in args.variants:
+        cmd = [sys.executable, __file__, "--variant", v, "--preset", args.preset, "--seq-len", str(args.seq_len),
+               "--batch", str(args.batch), "--iters", str(args.iters), "--set", *args.set]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            err = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            rows.append(dict(variant=v, error=" | ".join(err)))
+        else:
+            rows.append(json.loads(line[0][7:]))
+        print(rows[-1], flush=True)
+    ok = {r["variant"]: r for r in rows if "error" not in r}
+    print(f"\n{'variant':>8} {'step s':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'compile s':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:>8} ERROR {r['error']}")
+            continue
+        mfu = r["tflops"] / args.peak_tflops if args.peak_tflops else float("nan")
+        print(f"{r['variant']:>8} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['tflops']:8.1f} {mfu:6.1%} "
+              f"{r['peak_gib']:9.2f} {r['compile_s']:9.1f}")
+    if "base" in ok and "ttt" in ok:
+        b, t = ok["base"], ok["ttt"]
+        mem = f"{t['peak_gib'] / b['peak_gib']:.3f}x" if b["peak_gib"] else "n/a (no device memory stats)"
+        print(f"\nTTT / base: step time {t['step_s'] / b['step_s']:.3f}x, peak memory {mem}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
