@@ -1,0 +1,66 @@
+"""The ``ttt-jax`` command, run in-process through ``main(argv)``."""
+
+import json
+
+import pytest
+import yaml
+
+from ttt_jax.cli import main
+from ttt_jax.config import load_config
+
+from test_train import TOY  # the shared toy setup (compiled functions are reused)
+
+
+def test_config_prints_resolved_yaml(capsys):
+    assert main(["config", "tiny", "train.steps=70", "model.ttt.layers=[1]"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["train"]["steps"] == 70
+    assert out["model"]["ttt"]["layers"] == [1]
+    # The printed YAML is itself a valid config that resolves to the same thing.
+    assert load_config("tiny", ["train.steps=70", "model.ttt.layers=[1]"]).to_dict() == out
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "qwen3_4b_shape"])
+def test_config_presets(preset, capsys):
+    assert main(["config", preset]) == 0
+    assert "model:" in capsys.readouterr().out
+
+
+def test_bad_key_is_one_line_error(capsys):
+    assert main(["config", "tiny", "train.stpes=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "did you mean 'steps'" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_bad_value_and_missing_config(capsys):
+    assert main(["train", "tiny", "model.n_kv_heads=3"]) == 2
+    assert "model.n_kv_heads" in capsys.readouterr().err
+    assert main(["config", "no_such_preset"]) == 2
+    assert "presets:" in capsys.readouterr().err
+
+
+def test_reserved_commands_say_not_implemented(capsys):
+    assert main(["generate", "tiny"]) == 2
+    assert "not yet implemented" in capsys.readouterr().err
+
+
+def test_train_toy(tmp_path, capsys):
+    run_dir = tmp_path / "cli_run"
+    argv = ["train", "tiny", *TOY, "train.stop_after=3", f"train.run_dir={run_dir}"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "parameters: " in out and "final validation loss:" in out and str(run_dir) in out
+    lines = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
+    assert [r["step"] for r in lines if r["kind"] == "eval"] == [0, 3]
+    assert (run_dir / "checkpoints" / "3").is_dir()
+    # Running again finds the finished run and says so instead of retraining.
+    assert main(argv) == 0
+    assert "already trained to step 3" in capsys.readouterr().out
+
+
+def test_train_divergence_exit_code(tmp_path, capsys):
+    argv = ["train", "tiny", *TOY, "train.learning_rate=1e30", "train.grad_clip=0",
+            f"train.run_dir={tmp_path / 'bad'}"]
+    assert main(argv) == 3
+    assert "non-finite training loss" in capsys.readouterr().err

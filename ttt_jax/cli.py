@@ -1,0 +1,117 @@
+"""The ``ttt-jax`` command.
+
+::
+
+    ttt-jax train  CONFIG [key=value ...]   train (or resume) a model; CONFIG is a YAML file or a preset
+    ttt-jax config CONFIG [key=value ...]   print the resolved, validated config as YAML
+
+CONFIG is a path or the name of a preset in ``configs/`` (``tiny``, ``small``, ``qwen3_4b_shape``).
+Overrides use dotted keys and YAML values: ``train.steps=200 model.ttt.layers=[0,2] train.peak_tflops=null``.
+Errors a user can fix (bad key or value, data/checkpoint mismatch) print one ``error: ...`` line and
+exit with status 2; a diverged run (non-finite loss) exits with status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+import yaml
+
+from ttt_jax.config import Config, ConfigError, load_config
+
+EXIT_USAGE = 2       # bad config / arguments / data / checkpoint
+EXIT_DIVERGED = 3    # training stopped on a non-finite loss
+
+_RESERVED = {
+    "generate": "sample text from a trained checkpoint",
+    "eval": "sliding-window perplexity and synthetic long-context tasks",
+    "convert": "Hugging Face safetensors <-> ttt-jax checkpoints",
+    "bench": "speed and memory benchmarks",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ttt-jax", description="In-Place Test-Time Training for Transformer LMs.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_ in (("train", "train or resume a model"), ("config", "print the resolved config as YAML")):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("config", metavar="CONFIG", help="YAML file or preset name (e.g. tiny)")
+        sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    for name, help_ in _RESERVED.items():
+        sp = sub.add_parser(name, help=f"{help_} (not yet implemented)")
+        sp.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def _summary(cfg: Config) -> str:
+    m, d, t, tt = cfg.model, cfg.data, cfg.train, cfg.model.ttt
+    ttt = (f"In-Place TTT on layers {list(tt.layer_ids(m.n_layers))} (chunk {tt.chunk_size}, lr {tt.lr}, "
+           f"target {tt.target_source})" if tt.enabled else "In-Place TTT off")
+    return "\n".join([
+        f"model: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads / {m.n_kv_heads} kv "
+        f"(head_dim {m.resolved_head_dim}), d_ff {m.d_ff}, vocab {m.vocab_size}, compute {m.compute_dtype}",
+        f"       {ttt}",
+        f"data:  {d.source} corpus, tokenizer {d.tokenizer}, batch {d.batch_size} x {d.seq_len} tokens",
+        f"train: {t.steps} steps, lr {t.learning_rate:g} (warmup {t.warmup_steps}, cosine to "
+        f"{t.min_lr_ratio:g}x), weight decay {t.weight_decay:g}, clip {t.grad_clip:g}, run dir {t.run_dir}",
+    ])
+
+
+def _cmd_config(cfg: Config) -> int:
+    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return 0
+
+
+def _cmd_train(cfg: Config) -> int:
+    import jax  # deferred: `ttt-jax config` and `--help` should not pay for initialising JAX
+
+    from parallel.mesh import maybe_initialize_distributed
+    from ttt_jax.train.trainer import NonFiniteLossError, train
+
+    # Before any other JAX call: joins the other processes when a multi-host launcher started us
+    # (no-op on one host).
+    maybe_initialize_distributed()
+    main_process = jax.process_index() == 0
+    say = print if main_process else (lambda *a, **k: None)
+    say(_summary(cfg), flush=True)
+    devices = jax.devices()
+    say(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}), "
+        f"{jax.process_count()} process(es)", flush=True)
+    try:
+        result = train(cfg)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    if result.val_losses:
+        curve = ", ".join(f"{s}: {v:.3f}" for s, v in result.val_losses)
+        say(f"validation loss (nats/token) by step: {curve}")
+        say(f"final validation loss: {result.val_losses[-1][1]:.4f} at step {result.val_losses[-1][0]}")
+    if result.train_loss is not None:
+        say(f"last train loss: {result.train_loss:.4f}")
+    tb = f", TensorBoard in {result.run_dir / 'tensorboard'}" if cfg.train.tensorboard else ""
+    say(f"outputs: {result.run_dir}/ (checkpoints in {result.checkpoint_dir}, metrics in "
+        f"{result.metrics_path}{tb}, config in {result.run_dir / 'config.yaml'})")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``ttt-jax`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.command in _RESERVED:
+        print(f"error: `ttt-jax {args.command}` ({_RESERVED[args.command]}) is not yet implemented in "
+              "this version; see README", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            return _cmd_config(cfg)
+        return _cmd_train(cfg)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

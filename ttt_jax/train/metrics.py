@@ -1,0 +1,141 @@
+"""Training metrics: throughput, TFLOP/s, MFU, and the writers (JSONL, TensorBoard, tqdm).
+
+Definitions (per logged interval of ``n`` steps taking ``dt`` seconds of wall-clock, compile excluded):
+
+* ``tokens_per_s = n * batch_size * seq_len / dt`` -- every position processed, padding included;
+* ``tflops_per_s = tokens_per_s * flops_per_token / 1e12``, where ``flops_per_token`` is the analytic
+  training cost (forward + backward) of :func:`ttt_jax.models.flops.flops_per_token`;
+* ``mfu = tflops_per_s / (peak_tflops_per_device * n_devices)``.
+
+The peak is ``train.peak_tflops`` when set, otherwise looked up from the device kind in
+:data:`PEAK_TFLOPS` (dense bf16 tensor-core figures, so an fp32-compute run shows a low MFU by
+construction). Unknown devices (CPUs included) give ``mfu = None`` (``null`` in the JSONL).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+# Dense bf16 peak TFLOP/s per device, matched by substring of ``jax.Device.device_kind`` (lowercased),
+# first match wins (so the more specific names come first).
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("h200", 989.0),
+    ("h100", 989.0),      # SXM; PCIe parts are lower -- set train.peak_tflops
+    ("a100", 312.0),
+    ("tpu v6 lite", 918.0),
+    ("tpu v6e", 918.0),
+    ("tpu v5 lite", 197.0),
+    ("tpu v5e", 197.0),
+    ("tpu v5p", 459.0),
+    ("tpu v5", 459.0),
+    ("tpu v4", 275.0),
+)
+
+
+def peak_tflops_per_device(device_kind: str, override: Optional[float] = None) -> Optional[float]:
+    """Peak TFLOP/s of one device of ``device_kind``; ``override`` wins; ``None`` when unknown."""
+    if override is not None:
+        return float(override)
+    kind = device_kind.lower()
+    for key, peak in PEAK_TFLOPS:
+        if key in kind:
+            return peak
+    return None
+
+
+def throughput(steps: int, seconds: float, tokens_per_step: int, flops_per_token: float,
+               n_devices: int, peak_per_device: Optional[float]) -> dict[str, Optional[float]]:
+    """``tokens_per_s``, ``tflops_per_s`` and ``mfu`` (None without a peak) for ``steps`` in ``seconds``."""
+    tokens_per_s = steps * tokens_per_step / max(seconds, 1e-9)
+    tflops = tokens_per_s * flops_per_token / 1e12
+    mfu = tflops / (peak_per_device * n_devices) if peak_per_device else None
+    return {"tokens_per_s": tokens_per_s, "tflops_per_s": tflops, "mfu": mfu}
+
+
+def _finite_or_none(x: Any) -> Any:
+    # JSON has no NaN/Infinity; write them as strings so the line stays valid JSON.
+    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+        return str(x)
+    return x
+
+
+class MetricsWriter:
+    """Writes metric records to ``run_dir/metrics.jsonl`` (always), TensorBoard event files under
+    ``run_dir/tensorboard`` (when ``tensorboard``), and a tqdm bar on stderr (when ``progress``).
+
+    Records are appended, so a resumed run continues the same file.
+    """
+
+    def __init__(self, run_dir: str | Path, *, total_steps: int, initial_step: int = 0,
+                 tensorboard: bool = True, progress: bool = True, is_main: bool = True):
+        self.run_dir = Path(run_dir)
+        self.is_main = is_main
+        self.jsonl_path = self.run_dir / "metrics.jsonl"
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        self._bar_step = initial_step
+        if not is_main:  # only process 0 writes on a multi-host run
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.jsonl_path, "a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # imported lazily: only needed when enabled
+
+            self._tb = SummaryWriter(logdir=str(self.run_dir / "tensorboard"))
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
+                             dynamic_ncols=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Write one record. ``record["kind"]`` is ``"train"`` or ``"eval"``; ``record["step"]``
+        is the number of optimizer updates done; other numeric fields become TensorBoard scalars
+        under ``<kind>/<name>``."""
+        if not self.is_main:
+            return
+        clean = {k: _finite_or_none(v) for k, v in record.items()}
+        self._jsonl.write(json.dumps(clean) + "\n")
+        step = int(record["step"])
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"{record['kind']}/{k}", v, step)
+        if self._bar is not None and record["kind"] == "train":
+            self._bar.update(step - self._bar_step)
+            self._bar_step = step
+            post = {"loss": f"{record['loss']:.4f}"}
+            if record.get("tokens_per_s") is not None:
+                post["tok/s"] = f"{record['tokens_per_s']:.3g}"
+            if record.get("mfu") is not None:
+                post["mfu"] = f"{100 * record['mfu']:.1f}%"
+            self._bar.set_postfix(post, refresh=True)
+
+    def message(self, msg: str) -> None:
+        """Print ``msg`` above the progress bar (or plainly when there is none)."""
+        if not self.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,89 @@
+"""The jitted train and eval steps (pure functions of split NNX state).
+
+The model and the optimizer are carried between steps as ``nnx.State`` pytrees (``nnx.split``) so
+that ``jax.jit`` sees plain arrays: shardings are given at the boundary and the input state buffers
+are donated (updated in place, no second copy of parameters and Adam moments).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+Batch = dict[str, jax.Array]
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token negative log-likelihood and token count.
+
+    Args:
+      logits: ``[B, T, V]`` (any float dtype; reduced in fp32).
+      targets: ``[B, T]`` int32, the token that follows each position.
+      mask: ``[B, T]`` float32, 1 where the position counts (0 on padding / unlabelled tokens).
+    Returns:
+      ``(nll_sum, n_tokens)``: fp32 scalars; the mean loss is ``nll_sum / max(n_tokens, 1)``.
+    """
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)                                   # [B, T]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum((lse - target_logit) * mask), jnp.sum(mask)
+
+
+def _forward_nll(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    return cross_entropy(logits, batch["targets"], batch["loss_mask"])
+
+
+def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef,
+                    schedule: optax.Schedule) -> Callable[..., Any]:
+    """``step(model_state, opt_state, batch) -> (model_state, opt_state, metrics)``.
+
+    ``batch`` holds ``[B, T]`` arrays ``inputs, targets, loss_mask, segment_ids, positions``.
+    ``metrics``: fp32 scalars ``loss`` (mean NLL over ``loss_mask``), ``grad_norm`` (global L2
+    norm of the gradient before clipping) and ``lr`` (``schedule`` at this update, the rate the
+    optimizer applies). Not jitted here: see :func:`jit_train_step`.
+    """
+
+    def step(model_state: nnx.State, opt_state: nnx.State, batch: Batch):
+        model = nnx.merge(model_def, model_state)
+        optimizer = nnx.merge(opt_def, opt_state)
+
+        def loss_fn(m: nnx.Module) -> jax.Array:
+            nll, n = _forward_nll(m, batch)
+            return nll / jnp.maximum(n, 1.0)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        grad_norm = optax.tree.norm(grads)
+        lr = jnp.asarray(schedule(optimizer.step[...]), jnp.float32)  # step = updates done so far
+        optimizer.update(model, grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+        return nnx.state(model), nnx.state(optimizer), metrics
+
+    return step
+
+
+def make_eval_step(model_def: nnx.GraphDef) -> Callable[..., Any]:
+    """``eval_step(model_state, batch) -> (nll_sum, n_tokens)`` (fp32 scalars), no state change."""
+
+    def eval_step(model_state: nnx.State, batch: Batch):
+        return _forward_nll(nnx.merge(model_def, model_state), batch)
+
+    return eval_step
+
+
+def jit_train_step(step: Callable[..., Any], model_sh: Any, opt_sh: Any, batch_sh: Any,
+                   scalar_sh: Any) -> Callable[..., Any]:
+    """``jax.jit`` the train step with explicit shardings; the incoming states are donated."""
+    return jax.jit(step, in_shardings=(model_sh, opt_sh, batch_sh),
+                   out_shardings=(model_sh, opt_sh, scalar_sh),
+                   donate_argnames=("model_state", "opt_state"))
+
+
+def jit_eval_step(eval_step: Callable[..., Any], model_sh: Any, batch_sh: Any,
+                  scalar_sh: Any) -> Callable[..., Any]:
+    return jax.jit(eval_step, in_shardings=(model_sh, batch_sh), out_shardings=(scalar_sh, scalar_sh))

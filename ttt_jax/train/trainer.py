@@ -1,0 +1,339 @@
+"""The training loop: ``train(cfg) -> TrainResult``.
+
+One run lives in ``train.run_dir``::
+
+    config.yaml          the resolved config of the latest start
+    metrics.jsonl        one JSON object per logged train step and per evaluation
+    tensorboard/         TensorBoard event files (train.tensorboard)
+    checkpoints/<step>/  Orbax checkpoints (train.checkpoint_every, and at the end)
+
+Determinism: parameters are initialised from ``train.seed``, batches come from ``data.seed``; with
+``train.resume`` a run that finds a checkpoint restores the model, the optimizer (moments and step,
+hence the schedule) and the data-iterator position, so stopping at step k and resuming to N gives
+bitwise the parameters of one uninterrupted run to N (same devices and mesh; on GPUs only with
+``XLA_FLAGS=--xla_gpu_deterministic_ops=true``, since their scatter reductions are otherwise
+non-deterministic). ``train.stop_after`` stops a run early without changing its schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+import yaml
+from flax import nnx
+
+from ttt_jax.config import Config, ModelConfig, TrainConfig
+from ttt_jax.data import load_tokenizer, make_batches
+from ttt_jax.models.flops import flops_per_token
+from ttt_jax.models.lm import CausalLM, check_tokens, count_params
+from ttt_jax.train import mesh as mesh_lib
+from ttt_jax.train.checkpoint import Checkpointer
+from ttt_jax.train.metrics import MetricsWriter, peak_tflops_per_device, throughput
+from ttt_jax.train.optim import learning_rate_schedule, make_optimizer, optimizer_fields
+from ttt_jax.train.steps import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss (or gradient norm) became NaN/inf. No checkpoint of the bad state is
+    written; the last good checkpoint (if any) is left as it was."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished :func:`train` call did.
+
+    ``val_losses``: ``[(step, mean validation NLL per token)]`` in order, this call's evaluations.
+    """
+
+    step: int
+    train_loss: Optional[float]
+    val_losses: list[tuple[int, float]]
+    run_dir: Path
+    param_count: int
+    checkpoint_dir: Path
+    metrics_path: Path
+    model: Any = dataclasses.field(default=None, repr=False)  # the trained CausalLM (final state)
+
+
+def preflight(cfg: Config, tokenizer: Any) -> None:
+    """Checks a user can fail before any compute (``ValueError`` naming the fix).
+
+    The config's own validation already covers TTT chunk layout (``data.chunk_align`` with a
+    ``seq_len`` that is not a multiple of ``model.ttt.chunk_size``) and ``seq_len > max_seq_len``.
+    """
+    cfg.validate()
+    ttt = cfg.model.ttt
+    if ttt.enabled and ttt.layer_ids(cfg.model.n_layers) and cfg.data.seq_len <= ttt.chunk_size:
+        # One chunk per row: apply-then-update never applies an update, so the TTT parameters
+        # would get no gradient and the run would silently train a model without TTT.
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} is not longer than model.ttt.chunk_size={ttt.chunk_size}: "
+            "every training row would be a single TTT chunk and no fast-weight update would ever be "
+            "used; lower model.ttt.chunk_size (e.g. to data.seq_len/4), raise data.seq_len, or set "
+            "model.ttt.enabled=false")
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"the tokenizer ({cfg.data.tokenizer!r}) has vocab_size={tokenizer.vocab_size} but "
+            f"model.vocab_size={cfg.model.vocab_size}: token ids would fall outside the embedding; "
+            f"set model.vocab_size >= {tokenizer.vocab_size}")
+
+
+def _check_batch(batch: dict[str, np.ndarray], vocab_size: int) -> None:
+    check_tokens(batch["inputs"], vocab_size)
+    check_tokens(batch["targets"], vocab_size)
+
+
+class _Log:
+    """Console messages on process 0, routed through the progress bar when one is shown."""
+
+    def __init__(self, log: Optional[Callable[[str], None]]):
+        self._log = log
+        self.writer: Optional[MetricsWriter] = None
+
+    def __call__(self, msg: str) -> None:
+        if jax.process_index() != 0:
+            return
+        if self._log is not None:
+            self._log(msg)
+        elif self.writer is not None:
+            self.writer.message(msg)
+        else:
+            print(msg, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """Graph definitions, shardings and the jitted init/train/eval functions of one setup."""
+
+    model_def: Any
+    opt_def: Any
+    model_sh: Any
+    opt_sh: Any
+    batch_sh: Any
+    scalar_sh: Any
+    init: Callable[[], Any]
+    step: Callable[..., Any]
+    eval: Callable[..., Any]
+
+
+@functools.lru_cache(maxsize=4)
+def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sharding.Mesh) -> _Program:
+    """Build (once per process for a given setup) the jitted functions of a run.
+
+    Cached so that calling :func:`train` again with the same model, seed, optimizer settings and
+    mesh -- a resumed run, a sweep over data or run dirs, the test-suite -- reuses the compiled
+    executables instead of recompiling them (XLA compilation dominates short runs on CPU).
+    """
+    tcfg = TrainConfig(**dict(opt_fields))
+    tx = make_optimizer(tcfg)
+
+    def build():
+        model = CausalLM(model_cfg, rngs=nnx.Rngs(seed))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    abs_model, abs_opt = nnx.eval_shape(build)
+    model_def, abs_model_state = nnx.split(abs_model)
+    opt_def, abs_opt_state = nnx.split(abs_opt)
+    model_sh = mesh_lib.state_shardings(abs_model_state, mesh)
+    opt_sh = mesh_lib.state_shardings(abs_opt_state, mesh)
+    batch_sh, scalar_sh = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+
+    def init():
+        model, opt = build()
+        return nnx.state(model), nnx.state(opt)
+
+    # A jitted init with out_shardings creates every array directly in its sharding, so a large
+    # model is never materialised whole on one device.
+    init = jax.jit(init, out_shardings=(model_sh, opt_sh))
+    step = jit_train_step(make_train_step(model_def, opt_def, learning_rate_schedule(tcfg)),
+                          model_sh, opt_sh, batch_sh, scalar_sh)
+    eval_ = jit_eval_step(make_eval_step(model_def), model_sh, batch_sh, scalar_sh)
+    return _Program(model_def, opt_def, model_sh, opt_sh, batch_sh, scalar_sh, init, step, eval_)
+
+
+def _eval(eval_fn, model_state, batches, batch_sh) -> float:
+    """Mean NLL per token over ``batches`` (token-weighted across batches)."""
+    total, count = 0.0, 0.0
+    for b in batches:
+        nll, n = eval_fn(model_state, mesh_lib.put_batch(b, batch_sh))
+        total, count = total + nll, count + n   # device scalars: one sync at the end
+    total, count = jax.device_get((total, count))
+    return float(total) / max(float(count), 1.0)
+
+
+class _Interval:
+    """Step metrics not yet fetched from the device, and the throughput timer.
+
+    Fetching blocks on the device, so it happens only at log/eval/checkpoint boundaries; every
+    fetched step is checked for a finite loss before anything is written.
+    """
+
+    def __init__(self, start_step: int):
+        self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+        self.restart(start_step)
+
+    def restart(self, step: int) -> None:
+        self.t0, self.step0 = time.perf_counter(), step
+
+    def fetch(self) -> tuple[list[int], list[dict[str, float]]]:
+        steps = [s for s, _ in self.pending]
+        values = [{k: float(v) for k, v in m.items()} for m in jax.device_get([m for _, m in self.pending])]
+        self.pending.clear()
+        return steps, values
+
+
+def train(cfg: Config, *, log: Optional[Callable[[str], None]] = None) -> TrainResult:
+    """Train (or resume training) the model described by ``cfg``; see the module docstring.
+
+    Args:
+      cfg: a validated :class:`~ttt_jax.config.Config`.
+      log: receives console messages (default: print on process 0, above the progress bar).
+    Raises:
+      ValueError: a config / data / checkpoint problem, found before any training step.
+      NonFiniteLossError: the loss diverged; the run stops without checkpointing the bad state.
+    """
+    with contextlib.ExitStack() as stack:
+        return _train(cfg, _Log(log), stack)
+
+
+def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
+    tcfg = cfg.train
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    preflight(cfg, tokenizer)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    global_batch = cfg.data.batch_size * jax.process_count()  # data.batch_size is per process
+    mesh_lib.check_batch_divisible(global_batch, mesh)
+    is_main = jax.process_index() == 0
+
+    run_dir = Path(tcfg.run_dir)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=tcfg.keep_checkpoints)
+    stack.callback(ckpt.close)  # waits for pending saves, also when an error ends the run
+    latest = ckpt.latest_step()
+    if latest is not None and not tcfg.resume:
+        raise ValueError(
+            f"{ckpt.directory} already holds checkpoints (latest step {latest}) and train.resume=false; "
+            "set train.resume=true to continue that run, or choose a new train.run_dir")
+    if latest is not None:
+        ckpt.check_config(latest, cfg.to_dict())  # another model/data config: ValueError naming keys
+    chunk = cfg.model.ttt.chunk_size if cfg.data.chunk_align else None
+
+    # Data first: the validation batches are checked (token ids < vocab) before any compute.
+    train_it = make_batches(cfg.data, "train", tokenizer=tokenizer, chunk_size=chunk)
+    val_batches = list(itertools.islice(
+        make_batches(cfg.data, "validation", tokenizer=tokenizer, chunk_size=chunk), tcfg.eval_batches))
+    if not val_batches:
+        raise ValueError("the validation split is empty; raise data.validation_fraction or use more documents")
+    for b in val_batches:
+        _check_batch(b, cfg.model.vocab_size)
+
+    prog = _program(cfg.model, tcfg.seed, optimizer_fields(tcfg), mesh)
+    model_state, opt_state = prog.init()
+    # Entered after building the program: nnx.eval_shape under a mesh would read the parameters'
+    # *logical* axis names as mesh axes (mapping them is the job of the rules in parallel/).
+    stack.enter_context(jax.set_mesh(mesh))
+    n_params = count_params(nnx.merge(prog.model_def, model_state))
+    start = 0
+    if latest is not None:
+        # Checks array names and shapes first (ValueError naming them).
+        model_state, opt_state, data_state = ckpt.restore(latest, model_state, opt_state, cfg.to_dict())
+        train_it.set_state(data_state)
+        start = latest
+        say(f"resumed from {ckpt.directory / str(latest)} (step {latest})")
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    tokens_per_step = global_batch * cfg.data.seq_len
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = peak_tflops_per_device(jax.devices()[0].device_kind, tcfg.peak_tflops)
+    say(f"parameters: {n_params:,}; {fpt / 1e6:.1f} MFLOP/token (train); mesh "
+        + " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
+        + f" on {mesh.size} x {jax.devices()[0].device_kind}; run dir {run_dir}")
+
+    writer = stack.enter_context(MetricsWriter(run_dir, total_steps=tcfg.steps, initial_step=start,
+                                               tensorboard=tcfg.tensorboard, progress=tcfg.progress,
+                                               is_main=is_main))
+    say.writer = writer
+    val_losses: list[tuple[int, float]] = []
+    last_loss: Optional[float] = None
+    interval = _Interval(start)
+
+    def evaluate(step: int) -> None:
+        loss = _eval(prog.eval, model_state, val_batches, prog.batch_sh)
+        val_losses.append((step, loss))
+        writer.write({"kind": "eval", "step": step, "val_loss": loss})
+        say(f"step {step}: validation loss {loss:.4f}")
+
+    def flush(step: int) -> None:
+        """Fetch pending step metrics (blocks), stop on non-finite, write one train record."""
+        nonlocal last_loss
+        if not interval.pending:
+            return
+        steps, values = interval.fetch()
+        now = time.perf_counter()
+        for s, m in zip(steps, values):
+            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                writer.write({"kind": "train", "step": s, **m})
+                ckpt.wait()
+                good = ckpt.latest_step()
+                raise NonFiniteLossError(
+                    f"non-finite training loss at step {s} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
+                    "stopped without saving this state. "
+                    + (f"Last good checkpoint: {ckpt.directory / str(good)} (step {good}). "
+                       if good is not None else "No checkpoint was written. ")
+                    + "Lower train.learning_rate or raise train.warmup_steps, then resume")
+        last_loss = values[-1]["loss"]
+        record = {"kind": "train", "step": step,
+                  "loss": sum(m["loss"] for m in values) / len(values),  # mean over the interval
+                  "grad_norm": values[-1]["grad_norm"], "lr": values[-1]["lr"],
+                  "tokens_seen": step * tokens_per_step}
+        if step > interval.step0:
+            record.update(throughput(step - interval.step0, now - interval.t0, tokens_per_step, fpt,
+                                     mesh.size, peak))
+        writer.write(record)
+        interval.restart(step)
+
+    end = tcfg.stop_after if tcfg.stop_after is not None else tcfg.steps
+    if start == 0:
+        evaluate(0)
+    for step in range(start + 1, end + 1):
+        try:
+            host_batch = next(train_it)
+        except StopIteration:
+            raise ValueError(f"the training data ran out at step {step}; add data or lower train.steps") from None
+        _check_batch(host_batch, cfg.model.vocab_size)
+        model_state, opt_state, metrics = prog.step(model_state, opt_state,
+                                                  mesh_lib.put_batch(host_batch, prog.batch_sh))
+        interval.pending.append((step, metrics))
+        if step == start + 1:
+            # Exclude compilation from throughput: the clock starts when the first step is done.
+            jax.block_until_ready(metrics)
+            interval.restart(step)
+        is_last = step == end
+        if step % tcfg.log_every == 0 or is_last:
+            flush(step)
+        if step % tcfg.eval_every == 0 or is_last:
+            flush(step)
+            evaluate(step)
+            interval.restart(step)
+        if step % tcfg.checkpoint_every == 0 or is_last:
+            flush(step)  # never checkpoint a state whose loss was not checked finite
+            ckpt.save(step, model_state, opt_state, train_it.get_state(), cfg.to_dict())
+            interval.restart(step)
+    if start >= end:
+        say(f"{run_dir} is already trained to step {start} (train.steps={tcfg.steps}, "
+            f"train.stop_after={tcfg.stop_after}); raise train.steps to continue")
+        evaluate(start)
+
+    return TrainResult(step=max(start, end), train_loss=last_loss, val_losses=val_losses,
+                       run_dir=run_dir, param_count=n_params, checkpoint_dir=ckpt.directory,
+                       metrics_path=writer.jsonl_path, model=nnx.merge(prog.model_def, model_state))
