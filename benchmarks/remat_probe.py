@@ -1,0 +1,70 @@
+"""Memory that a rematerialised layer keeps alive until its backward pass, per layer kind.
+
+Compiles (does not run) ``grad`` of a stack of ``L`` layers, each wrapped in ``jax.checkpoint``,
+for ``L = 2`` and ``L = 4`` and prints XLA's temporary memory and the per-layer increment. With
+working rematerialisation the increment is about one ``[T, D]`` activation; anything above it is
+held across layers (e.g. residuals a ``custom_vjp`` forces to be saved).
+
+Kinds: ``plain`` (SwiGLU MLP), ``op`` (the MLP with the In-Place TTT down-projection, target = h),
+``target`` (plain MLP plus the In-Place TTT target conv/projection), ``ttt`` (both).
+
+    python benchmarks/remat_probe.py --seq-len 32768 --d-model 2560 --d-ff 9728
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ttt_jax.ops import inplace_ttt, inplace_ttt_target  # noqa: E402
+
+
+def temp_gib(kind, layers, t, d, f, chunk):
+    bf = jnp.bfloat16
+
+    def layer(h, p):
+        wg, wu, wd, conv, proj = p
+        g = jnp.einsum("btd,df->btf", h, wg, preferred_element_type=jnp.float32)
+        u = jnp.einsum("btd,df->btf", h, wu, preferred_element_type=jnp.float32)
+        z = (jax.nn.silu(g) * u).astype(bf)
+        v = inplace_ttt_target(h, conv, proj, chunk_size=chunk) if kind in ("target", "ttt") else h
+        if kind in ("op", "ttt"):
+            out = inplace_ttt(z, v, wd, lr=3.0, chunk_size=chunk)
+        else:
+            out = jnp.einsum("btf,fd->btd", z, wd, preferred_element_type=jnp.float32).astype(bf)
+            if kind == "target":
+                out = out + v
+        return h + out
+
+    def loss(h, ps):
+        for p in ps:
+            h = jax.checkpoint(layer)(h, p)
+        return jnp.sum(h.astype(jnp.float32))
+
+    ps = [tuple(jax.ShapeDtypeStruct(s, bf) for s in [(d, f), (d, f), (f, d), (5, d), (d, d)])
+          for _ in range(layers)]
+    c = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(jax.ShapeDtypeStruct((1, t, d), bf), ps).compile()
+    return c.memory_analysis().temp_size_in_bytes / 2 ** 30
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--d-model", type=int, default=1024)
+    p.add_argument("--d-ff", type=int, default=4096)
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--kinds", nargs="+", default=["plain", "op", "target", "ttt"])
+    a = p.parse_args(argv)
+    act = a.seq_len * a.d_model * 2 / 2 ** 30
+    print(f"device {jax.devices()[0].device_kind}; one [T, D] bf16 activation = {act:.3f} GiB")
+    for kind in a.kinds:
+        t2 = temp_gib(kind, 2, a.seq_len, a.d_model, a.d_ff, a.chunk)
+        t4 = temp_gib(kind, 4, a.seq_len, a.d_model, a.d_ff, a.chunk)
+        print(f"{kind:>8}: L=2 {t2:7.3f} GiB  L=4 {t4:7.3f} GiB  per layer {(t4 - t2) / 2:7.3f} GiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
