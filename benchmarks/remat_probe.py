@@ -5,7 +5,8 @@ for ``L = 2`` and ``L = 4`` and prints XLA's temporary memory and the per-layer 
 working rematerialisation the increment is about one ``[T, D]`` activation; anything above it is
 held across layers (e.g. residuals a ``custom_vjp`` forces to be saved).
 
-Kinds: ``plain`` (SwiGLU MLP), ``op`` (the MLP with the In-Place TTT down-projection, target = h),
+Kinds: ``plain`` (SwiGLU MLP), ``op`` (the MLP with the In-Place TTT down-projection, target = h;
+``op_assoc`` / ``op_ref`` with the associative / reference implementations),
 ``target`` (plain MLP plus the In-Place TTT target conv/projection), ``ttt`` (both).
 
     python benchmarks/remat_probe.py --seq-len 32768 --d-model 2560 --d-ff 9728
@@ -22,6 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ttt_jax.ops import inplace_ttt, inplace_ttt_target  # noqa: E402
 
 
+PREVENT_CSE = True
+SCAN_LAYERS = False
+
+
 def temp_gib(kind, layers, t, d, f, chunk):
     bf = jnp.bfloat16
 
@@ -31,21 +36,30 @@ def temp_gib(kind, layers, t, d, f, chunk):
         u = jnp.einsum("btd,df->btf", h, wu, preferred_element_type=jnp.float32)
         z = (jax.nn.silu(g) * u).astype(bf)
         v = inplace_ttt_target(h, conv, proj, chunk_size=chunk) if kind in ("target", "ttt") else h
-        if kind in ("op", "ttt"):
-            out = inplace_ttt(z, v, wd, lr=3.0, chunk_size=chunk)
+        if kind in ("op", "ttt", "op_assoc", "op_ref"):
+            impl = {"op_assoc": "associative", "op_ref": "reference"}.get(kind, "scan")
+            out = inplace_ttt(z, v, wd, lr=3.0, chunk_size=chunk, impl=impl)
         else:
             out = jnp.einsum("btf,fd->btd", z, wd, preferred_element_type=jnp.float32).astype(bf)
             if kind == "target":
                 out = out + v
         return h + out
 
-    def loss(h, ps):
-        for p in ps:
-            h = jax.checkpoint(layer)(h, p)
-        return jnp.sum(h.astype(jnp.float32))
+    shapes = [(d, f), (d, f), (f, d), (5, d), (d, d)]
+    if SCAN_LAYERS:  # layers as iterations of one lax.scan over stacked parameters
+        def loss(h, ps):
+            body = jax.checkpoint(lambda h, p: (layer(h, p), None), prevent_cse=PREVENT_CSE)
+            h, _ = jax.lax.scan(body, h, ps)
+            return jnp.sum(h.astype(jnp.float32))
 
-    ps = [tuple(jax.ShapeDtypeStruct(s, bf) for s in [(d, f), (d, f), (f, d), (5, d), (d, d)])
-          for _ in range(layers)]
+        ps = tuple(jax.ShapeDtypeStruct((layers,) + s, bf) for s in shapes)
+    else:
+        def loss(h, ps):
+            for p in ps:
+                h = jax.checkpoint(layer, prevent_cse=PREVENT_CSE)(h, p)
+            return jnp.sum(h.astype(jnp.float32))
+
+        ps = [tuple(jax.ShapeDtypeStruct(s, bf) for s in shapes) for _ in range(layers)]
     c = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(jax.ShapeDtypeStruct((1, t, d), bf), ps).compile()
     return c.memory_analysis().temp_size_in_bytes / 2 ** 30
 
@@ -57,7 +71,12 @@ def main(argv=None):
     p.add_argument("--d-ff", type=int, default=4096)
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--kinds", nargs="+", default=["plain", "op", "target", "ttt"])
+    p.add_argument("--no-prevent-cse", action="store_true")
+    p.add_argument("--scan-layers", action="store_true", help="run the layers in a lax.scan")
     a = p.parse_args(argv)
+    global PREVENT_CSE, SCAN_LAYERS
+    PREVENT_CSE = not a.no_prevent_cse
+    SCAN_LAYERS = a.scan_layers
     act = a.seq_len * a.d_model * 2 / 2 ** 30
     print(f"device {jax.devices()[0].device_kind}; one [T, D] bf16 activation = {act:.3f} GiB")
     for kind in a.kinds:

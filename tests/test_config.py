@@ -29,7 +29,7 @@ def test_qwen3_4b_shape_matches_the_architecture():
 
 
 def test_unknown_key_suggests_closest():
-    with pytest.raises(ConfigError, match=r"unknown config key train\.'learnig_rate'.*did you mean 'learning_rate'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.learnig_rate'.*did you mean 'learning_rate'"):
         load_config("tiny", ["train.learnig_rate=1e-3"])
     with pytest.raises(ConfigError, match=r"did you mean 'model'"):
         load_config("tiny", ["modle.d_model=64"])

@@ -81,6 +81,16 @@ class ModelConfig:
 
     ``attention_window`` > 0 makes every layer sliding-window (window = number of keys a query sees,
     itself included) unless ``full_attention_layers`` lists it; 0 means full causal attention everywhere.
+
+    ``scan_layers`` stores the decoder layers' parameters stacked along a leading ``layers`` axis
+    and runs them as the iterations of one ``lax.scan`` (``nnx.scan``; with ``remat`` every layer in
+    it is checkpointed), instead of an unrolled Python loop. This bounds what XLA keeps alive across
+    layers under ``remat`` (with the In-Place TTT op it otherwise holds extra buffers per TTT layer)
+    and compiles once per period of layers. The layer structure must be periodic: with TTT the
+    period is ``ttt.every`` (``ttt.layers`` null, ``ttt.start < ttt.every``, ``n_layers`` a multiple
+    of ``ttt.every``), without it 1; the attention window of layer ``i`` must depend only on
+    ``i % period``. A non-periodic structure is rejected when the model is built. The stacked
+    parameter tree is described in :mod:`ttt_jax.models.lm`.
     """
 
     vocab_size: int = 259
@@ -102,6 +112,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     remat: bool = False
+    scan_layers: bool = False
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
 
     @property
@@ -133,6 +144,8 @@ class ModelConfig:
         bad = [i for i in self.full_attention_layers if not 0 <= i < self.n_layers]
         _check(not bad, "model.full_attention_layers", list(self.full_attention_layers),
                f"layer indices in [0, {self.n_layers})")
+        _check(isinstance(self.scan_layers, bool), "model.scan_layers", self.scan_layers,
+               "true or false")
         self.ttt.validate(self.n_layers)
 
 
@@ -353,7 +366,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for k, v in values.items():
         if k not in names:
-            raise ConfigError(f"unknown config key {prefix}{k!r}" + _suggest(k, names))
+            raise ConfigError(f"unknown config key '{prefix}{k}'" + _suggest(k, names))
         kwargs[k] = _coerce(v, hints[k], f"{prefix}{k}")
     return cls(**kwargs)
 
