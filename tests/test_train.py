@@ -189,3 +189,36 @@ def test_throughput_and_mfu():
     assert peak_tflops_per_device("TPU v5 lite") == 197.0
     assert peak_tflops_per_device("cpu") is None
     assert peak_tflops_per_device("cpu", override=1.5) == 1.5
+
+
+def test_killed_process_resumes_to_identical_parameters(tmp_path):
+    """SIGKILL a `ttt-jax train` process mid-run, start it again: the final parameters equal those of
+    an uninterrupted run, bitwise (CPU)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("bitwise reproducibility is a CPU guarantee (see README)")
+    extra = ["train.steps=60", "train.checkpoint_every=2", "train.eval_every=30", "train.log_every=10"]
+    straight = train(toy(tmp_path, *extra, name="straight"))
+    run_dir = tmp_path / "killed"
+    import yaml
+
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy(tmp_path, *extra, name="killed").to_dict()))
+    cmd = [sys.executable, "-m", "ttt_jax.cli", "train", str(tmp_path / "toy.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "10").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint at step 10 within 240 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = train(toy(tmp_path, *extra, name="killed"))   # restores the final checkpoint
+    assert resumed.step == 60
+    for a, b in zip(params_of(straight.model), params_of(resumed.model)):
+        np.testing.assert_array_equal(a, b)
