@@ -51,6 +51,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("head_dim", None),
     ("norm", None),
     ("conv", None),
+    ("layers", None),   # the stacked-layer axis of scanned layer groups: never split
 )
 
 

@@ -87,10 +87,10 @@ class ModelConfig:
     it is checkpointed), instead of an unrolled Python loop. This bounds what XLA keeps alive across
     layers under ``remat`` (with the In-Place TTT op it otherwise holds extra buffers per TTT layer)
     and compiles once per period of layers. The layer structure must be periodic: with TTT the
-    period is ``ttt.every`` (``ttt.layers`` null, ``ttt.start < ttt.every``, ``n_layers`` a multiple
-    of ``ttt.every``), without it 1; the attention window of layer ``i`` must depend only on
-    ``i % period``. A non-periodic structure is rejected when the model is built. The stacked
-    parameter tree is described in :mod:`ttt_jax.models.lm`.
+    period is ``ttt.every`` (``ttt.start < ttt.every``, ``n_layers`` a multiple of ``ttt.every``; an
+    explicit ``ttt.layers`` list must be evenly spaced in the same way), without it 1; the attention
+    window of layer ``i`` must depend only on ``i % period``. A non-periodic structure is rejected
+    when the model is built. The stacked parameter tree is described in :mod:`ttt_jax.models.lm`.
     """
 
     vocab_size: int = 259
