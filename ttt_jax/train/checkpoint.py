@@ -166,7 +166,9 @@ class Checkpointer:
     def restore(self, step: int, model_state: nnx.State, opt_state: nnx.State,
                 config: dict[str, Any]) -> tuple[nnx.State, nnx.State, dict[str, Any]]:
         """Restore ``step`` into the structure, shapes and shardings of ``model_state`` and
-        ``opt_state`` (live states of a freshly built model/optimizer).
+        ``opt_state`` (live states of a freshly built model/optimizer). The shardings may differ
+        from those the checkpoint was saved with (another mesh shape): Orbax reads each device's
+        part of every array in the target sharding.
 
         Returns ``(model_state, opt_state, data_state)``. Raises ``ValueError`` naming the keys when
         the checkpoint was written under another model config (or data layout), or when its arrays

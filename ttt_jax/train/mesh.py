@@ -1,31 +1,70 @@
-"""Device mesh and shardings for the trainer (data parallelism).
+"""Device mesh and shardings for the trainer: data parallelism, FSDP and tensor parallelism.
 
-The mesh has the four axes ``("data", "fsdp", "tensor", "context")`` of :mod:`parallel.mesh`. In
-this version the global batch is split over ``data`` x ``fsdp`` and every parameter and
-optimizer-state array is replicated; tensor/context axes of size > 1 are accepted but only
-replicate the work (FSDP/TP/CP placement by the rules of :mod:`parallel.rules` is a later step).
+The mesh has the four axes ``("data", "fsdp", "tensor", "context")`` of :mod:`parallel.mesh`.
+
+* The global batch (``[B, T]`` arrays) is split over ``data`` x ``fsdp`` (:data:`BATCH_AXES`, the
+  ``batch`` rule of :data:`parallel.rules.DEFAULT_RULES`); the sequence is not split.
+* Every NNX variable that carries logical axis names (``out_sharding`` metadata, see
+  :mod:`ttt_jax.nn.params`) -- the parameters, and the Adam moments, which inherit the names of
+  their parameter -- is placed by :data:`RULES`: ``embed`` over ``fsdp`` (ZeRO-3 style),
+  ``vocab`` / ``mlp`` / ``heads`` / ``kv_heads`` over ``tensor`` (Megatron-style), ``head_dim`` /
+  ``norm`` / ``conv`` / ``layers`` never split; mesh axes of size 1 are dropped. Variables without
+  names (step counters, RNG keys, Adam's ``count``) are replicated.
+* A dimension its mesh axes do not divide is a ``ValueError`` naming the parameter and the mesh
+  sizes that would fit (:func:`state_shardings`), raised before anything is computed.
+* Activations are left to XLA's sharding propagation (``Auto`` axes).
+
+``mesh.context > 1`` (the sequence split) is rejected by :func:`check_supported` until the trainer
+wires context parallelism.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from parallel import mesh as parallel_mesh
+from parallel import rules as parallel_rules
 from ttt_jax.config import MeshConfig
 
 # Mesh axes the batch dimension is split over.
 BATCH_AXES = ("data", "fsdp")
+
+# Logical axis name -> mesh axes for parameters and optimizer state. "layers" (the stacked axis of
+# scanned layer groups) is never split; the entry is a no-op when DEFAULT_RULES already has it
+# (the first rule for a name wins).
+RULES: tuple[tuple[str, Any], ...] = tuple(parallel_rules.DEFAULT_RULES) + (("layers", None),)
+
+# The mesh setting to change, per mesh axis, in error messages.
+_AXIS_HINT = {"fsdp": "mesh.fsdp must divide model.d_model (the 'embed' dimension)",
+              "tensor": "mesh.tensor must divide model.vocab_size, model.n_heads, model.n_kv_heads "
+                        "and model.d_ff (the 'vocab', 'heads', 'kv_heads' and 'mlp' dimensions)",
+              "data": "", "context": ""}
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The 4-axis mesh of ``cfg`` over ``devices`` (default: all), via :func:`parallel.mesh.make_mesh`
     (``AxisType.Auto`` axes; a ``ValueError`` naming the sizes when they do not fit the devices)."""
     return parallel_mesh.make_mesh(cfg.data, cfg.fsdp, cfg.tensor, cfg.context, devices=devices)
+
+
+def check_supported(mesh: Mesh) -> None:
+    """Raise a ``ValueError`` for mesh axes the trainer cannot use yet (``context`` > 1).
+
+    Without this check a ``context`` axis would only replicate the work: the batch is split over
+    ``data`` x ``fsdp`` and nothing splits the sequence.
+    """
+    n = mesh.shape["context"]
+    if n > 1:
+        raise ValueError(
+            f"mesh.context={n}: context parallelism in the trainer is not wired yet (the sequence "
+            "would not be split, every context shard would repeat the same work); set "
+            "mesh.context=1 and use mesh.data / mesh.fsdp / mesh.tensor for the devices")
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -53,10 +92,77 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def state_shardings(state: Any, mesh: Mesh) -> Any:
-    """Shardings for a model/optimizer state pytree: every array replicated (data parallelism)."""
-    rep = replicated(mesh)
-    return jax.tree.map(lambda _: rep, state)
+def _dotted(path: tuple[Any, ...]) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def logical_sharding(names: Optional[Sequence[Optional[str]]], shape: Sequence[int], mesh: Mesh,
+                     what: str = "array", rules: Any = RULES) -> NamedSharding:
+    """``NamedSharding`` of an array of ``shape`` whose dimensions carry logical ``names``.
+
+    Args:
+      names: one logical name (or ``None``) per dimension; ``None`` (no names) = replicated.
+      shape: the array's shape.
+      mesh: the mesh.
+      what: how to name the array in an error (e.g. ``"parameter layers.0.attn.q"``).
+      rules: ``(logical name, mesh axes)`` pairs (default :data:`RULES`).
+
+    Raises:
+      ValueError: names of the wrong rank, a name without a rule, or a dimension that its mesh axes
+        do not divide (naming the array, the dimension and the mesh sizes that would fit).
+    """
+    if names is None:
+        return replicated(mesh)
+    names, shape = tuple(names), tuple(int(s) for s in shape)
+    try:
+        spec = parallel_rules.logical_to_spec(names, rules, mesh)
+    except ValueError as e:
+        raise ValueError(f"{what} {shape}: {e}") from None
+    if len(names) != len(shape):
+        raise ValueError(f"{what}: logical axis names {names} do not match its shape {shape}")
+    for dim, (name, axes) in enumerate(zip(names, spec)):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        split = math.prod(mesh.shape[a] for a in axes)
+        if shape[dim] % split:
+            sizes = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+            sizes += f" (= {split})" if len(axes) > 1 else ""
+            fits = [d for d in _divisors(shape[dim]) if d <= split]
+            hints = "; ".join(h for h in (_AXIS_HINT.get(a, "") for a in axes) if h)
+            raise ValueError(
+                f"cannot shard {what} of shape {shape} (logical axes {names}) on the mesh "
+                + " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
+                + f": its dimension {dim} ({name!r}) has size {shape[dim]}, which {sizes} "
+                f"does not divide. Choose mesh sizes that divide it ({hints}; sizes that divide "
+                f"{shape[dim]}: {', '.join(map(str, fits))}) and give the remaining devices to "
+                f"mesh.data, or change the model shape")
+    return NamedSharding(mesh, spec)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Any = RULES) -> Any:
+    """Shardings for a model/optimizer ``nnx.State`` (abstract or concrete), leaf for leaf.
+
+    Each ``nnx.Variable`` with logical axis names (``out_sharding`` metadata: parameters and the
+    optimizer moments of a parameter) gets :func:`logical_sharding` of its names; every other
+    array (step counters, RNG keys, ``count``) is replicated. The result has the structure of
+    ``state`` (use it as ``jax.jit`` ``in_shardings`` / ``out_shardings``).
+
+    Raises:
+      ValueError: a parameter whose shape the mesh does not divide (see :func:`logical_sharding`).
+    """
+    def one(path, leaf):
+        if isinstance(leaf, nnx.Variable):
+            names = leaf.get_metadata().get("out_sharding")
+            kind = "parameter" if isinstance(leaf, nnx.Param) else "variable"
+            sh = logical_sharding(names, leaf.shape, mesh, f"{kind} {_dotted(path)}", rules)
+        else:
+            sh = replicated(mesh)
+        return jax.tree.map(lambda _: sh, leaf)
+
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -13,6 +13,12 @@ hence the schedule) and the data-iterator position, so stopping at step k and re
 bitwise the parameters of one uninterrupted run to N (same devices and mesh; on GPUs only with
 ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``, since their scatter reductions are otherwise
 non-deterministic). ``train.stop_after`` stops a run early without changing its schedule.
+
+Parallelism (``mesh``): the batch is split over ``data`` x ``fsdp``; parameters and Adam moments
+are sharded by the logical-axis rules (``embed`` over ``fsdp``, ``vocab`` / ``heads`` / ``kv_heads``
+/ ``mlp`` over ``tensor``; :mod:`ttt_jax.train.mesh`), created directly in their shardings and
+checkpointed shard by shard. A checkpoint restores onto any mesh (Orbax reshards); the run then
+continues with the same values up to fp32 reduction order. ``mesh.context > 1`` is rejected for now.
 """
 
 from __future__ import annotations
@@ -143,6 +149,9 @@ def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sha
     abs_model, abs_opt = nnx.eval_shape(build)
     model_def, abs_model_state = nnx.split(abs_model)
     opt_def, abs_opt_state = nnx.split(abs_opt)
+    # Parameters and Adam moments (which inherit their parameter's logical axis names) are sharded
+    # by the logical rules (embed -> fsdp; vocab/heads/kv_heads/mlp -> tensor); counters, RNG keys
+    # replicated. Model first, so that a mesh that does not divide a shape names the parameter.
     model_sh = mesh_lib.state_shardings(abs_model_state, mesh)
     opt_sh = mesh_lib.state_shardings(abs_opt_state, mesh)
     batch_sh, scalar_sh = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
@@ -210,8 +219,12 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     preflight(cfg, tokenizer)
     mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh_lib.check_supported(mesh)
     global_batch = cfg.data.batch_size * jax.process_count()  # data.batch_size is per process
     mesh_lib.check_batch_divisible(global_batch, mesh)
+    # Shape-only: the parameter shardings are checked against the mesh (ValueError naming the
+    # parameter) before any data is read or anything is computed.
+    prog = _program(cfg.model, tcfg.seed, optimizer_fields(tcfg), mesh)
     is_main = jax.process_index() == 0
 
     run_dir = Path(tcfg.run_dir)
@@ -235,8 +248,7 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     for b in val_batches:
         _check_batch(b, cfg.model.vocab_size)
 
-    prog = _program(cfg.model, tcfg.seed, optimizer_fields(tcfg), mesh)
-    model_state, opt_state = prog.init()
+    model_state, opt_state = prog.init()  # created sharded (FSDP / tensor), never whole on one device
     # Entered after building the program: nnx.eval_shape under a mesh would read the parameters'
     # *logical* axis names as mesh axes (mapping them is the job of the rules in parallel/).
     stack.enter_context(jax.set_mesh(mesh))
