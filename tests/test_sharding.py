@@ -116,9 +116,22 @@ def test_indivisible_mesh_names_parameter_and_fix(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()   # nothing ran
 
 
-def test_context_axis_not_wired_yet(tmp_path):
-    with pytest.raises(ValueError, match=r"mesh\.context=2: context parallelism in the trainer is not wired yet"):
-        train(cfg(tmp_path / "run", "mesh.data=4", "mesh.context=2"))
+def test_context_parallel_training_matches_data_parallel(runs, tmp_path):
+    """mesh.context=2 (each row split into two 16-token halves = one TTT chunk per device, with ring
+    attention and the cross-device fast-weight scan) trains like data parallelism."""
+    _, rep, _ = runs
+    cp = train(cfg(tmp_path / "cp", "mesh.data=2", "mesh.fsdp=2", "mesh.context=2"))
+    assert cp.step == rep.step == 4
+    np.testing.assert_allclose(train_losses(cp), train_losses(rep), rtol=LOSS_RTOL)
+    np.testing.assert_allclose([v for _, v in cp.val_losses], [v for _, v in rep.val_losses], rtol=LOSS_RTOL)
+    assert_params_close(params(cp.model), params(rep.model))
+
+
+def test_context_layout_error(tmp_path):
+    # seq_len 32 over context=4 leaves 8 tokens per device, half a 16-token TTT chunk.
+    with pytest.raises(ValueError, match=r"data\.seq_len=32 must be a multiple of mesh\.context=4 x "
+                                         r"model\.ttt\.chunk_size=16"):
+        train(cfg(tmp_path / "run", "mesh.data=2", "mesh.context=4"))
 
 
 @needs_determinism

@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from parallel.attention import context_attention
 from ttt_jax.config import ModelConfig
+from ttt_jax.nn.context import AXIS, context_size, run_over_context
 from ttt_jax.nn.norm import RMSNorm
 from ttt_jax.nn.params import dense, make_param, normal_init
 from ttt_jax.nn.rope import apply_rope
@@ -73,5 +75,11 @@ class Attention(nnx.Module):
             k = self.k_norm(k)
         q = apply_rope(q, positions, theta=self.rope_theta)
         k = apply_rope(k, positions, theta=self.rope_theta)
-        out = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)
+        if context_size() > 1:
+            # Sequence split over the context axis: ring attention (full) or halo exchange (window).
+            def local(q, k, v, seg):
+                return context_attention(q, k, v, AXIS, segment_ids=seg, window=self.window)
+            out = run_over_context(local, (q, k, v), segment_ids=segment_ids)
+        else:
+            out = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)
         return dense(out, self.o[...], "bthk,hkd->btd", dt)

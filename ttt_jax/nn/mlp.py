@@ -27,7 +27,9 @@ from flax import nnx
 
 from ttt_jax.config import ModelConfig
 from ttt_jax.nn.params import dense, make_param, normal_init, zeros_init
+from ttt_jax.nn.context import AXIS, context_size, run_over_context
 from ttt_jax.ops import inplace_ttt, inplace_ttt_target
+from ttt_jax.ops.inplace_ttt_cp import inplace_ttt_sharded
 
 
 def _mlp_keys(rngs: nnx.Rngs) -> jax.Array:
@@ -115,5 +117,12 @@ class InPlaceTTTMLP(SwiGLUMLP):
         v = inplace_ttt_target(src.astype(dt), self.ttt_conv[...].astype(dt),
                                self.ttt_proj[...].astype(dt), chunk_size=self.chunk_size,
                                segment_ids=segment_ids)
-        return inplace_ttt(z, v, self.down[...].astype(dt), lr=self.lr, chunk_size=self.chunk_size,
+        w0 = self.down[...].astype(dt)
+        if context_size() > 1:
+            # Sequence split over the context axis: per-device scan + cross-device summary scan.
+            def local(z, v, w0, seg):
+                return inplace_ttt_sharded(z, v, w0, lr=self.lr, chunk_size=self.chunk_size,
+                                           axis_name=AXIS, segment_ids=seg, clip_tau=self.clip_tau)
+            return run_over_context(local, (z, v), (w0,), segment_ids)
+        return inplace_ttt(z, v, w0, lr=self.lr, chunk_size=self.chunk_size,
                            segment_ids=segment_ids, impl=self.impl, clip_tau=self.clip_tau)

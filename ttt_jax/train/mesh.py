@@ -3,7 +3,9 @@
 The mesh has the four axes ``("data", "fsdp", "tensor", "context")`` of :mod:`parallel.mesh`.
 
 * The global batch (``[B, T]`` arrays) is split over ``data`` x ``fsdp`` (:data:`BATCH_AXES`, the
-  ``batch`` rule of :data:`parallel.rules.DEFAULT_RULES`); the sequence is not split.
+  ``batch`` rule of :data:`parallel.rules.DEFAULT_RULES`) and the sequence over ``context``
+  (contiguous layout; the attention and In-Place TTT layers then run their context-parallel
+  collectives, see :mod:`ttt_jax.nn.context`).
 * Every NNX variable that carries logical axis names (``out_sharding`` metadata, see
   :mod:`ttt_jax.nn.params`) -- the parameters, and the Adam moments, which inherit the names of
   their parameter -- is placed by :data:`RULES`: ``embed`` over ``fsdp`` (ZeRO-3 style),
@@ -14,8 +16,8 @@ The mesh has the four axes ``("data", "fsdp", "tensor", "context")`` of :mod:`pa
   sizes that would fit (:func:`state_shardings`), raised before anything is computed.
 * Activations are left to XLA's sharding propagation (``Auto`` axes).
 
-``mesh.context > 1`` (the sequence split) is rejected by :func:`check_supported` until the trainer
-wires context parallelism.
+With ``mesh.context > 1``, :func:`check_supported` requires every device's part of a row to be a
+whole number of TTT chunks.
 """
 
 from __future__ import annotations
@@ -53,18 +55,20 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     return parallel_mesh.make_mesh(cfg.data, cfg.fsdp, cfg.tensor, cfg.context, devices=devices)
 
 
-def check_supported(mesh: Mesh) -> None:
-    """Raise a ``ValueError`` for mesh axes the trainer cannot use yet (``context`` > 1).
-
-    Without this check a ``context`` axis would only replicate the work: the batch is split over
-    ``data`` x ``fsdp`` and nothing splits the sequence.
-    """
+def check_supported(mesh: Mesh, seq_len: int, ttt_chunk: Optional[int]) -> None:
+    """Raise a ``ValueError`` unless rows of ``seq_len`` tokens split evenly over ``context``, into
+    whole TTT chunks per device when In-Place TTT is on (``ttt_chunk``), so that chunk boundaries
+    are those of the unsharded sequence."""
     n = mesh.shape["context"]
-    if n > 1:
+    if n == 1:
+        return
+    unit = n * (ttt_chunk or 1)
+    if seq_len % unit:
+        what = f"mesh.context={n} x model.ttt.chunk_size={ttt_chunk}" if ttt_chunk else f"mesh.context={n}"
         raise ValueError(
-            f"mesh.context={n}: context parallelism in the trainer is not wired yet (the sequence "
-            "would not be split, every context shard would repeat the same work); set "
-            "mesh.context=1 and use mesh.data / mesh.fsdp / mesh.tensor for the devices")
+            f"data.seq_len={seq_len} must be a multiple of {what} = {unit} for context parallelism "
+            "(each device holds a contiguous, whole-chunk part of every row); change data.seq_len, "
+            "mesh.context or model.ttt.chunk_size")
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -84,8 +88,8 @@ def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of ``[batch, seq, ...]`` arrays: batch over data x fsdp, the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+    """Sharding of ``[batch, seq]`` arrays: batch over data x fsdp, sequence over context."""
+    return NamedSharding(mesh, P(BATCH_AXES, "context" if mesh.shape["context"] > 1 else None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

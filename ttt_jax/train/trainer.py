@@ -219,7 +219,8 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     preflight(cfg, tokenizer)
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    mesh_lib.check_supported(mesh)
+    ttt_on = bool(cfg.model.ttt.layer_ids(cfg.model.n_layers))
+    mesh_lib.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None)
     global_batch = cfg.data.batch_size * jax.process_count()  # data.batch_size is per process
     mesh_lib.check_batch_divisible(global_batch, mesh)
     # Shape-only: the parameter shardings are checked against the mesh (ValueError naming the

@@ -1,0 +1,58 @@
+"""Context parallelism inside the layers: sequence-mixing ops run per device over ``context``.
+
+When the ambient mesh (``jax.set_mesh``) has a ``context`` axis of size ``n > 1``, the sequence
+dimension is split over it in the contiguous layout (device ``i`` holds positions
+``[i T/n, (i+1) T/n)``). Position-wise work (projections, norms, the MLP's gate/up, RoPE with global
+positions, the TTT target conv, whose chunks never cross a device boundary) needs nothing special:
+XLA partitions it. The two sequence-mixing ops run inside ``jax.shard_map`` with only ``context``
+manual (the other mesh axes stay automatic, so FSDP/TP sharding of weights and batch is unchanged):
+
+* attention: ring attention with online softmax (full causal) or a halo exchange of the left
+  neighbour's last ``window - 1`` keys/values (sliding window) -- :mod:`parallel.attention`;
+* In-Place TTT: per-device chunk scan, one cross-device exclusive scan of ``(a, B)`` summaries and
+  a local correction -- :mod:`ttt_jax.ops.inplace_ttt_cp`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+AXIS = "context"
+
+
+def context_size() -> int:
+    """Size of the ambient mesh's ``context`` axis (1 without a mesh or without the axis)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or getattr(mesh, "empty", False) or AXIS not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[AXIS])
+
+
+def run_over_context(fn: Callable, seq_args: tuple, replicated_args: tuple = (),
+                     segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    """Call ``fn(*seq_args, *replicated_args, segment_ids)`` per device inside ``shard_map``.
+
+    ``seq_args``: ``[B, T, ...]`` arrays split along ``T`` over ``context``; ``replicated_args``
+    (weights) whole on every context device; ``segment_ids``: ``[B, T]`` or ``None``. Returns the
+    ``[B, T, ...]`` result, split along ``T`` like the inputs.
+    """
+    n = context_size()
+    length = seq_args[0].shape[1]
+    if length % n:
+        raise ValueError(f"sequence length {length} is not divisible by mesh.context={n}; "
+                         "change data.seq_len or mesh.context")
+    seq = P(None, AXIS)
+    if segment_ids is None:
+        def call(*args):
+            return fn(*args, None)
+        args = (*seq_args, *replicated_args)
+        specs = (seq,) * len(seq_args) + (P(),) * len(replicated_args)
+    else:
+        call = fn
+        args = (*seq_args, *replicated_args, segment_ids)
+        specs = (seq,) * len(seq_args) + (P(),) * len(replicated_args) + (seq,)
+    mapped = jax.shard_map(call, in_specs=specs, out_specs=seq, axis_names=frozenset({AXIS}))
+    return mapped(*args)
