@@ -368,6 +368,10 @@ class CausalLM(nnx.Module):
             raise ValueError(f"positions must be [B, T] = {(b, t)}, got {tuple(positions.shape)}")
 
         x0 = self.embed_tokens(tokens)
+        # Only In-Place TTT layers with target_source="embeddings" read x0; otherwise it is not
+        # passed into the (rematerialised / scanned) blocks, where it would be saved per layer.
+        needs_x0 = bool(cfg.ttt.layer_ids(cfg.n_layers)) and cfg.ttt.target_source == "embeddings"
+        x0_arg = x0 if needs_x0 else None
 
         def run_block(block, x, x0, positions, segment_ids):
             return block(x, x0=x0, positions=positions, segment_ids=segment_ids)
@@ -383,11 +387,11 @@ class CausalLM(nnx.Module):
                     x = run_block(block, x, x0, positions, segment_ids)
                 return x
 
-            x = run_group(self.layers, x0, x0, positions, segment_ids)
+            x = run_group(self.layers, x0, x0_arg, positions, segment_ids)
         else:
             x = x0
             for block in self.layers:
-                x = run_block(block, x, x0, positions, segment_ids)
+                x = run_block(block, x, x0_arg, positions, segment_ids)
         return self.final_norm(x)
 
 
