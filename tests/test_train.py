@@ -222,3 +222,45 @@ def test_killed_process_resumes_to_identical_parameters(tmp_path):
     assert resumed.step == 60
     for a, b in zip(params_of(straight.model), params_of(resumed.model)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_current_step_and_resume_is_exact(tmp_path, signame):
+    """SIGTERM/SIGINT mid-run: the step in flight is checkpointed, the process exits with status 4,
+    and the same command resumes to bitwise the parameters of an uninterrupted run (CPU)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("bitwise reproducibility is a CPU guarantee (see README)")
+    # No periodic checkpoints: only the signal's checkpoint (and the final one) can exist.
+    extra = ["train.steps=60", "train.checkpoint_every=1000", "train.eval_every=30", "train.log_every=1"]
+    straight = train(toy(tmp_path, *extra, name="straight"))
+    run_dir = tmp_path / "signalled"
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy(tmp_path, *extra, name="signalled").to_dict()))
+    cmd = [sys.executable, "-m", "ttt_jax.cli", "train", str(tmp_path / "toy.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and len(records(metrics, "train")) >= 3):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "training did not start within 240 s"
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, signame))
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 4, err[-2000:]
+    ck = Checkpointer(run_dir / "checkpoints", keep=3)
+    steps = ck.all_steps()
+    ck.close()
+    assert len(steps) == 1 and 3 <= steps[0] < 60, steps
+    assert f"saved {run_dir / 'checkpoints' / str(steps[0])}" in err
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = train(toy(tmp_path, *extra, name="signalled"))   # restores the final checkpoint
+    assert resumed.step == 60
+    for a, b in zip(params_of(straight.model), params_of(resumed.model)):
+        np.testing.assert_array_equal(a, b)

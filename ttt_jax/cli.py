@@ -8,7 +8,9 @@
 CONFIG is a path or the name of a preset in ``configs/`` (``tiny``, ``small``, ``qwen3_4b_shape``).
 Overrides use dotted keys and YAML values: ``train.steps=200 model.ttt.layers=[0,2] train.peak_tflops=null``.
 Errors a user can fix (bad key or value, data/checkpoint mismatch) print one ``error: ...`` line and
-exit with status 2; a diverged run (non-finite loss) exits with status 3.
+exit with status 2; a diverged run (non-finite loss) exits with status 3; SIGTERM or SIGINT
+finishes the step in flight, writes a checkpoint of it and exits with status 4 (run the same command
+again to resume).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ttt_jax.config import Config, ConfigError, load_config
 
 EXIT_USAGE = 2       # bad config / arguments / data / checkpoint
 EXIT_DIVERGED = 3    # training stopped on a non-finite loss
+EXIT_INTERRUPTED = 4  # SIGTERM/SIGINT: the current step was checkpointed; the same command resumes
 
 _RESERVED = {
     "generate": "sample text from a trained checkpoint",
@@ -68,7 +71,7 @@ def _cmd_train(cfg: Config) -> int:
     import jax  # deferred: `ttt-jax config` and `--help` should not pay for initialising JAX
 
     from parallel.mesh import maybe_initialize_distributed
-    from ttt_jax.train.trainer import NonFiniteLossError, train
+    from ttt_jax.train.trainer import NonFiniteLossError, TrainingInterrupted, train
 
     # Before any other JAX call: joins the other processes when a multi-host launcher started us
     # (no-op on one host).
@@ -84,6 +87,9 @@ def _cmd_train(cfg: Config) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if result.val_losses:
         curve = ", ".join(f"{s}: {v:.3f}" for s, v in result.val_losses)
         say(f"validation loss (nats/token) by step: {curve}")

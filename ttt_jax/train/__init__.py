@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError"]
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "TrainingInterrupted"]
 
 
 def __getattr__(name: str) -> Any:

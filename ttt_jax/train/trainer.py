@@ -28,6 +28,8 @@ import dataclasses
 import functools
 import itertools
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -51,6 +53,44 @@ from ttt_jax.train.steps import jit_eval_step, jit_train_step, make_eval_step, m
 class NonFiniteLossError(RuntimeError):
     """The training loss (or gradient norm) became NaN/inf. No checkpoint of the bad state is
     written; the last good checkpoint (if any) is left as it was."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM / SIGINT arrived: the step in flight finished, a checkpoint of it was written (and
+    waited for), and training stopped. Running the same command again resumes from it."""
+
+    def __init__(self, step: int, checkpoint: Path, signame: str):
+        super().__init__(f"{signame} received: stopped after step {step} and saved {checkpoint}; "
+                         "run the same command again to resume")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class _StopSignals:
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps (main thread only; other
+    threads keep the default handlers). A second signal of the same kind is not caught again."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))   # a second one acts at once
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 @dataclasses.dataclass
@@ -209,6 +249,7 @@ def train(cfg: Config, *, log: Optional[Callable[[str], None]] = None) -> TrainR
     Raises:
       ValueError: a config / data / checkpoint problem, found before any training step.
       NonFiniteLossError: the loss diverged; the run stops without checkpointing the bad state.
+      TrainingInterrupted: SIGTERM/SIGINT; the current step was finished and checkpointed.
     """
     with contextlib.ExitStack() as stack:
         return _train(cfg, _Log(log), stack)
@@ -316,6 +357,7 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
         interval.restart(step)
 
     end = tcfg.stop_after if tcfg.stop_after is not None else tcfg.steps
+    stop = stack.enter_context(_StopSignals())
     if start == 0:
         evaluate(0)
     for step in range(start + 1, end + 1):
@@ -338,10 +380,14 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
             flush(step)
             evaluate(step)
             interval.restart(step)
-        if step % tcfg.checkpoint_every == 0 or is_last:
+        if step % tcfg.checkpoint_every == 0 or is_last or stop.received:
             flush(step)  # never checkpoint a state whose loss was not checked finite
             ckpt.save(step, model_state, opt_state, train_it.get_state(), cfg.to_dict())
             interval.restart(step)
+        if stop.received and not is_last:
+            ckpt.wait()
+            say(f"{stop.received}: checkpoint of step {step} written; stopping")
+            raise TrainingInterrupted(step, ckpt.directory / str(step), stop.received)
     if start >= end:
         say(f"{run_dir} is already trained to step {start} (train.steps={tcfg.steps}, "
             f"train.stop_after={tcfg.stop_after}); raise train.steps to continue")
