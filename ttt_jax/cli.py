@@ -27,12 +27,28 @@ EXIT_USAGE = 2       # bad config / arguments / data / checkpoint
 EXIT_DIVERGED = 3    # training stopped on a non-finite loss
 EXIT_INTERRUPTED = 4  # SIGTERM/SIGINT: the current step was checkpointed; the same command resumes
 
-_RESERVED = {
-    "generate": "sample text from a trained checkpoint",
-    "eval": "sliding-window perplexity and synthetic long-context tasks",
-    "convert": "Hugging Face safetensors <-> ttt-jax checkpoints",
-    "bench": "speed and memory benchmarks",
+# Subcommands that live in their own modules. Each module defines ``add_arguments(parser)`` and
+# ``run(args) -> int`` (an exit status); it is imported only when its command runs or `--help` asks,
+# so `ttt-jax config` never pays for transformers, matplotlib or a JAX backend.
+_SUBCOMMANDS = {
+    "generate": ("ttt_jax.infer.cli", "sample text from a trained or converted checkpoint"),
+    "eval": ("ttt_jax.eval.cli", "sliding-window perplexity and synthetic long-context tasks"),
+    "convert": ("ttt_jax.convert.cli", "Hugging Face safetensors <-> ttt-jax checkpoints"),
+    "bench": ("ttt_jax.bench.cli", "speed and memory benchmarks"),
 }
+
+
+def _subcommand_module(name: str):
+    """The module implementing subcommand ``name``, or None while it is not part of this version."""
+    import importlib
+
+    module_name = _SUBCOMMANDS[name][0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and module_name.startswith(e.name):
+            return None
+        raise
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,9 +58,13 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", metavar="CONFIG", help="YAML file or preset name (e.g. tiny)")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    for name, help_ in _RESERVED.items():
-        sp = sub.add_parser(name, help=f"{help_} (not yet implemented)")
-        sp.add_argument("args", nargs=argparse.REMAINDER)
+    for name, (_, help_) in _SUBCOMMANDS.items():
+        module = _subcommand_module(name)
+        if module is None:
+            sp = sub.add_parser(name, help=f"{help_} (not yet implemented)")
+            sp.add_argument("args", nargs=argparse.REMAINDER)
+        else:
+            module.add_arguments(sub.add_parser(name, help=help_, description=help_))
     return p
 
 
@@ -105,10 +125,17 @@ def _cmd_train(cfg: Config) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``ttt-jax`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    if args.command in _RESERVED:
-        print(f"error: `ttt-jax {args.command}` ({_RESERVED[args.command]}) is not yet implemented in "
-              "this version; see README", file=sys.stderr)
-        return EXIT_USAGE
+    if args.command in _SUBCOMMANDS:
+        module = _subcommand_module(args.command)
+        if module is None:
+            print(f"error: `ttt-jax {args.command}` ({_SUBCOMMANDS[args.command][1]}) is not yet "
+                  "implemented in this version; see README", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            return module.run(args)
+        except (ConfigError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
