@@ -448,3 +448,8 @@ def load_config(name_or_path: str | Path | None = None, overrides: Sequence[str]
 def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     """Return ``cfg`` with fields changed, e.g. ``replace(cfg, model={"n_layers": 2})``; validated."""
     return config_from_dict(_merge(cfg.to_dict(), sections))
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """``cfg`` with ``key=value`` overrides applied (as on the command line); validated."""
+    return config_from_dict(_merge(cfg.to_dict(), parse_overrides(overrides)))
