@@ -91,6 +91,16 @@ class ModelConfig:
     explicit ``ttt.layers`` list must be evenly spaced in the same way), without it 1; the attention
     window of layer ``i`` must depend only on ``i % period``. A non-periodic structure is rejected
     when the model is built. The stacked parameter tree is described in :mod:`ttt_jax.models.lm`.
+
+    ``context_layout`` is how a row is split over ``mesh.context`` devices (ignored without context
+    parallelism). ``"contiguous"``: device ``i`` holds the ``i``-th ``T / n`` tokens; causal attention
+    then gives the last device the most work. ``"zigzag"`` (load-balanced): the row is cut into
+    ``2n`` segments and device ``i`` holds segments ``i`` and ``2n - 1 - i``, so every device does the
+    same attention work; the trainer permutes each batch on the host (positions travel with it),
+    the In-Place TTT scan still combines the segments' summaries in position order, and the loss is
+    a sum over tokens, so results equal the contiguous layout's. Zigzag needs full attention on
+    every layer (sliding-window attention is balanced already and uses the contiguous halo
+    exchange) and ``T / (2n)`` a multiple of the TTT chunk size.
     """
 
     vocab_size: int = 259
@@ -113,6 +123,7 @@ class ModelConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     remat: bool = False
     scan_layers: bool = False
+    context_layout: Literal["contiguous", "zigzag"] = "contiguous"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
 
     @property
@@ -146,6 +157,10 @@ class ModelConfig:
                f"layer indices in [0, {self.n_layers})")
         _check(isinstance(self.scan_layers, bool), "model.scan_layers", self.scan_layers,
                "true or false")
+        swa = [i for i in range(self.n_layers) if self.layer_window(i)]
+        _check(self.context_layout == "contiguous" or not swa, "model.context_layout",
+               self.context_layout, f"'contiguous' while layers {swa} use sliding-window attention "
+               "(their halo exchange needs the contiguous layout; their work is balanced already)")
         self.ttt.validate(self.n_layers)
 
 

@@ -209,11 +209,11 @@ def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sha
     return _Program(model_def, opt_def, model_sh, opt_sh, batch_sh, scalar_sh, init, step, eval_)
 
 
-def _eval(eval_fn, model_state, batches, batch_sh) -> float:
+def _eval(eval_fn, model_state, batches, batch_sh, layout: str = "contiguous") -> float:
     """Mean NLL per token over ``batches`` (token-weighted across batches)."""
     total, count = 0.0, 0.0
     for b in batches:
-        nll, n = eval_fn(model_state, mesh_lib.put_batch(b, batch_sh))
+        nll, n = eval_fn(model_state, mesh_lib.put_batch(b, batch_sh, layout))
         total, count = total + nll, count + n   # device scalars: one sync at the end
     total, count = jax.device_get((total, count))
     return float(total) / max(float(count), 1.0)
@@ -261,7 +261,8 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     preflight(cfg, tokenizer)
     mesh = mesh_lib.make_mesh(cfg.mesh)
     ttt_on = bool(cfg.model.ttt.layer_ids(cfg.model.n_layers))
-    mesh_lib.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None)
+    mesh_lib.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
+                             cfg.model.context_layout)
     global_batch = cfg.data.batch_size * jax.process_count()  # data.batch_size is per process
     mesh_lib.check_batch_divisible(global_batch, mesh)
     # Shape-only: the parameter shardings are checked against the mesh (ValueError naming the
@@ -322,7 +323,7 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     interval = _Interval(start)
 
     def evaluate(step: int) -> None:
-        loss = _eval(prog.eval, model_state, val_batches, prog.batch_sh)
+        loss = _eval(prog.eval, model_state, val_batches, prog.batch_sh, cfg.model.context_layout)
         val_losses.append((step, loss))
         writer.write({"kind": "eval", "step": step, "val_loss": loss})
         say(f"step {step}: validation loss {loss:.4f}")
@@ -367,7 +368,8 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
             raise ValueError(f"the training data ran out at step {step}; add data or lower train.steps") from None
         _check_batch(host_batch, cfg.model.vocab_size)
         model_state, opt_state, metrics = prog.step(model_state, opt_state,
-                                                  mesh_lib.put_batch(host_batch, prog.batch_sh))
+                                                  mesh_lib.put_batch(host_batch, prog.batch_sh,
+                                                                    cfg.model.context_layout))
         interval.pending.append((step, metrics))
         if step == start + 1:
             # Exclude compilation from throughput: the clock starts when the first step is done.
