@@ -63,18 +63,26 @@ def _truncate(step_dir):
 
 
 def _garble(step_dir):
-    # Flip bits in the stored array data: TensorStore reads this back without an error, only the
-    # recorded checksums can tell.
-    f = _largest_array_file(step_dir)
-    data = bytearray(f.read_bytes())
-    for i in range(len(data) // 3, len(data) // 3 + 16):
-        data[i] ^= 0x24
-    f.write_bytes(bytes(data))
+    """Flip bits all over every stored data file of the arrays (compressed chunks, index nodes)."""
+    for f in (p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"):
+        data = bytearray(f.read_bytes())
+        for i in range(len(data) // 7, len(data), 97):
+            data[i] ^= 0x24
+        f.write_bytes(bytes(data))
+
+
+def _swap_arrays(step_dir, other_step_dir):
+    """Replace the stored arrays with those of another step: a well-formed checkpoint whose values
+    silently changed on disk (as bit rot inside a compressed chunk can do). Only the recorded
+    checksums can tell."""
+    shutil.rmtree(step_dir / "state")
+    shutil.copytree(other_step_dir / "state", step_dir / "state")
 
 
 CORRUPTIONS = {
     "truncated array file": _truncate,
     "garbled array bytes": _garble,
+    "arrays silently changed": lambda d: _swap_arrays(d, d.parent / "1"),
     "array files deleted": lambda d: [shutil.rmtree(p) for p in (d / "state").rglob("d") if p.is_dir()],
     "meta record deleted": lambda d: (d / "meta" / "metadata").unlink(),
     "meta record garbled": lambda d: (d / "meta" / "metadata").write_text('{"step": 3, "conf'),
@@ -105,9 +113,10 @@ def test_corrupt_newest_step_is_skipped_with_a_warning(tmp_path, how):
 
 
 def test_every_step_corrupt_leaves_none_and_warns_for_each(tmp_path):
-    _write(tmp_path, [1, 2])
-    _garble(tmp_path / "1")
+    _write(tmp_path, [1, 2, 3])
+    _swap_arrays(tmp_path / "1", tmp_path / "3")
     (tmp_path / "2" / "meta" / "metadata").unlink()
+    shutil.rmtree(tmp_path / "3")
     warned = []
     ck = Checkpointer(tmp_path, keep=5, warn=warned.append)
     assert ck.restore_latest(*_fresh(), CONFIG) is None
@@ -118,7 +127,7 @@ def test_every_step_corrupt_leaves_none_and_warns_for_each(tmp_path):
 
 def test_explicit_restore_of_a_corrupt_step_raises_naming_it(tmp_path):
     _write(tmp_path, [1, 2])
-    _garble(tmp_path / "2")
+    _swap_arrays(tmp_path / "2", tmp_path / "1")
     ck = Checkpointer(tmp_path, keep=5)
     with pytest.raises(CheckpointCorruptError, match=rf"checkpoint {tmp_path / '2'} is corrupt: .*kernel"):
         ck.restore(2, *_fresh(), CONFIG)
@@ -296,11 +305,13 @@ def test_load_model_skips_unreadable_steps_and_verifies_arrays(tmp_path):
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg.model, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(0)
     model = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), abstract))
-    save_model(tmp_path / "m", model, cfg, step=1)
-    save_model(tmp_path / "m", model, cfg, step=2)
-    (tmp_path / "m" / "checkpoints" / "2" / "meta" / "metadata").write_text("{")
-    with pytest.warns(UserWarning, match=r"checkpoints/2 has no readable 'meta' record; skipped"):
-        assert resolve_checkpoint(tmp_path / "m")[1] == 1
-    _garble(tmp_path / "m" / "checkpoints" / "1")
+    for step in (1, 2, 3):
+        save_model(tmp_path / "m", model, cfg, step=step)
+        nnx.update(model, jax.tree.map(lambda x: x + 1, nnx.state(model, nnx.Param)))   # other values
+    ckdir = tmp_path / "m" / "checkpoints"
+    (ckdir / "3" / "meta" / "metadata").write_text("{")
+    with pytest.warns(UserWarning, match=r"checkpoints/3 has no readable 'meta' record; skipped"):
+        assert resolve_checkpoint(tmp_path / "m")[1] == 2
+    _swap_arrays(ckdir / "1", ckdir / "2")
     with pytest.raises(CheckpointCorruptError, match=r"checkpoints/1 is corrupt: .*do not match the checksums"):
         load_model(tmp_path / "m", step=1)
