@@ -23,8 +23,11 @@ import pytest
 from flax import nnx
 
 from ttt_jax.train.checkpoint import (CORRUPT_SUFFIX, TMP_MARKER, CheckpointCorruptError, Checkpointer,
-                                      CheckpointWriteError, load_model, resolve_checkpoint, save_model,
-                                      state_checksums)
+                                      CheckpointWriteError, NonFiniteStateError, load_model,
+                                      resolve_checkpoint, save_model, state_checksums)
+
+# A failed read leaves Orbax's pending read coroutines to be collected; harmless.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 CONFIG = {"model": {"d_model": 4}, "data": {}}
 
@@ -154,6 +157,19 @@ def test_checksums_do_not_depend_on_sharding():
     assert a == b
     assert state_checksums({"x": x.at[3, 4].add(1e-6)})["x"] != a["x"]
     assert state_checksums({"x": x.T.reshape(16, 12)})["x"] != a["x"]   # same values, other order
+
+
+def test_a_state_with_nan_or_inf_is_never_written(tmp_path):
+    model_state, opt_state = _states(1)
+    bad = nnx.to_pure_dict(model_state)
+    bad["kernel"] = bad["kernel"].at[3, 5].set(jnp.inf)
+    nnx.replace_by_pure_dict(model_state, bad)
+    ck = Checkpointer(tmp_path, keep=5)
+    with pytest.raises(NonFiniteStateError, match=r"state of step 1 holds non-finite values in 1 array\(s\): "
+                                                  r"model\.kernel"):
+        ck.save(1, model_state, opt_state, data_state={}, config=CONFIG)
+    ck.close()
+    assert ck.all_steps() == []
 
 
 # --- A writer killed while saving -------------------------------------------------------------------

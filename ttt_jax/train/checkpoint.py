@@ -69,6 +69,15 @@ class CheckpointCorruptError(ValueError):
         self.path, self.reason = path, reason
 
 
+class NonFiniteStateError(ValueError):
+    """A state to be checkpointed holds NaN/inf values (``arrays`` names them); it is not written."""
+
+    def __init__(self, step: int, arrays: list[str]):
+        super().__init__(f"the state of step {step} holds non-finite values in {len(arrays)} array(s): "
+                         + ", ".join(arrays[:5]) + (" ..." if len(arrays) > 5 else ""))
+        self.arrays = arrays
+
+
 class CheckpointWriteError(OSError, ValueError):
     """A checkpoint cannot be written for lack of disk space (or quota); the message names the
     directory and its free space. An ``OSError`` with ``errno`` ENOSPC, and a ``ValueError`` so
@@ -188,9 +197,10 @@ def _as_u32(x: jax.Array) -> jax.Array:
 
 
 def _leaf_checksum(x: jax.Array) -> jax.Array:
-    """``[2]`` uint32: the sum of the bit patterns and their sum weighted by ``2 * flat_index + 1``,
-    both mod 2**32. Integer sums are exact and order-free, so the result does not depend on how the
-    array is sharded; any single changed element changes both, a swap changes the second."""
+    """``[3]`` uint32: the sum of the bit patterns and their sum weighted by ``2 * flat_index + 1``,
+    both mod 2**32, and 1 if every element is finite (else 0). Integer sums are exact and
+    order-free, so the result does not depend on how the array is sharded; any single changed
+    element changes both sums, a swap changes the second."""
     u = _as_u32(x)
     # Flat row-major index built from per-axis iotas (partitions like the array; no reshape).
     idx = jnp.zeros(u.shape, jnp.uint32)
@@ -199,7 +209,9 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
         idx = idx + jax.lax.broadcasted_iota(jnp.uint32, u.shape, axis) * jnp.uint32(stride % 2 ** 32)
         stride *= u.shape[axis]
     weight = idx * jnp.uint32(2) + jnp.uint32(1)
-    return jnp.stack([jnp.sum(u, dtype=jnp.uint32), jnp.sum(u * weight, dtype=jnp.uint32)])
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+    return jnp.stack([jnp.sum(u, dtype=jnp.uint32), jnp.sum(u * weight, dtype=jnp.uint32),
+                      finite.astype(jnp.uint32)])
 
 
 _checksums_jit = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
@@ -210,11 +222,16 @@ def _host_value(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x) if x.is_fully_addressable else x.addressable_data(0))
 
 
+def _checksums_and_finite(tree: Any) -> tuple[dict[str, str], list[str]]:
+    sums = {k: _host_value(s) for k, s in _flatten(_checksums_jit(tree)).items()}
+    return ({k: f"{int(v[0]):08x}{int(v[1]):08x}" for k, v in sums.items()},
+            sorted(k for k, v in sums.items() if not v[2]))
+
+
 def state_checksums(tree: Any) -> dict[str, str]:
     """``{"model.embed.embedding": "1a2b3c4d5e6f7081", ...}`` for a nested dict of arrays (computed
-    on the devices where the arrays live; only ``2 x 4`` bytes per array reach the host)."""
-    sums = _checksums_jit(tree)
-    return {k: "".join(f"{int(v):08x}" for v in _host_value(s)) for k, s in _flatten(sums).items()}
+    on the devices where the arrays live; only ``3 x 4`` bytes per array reach the host)."""
+    return _checksums_and_finite(tree)[0]
 
 
 def state_nbytes(tree: Any) -> int:
@@ -343,14 +360,17 @@ class Checkpointer:
         copied off the device, so the caller may donate/overwrite them; writing may continue in the
         background until :meth:`wait`. ``extra_meta`` (JSON) is stored in the ``meta`` record.
 
-        Raises :class:`CheckpointWriteError` when the disk lacks the space (checked first) or the
-        writer reports a full disk (possibly that of an earlier, background save).
+        Raises :class:`NonFiniteStateError` (nothing written) when an array holds NaN/inf, and
+        :class:`CheckpointWriteError` when the disk lacks the space (checked first) or the writer
+        reports a full disk (possibly that of an earlier, background save).
         """
         state = {"model": _to_saveable(nnx.to_pure_dict(model_state)),
                  "optimizer": _to_saveable(nnx.to_pure_dict(opt_state))}
         self.check_free_space(state_nbytes(state))
-        meta = {"step": int(step), "config": config, "checksums": state_checksums(state),
-                **(extra_meta or {})}
+        checksums, nonfinite = _checksums_and_finite(state)   # one pass on the devices
+        if nonfinite:
+            raise NonFiniteStateError(step, nonfinite)
+        meta = {"step": int(step), "config": config, "checksums": checksums, **(extra_meta or {})}
         try:
             self._mngr.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),

@@ -43,7 +43,7 @@ from ttt_jax.data import load_tokenizer, make_batches
 from ttt_jax.models.flops import flops_per_token
 from ttt_jax.models.lm import CausalLM, check_tokens, count_params
 from ttt_jax.train import mesh as mesh_lib
-from ttt_jax.train.checkpoint import Checkpointer, CheckpointCorruptError, state_nbytes
+from ttt_jax.train.checkpoint import Checkpointer, CheckpointCorruptError, NonFiniteStateError, state_nbytes
 from ttt_jax.train.metrics import MetricsWriter, peak_tflops_per_device, throughput
 from ttt_jax.train.optim import learning_rate_schedule, make_optimizer, optimizer_fields
 from ttt_jax.train.steps import jit_eval_step, jit_train_step, make_eval_step, make_train_step
@@ -425,8 +425,14 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
                 # last good checkpoint out (train.keep_checkpoints) before the limit stops it.
                 say(f"step {step}: checkpoint deferred (the latest update was skipped as non-finite)")
             else:
-                ckpt.save(step, model_state, opt_state, train_it.get_state(), cfg.to_dict(),
-                          extra_meta={"nonfinite_skipped": skipped_total})
+                try:
+                    ckpt.save(step, model_state, opt_state, train_it.get_state(), cfg.to_dict(),
+                              extra_meta={"nonfinite_skipped": skipped_total})
+                except NonFiniteStateError as e:
+                    # Finite losses so far, but an update overflowed: never checkpoint it.
+                    raise NonFiniteLossError(f"{e}; not checkpointed. " + last_good()
+                                             + "Lower train.learning_rate or raise train.warmup_steps, "
+                                             "then resume") from e
             interval.restart(step)
         if stop.received and not is_last:
             ckpt.wait()
