@@ -210,6 +210,13 @@ class TrainConfig:
 
     ``stop_after`` ends this invocation after that many total steps (with a checkpoint) while the
     schedule stays defined by ``steps``: a long run split over time-limited jobs resumes exactly.
+
+    ``on_nonfinite``: what a step with a NaN/inf loss or gradient norm does. ``skip`` (default):
+    its update is not applied (parameters, Adam moments and the optimizer's step counter stay as
+    they were; the batch is consumed), the step is counted and logged, and the run stops once more
+    than ``max_nonfinite_steps`` updates have been skipped in total. ``stop``: the run stops at the
+    first one. Either way no checkpoint is written right after a skipped update, so the last good
+    checkpoint stays intact.
     """
 
     steps: int = 1000
@@ -233,6 +240,8 @@ class TrainConfig:
     tensorboard: bool = True
     peak_tflops: Optional[float] = None
     stop_after: Optional[int] = None
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite_steps: int = 10
 
     def validate(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
@@ -249,6 +258,10 @@ class TrainConfig:
                "null (look up the device) or a positive number")
         _check(self.stop_after is None or 1 <= self.stop_after <= self.steps, "train.stop_after",
                self.stop_after, f"null or an integer in [1, train.steps={self.steps}]")
+        _check(self.on_nonfinite in ("skip", "stop"), "train.on_nonfinite", self.on_nonfinite,
+               "'skip' or 'stop'")
+        _check(isinstance(self.max_nonfinite_steps, int) and self.max_nonfinite_steps >= 0,
+               "train.max_nonfinite_steps", self.max_nonfinite_steps, "an integer >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
