@@ -267,3 +267,19 @@ def test_errors_name_the_problem(tmp_path):
         load_hf(broken)
     with pytest.raises(ValueError, match="config.json not found"):
         load_hf(tmp_path / "nowhere")
+
+
+def test_load_onto_a_mesh_places_each_shard(tmp_path):
+    from ttt_jax.config import MeshConfig
+    from ttt_jax.train.mesh import make_mesh
+
+    path, _ = _save_hf(tmp_path, "llama_untied_llama3_sharded")
+    ttt = ttt_config(layers=[1], chunk_size=8)
+    _, ref = load_hf(path, ttt=ttt, compute_dtype="float32")
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    _, model = load_hf(path, ttt=ttt, compute_dtype="float32", mesh=mesh)
+    q = model.layers[0].attn.q[...]
+    assert q.sharding.mesh.shape == mesh.shape and len(q.sharding.device_set) == 8
+    assert q.addressable_shards[0].data.shape == (32, 2, 16)       # embed / fsdp, heads / tensor
+    a, b = nnx.to_pure_dict(nnx.state(ref, nnx.Param)), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)

@@ -84,22 +84,24 @@ def _plan(ckpt: SafetensorsCheckpoint, maps: list[TensorMap], *, new_ttt: bool, 
     return present
 
 
-def _set(state: Any, path: tuple, value: jax.Array) -> None:
-    node = state
-    for key in path[:-1]:
-        node = node[key]
-    leaf = node[path[-1]]
-    if isinstance(leaf, nnx.Variable):
-        leaf.set_value(value)
-    else:
-        node[path[-1]] = value
+def _flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
+    """Nested dict -> ``{path tuple: leaf}``."""
+    if isinstance(tree, dict):
+        out: dict[tuple, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, prefix + (k,)))
+        return out
+    return {prefix: tree}
 
 
-def _get(state: Any, path: tuple) -> Any:
-    node = state
-    for key in path:
-        node = node[key]
-    return node
+def _unflatten(flat: dict[tuple, Any]) -> dict:
+    root: dict = {}
+    for path, v in flat.items():
+        node = root
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return root
 
 
 def load_hf(src: str | Path, *, ttt: Optional[TTTConfig] = None, param_dtype: str = "float32",
@@ -138,16 +140,24 @@ def load_hf(src: str | Path, *, ttt: Optional[TTTConfig] = None, param_dtype: st
     def build():
         return CausalLM(mcfg, rngs=nnx.Rngs(seed))
 
+    graphdef, abs_state = nnx.split(nnx.eval_shape(build))
+    abs_flat = _flatten(nnx.to_pure_dict(abs_state))
     if mesh is None:
-        graphdef, state = nnx.split(build())
-        shardings = None
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = {p: dev for p in abs_flat}
     else:
-        graphdef, abs_state = nnx.split(nnx.eval_shape(build))
-        shardings = mesh_lib.state_shardings(abs_state, mesh)
-        # Created directly in its shardings: never whole on one device.
-        state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
-    # The initial values are overwritten tensor by tensor below, except those of parameters the
-    # checkpoint does not hold (new TTT layers).
+        shardings = _flatten(nnx.to_pure_dict(mesh_lib.state_shardings(abs_state, mesh)))
+    values: dict[tuple, Any] = {}
+    # Parameters the checkpoint does not hold (new TTT layers) get their initial values from one
+    # compiled initialisation of which XLA keeps only those outputs (the rest is dead code).
+    fresh = [p for p in abs_flat if p not in {m.path for m in plan}]
+    if identity_proj:
+        fresh = [p for p in fresh if p[-1] != "ttt_proj"]
+    if fresh:
+        def init_fresh():
+            flat = _flatten(nnx.to_pure_dict(nnx.state(build())))
+            return [flat[p] for p in fresh]
+        values.update(zip(fresh, jax.jit(init_fresh, out_shardings=[shardings[p] for p in fresh])()))
     dtype = jax.numpy.dtype(param_dtype)
     it = plan
     if progress:
@@ -157,23 +167,18 @@ def load_hf(src: str | Path, *, ttt: Optional[TTTConfig] = None, param_dtype: st
         arr = np.asarray(m.to_ours(ckpt.get(m.hf_name))).astype(dtype)
         if tuple(arr.shape) != tuple(m.shape):   # a mapping bug, not a user error
             raise AssertionError(f"{m.hf_name} mapped to shape {arr.shape}, expected {m.shape}")
-        if shardings is None:
-            value = jax.device_put(arr)
-        else:
-            sh = _get(shardings, m.path)
-            sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
-            value = jax.make_array_from_callback(arr.shape, sh, lambda idx, a=arr: a[idx])
-        _set(state, m.path, value)
+        # Each device receives only its own slice of the (memory-mapped) tensor.
+        values[m.path] = jax.make_array_from_callback(arr.shape, shardings[m.path],
+                                                      lambda idx, a=arr: a[idx])
         del arr
-    if identity_proj:
-        for m in tensor_maps(mcfg):
-            if m.hf_name.endswith("ttt_proj.weight"):   # official ttt_proj=false: V = conv(t)
+    if identity_proj:   # official ttt_proj=false: V = conv(t), i.e. the identity projection
+        for p in abs_flat:
+            if p[-1] == "ttt_proj":
                 eye = np.eye(mcfg.d_model, dtype=dtype)
-                leaf = _get(state, m.path)
-                old = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-                _set(state, m.path, jax.device_put(eye, old.sharding))
+                values[p] = jax.make_array_from_callback(eye.shape, shardings[p], lambda idx: eye[idx])
+    nnx.replace_by_pure_dict(abs_state, _unflatten(values))
     ckpt.close()
-    return cfg, nnx.merge(graphdef, state)
+    return cfg, nnx.merge(graphdef, abs_state)
 
 
 def convert_hf(src: str | Path, out: str | Path, **kwargs: Any) -> Path:
