@@ -244,6 +244,12 @@ class TrainConfig:
 
     ``stop_after`` ends this invocation after that many total steps (with a checkpoint) while the
     schedule stays defined by ``steps``: a long run split over time-limited jobs resumes exactly.
+
+    ``init_from``: warm start (continual training). A fresh run (no checkpoint in ``run_dir`` yet)
+    takes its initial model parameters from this checkpoint -- a converted Hugging Face model
+    (``ttt-jax convert hf``) or any run -- instead of a random init; optimizer, step and data start
+    fresh. In-Place TTT parameters the checkpoint lacks start at their init. Ignored once ``run_dir``
+    holds a checkpoint of its own (resuming). See :mod:`ttt_jax.train.warm_start`.
     """
 
     steps: int = 1000
@@ -267,6 +273,7 @@ class TrainConfig:
     tensorboard: bool = True
     peak_tflops: Optional[float] = None
     stop_after: Optional[int] = None
+    init_from: Optional[str] = None
 
     def validate(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
@@ -283,6 +290,8 @@ class TrainConfig:
                "null (look up the device) or a positive number")
         _check(self.stop_after is None or 1 <= self.stop_after <= self.steps, "train.stop_after",
                self.stop_after, f"null or an integer in [1, train.steps={self.steps}]")
+        _check(self.init_from is None or str(self.init_from).strip() != "", "train.init_from",
+               self.init_from, "null or the path of a checkpoint (a converted model or a run directory)")
 
 
 @dataclasses.dataclass(frozen=True)
