@@ -283,3 +283,45 @@ def test_load_onto_a_mesh_places_each_shard(tmp_path):
     assert q.addressable_shards[0].data.shape == (32, 2, 16)       # embed / fsdp, heads / tensor
     a, b = nnx.to_pure_dict(nnx.state(ref, nnx.Param)), nnx.to_pure_dict(nnx.state(model, nnx.Param))
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+# config.json of the released checkpoints (transformers 4.x format: top-level rope_theta, rope_scaling).
+QWEN3_4B = {"architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+            "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+            "hidden_size": 2560, "initializer_range": 0.02, "intermediate_size": 9728,
+            "max_position_embeddings": 40960, "max_window_layers": 36, "model_type": "qwen3",
+            "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8,
+            "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None,
+            "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+            "use_sliding_window": False, "vocab_size": 151936}
+LLAMA31_8B = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+              "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+              "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072,
+              "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+              "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+              "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+              "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "use_cache": True, "vocab_size": 128256}
+
+
+@pytest.mark.parametrize("preset,hf,changed", [
+    ("qwen3_4b_stage1", QWEN3_4B, set()),
+    ("qwen3_4b_stage2", QWEN3_4B, {"max_seq_len", "rope_scaling"}),   # the stage-2 YaRN extension
+    ("llama31_8b", LLAMA31_8B, set()),
+])
+def test_recipe_presets_match_the_released_checkpoints(preset, hf, changed):
+    from ttt_jax.config import load_config
+
+    cfg = load_config(preset)
+    ours = model_config_from_hf(hf, ttt=cfg.model.ttt, remat=True)
+    differ = {k for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                          "max_seq_len", "rope_theta", "rope_scaling", "rms_norm_eps", "tie_embeddings",
+                          "qk_norm", "attention_window") if getattr(ours, k) != getattr(cfg.model, k)}
+    assert differ == changed
+    t = cfg.model.ttt
+    assert (t.every, t.start, t.lr, t.chunk_size, t.target_source) == (6, 0, 3.0, 1024, "hidden")
+    assert load_config(preset, ["model.ttt.enabled=false"]).model.ttt.layer_ids(cfg.model.n_layers) == ()
+    tr = cfg.train
+    assert (tr.learning_rate, tr.weight_decay, tr.grad_clip) == (5e-6, 0.1, 1.0)
+    assert tr.warmup_steps == round(0.02 * tr.steps)
