@@ -46,6 +46,7 @@ from ttt_jax.train import mesh as mesh_lib
 from ttt_jax.train.checkpoint import Checkpointer, CheckpointCorruptError, NonFiniteStateError, state_nbytes
 from ttt_jax.train.metrics import MetricsWriter, peak_tflops_per_device, throughput
 from ttt_jax.train.optim import learning_rate_schedule, make_optimizer, optimizer_fields
+from ttt_jax.train.warm_start import restore_model_params
 from ttt_jax.train.steps import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
 
@@ -321,6 +322,9 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
         start = restored.step
         skipped_total = int(restored.meta.get("nonfinite_skipped", 0))
         say(f"resumed from {ckpt.directory / str(start)} (step {start})")
+    elif tcfg.init_from:
+        # Warm start (continual training): the model's parameters only, in their shardings.
+        model_state = restore_model_params(tcfg.init_from, model_state, cfg, log=say)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
