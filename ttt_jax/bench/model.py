@@ -102,6 +102,8 @@ def run_variant(args) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, *tokens).compile()
     compile_s = time.perf_counter() - t0
+    # Progress on stderr (the parent keeps the child's last lines when a variant fails).
+    print(f"[{args.variant}] compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
     mem = compiled.memory_analysis()
     for _ in range(args.warmup):
         state, loss = step(state, *tokens)
@@ -112,6 +114,7 @@ def run_variant(args) -> dict:
         state, loss = step(state, *tokens)
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t0)
+        print(f"[{args.variant}] step {len(times)}: {times[-1]:.3f} s", file=sys.stderr, flush=True)
     sec = statistics.median(times)
     dev = jax.devices()[0]
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat]
