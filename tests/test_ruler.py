@@ -134,3 +134,9 @@ def test_teacher_forced_exact_match_equals_greedy_decoding(peaked_model):
     for k, sc in enumerate(scores[1:]):
         assert not sc["exact"] and sc["prefix"] == k    # where greedy and the gold first differ
 
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_too_short_is_a_clear_error(task, noise):
+    with pytest.raises(ValueError, match="too short"):
+        generate_sample(task, 200, BYTE, noise)

@@ -246,6 +246,28 @@ def _assemble(tokenizer: Any, length: int, task: str, index: int, head: str,
                   answer_text=answer, meta=meta)
 
 
+def _locate(body: list[np.ndarray], items: list[np.ndarray], meta: dict[str, Any]) -> list[np.ndarray]:
+    """Record in ``meta["needle_positions"]`` the offsets in ``body`` where ``items`` start."""
+    offsets, at = {}, 0
+    for piece in body:
+        for k, item in enumerate(items):
+            if piece is item:
+                offsets[k] = at
+        at += len(piece)
+    meta["needle_positions"] = [offsets[k] for k in range(len(items))]
+    return body
+
+
+def _offset(sample: Sample, tokenizer: Any, head: str) -> Sample:
+    """Make ``needle_positions`` absolute (prompt token indices; bos and the head come first) and
+    add ``needle_distances``: tokens from each needle's start to the first answer token."""
+    shift = 1 + len(_enc(tokenizer, head))
+    pos = [p + shift for p in sample.meta["needle_positions"]]
+    sample.meta["needle_positions"] = pos
+    sample.meta["needle_distances"] = [len(sample.prompt) - p for p in pos]
+    return sample
+
+
 _NIAH_HEAD = ("Some special magic numbers are hidden within the following text. Make sure to "
               "memorize them. I will quiz you about the numbers afterwards.\n")
 
@@ -288,12 +310,18 @@ def _niah(task: str, length: int, index: int, tokenizer: Any, haystack: Haystack
                 f"{verb}:")
     answer = " " + ", ".join(answer_values)
 
-    def middle(budget: int) -> list[np.ndarray]:
-        lines = haystack.lines(budget - sum(len(n) for n in needles), rng)
-        return _insert(lines, needles, depths)
-
     meta = {"depths": [float(d) for d in depths], "keys": asked, "haystack": haystack.description}
-    return _assemble(tokenizer, length, task, index, _NIAH_HEAD, middle, question, answer, meta)
+
+    def middle(budget: int) -> list[np.ndarray]:
+        budget -= sum(len(n) for n in needles)
+        if budget < 0:
+            raise ValueError(f"length {length} is too short for task {task!r} (the needles, "
+                             "instruction and question do not fit)")
+        lines = haystack.lines(budget, rng)
+        return _locate(_insert(lines, needles, depths), needles, meta)
+
+    return _offset(_assemble(tokenizer, length, task, index, _NIAH_HEAD, middle, question, answer,
+                             meta), tokenizer, _NIAH_HEAD)
 
 
 def _variable_tracking(length: int, index: int, tokenizer: Any, haystack: Haystack,
@@ -314,14 +342,18 @@ def _variable_tracking(length: int, index: int, tokenizer: Any, haystack: Haysta
                 f"above, {len(names)} variables are assigned the value {value}, they are:")
     answer = " " + " ".join(names)
 
-    def middle(budget: int) -> list[np.ndarray]:
-        lines = haystack.lines(budget - sum(len(s) for s in stmt_ids), rng)
-        return _insert(lines, stmt_ids, depths)
-
     meta = {"depths": [float(d) for d in depths], "value": value,
             "haystack": haystack.description}
-    return _assemble(tokenizer, length, "variable_tracking", index, head, middle, question,
-                     answer, meta)
+
+    def middle(budget: int) -> list[np.ndarray]:
+        budget -= sum(len(s) for s in stmt_ids)
+        if budget < 0:
+            raise ValueError(f"length {length} is too short for task 'variable_tracking'")
+        lines = haystack.lines(budget, rng)
+        return _locate(_insert(lines, stmt_ids, depths), stmt_ids, meta)
+
+    return _offset(_assemble(tokenizer, length, "variable_tracking", index, head, middle,
+                             question, answer, meta), tokenizer, head)
 
 
 def _fit_entries(tokenizer: Any, budget: int, make: Callable[[int], list[str]],
