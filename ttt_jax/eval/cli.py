@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -163,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     ckdir, step = resolve_checkpoint(args.checkpoint, args.step)
+    # Orbax logs (through absl) a warning per checkpoint item it is not asked to restore.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     cfg, model = load_model(ckdir, step=step, overrides=tuple(args.override))
     tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
