@@ -23,7 +23,9 @@ Evaluation (held-out: the corpus's validation split, evaluation seed 0):
   than ``window`` tokens before the answer ("beyond the window").
 
 Writes ``results.json``, ``results.md`` and plots into ``--out``. A variant whose final checkpoint
-exists in ``--out/runs/<name>`` is loaded instead of retrained (delete it to retrain).
+exists in ``--out/runs/<name>`` is loaded instead of retrained, and one whose evaluation (with the
+same settings) is in ``--out/runs/<name>/eval.json`` is not re-evaluated (delete them to redo), so
+the variants can be run in separate calls (``--variants``) and reported together by a last call.
 
 Usage::
 
@@ -368,10 +370,21 @@ def main(argv=None) -> int:
         n_params = param_count(cfg.model)
         log(f"== {name}: {n_params:,} parameters (window {cfg.model.attention_window or 'full'}, "
             f"TTT {'on ' + str(list(cfg.model.ttt.layer_ids(cfg.model.n_layers))) + ' ' + cfg.model.ttt.target if cfg.model.ttt.enabled else 'off'}, d_ff {cfg.model.d_ff})")
-        model, train_info = train_or_load(cfg, log)
-        log(f"  trained: {train_info}")
-        ev = evaluate(model, cfg, window, spans, context_lengths, ruler_lengths, ruler_samples,
-                      batch, haystack, log)
+        eval_path = out / "runs" / name / "eval.json"
+        eval_key = {"context_lengths": context_lengths, "ruler_lengths": ruler_lengths,
+                    "ruler_samples": ruler_samples, "ppl_spans": int(spans.shape[0]),
+                    "steps": cfg.train.steps}
+        cached = json.loads(eval_path.read_text()) if eval_path.exists() else None
+        if cached is not None and cached.get("key") == eval_key:
+            log("  reusing the evaluation in " + str(eval_path))
+            train_info, ev = cached["train"], cached["eval"]
+        else:
+            model, train_info = train_or_load(cfg, log)
+            log(f"  trained: {train_info}")
+            ev = evaluate(model, cfg, window, spans, context_lengths, ruler_lengths,
+                          ruler_samples, batch, haystack, log)
+            eval_path.write_text(json.dumps({"key": eval_key, "train": train_info, "eval": ev},
+                                            indent=1, default=float))
         results[name] = {"params": n_params, "config": cfg.to_dict(), "train": train_info,
                          "eval": ev}
         (out / "results.json").write_text(json.dumps({"results": results}, indent=1, default=float))

@@ -105,3 +105,27 @@ def test_cli_eval(tmp_path, model, capsys):
     capsys.readouterr()
     assert main(argv + ["--suite", "ruler", "--tasks", "niah_everything"]) == 2
     assert "unknown RULER task" in capsys.readouterr().err
+
+
+def test_research_compare_variants_match_parameters():
+    """benchmarks/research_compare.py: the four variants differ only where intended."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "research_compare.py"
+    spec = importlib.util.spec_from_file_location("research_compare", path)
+    rc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rc)
+    base = load_config("research/compare")
+    target = rc.param_count(base.model)
+    cfgs = {n: rc.variant_config(base, n, target) for n in rc.VARIANTS}
+    m = base.model
+    for name, cfg in cfgs.items():
+        assert abs(rc.param_count(cfg.model) - target) <= 3 * m.d_model * m.n_layers / 2, name
+        assert cfg.data == base.data and cfg.train == base.train
+    assert cfgs["full"].model.attention_window == 0
+    assert {cfgs[n].model.attention_window for n in rc.VARIANTS if n != "full"} == {m.attention_window}
+    a, r = cfgs["swa_ttt_aligned"].model, cfgs["swa_ttt_reconstruction"].model
+    assert a.ttt.target == "aligned" and r.ttt.target == "reconstruction"
+    assert a == type(a)(**{**a.__dict__, "ttt": type(a.ttt)(**{**r.ttt.__dict__, "target": "aligned"})})
+    assert not cfgs["swa"].model.ttt.enabled and not cfgs["full"].model.ttt.enabled
