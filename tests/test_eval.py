@@ -10,7 +10,7 @@ from flax import nnx
 
 from ttt_jax.config import load_config
 from ttt_jax.data import ByteTokenizer
-from ttt_jax.eval import (Scorer, default_context_lengths, evaluation_spans,
+from ttt_jax.eval import (default_context_lengths, evaluation_spans,
                           sliding_window_perplexity, token_scores, token_scores_reference)
 from ttt_jax.models import CausalLM
 

@@ -50,7 +50,6 @@ reported beside the exact-match accuracy as a finer, non-generation signal.
 from __future__ import annotations
 
 import dataclasses
-import json
 import zlib
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -151,6 +150,8 @@ class Haystack:
     def _tokenize_lines(self, text: str) -> list[np.ndarray]:
         out = []
         for line in text.splitlines(keepends=True):
+            if not line.endswith(("\n", "\r")):   # a document's last line: keep lines separate
+                line += "\n"
             ids = np.asarray(self.tokenizer.encode(line), np.int32)
             for a in range(0, len(ids), self.max_line_tokens):
                 out.append(ids[a:a + self.max_line_tokens])
@@ -622,8 +623,3 @@ def run_ruler(model: Any, tokenizer: Any, *, tasks: Sequence[str] = TASKS,
     return RulerResult(tasks=list(tasks), lengths=lengths, num_samples=num_samples, seed=seed,
                        accuracy=acc, token_accuracy=tok, samples=records)
 
-
-def save_json(path: Any, obj: Any) -> None:
-    """Write ``obj`` as indented JSON."""
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
