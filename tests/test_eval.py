@@ -88,9 +88,11 @@ def test_cli_eval(tmp_path, model, capsys):
     cfg = load_config("tiny", ["data.seq_len=64"])
     cfg = type(cfg)(model=model.cfg, data=cfg.data, train=cfg.train, mesh=cfg.mesh)
     save_model(tmp_path / "run", model, cfg)
-    (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    (tmp_path / "corpus").mkdir()
+    for name in ("a.py", "b.py"):
+        (tmp_path / "corpus" / name).write_text(f"def {name[0]}(x):\n    return x + 1\n" * 100)
     out = tmp_path / "eval"
-    argv = ["eval", str(tmp_path / "run"), "--out", str(out), "--data", str(tmp_path / "corpus.txt"),
+    argv = ["eval", str(tmp_path / "run"), "--out", str(out), "--data", str(tmp_path / "corpus"),
             "--split", "all", "--num-samples", "2", "--no-progress"]
     assert main(argv + ["--suite", "ppl", "--lengths", "32,64", "--block-size", "16"]) == 0
     ppl = json.loads((out / "ppl.json").read_text())
