@@ -355,8 +355,8 @@ def main(argv=None) -> int:
     ruler_lengths = ([int(x) for x in args.ruler_lengths.split(",")] if args.ruler_lengths else
                      [1024] if args.smoke else [seq // 2, seq, 2 * seq])
     ruler_samples = args.ruler_samples or (1 if args.smoke else 20)
-    # Final block = the window; contexts double from it (smoke: three, to compile less).
-    context_lengths = ([window, seq, 2 * seq] if args.smoke else
+    # Final block = the window; contexts double from it (smoke: two, to compile less).
+    context_lengths = ([seq, 2 * seq] if args.smoke else
                        default_context_lengths(2 * seq, window))
     batch = args.batch_size or (1 if args.smoke else 8)
     haystack = Haystack(tok, source="stdlib", split="validation")
