@@ -29,7 +29,8 @@ Lengths are **token** lengths measured with the evaluating tokenizer (byte-level
 ``tokenizer.json``). A sample is built as token ids: ``[bos]``, then the separately tokenized
 pieces (instruction, haystack lines, needles, question with its answer prefix), then the answer;
 the haystack is filled line by line until the next line would not fit, so a sample of length
-``L`` has ``L - (one line) < len <= L`` tokens, answer included.
+``L`` has ``L - (one line) < len <= L`` tokens, answer included (the word-list tasks: up to a
+few list entries short of ``L``).
 
 Scoring (exact match). Greedy decoding reproduces the gold answer ``a_1 .. a_m`` (token ids) as
 its first ``m`` tokens **iff** at every answer position the arg-max of the model's next-token
@@ -359,15 +360,33 @@ def _variable_tracking(length: int, index: int, tokenizer: Any, haystack: Haysta
 
 def _fit_entries(tokenizer: Any, budget: int, make: Callable[[int], list[str]],
                  start: int) -> list[np.ndarray]:
-    """Token arrays of ``make(n)`` for the largest ``n <= start`` whose total fits ``budget``."""
-    n = start
-    while n >= 0:
+    """Token arrays of ``make(n)`` for the largest ``n <= start`` whose total fits ``budget``
+    (shrinking proportionally until it fits, then a binary search up to the last miss)."""
+    def build(n: int) -> tuple[list[np.ndarray], int]:
         entries = [_enc(tokenizer, e) for e in make(n)]
-        total = sum(len(e) for e in entries)
-        if total <= budget:
-            return entries
+        return entries, sum(len(e) for e in entries)
+
+    best, total = build(start)
+    if total <= budget:
+        return best
+    hi = n = start
+    while True:
         n = min(n - 1, int(n * budget / total))
-    raise ValueError(f"no entries fit a budget of {budget} tokens")
+        if n < 0:
+            raise ValueError(f"no entries fit a budget of {budget} tokens")
+        best, total = build(n)
+        if total <= budget:
+            break
+        hi = n
+    lo = n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        entries, total = build(mid)
+        if total <= budget:
+            lo, best = mid, entries
+        else:
+            hi = mid
+    return best
 
 
 def _common_words(length: int, index: int, tokenizer: Any, rng: np.random.Generator,
@@ -382,7 +401,7 @@ def _common_words(length: int, index: int, tokenizer: Any, rng: np.random.Genera
     est = max(1, length // per_entry)
     freq = int(np.clip(est // (4 * n_common), 3, 30))
     uncommon_freq = 1 if freq < 6 else 3
-    vocab = _distinct_words(rng, n_common + est // uncommon_freq + 1)
+    vocab = _distinct_words(rng, n_common + 2 * est // uncommon_freq + 1)  # more than fit
     common, rare = vocab[:n_common], vocab[n_common:]
     rare_order = rng.permutation(len(rare))
     seed = int(rng.integers(2**31))
