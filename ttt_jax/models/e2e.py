@@ -134,7 +134,8 @@ def _cached_attention(attn, h, pos, idx, seg, cache):
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-    p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(l > 0, l, 1.0)  # padding queries see no key; keep their (second-order) grads finite
     out = jnp.einsum("bkgqs,bskd->bqkgd", p, vals.astype(_F32)).reshape(b, c, nh, dh).astype(dt)
     out = mm("bthk,hkd->btd", out, attn.o[...]).astype(dt)
     m_len = ck.shape[1]
