@@ -120,8 +120,9 @@ def _cached_attention(attn, h, pos, idx, seg, cache):
     v = mm("btd,dhk->bthk", h, attn.v[...]).astype(dt)
     if attn.q_norm is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q = apply_rope(q, pos, theta=attn.rope_theta)
-    k = apply_rope(k, pos, theta=attn.rope_theta)
+    scaling = getattr(attn, "rope_scaling", None)
+    q = apply_rope(q, pos, theta=attn.rope_theta, scaling=scaling)
+    k = apply_rope(k, pos, theta=attn.rope_theta, scaling=scaling)
     ck, cv, cidx, cseg = cache
     keys, vals = jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1)
     kidx, kseg = jnp.concatenate([cidx, idx]), jnp.concatenate([cseg, seg], 1)
