@@ -17,6 +17,8 @@ Parameter tree of :class:`CausalLM` (``L = n_layers``, ``D = d_model``, ``F = d_
     layers/{i}/mlp/down         [F, D]        (mlp, embed)
     layers/{i}/mlp/ttt_conv     [K, D]        (conv, embed)   -- In-Place TTT layers only
     layers/{i}/mlp/ttt_proj     [D, D]        (embed, None)   -- In-Place TTT layers only
+    layers/{i}/ttt_seq/...      TTT-Linear/MLP layer (model.ttt_seq layers only; ttt_jax.nn.ttt_seq);
+                                with ttt_seq.mode=replace the layer has no layers/{i}/attn
     final_norm/scale            [D]           (norm,)
     lm_head                     [D, V]        (embed, vocab)  -- only when tie_embeddings=false
 
