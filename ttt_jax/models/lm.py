@@ -56,6 +56,7 @@ from flax import nnx
 from ttt_jax.config import ConfigError, ModelConfig
 from ttt_jax.models.e2e import e2e_hidden, e2e_hidden_reference
 from ttt_jax.nn.block import DecoderBlock
+from ttt_jax.nn.context import context_size
 from ttt_jax.nn.norm import RMSNorm
 from ttt_jax.nn.params import make_param, normal_init
 
@@ -392,6 +393,9 @@ class CausalLM(nnx.Module):
         if cfg.e2e.enabled:
             # TTT-E2E: the first blocks once over the sequence, the last ones chunk by chunk with
             # inner SGD on their MLPs (ttt_jax.models.e2e); already final-normed.
+            if context_size() > 1:
+                raise ValueError(f"model.e2e.enabled=true does not support context parallelism "
+                                 f"(mesh.context={context_size()}); set mesh.context=1")
             first = cfg.n_layers - cfg.e2e.last_k
             x = x0
             for block in self.layers[:first]:
