@@ -20,6 +20,7 @@ the state as an argument, so XLA keeps each weight where it lives and partitions
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping, Optional, Sequence
 
 import jax
@@ -102,6 +103,27 @@ def _block_size(longest: int, prefill_block: int) -> int:
     return min(size, prefill_block)
 
 
+# Jitted at module level with the graph definition static: engines of the same model structure
+# (a reloaded checkpoint, another Engine over the same model) share compilations.
+@functools.partial(jax.jit, static_argnames=("graphdef", "logits", "attn_block"), donate_argnames=("cache",))
+def _extend_jit(graphdef, state, cache, tokens, n_valid, q_deltas, *, logits: str, attn_block: int):
+    model = nnx.merge(graphdef, state)
+    hidden, cache = extend(model, cache, tokens, n_valid, q_deltas=q_deltas, attn_block=attn_block)
+    if logits == "all":
+        return model.logits(hidden), cache
+    return model.logits(_last_rows(hidden, n_valid)[:, None])[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "attn_block"), donate_argnames=("cache",))
+def _decode_jit(graphdef, state, cache, tokens, active, q_deltas, key, temperature, top_k, top_p, *,
+                attn_block: int):
+    model = nnx.merge(graphdef, state)
+    hidden, cache = extend(model, cache, tokens[:, None], active.astype(jnp.int32), q_deltas=q_deltas,
+                           attn_block=attn_block)
+    logits = model.logits(hidden)[:, 0]
+    return sample_logits(logits, key, temperature, top_k, top_p), logits, cache
+
+
 class Engine:
     """Jitted prefill / decode of one model.
 
@@ -119,27 +141,14 @@ class Engine:
         self.prefill_block = int(prefill_block)
         self.attn_block = int(attn_block)
         self.graphdef, self.state = nnx.split(model)
-        self._extend = jax.jit(self._extend_fn, static_argnames=("logits",), donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
-
-    # -- pure functions of the state (jitted) ---------------------------------------------------
 
     def model(self, state=None) -> CausalLM:
+        """The model (``state`` replaces the parameters, e.g. inside a jitted function)."""
         return nnx.merge(self.graphdef, self.state if state is None else state)
 
-    def _extend_fn(self, state, cache, tokens, n_valid, q_deltas, *, logits: str):
-        model = self.model(state)
-        hidden, cache = extend(model, cache, tokens, n_valid, q_deltas=q_deltas, attn_block=self.attn_block)
-        if logits == "all":
-            return model.logits(hidden), cache
-        return model.logits(_last_rows(hidden, n_valid)[:, None])[:, 0], cache
-
-    def _decode_fn(self, state, cache, tokens, active, q_deltas, key, temperature, top_k, top_p):
-        model = self.model(state)
-        hidden, cache = extend(model, cache, tokens[:, None], active.astype(jnp.int32),
-                               q_deltas=q_deltas, attn_block=self.attn_block)
-        logits = model.logits(hidden)[:, 0]
-        return sample_logits(logits, key, temperature, top_k, top_p), logits, cache
+    def _extend(self, cache, tokens, n_valid, q_deltas, *, logits: str):
+        return _extend_jit(self.graphdef, self.state, cache, tokens, n_valid, q_deltas, logits=logits,
+                           attn_block=self.attn_block)
 
     # -- host API -------------------------------------------------------------------------------
 
@@ -185,8 +194,8 @@ class Engine:
         last = jnp.zeros((cache.batch_size, self.cfg.vocab_size), jnp.float32)
         for s in range(0, total, blk):
             n = np.clip(lens - s, 0, blk).astype(np.int32)
-            res, cache = self._extend(self.state, cache, jnp.asarray(tokens[:, s:s + blk]), jnp.asarray(n),
-                                      q_deltas, logits=logits)
+            res, cache = self._extend(cache, jnp.asarray(tokens[:, s:s + blk]), jnp.asarray(n), q_deltas,
+                                      logits=logits)
             if logits == "all":
                 out.append(res)
             else:
@@ -208,8 +217,9 @@ class Engine:
         active = jnp.ones((b,), bool) if active is None else jnp.asarray(active, bool).reshape(b)
         self._check_room(cache, np.asarray(active, np.int64))
         key = jax.random.key(0) if key is None else key
-        return self._decode(self.state, cache, tokens, active, dict(q_deltas or {}), key,
-                            jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+        return _decode_jit(self.graphdef, self.state, cache, tokens, active, dict(q_deltas or {}), key,
+                           jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+                           attn_block=self.attn_block)
 
 
 def _pad_prompts(prompts, lengths) -> tuple[np.ndarray, np.ndarray]:

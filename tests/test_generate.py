@@ -1,0 +1,143 @@
+"""Generation: sampling filters, greedy == argmax of the forward pass, stop tokens, the CLI."""
+
+import io
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ttt_jax.infer import GenerationConfig, filter_logits, generate, sample_logits
+
+from test_infer import PROMPTS, _FWD, setup
+
+
+def test_filter_logits_top_k_top_p():
+    logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept = lambda k, p: np.flatnonzero(np.asarray(filter_logits(logits, k, p))[0] > -1e29).tolist()
+    assert kept(0, 1.0) == [0, 1, 2, 3, 4]
+    assert kept(2, 1.0) == [0, 1]
+    assert kept(0, 0.5) == [0]                # the most likely token alone reaches 0.5
+    assert kept(0, 0.6) == [0, 1]
+    assert kept(0, 0.86) == [0, 1, 2, 3]
+    assert kept(3, 0.99) == [0, 1, 2]
+    assert kept(0, 1e-6) == [0]               # the most likely token always stays
+
+
+def test_sampling_greedy_seeded_and_filtered():
+    logits = jax.random.normal(jax.random.key(0), (4, 50))
+    greedy = sample_logits(logits, jax.random.key(1), 0.0)
+    np.testing.assert_array_equal(greedy, jnp.argmax(logits, -1))
+    a = sample_logits(logits, jax.random.key(1), 1.0, 3, 1.0)
+    b = sample_logits(logits, jax.random.key(1), 1.0, 3, 1.0)
+    np.testing.assert_array_equal(a, b)
+    top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+    for s in range(20):
+        draw = np.asarray(sample_logits(logits, jax.random.key(s), 5.0, 3, 1.0))
+        assert all(draw[i] in top3[i] for i in range(4))
+
+
+def test_greedy_generation_is_the_argmax_of_the_forward_pass():
+    model, engine, tokens, _ = setup("full_attention_embeddings")
+    prompts = [tokens[i, :n].tolist() for i, n in enumerate(PROMPTS)]
+    res = generate(engine, prompts, GenerationConfig(max_new_tokens=6), return_logits=True)
+    assert res.stop_reasons == ["length"] * 3
+    seqs = [p + t for p, t in zip(prompts, res.tokens)]
+    width = max(map(len, seqs))
+    full = np.asarray(_FWD(model, jnp.asarray([s + [0] * (width - len(s)) for s in seqs])))
+    for i, (p, t) in enumerate(zip(prompts, res.tokens)):
+        ref = full[i, len(p) - 1:len(p) - 1 + 6]
+        np.testing.assert_allclose(res.logits[i], ref, rtol=1e-4, atol=1e-4)
+        assert t == np.argmax(ref, -1).tolist()
+    # A stop token ends a sequence (and is not part of its output); the others go on.
+    stop = res.tokens[0][2]
+    res2 = generate(engine, prompts, GenerationConfig(max_new_tokens=6, stop_tokens=(stop,)),
+                    return_logits=True)
+    for i in range(3):
+        want = res.tokens[i][:res.tokens[i].index(stop)] if stop in res.tokens[i] else res.tokens[i]
+        assert res2.tokens[i] == want
+        assert res2.stop_reasons[i] == ("stop" if stop in res.tokens[i] else "length")
+    assert len(res2.logits[0]) == res.tokens[0].index(stop) + 1     # the stop token's logits too
+    # Seeded sampling is reproducible.
+    cfg = GenerationConfig(max_new_tokens=4, temperature=1.0, top_p=0.9, seed=3)
+    assert generate(engine, prompts, cfg).tokens == generate(engine, prompts, cfg).tokens
+
+
+def test_generation_config_errors():
+    engine = setup("full_attention_embeddings")[1]
+    with pytest.raises(ValueError, match="top_p"):
+        generate(engine, [[1, 2]], GenerationConfig(top_p=0.0))
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(engine, [[]], GenerationConfig())
+
+
+# --------------------------------------------------------------------------------------------------
+# ttt-jax generate
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny saved model (vocabulary 320: fits the byte tokenizer and a small BPE tokenizer.json)."""
+    from flax import nnx
+
+    from ttt_jax.config import load_config
+    from ttt_jax.models.lm import CausalLM
+    from ttt_jax.train.checkpoint import save_model
+
+    from test_infer import activate_ttt
+
+    cfg = load_config(None, ["model.vocab_size=320", "model.d_model=32", "model.n_layers=2",
+                             "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=64",
+                             "model.compute_dtype=float32", "model.ttt.layers=[0]",
+                             "model.ttt.chunk_size=4", "model.attention_impl=reference"])
+    model = CausalLM(cfg.model, rngs=nnx.Rngs(0))
+    activate_ttt(model)
+    path = tmp_path_factory.mktemp("gen") / "model"
+    save_model(path, model, cfg)
+    return path, cfg, model
+
+
+def _cli(argv):
+    from ttt_jax.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_generate_streams_the_greedy_continuation(checkpoint, tmp_path):
+    from ttt_jax.data.tokenizer import ByteTokenizer
+
+    path, cfg, model = checkpoint
+    tok = ByteTokenizer()
+    code, out, err = _cli(["generate", str(path), "--prompt", "def f(x):", "--max-new-tokens", "7",
+                           "--stop-token", "300"])
+    assert code == 0, err
+    want = generate(model, [[tok.bos_id] + tok.encode("def f(x):")],
+                    GenerationConfig(max_new_tokens=7, stop_tokens=(300,)))
+    assert out == tok.decode(want.tokens[0]) + "\n"
+    assert "generated" in err and "tokens/s" in err
+    # --prompt-file and sampling flags; an HF tokenizer.json (ids < the model's vocabulary).
+    from test_data import _train_hf
+
+    tj = _train_hf(tmp_path, ["<pad>", "<s>", "</s>"])
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("the quick brown")
+    code, out, err = _cli(["generate", str(path), "--prompt-file", str(prompt), "--tokenizer", str(tj),
+                           "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "20",
+                           "--top-p", "0.9", "--seed", "1"])
+    assert code == 0, err
+    assert "prompt tokens" in err
+
+
+def test_cli_generate_errors(checkpoint, tmp_path):
+    path, _, _ = checkpoint
+    code, _, err = _cli(["generate", str(path), "--prompt", "x", "--top-p", "2"])
+    assert code == 2 and "top_p" in err
+    code, _, err = _cli(["generate", str(tmp_path / "missing"), "--prompt", "x"])
+    assert code == 2 and "does not exist" in err
+    code, _, err = _cli(["generate", str(path), "--prompt", "x", "--qttt-layers", "a,b"])
+    assert code == 2 and "qttt-layers" in err
