@@ -8,14 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ttt_jax.infer import GenerationConfig, filter_logits, generate, sample_logits
+from ttt_jax.infer import GenerationConfig, filter_logits, generate
+from ttt_jax.infer import sample_logits as _sample_logits
 
-from test_infer import PROMPTS, _FWD, setup
+from test_infer import CASES, PROMPTS, setup
 
 
 def test_filter_logits_top_k_top_p():
     logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]]))
-    kept = lambda k, p: np.flatnonzero(np.asarray(filter_logits(logits, k, p))[0] > -1e29).tolist()
+    filt = jax.jit(filter_logits)
+    kept = lambda k, p: np.flatnonzero(np.asarray(filt(logits, k, p))[0] > -1e29).tolist()
     assert kept(0, 1.0) == [0, 1, 2, 3, 4]
     assert kept(2, 1.0) == [0, 1]
     assert kept(0, 0.5) == [0]                # the most likely token alone reaches 0.5
@@ -27,7 +29,8 @@ def test_filter_logits_top_k_top_p():
 
 def test_sampling_greedy_seeded_and_filtered():
     logits = jax.random.normal(jax.random.key(0), (4, 50))
-    greedy = sample_logits(logits, jax.random.key(1), 0.0)
+    sample_logits = jax.jit(_sample_logits)
+    greedy = sample_logits(logits, jax.random.key(1), 0.0, 0, 1.0)
     np.testing.assert_array_equal(greedy, jnp.argmax(logits, -1))
     a = sample_logits(logits, jax.random.key(1), 1.0, 3, 1.0)
     b = sample_logits(logits, jax.random.key(1), 1.0, 3, 1.0)
@@ -43,9 +46,10 @@ def test_greedy_generation_is_the_argmax_of_the_forward_pass():
     prompts = [tokens[i, :n].tolist() for i, n in enumerate(PROMPTS)]
     res = generate(engine, prompts, GenerationConfig(max_new_tokens=6), return_logits=True)
     assert res.stop_reasons == ["length"] * 3
+    # Teacher-forced logits of prompt + generated tokens (prefill == forward pass: test_infer).
     seqs = [p + t for p, t in zip(prompts, res.tokens)]
-    width = max(map(len, seqs))
-    full = np.asarray(_FWD(model, jnp.asarray([s + [0] * (width - len(s)) for s in seqs])))
+    full, _ = engine.prefill(engine.init_cache(3, max(map(len, seqs))), seqs, logits="all")
+    full = np.asarray(full)
     for i, (p, t) in enumerate(zip(prompts, res.tokens)):
         ref = full[i, len(p) - 1:len(p) - 1 + 6]
         np.testing.assert_allclose(res.logits[i], ref, rtol=1e-4, atol=1e-4)
@@ -79,24 +83,34 @@ def test_generation_config_errors():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A tiny saved model (vocabulary 320: fits the byte tokenizer and a small BPE tokenizer.json)."""
-    from flax import nnx
+    """The test_infer model, saved as a model-only checkpoint (loading it back gives the same graph,
+    so the compiled prefill/decode functions are shared)."""
+    import dataclasses
 
-    from ttt_jax.config import load_config
-    from ttt_jax.models.lm import CausalLM
+    from ttt_jax.config import Config, DataConfig
     from ttt_jax.train.checkpoint import save_model
 
-    from test_infer import activate_ttt
-
-    cfg = load_config(None, ["model.vocab_size=320", "model.d_model=32", "model.n_layers=2",
-                             "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=64",
-                             "model.compute_dtype=float32", "model.ttt.layers=[0]",
-                             "model.ttt.chunk_size=4", "model.attention_impl=reference"])
-    model = CausalLM(cfg.model, rngs=nnx.Rngs(0))
-    activate_ttt(model)
+    model = setup("full_attention_embeddings")[0]
+    cfg = Config(model=CASES["full_attention_embeddings"], data=DataConfig(seq_len=64))
     path = tmp_path_factory.mktemp("gen") / "model"
     save_model(path, model, cfg)
     return path, cfg, model
+
+
+def _hf_tokenizer_json(tmp_path):
+    """A byte-level BPE tokenizer.json of 259 tokens (256 bytes + 3 specials: the model's vocabulary)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=259, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"], trainer)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return path
 
 
 def _cli(argv):
@@ -114,21 +128,19 @@ def test_cli_generate_streams_the_greedy_continuation(checkpoint, tmp_path):
     path, cfg, model = checkpoint
     tok = ByteTokenizer()
     code, out, err = _cli(["generate", str(path), "--prompt", "def f(x):", "--max-new-tokens", "7",
-                           "--stop-token", "300"])
+                           "--stop-token", "258", "--prefill-block", "12"])
     assert code == 0, err
     want = generate(model, [[tok.bos_id] + tok.encode("def f(x):")],
-                    GenerationConfig(max_new_tokens=7, stop_tokens=(300,)))
+                    GenerationConfig(max_new_tokens=7, stop_tokens=(258,)), prefill_block=12)
     assert out == tok.decode(want.tokens[0]) + "\n"
     assert "generated" in err and "tokens/s" in err
     # --prompt-file and sampling flags; an HF tokenizer.json (ids < the model's vocabulary).
-    from test_data import _train_hf
-
-    tj = _train_hf(tmp_path, ["<pad>", "<s>", "</s>"])
+    tj = _hf_tokenizer_json(tmp_path)
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("the quick brown")
     code, out, err = _cli(["generate", str(path), "--prompt-file", str(prompt), "--tokenizer", str(tj),
                            "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "20",
-                           "--top-p", "0.9", "--seed", "1"])
+                           "--top-p", "0.9", "--seed", "1", "--prefill-block", "12"])
     assert code == 0, err
     assert "prompt tokens" in err
 

@@ -150,12 +150,12 @@ def span_loss(model, cache: Cache, params: dict, tokens: jax.Array, start: jax.A
     return jnp.mean(nll, axis=-1)
 
 
-def _optimizer(cfg: QTTTConfig):
-    return optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
+def _optimizer(cfg: QTTTConfig, lr):
+    return optax.adamw(lr, weight_decay=cfg.weight_decay)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "span"))
-def _step(graphdef, cfg, span, state, cache, params, opt_state, tokens, lens, key):
+def _step(graphdef, cfg, span, state, cache, params, opt_state, tokens, lens, key, lr):
     """One qTTT step: sample spans, per-sequence gradient, clip, AdamW. Returns the new params,
     optimizer state and the ``[B]`` span losses before the update."""
     model = nnx.merge(graphdef, state)
@@ -168,7 +168,7 @@ def _step(graphdef, cfg, span, state, cache, params, opt_state, tokens, lens, ke
 
     grads, per_seq = jax.grad(loss_fn, has_aux=True)(params)
     grads = _per_sequence_clip(grads, cfg.grad_clip)
-    updates, opt_state = _optimizer(cfg).update(grads, opt_state, params)
+    updates, opt_state = _optimizer(cfg, lr).update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, per_seq
 
 
@@ -205,13 +205,13 @@ def adapt_queries(engine, cache: Cache, prompts: Sequence[Sequence[int]], cfg: Q
     key, init_key = jax.random.split(key)
     model = engine.model()
     params = init_adapters(model, cache.batch_size, cfg, init_key)
-    opt_state = _optimizer(cfg).init(params)
+    opt_state = _optimizer(cfg, cfg.lr).init(params)
     tokens_d, lens_d = jnp.asarray(tokens), jnp.asarray(lens, jnp.int32)
-    static = dataclasses.replace(cfg, steps=1, seed=0)      # fields the step does not read
+    static = dataclasses.replace(cfg, steps=1, seed=0, lr=0.0)   # what the compiled step may vary on
     losses = []
     for s in range(cfg.steps):
         params, opt_state, loss = _step(engine.graphdef, static, span, engine.state, cache, params, opt_state,
-                                        tokens_d, lens_d, jax.random.fold_in(key, s))
+                                        tokens_d, lens_d, jax.random.fold_in(key, s), jnp.float32(cfg.lr))
         losses.append(np.asarray(loss))
     deltas = {i: d.astype(jnp.dtype(model_cfg.compute_dtype)) for i, d in _deltas(params).items()}
     return deltas, np.stack(losses)
