@@ -15,6 +15,7 @@ stderr.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -75,8 +76,13 @@ class _Streamer:
 
     def __init__(self, tokenizer, out=sys.stdout):
         self.tok, self.out, self.ids, self.shown = tokenizer, out, [], 0
+        self.first = None       # when the first token was known (prefill + compilation done)
+        self.second = None      # the second (after the decode step's compilation)
 
     def __call__(self, step, tokens, active):
+        now = time.perf_counter()
+        self.first = now if self.first is None else self.first
+        self.second = now if step == 1 else self.second
         if not active[0]:
             return
         self.ids.append(int(tokens[0]))
@@ -123,15 +129,18 @@ def run(args: argparse.Namespace) -> int:
     qttt.validate(saved.model.n_layers)
     if args.prefill_block < 1:
         raise ValueError(f"--prefill-block must be >= 1, got {args.prefill_block}")
+    logging.getLogger("absl").setLevel(logging.ERROR)   # orbax notes on items it does not read
     cfg, model = load_model(checkpoint, step=args.step, overrides=tuple(args.override))
     stream = _Streamer(tok)
     t0 = time.perf_counter()
     result = generate(model, [ids], gen, on_token=stream, qttt=qttt, prefill_block=args.prefill_block)
-    elapsed = time.perf_counter() - t0
+    t1 = time.perf_counter()
     stream.finish()
     n = len(result.tokens[0])
-    msg = (f"[{len(ids)} prompt tokens, {n} generated ({result.stop_reasons[0]}) in {elapsed:.2f} s, "
-           f"compile included: {n / max(elapsed, 1e-9):.1f} tokens/s]")
+    first = (stream.first or t1) - t0
+    rate = f", then {(n - 2) / (t1 - stream.second):.1f} tokens/s" if n > 2 and stream.second else ""
+    msg = (f"[{len(ids)} prompt tokens, {n} generated ({result.stop_reasons[0]}); first token after "
+           f"{first:.2f} s (prefill{' + qTTT' if qttt.steps else ''} + compilation){rate}]")
     if result.qttt_losses is not None and len(result.qttt_losses):
         losses = result.qttt_losses[:, 0]
         msg += f" [qTTT span loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps]"

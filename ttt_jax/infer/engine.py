@@ -103,11 +103,26 @@ def _block_size(longest: int, prefill_block: int) -> int:
     return min(size, prefill_block)
 
 
+class _Static:
+    """A graph definition as a static jit argument, hashed once (hashing a GraphDef walks the whole
+    graph, which would cost about a millisecond on every decode step)."""
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+        self._hash = hash(graphdef)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, _Static) and self.graphdef == other.graphdef)
+
+
 # Jitted at module level with the graph definition static: engines of the same model structure
 # (a reloaded checkpoint, another Engine over the same model) share compilations.
 @functools.partial(jax.jit, static_argnames=("graphdef", "logits", "attn_block"), donate_argnames=("cache",))
 def _extend_jit(graphdef, state, cache, tokens, n_valid, q_deltas, *, logits: str, attn_block: int):
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef.graphdef, state)
     hidden, cache = extend(model, cache, tokens, n_valid, q_deltas=q_deltas, attn_block=attn_block)
     if logits == "all":
         return model.logits(hidden), cache
@@ -117,7 +132,7 @@ def _extend_jit(graphdef, state, cache, tokens, n_valid, q_deltas, *, logits: st
 @functools.partial(jax.jit, static_argnames=("graphdef", "attn_block"), donate_argnames=("cache",))
 def _decode_jit(graphdef, state, cache, tokens, active, q_deltas, key, temperature, top_k, top_p, *,
                 attn_block: int):
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef.graphdef, state)
     hidden, cache = extend(model, cache, tokens[:, None], active.astype(jnp.int32), q_deltas=q_deltas,
                            attn_block=attn_block)
     logits = model.logits(hidden)[:, 0]
@@ -141,13 +156,14 @@ class Engine:
         self.prefill_block = int(prefill_block)
         self.attn_block = int(attn_block)
         self.graphdef, self.state = nnx.split(model)
+        self._static = _Static(self.graphdef)
 
     def model(self, state=None) -> CausalLM:
         """The model (``state`` replaces the parameters, e.g. inside a jitted function)."""
         return nnx.merge(self.graphdef, self.state if state is None else state)
 
     def _extend(self, cache, tokens, n_valid, q_deltas, *, logits: str):
-        return _extend_jit(self.graphdef, self.state, cache, tokens, n_valid, q_deltas, logits=logits,
+        return _extend_jit(self._static, self.state, cache, tokens, n_valid, q_deltas, logits=logits,
                            attn_block=self.attn_block)
 
     # -- host API -------------------------------------------------------------------------------
@@ -205,19 +221,23 @@ class Engine:
         return last, cache
 
     def decode(self, cache: Cache, tokens, *, active=None, key=None, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, q_deltas: Optional[Mapping[int, jax.Array]] = None):
+               top_k: int = 0, top_p: float = 1.0, q_deltas: Optional[Mapping[int, jax.Array]] = None,
+               check: bool = True):
         """Feed one token per sequence: ``tokens [B]`` int; ``active [B]`` bool (default all).
 
         Returns ``(next_tokens [B] int32 sampled from the new logits, logits [B, V] fp32, cache)``;
-        inactive sequences' caches are unchanged. The cache passed in is donated.
+        inactive sequences' caches are unchanged. The cache passed in is donated. ``check=False``
+        skips the host-side checks (token range, cache room), which wait for the previous step:
+        for loops that have checked once up front and keep the device busy.
         """
         b = cache.batch_size
+        if check:
+            check_tokens(np.asarray(tokens), self.cfg.vocab_size)
+            self._check_room(cache, np.ones((b,), np.int64) if active is None else np.asarray(active, np.int64))
         tokens = jnp.asarray(tokens, jnp.int32).reshape(b)
-        check_tokens(tokens, self.cfg.vocab_size)
         active = jnp.ones((b,), bool) if active is None else jnp.asarray(active, bool).reshape(b)
-        self._check_room(cache, np.asarray(active, np.int64))
         key = jax.random.key(0) if key is None else key
-        return _decode_jit(self.graphdef, self.state, cache, tokens, active, dict(q_deltas or {}), key,
+        return _decode_jit(self._static, self.state, cache, tokens, active, dict(q_deltas or {}), key,
                            jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
                            attn_block=self.attn_block)
 

@@ -158,7 +158,7 @@ def _optimizer(cfg: QTTTConfig, lr):
 def _step(graphdef, cfg, span, state, cache, params, opt_state, tokens, lens, key, lr):
     """One qTTT step: sample spans, per-sequence gradient, clip, AdamW. Returns the new params,
     optimizer state and the ``[B]`` span losses before the update."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef.graphdef, state)
     # Start uniform in [0, len - 1 - span]: the span and its targets lie inside the prompt.
     start = jax.random.randint(key, lens.shape, 0, lens - span).astype(jnp.int32)
 
@@ -210,7 +210,7 @@ def adapt_queries(engine, cache: Cache, prompts: Sequence[Sequence[int]], cfg: Q
     static = dataclasses.replace(cfg, steps=1, seed=0, lr=0.0)   # what the compiled step may vary on
     losses = []
     for s in range(cfg.steps):
-        params, opt_state, loss = _step(engine.graphdef, static, span, engine.state, cache, params, opt_state,
+        params, opt_state, loss = _step(engine._static, static, span, engine.state, cache, params, opt_state,
                                         tokens_d, lens_d, jax.random.fold_in(key, s), jnp.float32(cfg.lr))
         losses.append(np.asarray(loss))
     deltas = {i: d.astype(jnp.dtype(model_cfg.compute_dtype)) for i, d in _deltas(params).items()}
