@@ -25,6 +25,31 @@ from ttt_jax.ops import inplace_ttt, inplace_ttt_target  # noqa: E402
 
 PREVENT_CSE = True
 SCAN_LAYERS = False
+REMAT = "jax"
+
+
+def remat_tied(fn):
+    """A remat whose recomputation is data-dependent on the incoming cotangent (the barrier holds
+    both), so XLA cannot schedule a layer's recomputation before its backward pass. Measured on an
+    H100: no change in memory held per layer (benchmarks/README.md), so the model does not use it."""
+
+    @jax.custom_vjp
+    def wrapped(*args):
+        return fn(*args)
+
+    def bwd(args, g):
+        args, g = jax.lax.optimization_barrier((args, g))
+        return jax.vjp(fn, *args)[1](g)
+
+    wrapped.defvjp(lambda *args: (fn(*args), args), bwd)
+    return wrapped
+
+
+def checkpoint(fn):
+    """The layer wrapper under test: ``jax.checkpoint`` or the model's cotangent-tied remat."""
+    if REMAT == "tied":
+        return remat_tied(fn)
+    return jax.checkpoint(fn, prevent_cse=PREVENT_CSE)
 
 
 def temp_gib(kind, layers, t, d, f, chunk):
@@ -48,7 +73,7 @@ def temp_gib(kind, layers, t, d, f, chunk):
     shapes = [(d, f), (d, f), (f, d), (5, d), (d, d)]
     if SCAN_LAYERS:  # layers as iterations of one lax.scan over stacked parameters
         def loss(h, ps):
-            body = jax.checkpoint(lambda h, p: (layer(h, p), None), prevent_cse=PREVENT_CSE)
+            body = checkpoint(lambda h, p: (layer(h, p), None))
             h, _ = jax.lax.scan(body, h, ps)
             return jnp.sum(h.astype(jnp.float32))
 
@@ -56,7 +81,7 @@ def temp_gib(kind, layers, t, d, f, chunk):
     else:
         def loss(h, ps):
             for p in ps:
-                h = jax.checkpoint(layer, prevent_cse=PREVENT_CSE)(h, p)
+                h = checkpoint(layer)(h, p)
             return jnp.sum(h.astype(jnp.float32))
 
         ps = [tuple(jax.ShapeDtypeStruct(s, bf) for s in shapes) for _ in range(layers)]
@@ -73,12 +98,15 @@ def main(argv=None):
     p.add_argument("--kinds", nargs="+", default=["plain", "op", "target", "ttt"])
     p.add_argument("--no-prevent-cse", action="store_true")
     p.add_argument("--scan-layers", action="store_true", help="run the layers in a lax.scan")
+    p.add_argument("--remat", choices=["jax", "tied"], default="jax",
+                   help="jax.checkpoint, or remat_tied (recompute only after the cotangent arrives)")
     a = p.parse_args(argv)
-    global PREVENT_CSE, SCAN_LAYERS
+    global PREVENT_CSE, SCAN_LAYERS, REMAT
+    REMAT = a.remat
     PREVENT_CSE = not a.no_prevent_cse
     SCAN_LAYERS = a.scan_layers
     act = a.seq_len * a.d_model * 2 / 2 ** 30
-    print(f"device {jax.devices()[0].device_kind}; one [T, D] bf16 activation = {act:.3f} GiB")
+    print(f"device {jax.devices()[0].device_kind}; remat {REMAT}; one [T, D] bf16 activation = {act:.3f} GiB")
     for kind in a.kinds:
         t2 = temp_gib(kind, 2, a.seq_len, a.d_model, a.d_ff, a.chunk)
         t4 = temp_gib(kind, 4, a.seq_len, a.d_model, a.d_ff, a.chunk)

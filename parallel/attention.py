@@ -87,7 +87,8 @@ def _permute_segments(x: jax.Array, n: int, axis: int, perm: np.ndarray, what: s
                          f"divisible by 2 * n = {2 * n} (two segments per device); pad the sequence")
     seg = t // (2 * n)
     xs = x.reshape(*x.shape[:axis], 2 * n, seg, *x.shape[axis + 1:])
-    xs = jnp.take(xs, jnp.asarray(perm), axis=axis)
+    # Host (numpy) arrays stay on the host: the input pipeline permutes batches before placing them.
+    xs = np.take(xs, perm, axis=axis) if isinstance(x, np.ndarray) else jnp.take(xs, jnp.asarray(perm), axis=axis)
     return xs.reshape(x.shape)
 
 

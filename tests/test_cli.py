@@ -68,3 +68,12 @@ def test_train_divergence_exit_code(tmp_path, capsys):
             f"train.run_dir={tmp_path / 'bad'}"]
     assert main(argv) == 3
     assert "non-finite training loss" in capsys.readouterr().err
+
+
+def test_bench_op_tiny(capsys, tmp_path):
+    out = tmp_path / "op.json"
+    assert main(["bench", "op", "--lengths", "256", "--chunks", "64", "--d-model", "16", "--d-ff", "32",
+                 "--iters", "1", "--impls", "plain", "scan", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["plain", "scan"] and all("ms" in r for r in rows)
+    assert "ratio" in capsys.readouterr().out

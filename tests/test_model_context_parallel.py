@@ -8,6 +8,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from parallel.attention import from_zigzag, to_zigzag
 from parallel.mesh import make_mesh
 from ttt_jax.config import load_config
 from ttt_jax.models.lm import CausalLM
@@ -62,6 +63,41 @@ def test_context_parallel_logits_and_grads(context, window, segs):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, rtol=2e-4)
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-3)
+
+
+@pytest.mark.parametrize("context, segs", [(4, True), (2, False)])
+def test_zigzag_layout_logits_and_grads(context, segs):
+    """The load-balanced layout: the caller permutes tokens, positions and segment ids into zigzag
+    order; the logits, permuted back, and the gradients equal the unsharded model's."""
+    model = _model(["model.context_layout=zigzag"])
+    tokens = jax.random.randint(jax.random.key(2), (2, 64), 0, 64)
+    seg = _segments(2, 64) if segs else jnp.ones((2, 64), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2, 64))
+    if segs:
+        from ttt_jax.models.lm import positions_from_segments
+        pos = positions_from_segments(seg)
+    graphdef, state = nnx.split(model)
+
+    def loss(state, tokens, seg, pos):
+        logits = nnx.merge(graphdef, state)(tokens, segment_ids=seg, positions=pos)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+    want_grads, want = jax.jit(jax.grad(loss, has_aux=True))(state, tokens, seg, pos)
+    mesh = make_mesh(data=8 // context, context=context)
+    zz = [to_zigzag(np.asarray(x), context) for x in (tokens, seg, pos)]
+    assert not np.array_equal(zz[0], np.asarray(tokens))
+    with jax.set_mesh(mesh):
+        sh = NamedSharding(mesh, P(None, "context"))
+        got_grads, got = jax.jit(jax.grad(loss, has_aux=True))(state, *(jax.device_put(x, sh) for x in zz))
+    np.testing.assert_allclose(np.asarray(from_zigzag(np.asarray(got), context)), np.asarray(want),
+                               atol=2e-4, rtol=2e-4)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-3)
+
+
+def test_zigzag_rejects_sliding_window():
+    with pytest.raises(ValueError, match="model.context_layout"):
+        load_config(None, BASE + ["model.context_layout=zigzag", "model.attention_window=8"])
 
 
 def test_local_part_must_be_whole_chunks():

@@ -152,7 +152,8 @@ def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
     # Resumed with an absurd learning rate (optimizer settings may change on resume), the
     # parameters blow up at step 7 and the loss of step 8 is non-finite: the checkpoint due at
     # step 9 must never be written.
-    bad = toy(tmp_path, "train.learning_rate=1e30", "train.grad_clip=0", "train.checkpoint_every=3")
+    bad = toy(tmp_path, "train.learning_rate=1e30", "train.grad_clip=0", "train.checkpoint_every=3",
+              "train.on_nonfinite=stop")
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss at step \d+.*"
                                                  r"Last good checkpoint: .*6 \(step 6\)"):
         train(bad)

@@ -76,11 +76,57 @@ class TTTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScalingConfig:
+    """RoPE frequency scaling of long-context checkpoints (``model.rope_scaling``), computed as
+    transformers computes it (:mod:`ttt_jax.nn.rope`).
+
+    ``type``: ``yarn`` (Qwen3 beyond its native 32k: ``factor``, ``original_max_position_embeddings``,
+    ``beta_fast``/``beta_slow``, optional ``attention_factor`` or ``mscale``/``mscale_all_dim``,
+    ``truncate``) or ``llama3`` (Llama 3.1+: ``factor``, ``low_freq_factor``, ``high_freq_factor``,
+    ``original_max_position_embeddings``). Fields of the other type are ignored. Example (Qwen3 at
+    128k): ``{type: yarn, factor: 4.0, original_max_position_embeddings: 32768}``.
+    """
+
+    type: Literal["yarn", "llama3"] = "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: Optional[float] = None
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    truncate: bool = True
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    def validate(self) -> None:
+        _check(self.type in ("yarn", "llama3"), "model.rope_scaling.type", self.type, "'yarn' or 'llama3'")
+        _check(self.factor >= 1.0, "model.rope_scaling.factor", self.factor, "a number >= 1")
+        _check(self.original_max_position_embeddings >= 1,
+               "model.rope_scaling.original_max_position_embeddings",
+               self.original_max_position_embeddings,
+               "the checkpoint's pretraining context length (an integer >= 1)")
+        if self.type == "yarn":
+            _check(self.beta_fast > 0 and self.beta_slow > 0 and self.beta_fast >= self.beta_slow,
+                   "model.rope_scaling.beta_fast/beta_slow", (self.beta_fast, self.beta_slow),
+                   "positive numbers with beta_fast >= beta_slow")
+            _check(self.attention_factor is None or self.attention_factor > 0,
+                   "model.rope_scaling.attention_factor", self.attention_factor, "null or > 0")
+        else:
+            _check(0 < self.low_freq_factor < self.high_freq_factor,
+                   "model.rope_scaling.low_freq_factor/high_freq_factor",
+                   (self.low_freq_factor, self.high_freq_factor), "0 < low_freq_factor < high_freq_factor")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A Qwen3/Llama-style decoder-only LM.
 
     ``attention_window`` > 0 makes every layer sliding-window (window = number of keys a query sees,
     itself included) unless ``full_attention_layers`` lists it; 0 means full causal attention everywhere.
+
+    ``rope_scaling`` (default null: plain RoPE with base ``rope_theta``) selects the ``yarn`` or
+    ``llama3`` frequency scaling of long-context checkpoints (:class:`RopeScalingConfig`).
 
     ``scan_layers`` stores the decoder layers' parameters stacked along a leading ``layers`` axis
     and runs them as the iterations of one ``lax.scan`` (``nnx.scan``; with ``remat`` every layer in
@@ -91,6 +137,16 @@ class ModelConfig:
     explicit ``ttt.layers`` list must be evenly spaced in the same way), without it 1; the attention
     window of layer ``i`` must depend only on ``i % period``. A non-periodic structure is rejected
     when the model is built. The stacked parameter tree is described in :mod:`ttt_jax.models.lm`.
+
+    ``context_layout`` is how a row is split over ``mesh.context`` devices (ignored without context
+    parallelism). ``"contiguous"``: device ``i`` holds the ``i``-th ``T / n`` tokens; causal attention
+    then gives the last device the most work. ``"zigzag"`` (load-balanced): the row is cut into
+    ``2n`` segments and device ``i`` holds segments ``i`` and ``2n - 1 - i``, so every device does the
+    same attention work; the trainer permutes each batch on the host (positions travel with it),
+    the In-Place TTT scan still combines the segments' summaries in position order, and the loss is
+    a sum over tokens, so results equal the contiguous layout's. Zigzag needs full attention on
+    every layer (sliding-window attention is balanced already and uses the contiguous halo
+    exchange) and ``T / (2n)`` a multiple of the TTT chunk size.
     """
 
     vocab_size: int = 259
@@ -102,6 +158,7 @@ class ModelConfig:
     d_ff: int = 768
     max_seq_len: int = 4096
     rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScalingConfig] = None
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = True
     qk_norm: bool = True
@@ -113,6 +170,7 @@ class ModelConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     remat: bool = False
     scan_layers: bool = False
+    context_layout: Literal["contiguous", "zigzag"] = "contiguous"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
 
     @property
@@ -138,6 +196,8 @@ class ModelConfig:
         _check(self.resolved_head_dim % 2 == 0, "model.head_dim", self.resolved_head_dim,
                "an even integer (RoPE rotates pairs)")
         _check(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "a positive float")
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate()
         _check(self.attention_window >= 0, "model.attention_window", self.attention_window,
                "0 (full attention) or a positive window length")
         _check(self.initializer_range > 0, "model.initializer_range", self.initializer_range, "> 0")
@@ -146,6 +206,10 @@ class ModelConfig:
                f"layer indices in [0, {self.n_layers})")
         _check(isinstance(self.scan_layers, bool), "model.scan_layers", self.scan_layers,
                "true or false")
+        swa = [i for i in range(self.n_layers) if self.layer_window(i)]
+        _check(self.context_layout == "contiguous" or not swa, "model.context_layout",
+               self.context_layout, f"'contiguous' while layers {swa} use sliding-window attention "
+               "(their halo exchange needs the contiguous layout; their work is balanced already)")
         self.ttt.validate(self.n_layers)
 
 
@@ -195,6 +259,18 @@ class TrainConfig:
 
     ``stop_after`` ends this invocation after that many total steps (with a checkpoint) while the
     schedule stays defined by ``steps``: a long run split over time-limited jobs resumes exactly.
+
+    ``on_nonfinite``: what a step with a NaN/inf loss or gradient norm does. ``skip`` (default):
+    its update is not applied (parameters, Adam moments and the optimizer's step counter stay as
+    they were; the batch is consumed), the step is counted and logged, and the run stops once more
+    than ``max_nonfinite_steps`` updates have been skipped in total. ``stop``: the run stops at the
+    first one. Either way no checkpoint is written right after a skipped update, so the last good
+    checkpoint stays intact.
+    ``init_from``: warm start (continual training). A fresh run (no checkpoint in ``run_dir`` yet)
+    takes its initial model parameters from this checkpoint -- a converted Hugging Face model
+    (``ttt-jax convert hf``) or any run -- instead of a random init; optimizer, step and data start
+    fresh. In-Place TTT parameters the checkpoint lacks start at their init. Ignored once ``run_dir``
+    holds a checkpoint of its own (resuming). See :mod:`ttt_jax.train.warm_start`.
     """
 
     steps: int = 1000
@@ -218,6 +294,9 @@ class TrainConfig:
     tensorboard: bool = True
     peak_tflops: Optional[float] = None
     stop_after: Optional[int] = None
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite_steps: int = 10
+    init_from: Optional[str] = None
 
     def validate(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
@@ -234,6 +313,12 @@ class TrainConfig:
                "null (look up the device) or a positive number")
         _check(self.stop_after is None or 1 <= self.stop_after <= self.steps, "train.stop_after",
                self.stop_after, f"null or an integer in [1, train.steps={self.steps}]")
+        _check(self.on_nonfinite in ("skip", "stop"), "train.on_nonfinite", self.on_nonfinite,
+               "'skip' or 'stop'")
+        _check(isinstance(self.max_nonfinite_steps, int) and self.max_nonfinite_steps >= 0,
+               "train.max_nonfinite_steps", self.max_nonfinite_steps, "an integer >= 0")
+        _check(self.init_from is None or str(self.init_from).strip() != "", "train.init_from",
+               self.init_from, "null or the path of a checkpoint (a converted model or a run directory)")
 
 
 @dataclasses.dataclass(frozen=True)

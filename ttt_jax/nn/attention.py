@@ -47,7 +47,9 @@ class Attention(nnx.Module):
         self.n_kv_heads = cfg.n_kv_heads
         self.head_dim = cfg.resolved_head_dim
         self.window = int(window)
+        self.context_layout = cfg.context_layout
         self.rope_theta = float(cfg.rope_theta)
+        self.rope_scaling = cfg.rope_scaling  # None, or yarn / llama3 frequency scaling
         self.impl = cfg.attention_impl
         self.dtype = jnp.dtype(cfg.compute_dtype)
         pd = jnp.dtype(cfg.param_dtype)
@@ -73,12 +75,13 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q = apply_rope(q, positions, theta=self.rope_theta)
-        k = apply_rope(k, positions, theta=self.rope_theta)
+        q = apply_rope(q, positions, theta=self.rope_theta, scaling=self.rope_scaling)
+        k = apply_rope(k, positions, theta=self.rope_theta, scaling=self.rope_scaling)
         if context_size() > 1:
             # Sequence split over the context axis: ring attention (full) or halo exchange (window).
             def local(q, k, v, seg):
-                return context_attention(q, k, v, AXIS, segment_ids=seg, window=self.window)
+                return context_attention(q, k, v, AXIS, segment_ids=seg, window=self.window,
+                                         layout=self.context_layout)
             out = run_over_context(local, (q, k, v), segment_ids=segment_ids)
         else:
             out = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)

@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from parallel import mesh as parallel_mesh
 from parallel import rules as parallel_rules
+from parallel.attention import to_zigzag
 from ttt_jax.config import MeshConfig
 
 # Mesh axes the batch dimension is split over.
@@ -55,20 +56,24 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     return parallel_mesh.make_mesh(cfg.data, cfg.fsdp, cfg.tensor, cfg.context, devices=devices)
 
 
-def check_supported(mesh: Mesh, seq_len: int, ttt_chunk: Optional[int]) -> None:
+def check_supported(mesh: Mesh, seq_len: int, ttt_chunk: Optional[int],
+                    layout: str = "contiguous") -> None:
     """Raise a ``ValueError`` unless rows of ``seq_len`` tokens split evenly over ``context``, into
-    whole TTT chunks per device when In-Place TTT is on (``ttt_chunk``), so that chunk boundaries
-    are those of the unsharded sequence."""
+    whole TTT chunks per device part when In-Place TTT is on (``ttt_chunk``), so that chunk
+    boundaries are those of the unsharded sequence. The zigzag layout has two parts per device."""
     n = mesh.shape["context"]
     if n == 1:
         return
-    unit = n * (ttt_chunk or 1)
+    parts = 2 if layout == "zigzag" else 1
+    unit = parts * n * (ttt_chunk or 1)
     if seq_len % unit:
-        what = f"mesh.context={n} x model.ttt.chunk_size={ttt_chunk}" if ttt_chunk else f"mesh.context={n}"
+        what = " x ".join(([] if parts == 1 else ["2 (zigzag)"]) + [f"mesh.context={n}"]
+                          + ([f"model.ttt.chunk_size={ttt_chunk}"] if ttt_chunk else []))
         raise ValueError(
             f"data.seq_len={seq_len} must be a multiple of {what} = {unit} for context parallelism "
-            "(each device holds a contiguous, whole-chunk part of every row); change data.seq_len, "
-            "mesh.context or model.ttt.chunk_size")
+            f"(each device holds {'a contiguous' if parts == 1 else 'two'}, whole-chunk part"
+            f"{'' if parts == 1 else 's'} of every row); change data.seq_len, mesh.context or "
+            "model.ttt.chunk_size")
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -169,6 +174,14 @@ def state_shardings(state: Any, mesh: Mesh, rules: Any = RULES) -> Any:
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Place a host batch (numpy, the process-local rows of the global batch) on the mesh."""
+def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
+              layout: str = "contiguous") -> dict[str, jax.Array]:
+    """Place a host batch (numpy ``[B, T]`` arrays, the process-local rows of the global batch) on
+    the mesh. With ``layout="zigzag"`` and a ``context`` axis of size ``n > 1`` every array is first
+    permuted along ``T`` into the load-balanced order (:func:`parallel.attention.to_zigzag`: device
+    ``i`` receives segments ``i`` and ``2n - 1 - i``); the batch's ``positions`` travel with their
+    tokens, so the model sees each token at its true position."""
+    n = sharding.mesh.shape.get("context", 1)
+    if layout == "zigzag" and n > 1:
+        batch = {k: to_zigzag(np.asarray(v), n, axis=1) for k, v in batch.items()}
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

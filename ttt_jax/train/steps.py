@@ -45,11 +45,21 @@ def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef,
 
     ``batch`` holds ``[B, T]`` arrays ``inputs, targets, loss_mask, segment_ids, positions``.
     ``metrics``: fp32 scalars ``loss`` (mean NLL over ``loss_mask``), ``grad_norm`` (global L2
-    norm of the gradient before clipping) and ``lr`` (``schedule`` at this update, the rate the
-    optimizer applies). Not jitted here: see :func:`jit_train_step`.
+    norm of the gradient before clipping), ``lr`` (``schedule`` at this update, the rate the
+    optimizer applies) and ``skipped`` (1.0 when the update was not applied, else 0.0).
+
+    Non-finite guard: when the loss or the gradient norm is NaN/inf the update is not applied --
+    the returned states are the incoming ones, bitwise, optimizer step counter included (so the
+    schedule does not advance either) -- and ``skipped`` is 1. The choice is a per-element select
+    inside the program, so it adds no host synchronisation; whether a skipped step stops the run
+    is the trainer's policy (``train.on_nonfinite``). Finite steps compute exactly what they would
+    without the guard. Not jitted here: see :func:`jit_train_step`.
     """
 
     def step(model_state: nnx.State, opt_state: nnx.State, batch: Batch):
+        # The incoming values (immutable arrays/tracers), kept for the non-finite case: merging and
+        # updating below rebinds the variables, never these.
+        old_model, old_opt = jax.tree.leaves(model_state), jax.tree.leaves(opt_state)
         model = nnx.merge(model_def, model_state)
         optimizer = nnx.merge(opt_def, opt_state)
 
@@ -61,8 +71,16 @@ def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef,
         grad_norm = optax.tree.norm(grads)
         lr = jnp.asarray(schedule(optimizer.step[...]), jnp.float32)  # step = updates done so far
         optimizer.update(model, grads)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
-        return nnx.state(model), nnx.state(optimizer), metrics
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def keep_if_finite(new_state: nnx.State, old_leaves: list) -> nnx.State:
+            leaves, treedef = jax.tree.flatten(new_state)
+            return jax.tree.unflatten(treedef, [jnp.where(finite, n, o) for n, o in zip(leaves, old_leaves)])
+
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
+                   "skipped": jnp.where(finite, 0.0, 1.0).astype(jnp.float32)}
+        return (keep_if_finite(nnx.state(model), old_model), keep_if_finite(nnx.state(optimizer), old_opt),
+                metrics)
 
     return step
 

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import math
 import signal
 import threading
 import time
@@ -44,15 +43,17 @@ from ttt_jax.data import load_tokenizer, make_batches
 from ttt_jax.models.flops import flops_per_token
 from ttt_jax.models.lm import CausalLM, check_tokens, count_params
 from ttt_jax.train import mesh as mesh_lib
-from ttt_jax.train.checkpoint import Checkpointer
+from ttt_jax.train.checkpoint import Checkpointer, CheckpointCorruptError, NonFiniteStateError, state_nbytes
 from ttt_jax.train.metrics import MetricsWriter, peak_tflops_per_device, throughput
 from ttt_jax.train.optim import learning_rate_schedule, make_optimizer, optimizer_fields
+from ttt_jax.train.warm_start import restore_model_params
 from ttt_jax.train.steps import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss (or gradient norm) became NaN/inf. No checkpoint of the bad state is
-    written; the last good checkpoint (if any) is left as it was."""
+    """The training loss (or gradient norm) became NaN/inf (``train.on_nonfinite=stop``), or more
+    than ``train.max_nonfinite_steps`` updates were skipped for it (``skip``). No checkpoint of a
+    state after a skipped update is written; the last good checkpoint (if any) is left as it was."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -108,6 +109,7 @@ class TrainResult:
     checkpoint_dir: Path
     metrics_path: Path
     model: Any = dataclasses.field(default=None, repr=False)  # the trained CausalLM (final state)
+    nonfinite_skipped: int = 0   # updates skipped for a non-finite loss/gradient, over the whole run
 
 
 def preflight(cfg: Config, tokenizer: Any) -> None:
@@ -209,11 +211,11 @@ def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sha
     return _Program(model_def, opt_def, model_sh, opt_sh, batch_sh, scalar_sh, init, step, eval_)
 
 
-def _eval(eval_fn, model_state, batches, batch_sh) -> float:
+def _eval(eval_fn, model_state, batches, batch_sh, layout: str = "contiguous") -> float:
     """Mean NLL per token over ``batches`` (token-weighted across batches)."""
     total, count = 0.0, 0.0
     for b in batches:
-        nll, n = eval_fn(model_state, mesh_lib.put_batch(b, batch_sh))
+        nll, n = eval_fn(model_state, mesh_lib.put_batch(b, batch_sh, layout))
         total, count = total + nll, count + n   # device scalars: one sync at the end
     total, count = jax.device_get((total, count))
     return float(total) / max(float(count), 1.0)
@@ -248,8 +250,11 @@ def train(cfg: Config, *, log: Optional[Callable[[str], None]] = None) -> TrainR
       log: receives console messages (default: print on process 0, above the progress bar).
     Raises:
       ValueError: a config / data / checkpoint problem, found before any training step.
-      NonFiniteLossError: the loss diverged; the run stops without checkpointing the bad state.
+      NonFiniteLossError: the loss diverged (see ``train.on_nonfinite``); the run stops without
+        checkpointing the bad state.
       TrainingInterrupted: SIGTERM/SIGINT; the current step was finished and checkpointed.
+      CheckpointWriteError: too little disk space for a checkpoint (checked before training and
+        before every save) or the writer found the disk full (an ``OSError`` and a ``ValueError``).
     """
     with contextlib.ExitStack() as stack:
         return _train(cfg, _Log(log), stack)
@@ -261,7 +266,8 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     preflight(cfg, tokenizer)
     mesh = mesh_lib.make_mesh(cfg.mesh)
     ttt_on = bool(cfg.model.ttt.layer_ids(cfg.model.n_layers))
-    mesh_lib.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None)
+    mesh_lib.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
+                             cfg.model.context_layout)
     global_batch = cfg.data.batch_size * jax.process_count()  # data.batch_size is per process
     mesh_lib.check_batch_divisible(global_batch, mesh)
     # Shape-only: the parameter shardings are checked against the mesh (ValueError naming the
@@ -270,15 +276,20 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     is_main = jax.process_index() == 0
 
     run_dir = Path(tcfg.run_dir)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=tcfg.keep_checkpoints)
+    # Opening the directory removes saves a killed process left unfinished (with a warning).
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=tcfg.keep_checkpoints,
+                        warn=lambda msg: say(f"warning: {msg}"))
     stack.callback(ckpt.close)  # waits for pending saves, also when an error ends the run
-    latest = ckpt.latest_step()
-    if latest is not None and not tcfg.resume:
+    existing = ckpt.all_steps()
+    if existing and not tcfg.resume:
         raise ValueError(
-            f"{ckpt.directory} already holds checkpoints (latest step {latest}) and train.resume=false; "
+            f"{ckpt.directory} already holds checkpoints (latest step {existing[-1]}) and train.resume=false; "
             "set train.resume=true to continue that run, or choose a new train.run_dir")
-    if latest is not None:
-        ckpt.check_config(latest, cfg.to_dict())  # another model/data config: ValueError naming keys
+    # Another model/data config: ValueError naming keys. Steps whose records cannot be read are
+    # moved aside with a warning (their arrays are verified when restored, below).
+    latest = ckpt.latest_readable_step(cfg.to_dict()) if existing else None
+    # A full disk is found now, not after the first checkpoint interval (shape-only size).
+    ckpt.check_free_space(state_nbytes(jax.eval_shape(prog.init)))
     chunk = cfg.model.ttt.chunk_size if cfg.data.chunk_align else None
 
     # Data first: the validation batches are checked (token ids < vocab) before any compute.
@@ -296,12 +307,24 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     stack.enter_context(jax.set_mesh(mesh))
     n_params = count_params(nnx.merge(prog.model_def, model_state))
     start = 0
-    if latest is not None:
-        # Checks array names and shapes first (ValueError naming them).
-        model_state, opt_state, data_state = ckpt.restore(latest, model_state, opt_state, cfg.to_dict())
-        train_it.set_state(data_state)
-        start = latest
-        say(f"resumed from {ckpt.directory / str(latest)} (step {latest})")
+    skipped_total = 0   # updates skipped for non-finite values, over the whole run
+    # Checks array names and shapes first (ValueError naming them); a step that cannot be read back
+    # intact (checksums) is moved aside with a warning and the next older one is tried.
+    restored = ckpt.restore_latest(model_state, opt_state, cfg.to_dict()) if latest is not None else None
+    if restored is None and ckpt.set_aside:
+        raise CheckpointCorruptError(
+            ckpt.directory, "no intact checkpoint is left: " + ", ".join(str(p) for p in ckpt.set_aside)
+            + " were moved aside. Run the same command again to start from step 0, or use a new "
+            "train.run_dir")
+    if restored is not None:
+        model_state, opt_state = restored.model_state, restored.opt_state
+        train_it.set_state(restored.data_state)
+        start = restored.step
+        skipped_total = int(restored.meta.get("nonfinite_skipped", 0))
+        say(f"resumed from {ckpt.directory / str(start)} (step {start})")
+    elif tcfg.init_from:
+        # Warm start (continual training): the model's parameters only, in their shardings.
+        model_state = restore_model_params(tcfg.init_from, model_state, cfg, log=say)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -319,37 +342,56 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     say.writer = writer
     val_losses: list[tuple[int, float]] = []
     last_loss: Optional[float] = None
+    last_update_skipped = False
     interval = _Interval(start)
 
+    def last_good() -> str:
+        ckpt.wait()
+        good = ckpt.latest_step()
+        return (f"Last good checkpoint: {ckpt.directory / str(good)} (step {good}). " if good is not None
+                else "No checkpoint was written. ")
+
     def evaluate(step: int) -> None:
-        loss = _eval(prog.eval, model_state, val_batches, prog.batch_sh)
+        loss = _eval(prog.eval, model_state, val_batches, prog.batch_sh, cfg.model.context_layout)
         val_losses.append((step, loss))
         writer.write({"kind": "eval", "step": step, "val_loss": loss})
         say(f"step {step}: validation loss {loss:.4f}")
 
     def flush(step: int) -> None:
-        """Fetch pending step metrics (blocks), stop on non-finite, write one train record."""
-        nonlocal last_loss
+        """Fetch pending step metrics (blocks), apply the non-finite policy, write one train record."""
+        nonlocal last_loss, skipped_total, last_update_skipped
         if not interval.pending:
             return
         steps, values = interval.fetch()
         now = time.perf_counter()
         for s, m in zip(steps, values):
-            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-                writer.write({"kind": "train", "step": s, **m})
-                ckpt.wait()
-                good = ckpt.latest_step()
+            if not m["skipped"]:
+                continue
+            # The step program did not apply this update (non-finite loss or gradient norm).
+            writer.write({"kind": "train", "step": s, **m})
+            if tcfg.on_nonfinite == "stop":
                 raise NonFiniteLossError(
                     f"non-finite training loss at step {s} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
-                    "stopped without saving this state. "
-                    + (f"Last good checkpoint: {ckpt.directory / str(good)} (step {good}). "
-                       if good is not None else "No checkpoint was written. ")
+                    "stopped without saving this state (train.on_nonfinite=stop). " + last_good()
                     + "Lower train.learning_rate or raise train.warmup_steps, then resume")
-        last_loss = values[-1]["loss"]
+            skipped_total += 1
+            if skipped_total > tcfg.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"non-finite training loss at step {s} (loss={m['loss']}, grad_norm={m['grad_norm']}): "
+                    f"{skipped_total} updates skipped, more than train.max_nonfinite_steps="
+                    f"{tcfg.max_nonfinite_steps}; stopped. " + last_good()
+                    + "Lower train.learning_rate or raise train.warmup_steps (or check the data), then resume")
+            say(f"step {s}: non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}); update "
+                f"skipped ({skipped_total} of at most train.max_nonfinite_steps={tcfg.max_nonfinite_steps})")
+        last_update_skipped = bool(values[-1]["skipped"])
+        good = [m for m in values if not m["skipped"]]
+        if good:
+            last_loss = good[-1]["loss"]
         record = {"kind": "train", "step": step,
-                  "loss": sum(m["loss"] for m in values) / len(values),  # mean over the interval
+                  # mean over the interval's applied updates
+                  "loss": sum(m["loss"] for m in good) / len(good) if good else float("nan"),
                   "grad_norm": values[-1]["grad_norm"], "lr": values[-1]["lr"],
-                  "tokens_seen": step * tokens_per_step}
+                  "tokens_seen": step * tokens_per_step, "nonfinite_skipped": skipped_total}
         if step > interval.step0:
             record.update(throughput(step - interval.step0, now - interval.t0, tokens_per_step, fpt,
                                      mesh.size, peak))
@@ -367,7 +409,8 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
             raise ValueError(f"the training data ran out at step {step}; add data or lower train.steps") from None
         _check_batch(host_batch, cfg.model.vocab_size)
         model_state, opt_state, metrics = prog.step(model_state, opt_state,
-                                                  mesh_lib.put_batch(host_batch, prog.batch_sh))
+                                                  mesh_lib.put_batch(host_batch, prog.batch_sh,
+                                                                    cfg.model.context_layout))
         interval.pending.append((step, metrics))
         if step == start + 1:
             # Exclude compilation from throughput: the clock starts when the first step is done.
@@ -382,7 +425,20 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
             interval.restart(step)
         if step % tcfg.checkpoint_every == 0 or is_last or stop.received:
             flush(step)  # never checkpoint a state whose loss was not checked finite
-            ckpt.save(step, model_state, opt_state, train_it.get_state(), cfg.to_dict())
+            if last_update_skipped and not (is_last or stop.received):
+                # The state is the last applied update's (finite), but its loss on the latest batch
+                # was not: a periodic checkpoint waits, so that a diverging run cannot rotate the
+                # last good checkpoint out (train.keep_checkpoints) before the limit stops it.
+                say(f"step {step}: checkpoint deferred (the latest update was skipped as non-finite)")
+            else:
+                try:
+                    ckpt.save(step, model_state, opt_state, train_it.get_state(), cfg.to_dict(),
+                              extra_meta={"nonfinite_skipped": skipped_total})
+                except NonFiniteStateError as e:
+                    # Finite losses so far, but an update overflowed: never checkpoint it.
+                    raise NonFiniteLossError(f"{e}; not checkpointed. " + last_good()
+                                             + "Lower train.learning_rate or raise train.warmup_steps, "
+                                             "then resume") from e
             interval.restart(step)
         if stop.received and not is_last:
             ckpt.wait()
@@ -395,4 +451,5 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
 
     return TrainResult(step=max(start, end), train_loss=last_loss, val_losses=val_losses,
                        run_dir=run_dir, param_count=n_params, checkpoint_dir=ckpt.directory,
-                       metrics_path=writer.jsonl_path, model=nnx.merge(prog.model_def, model_state))
+                       metrics_path=writer.jsonl_path, model=nnx.merge(prog.model_def, model_state),
+                       nonfinite_skipped=skipped_total)

@@ -1,0 +1,192 @@
+"""Model-level benchmark: train-step time and peak memory with and without In-Place TTT.
+
+Each variant runs in its own subprocess (so the device's peak-memory counter belongs to it alone):
+build the model from a preset, one jitted AdamW train step (chunked cross-entropy, donation),
+warm up, time the median of ``--iters`` steps, and read ``peak_bytes_in_use``. The parent prints a
+table with tokens/s, MFU (analytic FLOPs, ``ttt_jax.models.flops``) and the TTT / base ratios.
+
+Usage (Qwen3-4B shape, 32k tokens, remat, bf16 parameters)::
+
+    ttt-jax bench model --preset qwen3_4b_shape --seq-len 32768 \\
+        --set model.param_dtype=bfloat16 model.remat=true --out results/model.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+VARIANTS = {
+    "base": ["model.ttt.enabled=false"],
+    "ttt": ["model.ttt.enabled=true"],
+    # Sliding-window attention on every layer (window from --window), without / with In-Place TTT.
+    "swa": ["model.ttt.enabled=false", "model.attention_window={window}"],
+    "swa_ttt": ["model.ttt.enabled=true", "model.attention_window={window}"],
+}
+
+
+def parse_mesh(spec: str) -> dict:
+    """``"context=4,fsdp=1"`` -> ``{"context": 4, "fsdp": 1}`` (axes of ``mesh.*``)."""
+    out = {}
+    for part in filter(None, spec.split(",")):
+        key, _, value = part.partition("=")
+        out[key.strip()] = int(value)
+    return out
+
+
+def run_variant(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from ttt_jax.config import load_config
+    from ttt_jax.models.flops import flops_per_token
+    from ttt_jax.models.lm import CausalLM, count_params
+    from ttt_jax.ops.loss import chunked_cross_entropy
+
+    from ttt_jax.train import mesh as mesh_lib
+
+    variant = [o.format(window=args.window) for o in VARIANTS[args.variant]]
+    mesh_over = [f"mesh.{k}={v}" for k, v in parse_mesh(args.mesh).items()]
+    overrides = list(args.set) + variant + mesh_over + [f"data.seq_len={args.seq_len}",
+                                                        f"model.max_seq_len={max(args.seq_len, 8)}"]
+    cfg = load_config(args.preset, overrides)
+    mcfg = cfg.model
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh_lib.check_supported(mesh, args.seq_len, mcfg.ttt.chunk_size if mcfg.ttt.layer_ids(mcfg.n_layers) else None,
+                             mcfg.context_layout)
+    tx = optax.adamw(1e-5, weight_decay=0.1)
+
+    def build():
+        model = CausalLM(mcfg, rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    graphdef, abs_state = nnx.split(nnx.eval_shape(build))
+    shardings = mesh_lib.state_shardings(abs_state, mesh)
+    # Created directly in its sharding: a large model is never whole on one device.
+    state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
+    n_params = count_params(nnx.merge(graphdef, state)[0])
+
+    def step(state, inputs, targets, positions):
+        model, opt = nnx.merge(graphdef, state)
+
+        def loss_fn(m):
+            h = m.hidden(inputs, positions=positions)
+            nll, n = chunked_cross_entropy(h, m.head(), targets, jnp.ones(targets.shape, jnp.float32))
+            return nll / n
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return nnx.state((model, opt)), loss
+
+    batch_sh = mesh_lib.batch_sharding(mesh)
+    step = jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch_sh, batch_sh, batch_sh))
+    t = args.seq_len
+    rows = np.asarray(jax.random.randint(jax.random.key(1), (args.batch, t + 1), 0, mcfg.vocab_size, jnp.int32))
+    host = {"inputs": rows[:, :-1], "targets": rows[:, 1:],
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (args.batch, t)).copy()}
+    batch = mesh_lib.put_batch(host, batch_sh, mcfg.context_layout)
+    tokens = (batch["inputs"], batch["targets"], batch["positions"])
+    ctx = jax.set_mesh(mesh)
+    ctx.__enter__()
+    t0 = time.perf_counter()
+    compiled = step.lower(state, *tokens).compile()
+    compile_s = time.perf_counter() - t0
+    # Progress on stderr (the parent keeps the child's last lines when a variant fails).
+    print(f"[{args.variant}] compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
+    mem = compiled.memory_analysis()
+    for _ in range(args.warmup):
+        state, loss = step(state, *tokens)
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        state, loss = step(state, *tokens)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+        print(f"[{args.variant}] step {len(times)}: {times[-1]:.3f} s", file=sys.stderr, flush=True)
+    sec = statistics.median(times)
+    dev = jax.devices()[0]
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat]
+    fpt = flops_per_token(mcfg, t)
+    return dict(variant=args.variant, device=dev.device_kind, n_devices=mesh.size,
+                mesh={k: int(v) for k, v in mesh.shape.items()}, layout=mcfg.context_layout,
+                window=mcfg.attention_window, params=n_params, seq_len=t, batch=args.batch,
+                step_s=sec, tokens_per_s=args.batch * t / sec,
+                tflops=fpt * args.batch * t / sec / 1e12 / mesh.size,   # per device
+                peak_gib=max(peaks) / 2 ** 30,
+                temp_gib=(mem.temp_size_in_bytes / 2 ** 30) if mem is not None else None,
+                compile_s=compile_s, loss=float(loss), ttt_layers=list(mcfg.ttt.layer_ids(mcfg.n_layers)))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="qwen3_4b_shape")
+    p.add_argument("--seq-len", type=int, default=32768)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--window", type=int, default=4096, help="sliding window of the swa variants")
+    p.add_argument("--mesh", default="", help="mesh axes, e.g. context=4 or context=2,fsdp=2 "
+                   "(default: data parallel over all devices)")
+    p.add_argument("--set", nargs="*", default=["model.param_dtype=bfloat16", "model.remat=true"],
+                   help="config overrides applied to every variant")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.variant:
+        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return None
+    rows = []
+    for v in args.variants:
+        cmd = [sys.executable, "-m", "ttt_jax.bench.model", "--variant", v, "--preset", args.preset, "--seq-len", str(args.seq_len),
+               "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
+               "--window", str(args.window), "--mesh", args.mesh, "--set", *args.set]
+        # The child imports this package from where the parent found it (installed or not).
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            err = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            rows.append(dict(variant=v, error=" | ".join(err)))
+        else:
+            rows.append(json.loads(line[0][7:]))
+        print(rows[-1], flush=True)
+    ok = {r["variant"]: r for r in rows if "error" not in r}
+    print(f"\n{'variant':>8} {'step s':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'compile s':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:>8} ERROR {r['error']}")
+            continue
+        mfu = r["tflops"] / args.peak_tflops if args.peak_tflops else float("nan")
+        print(f"{r['variant']:>8} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['tflops']:8.1f} {mfu:6.1%} "
+              f"{r['peak_gib']:9.2f} {r['compile_s']:9.1f}")
+    if "base" in ok and "ttt" in ok:
+        b, t = ok["base"], ok["ttt"]
+        mem = f"{t['peak_gib'] / b['peak_gib']:.3f}x" if b["peak_gib"] else "n/a (no device memory stats)"
+        print(f"\nTTT / base: step time {t['step_s'] / b['step_s']:.3f}x, peak memory {mem}")
+    if "swa" in ok and "swa_ttt" in ok:
+        b, t = ok["swa"], ok["swa_ttt"]
+        mem = f"{t['peak_gib'] / b['peak_gib']:.3f}x" if b["peak_gib"] else "n/a (no device memory stats)"
+        print(f"SWA+TTT / SWA: step time {t['step_s'] / b['step_s']:.3f}x, peak memory {mem}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
