@@ -133,7 +133,7 @@ def test_cli_generate_streams_the_greedy_continuation(checkpoint, tmp_path):
     want = generate(model, [[tok.bos_id] + tok.encode("def f(x):")],
                     GenerationConfig(max_new_tokens=7, stop_tokens=(258,)), prefill_block=12)
     assert out == tok.decode(want.tokens[0]) + "\n"
-    assert "generated" in err and "tokens/s" in err
+    assert "generated" in err and "tokens/s" in err, err
     # --prompt-file and sampling flags; an HF tokenizer.json (ids < the model's vocabulary).
     tj = _hf_tokenizer_json(tmp_path)
     prompt = tmp_path / "prompt.txt"

@@ -165,8 +165,8 @@ def project_qkv(attn, x: jax.Array, positions: jax.Array,
     if attn.q_norm is not None:
         q = attn.q_norm(q)
         k = attn.k_norm(k)
-    q = apply_rope(q, positions, theta=attn.rope_theta)
-    k = apply_rope(k, positions, theta=attn.rope_theta)
+    q = apply_rope(q, positions, theta=attn.rope_theta, scaling=attn.rope_scaling)
+    k = apply_rope(k, positions, theta=attn.rope_theta, scaling=attn.rope_scaling)
     return q, k, v
 
 
