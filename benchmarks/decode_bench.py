@@ -187,7 +187,7 @@ def main(argv=None) -> int:
         block = args.prefill_block or 256
         steps = min(args.decode_steps, 5)
     else:
-        contexts = [4096, 16384, 32768, 65536, 131072]
+        contexts = [4096, 32768, 131072]
         batches = [int(x) for x in args.batches.split(",")]
         block = args.prefill_block or 4096
         steps = args.decode_steps

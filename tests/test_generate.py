@@ -153,3 +153,31 @@ def test_cli_generate_errors(checkpoint, tmp_path):
     assert code == 2 and "does not exist" in err
     code, _, err = _cli(["generate", str(path), "--prompt", "x", "--qttt-layers", "a,b"])
     assert code == 2 and "qttt-layers" in err
+
+
+@pytest.mark.slow
+def test_generation_with_sharded_parameters_matches_unsharded(checkpoint):
+    """load_model(path, mesh=...) places every parameter in its FSDP x tensor sharding; prefill and
+    decode then run partitioned over the 8 emulated devices with the unsharded model's logits."""
+    from parallel.mesh import make_mesh
+    from ttt_jax.train.checkpoint import load_model
+
+    path, _, model = checkpoint
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    _, sharded = load_model(path, mesh=mesh)
+    shardings = {x.sharding for x in jax.tree.leaves(nnx_state(sharded))}
+    assert any(len(s.device_set) == 8 and not s.is_fully_replicated for s in shardings)
+    prompts = [[1, 5, 9, 33], [1, 70, 71, 72, 73, 74, 75, 76, 77, 78]]
+    gen = GenerationConfig(max_new_tokens=5)
+    want = generate(model, prompts, gen, return_logits=True, prefill_block=12)
+    with jax.set_mesh(mesh):
+        got = generate(sharded, prompts, gen, return_logits=True, prefill_block=12)
+    assert got.tokens == want.tokens
+    for a, b in zip(got.logits, want.logits):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def nnx_state(model):
+    from flax import nnx
+
+    return nnx.state(model, nnx.Param)
