@@ -120,21 +120,25 @@ class _Static:
 
 # Jitted at module level with the graph definition static: engines of the same model structure
 # (a reloaded checkpoint, another Engine over the same model) share compilations.
-@functools.partial(jax.jit, static_argnames=("graphdef", "logits", "attn_block"), donate_argnames=("cache",))
-def _extend_jit(graphdef, state, cache, tokens, n_valid, q_deltas, *, logits: str, attn_block: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "logits", "attn_impl", "attn_block"),
+                   donate_argnames=("cache",))
+def _extend_jit(graphdef, state, cache, tokens, n_valid, q_deltas, *, logits: str, attn_impl: str,
+                attn_block: int):
     model = nnx.merge(graphdef.graphdef, state)
-    hidden, cache = extend(model, cache, tokens, n_valid, q_deltas=q_deltas, attn_block=attn_block)
+    hidden, cache = extend(model, cache, tokens, n_valid, q_deltas=q_deltas, attn_impl=attn_impl,
+                           attn_block=attn_block)
     if logits == "all":
         return model.logits(hidden), cache
     return model.logits(_last_rows(hidden, n_valid)[:, None])[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attn_block"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "attn_block"),
+                   donate_argnames=("cache",))
 def _decode_jit(graphdef, state, cache, tokens, active, q_deltas, key, temperature, top_k, top_p, *,
-                attn_block: int):
+                attn_impl: str, attn_block: int):
     model = nnx.merge(graphdef.graphdef, state)
     hidden, cache = extend(model, cache, tokens[:, None], active.astype(jnp.int32), q_deltas=q_deltas,
-                           attn_block=attn_block)
+                           attn_impl=attn_impl, attn_block=attn_block)
     logits = model.logits(hidden)[:, 0]
     return sample_logits(logits, key, temperature, top_k, top_p), logits, cache
 
@@ -146,15 +150,18 @@ class Engine:
       model: a :class:`CausalLM` (scanned layers are unrolled, sharing the values).
       prefill_block: prompt tokens per prefill call (bounds activation memory).
       attn_block: keys per block of the blockwise cache attention.
+      attn_impl: :func:`ttt_jax.infer.attention.cache_attention` implementation.
     """
 
-    def __init__(self, model: CausalLM, *, prefill_block: int = 1024, attn_block: int = 512):
+    def __init__(self, model: CausalLM, *, prefill_block: int = 1024, attn_block: int = 512,
+                 attn_impl: str = "auto"):
         if prefill_block < 1:
             raise ValueError(f"prefill_block must be >= 1, got {prefill_block}")
         model = unrolled_model(model)
         self.cfg = model.cfg
         self.prefill_block = int(prefill_block)
         self.attn_block = int(attn_block)
+        self.attn_impl = attn_impl
         self.graphdef, self.state = nnx.split(model)
         self._static = _Static(self.graphdef)
 
@@ -164,7 +171,7 @@ class Engine:
 
     def _extend(self, cache, tokens, n_valid, q_deltas, *, logits: str):
         return _extend_jit(self._static, self.state, cache, tokens, n_valid, q_deltas, logits=logits,
-                           attn_block=self.attn_block)
+                           attn_impl=self.attn_impl, attn_block=self.attn_block)
 
     # -- host API -------------------------------------------------------------------------------
 
@@ -239,7 +246,7 @@ class Engine:
         key = jax.random.key(0) if key is None else key
         return _decode_jit(self._static, self.state, cache, tokens, active, dict(q_deltas or {}), key,
                            jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-                           attn_block=self.attn_block)
+                           attn_impl=self.attn_impl, attn_block=self.attn_block)
 
 
 def _pad_prompts(prompts, lengths) -> tuple[np.ndarray, np.ndarray]:

@@ -90,8 +90,10 @@ def _extend_one(mlp, h, x0, start, n_valid, st: TTTCache):
     c = mlp.chunk_size
     dt = mlp.dtype
     z = mlp.activation(h)                                                # [B, 1, F]
-    w = mlp.down[...].astype(dt).astype(_F32)[None] + st.delta            # [B, F, D]
-    out = jnp.einsum("btf,bfd->btd", z, w.astype(z.dtype), preferred_element_type=_F32).astype(dt)
+    # z W0 (shared weight) + z S (per sequence): a batched mat-vec that reads the fp32 state once,
+    # rather than materialising W0 + S for every sequence at every step.
+    out = (jnp.einsum("btf,fd->btd", z, mlp.down[...].astype(dt), preferred_element_type=_F32)
+           + jnp.einsum("btf,bfd->btd", z.astype(_F32), st.delta, preferred_element_type=_F32)).astype(dt)
     active = n_valid > 0
     offset = start % c
     slot = jnp.where(active, offset, c)
