@@ -156,3 +156,28 @@ def test_cache_too_small_is_a_clear_error():
     cache = init_cache(engine.cfg, 1, 16)
     with pytest.raises(ValueError, match="token ids"):
         engine.prefill(cache, [[1, V]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_context_parallel_prefill_equals_prefill(name):
+    """prefill_parallel under a mesh with context=4 (the model's ring / halo attention and
+    cross-device TTT scan) fills the same cache as the single-device blockwise prefill."""
+    from parallel.mesh import make_mesh
+
+    model, engine, tokens, ref = setup(name)
+    prompt = tokens[:2, :32]                     # a multiple of 4 devices x chunks of 8
+    want_logits, want = engine.prefill(engine.init_cache(2, 40), prompt)
+    want = jax.tree.map(np.asarray, want)
+    mesh = make_mesh(data=2, context=4)
+    with jax.set_mesh(mesh):
+        got_logits, got = engine.prefill_parallel(engine.init_cache(2, 40), prompt)
+    np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got_logits), ref[:2, 31], rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(jax.tree.map(np.asarray, got)), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # And decoding continues from it as from the ordinary prefill.
+    _, logits, _ = engine.decode(got, tokens[:2, 32])
+    np.testing.assert_allclose(np.asarray(logits), ref[:2, 32], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="multiple of mesh.context"), jax.set_mesh(mesh):
+        engine.prefill_parallel(engine.init_cache(2, 40), tokens[:2, :20])

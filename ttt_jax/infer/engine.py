@@ -88,6 +88,77 @@ def extend(model: CausalLM, cache: Cache, tokens: jax.Array, n_valid: jax.Array,
     return model.final_norm(x), Cache(lengths=start + n_valid, layers=tuple(layers))
 
 
+def prefill_forward(model: CausalLM, cache: Cache, tokens: jax.Array) -> tuple[jax.Array, Cache]:
+    """Fill *empty* caches with whole prompts of equal length through the model's own forward pass.
+
+    The layer outputs come from the modules' ``__call__`` -- under a mesh with a ``context`` axis that
+    is the context-parallel forward (ring / halo attention, the cross-device In-Place TTT scan), so a
+    long prompt is split over devices -- and the cache contents are position-wise: keys and values of
+    every position (the last ``window`` for ring buffers), the fast weight after the complete chunks
+    (``sum_i clip(lr z_i^T v_i)``, one reduction over the sequence) and the rows of the final partial
+    chunk. Equal to :func:`extend` from an empty cache (tested).
+
+    Args:
+      model: an unrolled :class:`CausalLM`.
+      cache: an empty cache (``lengths == 0``) of batch ``B``.
+      tokens: ``[B, T]`` int32, every row a whole prompt of ``T`` tokens.
+
+    Returns:
+      ``([B, T, D]`` final-normed hidden states, the cache with ``lengths = T``).
+    """
+    from ttt_jax.infer.attention import project_qkv
+    from ttt_jax.infer.cache import KVCache, TTTCache
+    from ttt_jax.infer.ttt import chunk_update
+
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x0 = model.embed_tokens(tokens)
+    x = x0
+    layers = []
+    for block, lc in zip(model.layers, cache.layers):
+        a = block.attn_norm(x)
+        _, k, v = project_qkv(block.attn, a, positions)
+        kv = lc.kv
+        keep = positions >= t - kv.capacity
+        slots = jnp.where(keep, positions % kv.capacity, kv.capacity)
+        bidx = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+        kv = KVCache(kv.k.at[bidx, slots].set(k.astype(kv.k.dtype), mode="drop"),
+                     kv.v.at[bidx, slots].set(v.astype(kv.v.dtype), mode="drop"),
+                     window=kv.window, ring=kv.ring)
+        x = x + block.attn(a, positions=positions)
+        h = block.mlp_norm(x)
+        st = None
+        if block.is_ttt:
+            mlp = block.mlp
+            out = mlp(h, x0=x0)
+            c = mlp.chunk_size
+            done = (t // c) * c
+            delta = lc.ttt.delta
+            if done:
+                n = done // c
+                hc = h[:, :done].reshape(b * n, c, -1)
+                xc = x0[:, :done].reshape(b * n, c, -1) if lc.ttt.x0 is not None else None
+                if mlp.clip_tau is None:
+                    # No per-chunk clipping: one reduction over all complete chunks.
+                    delta = delta + chunk_update(mlp, h[:, :done], None if xc is None else x0[:, :done],
+                                                 chunk_size=c)
+                else:
+                    delta = delta + chunk_update(mlp, hc, xc).reshape(b, n, *delta.shape[1:]).sum(axis=1)
+
+            def pending(rows, buf):
+                # Rows of the final, incomplete chunk (positions done .. t-1) at buffer rows 0 ...
+                if buf is None:
+                    return None
+                return jnp.zeros_like(buf).at[:, :t - done].set(rows[:, done:].astype(buf.dtype))
+
+            st = TTTCache(delta=delta, h=pending(h, lc.ttt.h), x0=pending(x0, lc.ttt.x0))
+        else:
+            out = block.mlp(h)
+        x = x + out
+        layers.append(LayerCache(kv=kv, ttt=st))
+    return model.final_norm(x), Cache(lengths=cache.lengths + t, layers=tuple(layers))
+
+
 def _last_rows(x: jax.Array, n_valid: jax.Array) -> jax.Array:
     """``x [B, T, ...]`` -> ``x[b, n_valid[b] - 1]`` (row 0 when ``n_valid`` is 0)."""
     idx = jnp.maximum(n_valid - 1, 0)[:, None]
@@ -141,6 +212,13 @@ def _decode_jit(graphdef, state, cache, tokens, active, q_deltas, key, temperatu
                            attn_impl=attn_impl, attn_block=attn_block)
     logits = model.logits(hidden)[:, 0]
     return sample_logits(logits, key, temperature, top_k, top_p), logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _prefill_forward_jit(graphdef, state, cache, tokens):
+    model = nnx.merge(graphdef.graphdef, state)
+    hidden, cache = prefill_forward(model, cache, tokens)
+    return model.logits(hidden[:, -1:])[:, 0], cache
 
 
 class Engine:
@@ -226,6 +304,29 @@ class Engine:
         if logits == "all":
             return jnp.concatenate(out, axis=1)[:, :int(lens.max())], cache
         return last, cache
+
+    def prefill_parallel(self, cache: Cache, tokens) -> tuple[jax.Array, Cache]:
+        """Prefill empty caches with ``tokens [B, T]`` (equal-length prompts) in one forward pass
+        (:func:`prefill_forward`): under ``jax.set_mesh(mesh)`` with ``mesh.context = n > 1`` the
+        sequence is split over ``n`` devices (``T`` must be a multiple of ``n`` times the TTT chunk
+        size). Returns the ``[B, V]`` logits of the last token and the cache. Memory grows with ``T``
+        (divided over the devices): this is the path for long prompts on a mesh; :meth:`prefill`
+        bounds memory on one device."""
+        from ttt_jax.nn.context import context_size
+
+        tokens = np.asarray(tokens, np.int32)
+        if tokens.ndim != 2 or tokens.shape[0] != cache.batch_size:
+            raise ValueError(f"tokens must be [B, T] with B = {cache.batch_size}, got {tokens.shape}")
+        if np.any(np.asarray(cache.lengths)):
+            raise ValueError("prefill_parallel fills empty caches; use prefill to continue a sequence")
+        check_tokens(tokens, self.cfg.vocab_size)
+        self._check_room(cache, np.full((cache.batch_size,), tokens.shape[1], np.int64))
+        n = context_size()
+        unit = n * (self.cfg.ttt.chunk_size if self.cfg.ttt.layer_ids(self.cfg.n_layers) and n > 1 else 1)
+        if tokens.shape[1] % unit:
+            raise ValueError(f"prompt length {tokens.shape[1]} must be a multiple of mesh.context={n} x "
+                             f"the TTT chunk size = {unit} for a context-parallel prefill")
+        return _prefill_forward_jit(self._static, self.state, cache, jnp.asarray(tokens))
 
     def decode(self, cache: Cache, tokens, *, active=None, key=None, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, q_deltas: Optional[Mapping[int, jax.Array]] = None,

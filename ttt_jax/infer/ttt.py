@@ -40,11 +40,20 @@ def _target(mlp, src: jax.Array) -> jax.Array:
                               chunk_size=mlp.chunk_size)
 
 
-def chunk_update(mlp, h_rows: jax.Array, x0_rows: Optional[jax.Array]) -> jax.Array:
-    """``clip(lr * z^T v)`` of whole chunks: ``h_rows [B, C, D]`` (and ``x0_rows``) -> ``[B, F, D]`` fp32."""
+def chunk_update(mlp, h_rows: jax.Array, x0_rows: Optional[jax.Array], *,
+                 chunk_size: Optional[int] = None) -> jax.Array:
+    """``clip(lr * z^T v)`` of one whole chunk per row: ``h_rows [B, C, D]`` (and ``x0_rows``) ->
+    ``[B, F, D]`` fp32. With ``chunk_size``, rows may hold several whole chunks (``[B, n C, D]``)
+    and the result is their unclipped sum (only valid without ``clip_tau``)."""
     z = mlp.activation(h_rows)
-    v = _target(mlp, x0_rows if mlp.target_source == "embeddings" else h_rows)
+    src = x0_rows if mlp.target_source == "embeddings" else h_rows
+    dt = mlp.dtype
+    v = inplace_ttt_target(src.astype(dt), mlp.ttt_conv[...].astype(dt), mlp.ttt_proj[...].astype(dt),
+                           chunk_size=chunk_size or h_rows.shape[1])
     dw = jnp.einsum("bcf,bcd->bfd", z, v.astype(z.dtype), preferred_element_type=_F32)
+    if chunk_size is not None:
+        assert mlp.clip_tau is None
+        return mlp.lr * dw
     return clip_update(mlp.lr * dw, mlp.clip_tau)
 
 
