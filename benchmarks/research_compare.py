@@ -30,7 +30,10 @@ the variants can be run in separate calls (``--variants``) and reported together
 Usage::
 
     python benchmarks/research_compare.py --smoke --out /tmp/research_smoke     # CPU, < 3 minutes
-    python benchmarks/research_compare.py --out $OUT/research                   # one GPU
+    python benchmarks/research_compare.py --out runs/research                   # one GPU
+    cp runs/research/results.* runs/research/*.png benchmarks/results/research/ # keep the report
+
+(the output directory also holds the training mix, ~40 MB, and the checkpoints.)
 """
 
 from __future__ import annotations
