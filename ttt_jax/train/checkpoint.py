@@ -262,6 +262,15 @@ def free_bytes(directory: Path) -> int:
     return int(shutil.disk_usage(p).free)
 
 
+def _sync_processes(name: str) -> None:
+    """Wait until every process got here (process 0 changes the shared checkpoint directory; the
+    others must not look at it before). A no-op with one process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _is_disk_full(e: BaseException) -> bool:
     """Whether ``e`` (or an exception it was raised from) says the disk or quota is full. Orbax
     re-raises errors of its background writer; TensorStore reports ENOSPC as text."""
@@ -312,14 +321,14 @@ class Checkpointer:
                                                  enable_async_checkpointing=async_save))
 
     def _discard_unfinished(self) -> None:
-        if not self.directory.is_dir():
-            return
-        for p in sorted(self.directory.iterdir()):
-            if TMP_MARKER in p.name:
-                self._warn(f"checkpoint {p} was interrupted while being written and is incomplete; "
-                           "skipped and removed")
-                if jax.process_index() == 0:
-                    shutil.rmtree(p, ignore_errors=True)
+        unfinished = sorted(p for p in self.directory.iterdir() if TMP_MARKER in p.name) \
+            if self.directory.is_dir() else []
+        for p in unfinished:
+            self._warn(f"checkpoint {p} was interrupted while being written and is incomplete; "
+                       "skipped and removed")
+            if jax.process_index() == 0:
+                shutil.rmtree(p, ignore_errors=True)
+        _sync_processes("ttt_jax_checkpoint_discard_unfinished")
 
     def latest_step(self) -> Optional[int]:
         return self._mngr.latest_step()
@@ -502,6 +511,7 @@ class Checkpointer:
             dst, i = self.directory / f"{step}{CORRUPT_SUFFIX}-{i}", i + 1
         if jax.process_index() == 0:
             os.replace(src, dst)
+        _sync_processes(f"ttt_jax_checkpoint_set_aside_{step}")
         self.set_aside.append(dst)
         self._warn(f"checkpoint {src} is corrupt ({reason}); skipped and moved to {dst}")
         self._mngr.reload()
