@@ -332,7 +332,9 @@ class Checkpointer:
 
     ``warn`` receives one line per checkpoint that is skipped (default: ``warnings.warn`` with
     :class:`CheckpointWarning`). Opening a directory removes the temporary directories of saves
-    that never completed (a process killed while writing), warning for each.
+    that never completed (a process killed while writing), warning for each: open it from the
+    run that writes there, not while another process is saving into it (to only read a
+    checkpoint, use :func:`load_model` / :func:`read_checkpoint_config`).
     """
 
     def __init__(self, directory: str | Path, keep: int, async_save: bool = True,
