@@ -106,3 +106,22 @@ def test_local_part_must_be_whole_chunks():
     mesh = make_mesh(data=2, context=4)
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="multiple of the TTT chunk size"):
         jax.jit(lambda t: model(t))(tokens)
+
+
+def test_bf16_gradients_under_context_parallelism():
+    """bf16 compute: the gradient of the replicated fast-weight init (the MLP's down-projection) is
+    summed over the context devices (in fp32; a bf16 all-reduce there crashed XLA's CPU compiler)."""
+    model = _model(["model.compute_dtype=bfloat16", "model.ttt.target_source=hidden"])
+    tokens = jax.random.randint(jax.random.key(3), (2, 64), 0, 64)
+    graphdef, state = nnx.split(model)
+
+    def loss(state, tokens):
+        return jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, state)(tokens).astype(jnp.float32))[..., 0])
+
+    want = jax.jit(jax.grad(loss))(state, tokens)
+    mesh = make_mesh(data=2, context=4)
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.grad(loss))(state, jax.device_put(tokens, NamedSharding(mesh, P("data", "context"))))
+    down = lambda g: np.asarray(g["layers"][0]["mlp"]["down"][...], np.float32)
+    assert np.isfinite(down(got)).all() and np.abs(down(want)).max() > 0
+    np.testing.assert_allclose(down(got), down(want), atol=0.05 * np.abs(down(want)).max(), rtol=0.1)

@@ -182,7 +182,9 @@ def _scan_bwd(lr, clip_tau, segmented, res, cotangents):
         bwd_step, carry0, (zt, vt, ut, at, gt, dz_apply), reverse=True)
     dz, dv = jnp.moveaxis(dz, 0, 1), jnp.moveaxis(dv, 0, 1)
     zeros = jnp.zeros_like
-    return (_reduce_like(dz, z), _reduce_like(dv, vm), _reduce_like(dw0.astype(w0.dtype), w0),
+    # dw0 is summed over devices in fp32 (then cast): more accurate, and XLA's CPU compiler crashes
+    # on a bf16 all-reduce of this gradient under context parallelism.
+    return (_reduce_like(dz, z), _reduce_like(dv, vm), _reduce_like(dw0, w0).astype(w0.dtype),
             zeros(use), zeros(a), _reduce_like(ds0.astype(s0.dtype), s0))
 
 
