@@ -64,7 +64,7 @@ def test_train_toy(tmp_path, capsys):
 
 
 def test_train_divergence_exit_code(tmp_path, capsys):
-    argv = ["train", "tiny", *TOY, "train.learning_rate=1e30", "train.grad_clip=0",
+    argv = ["train", "tiny", *TOY, "train.learning_rate=1e30", "train.grad_clip=0", "train.on_nonfinite=stop",
             f"train.run_dir={tmp_path / 'bad'}"]
     assert main(argv) == 3
     assert "non-finite training loss" in capsys.readouterr().err

@@ -15,6 +15,7 @@ mistake surfaces as a ``ValueError`` naming the field, before any compute.
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 import typing
 from pathlib import Path
@@ -541,16 +542,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"invalid {key}={value!r}: expected an integer") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"invalid {key}={value!r}: expected an integer")
         return int(f)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"invalid {key}={value!r}: expected a number")
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"invalid {key}={value!r}: expected a number") from None
+        if math.isnan(f):
+            raise ConfigError(f"invalid {key}={value!r}: expected a number, not NaN")
+        return f
     if tp is str:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"invalid {key}={value!r}: expected a string")
