@@ -40,6 +40,11 @@ class TTTConfig:
 
     ``layers`` is either an explicit list of layer indices or ``None``, in which case TTT is on every
     ``every``-th layer starting at ``start`` (paper default: every 6th layer from 0).
+
+    ``target`` chooses what the fast weights are trained towards: ``aligned`` (the paper's
+    next-token-aligned target: the centred conv reads ``(K-1)//2`` future tokens of the chunk) or
+    ``reconstruction`` (the ablation: the same conv with its future taps held at zero, so the target
+    at a position is built from that token and earlier ones only). Same parameters, same compute.
     """
 
     enabled: bool = True
@@ -50,6 +55,7 @@ class TTTConfig:
     chunk_size: int = 1024
     conv_kernel: int = 5
     target_source: Literal["embeddings", "hidden"] = "embeddings"
+    target: Literal["aligned", "reconstruction"] = "aligned"
     clip_tau: Optional[float] = None
     impl: Literal["auto", "reference", "associative", "scan", "attention"] = "auto"
 
@@ -59,6 +65,8 @@ class TTTConfig:
                self.conv_kernel, "an odd integer >= 1 (the conv is centred: (K-1)//2 past and future taps)")
         _check(self.every >= 1, "model.ttt.every", self.every, "an integer >= 1")
         _check(0 <= self.start, "model.ttt.start", self.start, "an integer >= 0")
+        _check(self.target in ("aligned", "reconstruction"), "model.ttt.target", self.target,
+               "'aligned' (next-token-aligned, the paper's) or 'reconstruction' (ablation)")
         _check(self.clip_tau is None or self.clip_tau > 0, "model.ttt.clip_tau", self.clip_tau,
                "null (off) or a positive float")
         if self.layers is not None:
@@ -73,6 +81,101 @@ class TTTConfig:
         if self.layers is not None:
             return tuple(sorted(set(self.layers)))
         return tuple(range(self.start, n_layers, self.every))
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTSeqConfig:
+    """TTT-Linear / TTT-MLP sequence-mixing layers (Sun et al. 2024; ``ttt_jax.nn.ttt_seq``).
+
+    Off by default. ``layers`` (explicit indices) or every ``every``-th layer from ``start`` get a
+    TTT layer, which ``mode="replace"`` puts in place of self-attention and ``mode="beside"`` adds
+    next to it (both read the same normed input; their outputs are summed, e.g. beside
+    sliding-window attention). ``kind``: inner model ``linear`` or ``mlp`` (4x hidden, GELU).
+    ``base_lr``: inner learning rate scale (null: 1.0 for linear, 0.1 for mlp, as published).
+    ``mini_batch``: TTT mini-batch size. ``impl``: ``dual`` (fast) or ``reference`` (primal form).
+    ``remat_group``: mini-batches per checkpointed group of the inner-loop scan (0 = about
+    sqrt(number of mini-batches)). Not supported with context parallelism (``mesh.context > 1``):
+    the layer is not affine in its state, so the sequence cannot be split without a sequential
+    carry across devices.
+    """
+
+    enabled: bool = False
+    kind: Literal["linear", "mlp"] = "linear"
+    layers: Optional[tuple[int, ...]] = None
+    every: int = 1
+    start: int = 0
+    mode: Literal["replace", "beside"] = "replace"
+    mini_batch: int = 16
+    base_lr: Optional[float] = None
+    output_gate: bool = False
+    impl: Literal["dual", "reference"] = "dual"
+    remat_group: int = 0
+
+    def validate(self, n_layers: int) -> None:
+        _check(self.mini_batch >= 1, "model.ttt_seq.mini_batch", self.mini_batch, "an integer >= 1")
+        _check(self.every >= 1, "model.ttt_seq.every", self.every, "an integer >= 1")
+        _check(self.start >= 0, "model.ttt_seq.start", self.start, "an integer >= 0")
+        _check(self.base_lr is None or self.base_lr > 0, "model.ttt_seq.base_lr", self.base_lr,
+               "null (1.0 linear / 0.1 mlp) or a positive float")
+        _check(self.remat_group >= 0, "model.ttt_seq.remat_group", self.remat_group,
+               "0 (auto) or a positive integer")
+        if self.layers is not None:
+            bad = [i for i in self.layers if not 0 <= i < n_layers]
+            _check(not bad, "model.ttt_seq.layers", list(self.layers),
+                   f"layer indices in [0, {n_layers}) (model.n_layers={n_layers}); out of range: {bad}")
+
+    @property
+    def resolved_base_lr(self) -> float:
+        if self.base_lr is not None:
+            return float(self.base_lr)
+        return 1.0 if self.kind == "linear" else 0.1
+
+    def layer_ids(self, n_layers: int) -> tuple[int, ...]:
+        """The layers with a TTT sequence layer (empty when disabled)."""
+        if not self.enabled:
+            return ()
+        if self.layers is not None:
+            return tuple(sorted(set(self.layers)))
+        return tuple(range(self.start, n_layers, self.every))
+
+
+@dataclasses.dataclass(frozen=True)
+class E2EConfig:
+    """TTT-E2E (end-to-end test-time training; ``ttt_jax.models.e2e``). Off by default.
+
+    The SwiGLU MLPs (gate, up, down) of the last ``last_k`` blocks are fast weights, per sequence:
+    the forward pass runs those blocks chunk by chunk (``chunk_size`` tokens), answers each chunk with
+    the current weights, then takes one SGD step (``lr``) on the chunk's mean next-token loss, the
+    gradient clipped to global norm ``grad_clip`` per sequence (0 = off). Training differentiates
+    through these steps. The first blocks run once over the whole sequence; use a sliding-window
+    backbone (``model.attention_window``) as published. The last ``last_k`` layers must be plain
+    layers (no In-Place TTT, no ``ttt_seq``); ``model.scan_layers`` and ``mesh.context > 1`` are not
+    supported. ``impl``: ``chunked`` (a checkpointed chunk scan with a carried KV window) or
+    ``reference`` (a per-chunk loop recomputing the prefix; the test oracle, quadratic cost).
+    """
+
+    enabled: bool = False
+    last_k: int = 1
+    chunk_size: int = 1024
+    lr: float = 1.0
+    grad_clip: float = 1.0
+    impl: Literal["chunked", "reference"] = "chunked"
+
+    def validate(self, cfg: "ModelConfig") -> None:
+        if not self.enabled:
+            return
+        n = cfg.n_layers
+        _check(1 <= self.last_k <= n, "model.e2e.last_k", self.last_k, f"an integer in [1, {n}]")
+        _check(self.chunk_size >= 1, "model.e2e.chunk_size", self.chunk_size, "an integer >= 1")
+        _check(self.lr > 0, "model.e2e.lr", self.lr, "a positive float")
+        _check(self.grad_clip >= 0, "model.e2e.grad_clip", self.grad_clip, ">= 0 (0 = off)")
+        last = set(range(n - self.last_k, n))
+        clash = sorted(last & (set(cfg.ttt.layer_ids(n)) | set(cfg.ttt_seq.layer_ids(n))))
+        _check(not clash, "model.e2e.last_k", self.last_k,
+               f"last layers without In-Place TTT or ttt_seq, but layers {clash} have them; set "
+               "model.ttt.layers / model.ttt_seq.layers to avoid them (or model.ttt.enabled=false)")
+        _check(not cfg.scan_layers, "model.scan_layers", cfg.scan_layers,
+               "false with model.e2e.enabled=true (the E2E blocks run chunk by chunk)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +275,8 @@ class ModelConfig:
     scan_layers: bool = False
     context_layout: Literal["contiguous", "zigzag"] = "contiguous"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
+    ttt_seq: TTTSeqConfig = dataclasses.field(default_factory=TTTSeqConfig)
+    e2e: E2EConfig = dataclasses.field(default_factory=E2EConfig)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -211,6 +316,8 @@ class ModelConfig:
                self.context_layout, f"'contiguous' while layers {swa} use sliding-window attention "
                "(their halo exchange needs the contiguous layout; their work is balanced already)")
         self.ttt.validate(self.n_layers)
+        self.ttt_seq.validate(self.n_layers)
+        self.e2e.validate(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +460,12 @@ class Config:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "raise model.max_seq_len or lower data.seq_len")
+        for key, on in (("model.ttt_seq.enabled", bool(self.model.ttt_seq.layer_ids(self.model.n_layers))),
+                        ("model.e2e.enabled", self.model.e2e.enabled)):
+            if on and self.mesh.context > 1:
+                raise ConfigError(
+                    f"{key}=true is not supported with mesh.context={self.mesh.context} (context "
+                    "parallelism): the layer is not affine in its state; set mesh.context=1")
         if self.data.chunk_align and self.model.ttt.enabled and self.data.seq_len % self.model.ttt.chunk_size:
             raise ConfigError(
                 f"data.chunk_align=true needs data.seq_len ({self.data.seq_len}) to be a multiple of "

@@ -17,6 +17,8 @@ Parameter tree of :class:`CausalLM` (``L = n_layers``, ``D = d_model``, ``F = d_
     layers/{i}/mlp/down         [F, D]        (mlp, embed)
     layers/{i}/mlp/ttt_conv     [K, D]        (conv, embed)   -- In-Place TTT layers only
     layers/{i}/mlp/ttt_proj     [D, D]        (embed, None)   -- In-Place TTT layers only
+    layers/{i}/ttt_seq/...      TTT-Linear/MLP layer (model.ttt_seq layers only; ttt_jax.nn.ttt_seq);
+                                with ttt_seq.mode=replace the layer has no layers/{i}/attn
     final_norm/scale            [D]           (norm,)
     lm_head                     [D, V]        (embed, vocab)  -- only when tie_embeddings=false
 
@@ -52,7 +54,9 @@ import numpy as np
 from flax import nnx
 
 from ttt_jax.config import ConfigError, ModelConfig
+from ttt_jax.models.e2e import e2e_hidden, e2e_hidden_reference
 from ttt_jax.nn.block import DecoderBlock
+from ttt_jax.nn.context import context_size
 from ttt_jax.nn.norm import RMSNorm
 from ttt_jax.nn.params import make_param, normal_init
 
@@ -133,6 +137,13 @@ def scan_period(cfg: ModelConfig) -> int:
                 f"with start < P and model.n_layers={n} a multiple of P, but model.ttt.layers="
                 f"{list(t.layers)} is not of that form; use evenly spaced layers (e.g. "
                 "model.ttt.layers=null with ttt.every/ttt.start)" + off)
+    seq = set(cfg.ttt_seq.layer_ids(n))
+    bad = [i for i in range(n) if (i in seq) != ((i % period) in seq)]
+    if bad:
+        raise ConfigError(
+            f"model.scan_layers=true needs the TTT sequence layers (model.ttt_seq) to repeat with the "
+            f"layer period {period}, but layer {bad[0]} differs from layer {bad[0] % period} "
+            f"(ttt_seq layers: {sorted(seq)}); place them on every layer or periodically" + off)
     bad = [i for i in range(n) if cfg.layer_window(i) != cfg.layer_window(i % period)]
     if bad:
         i = bad[0]
@@ -379,6 +390,20 @@ class CausalLM(nnx.Module):
         if cfg.remat:
             run_block = nnx.remat(run_block)
 
+        if cfg.e2e.enabled:
+            # TTT-E2E: the first blocks once over the sequence, the last ones chunk by chunk with
+            # inner SGD on their MLPs (ttt_jax.models.e2e); already final-normed.
+            if context_size() > 1:
+                raise ValueError(f"model.e2e.enabled=true does not support context parallelism "
+                                 f"(mesh.context={context_size()}); set mesh.context=1")
+            first = cfg.n_layers - cfg.e2e.last_k
+            x = x0
+            for block in self.layers[:first]:
+                x = run_block(block, x, x0_arg, positions, segment_ids)
+            e2e = e2e_hidden if cfg.e2e.impl == "chunked" else e2e_hidden_reference
+            return e2e(list(self.layers[first:]), self.final_norm, self.head(), x, tokens, positions,
+                       segment_ids, chunk_size=cfg.e2e.chunk_size, lr=float(cfg.e2e.lr),
+                       grad_clip=float(cfg.e2e.grad_clip))
         if cfg.scan_layers:
             @nnx.scan(in_axes=(0, nnx.Carry, None, None, None), out_axes=nnx.Carry,
                       transform_metadata=_SCAN_METADATA)

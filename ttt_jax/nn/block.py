@@ -2,6 +2,9 @@
 
 Sub-modules: ``attn_norm`` (RMSNorm), ``attn`` (:class:`Attention`), ``mlp_norm`` (RMSNorm), ``mlp``
 (:class:`InPlaceTTTMLP` on the layers of ``cfg.ttt.layer_ids``, :class:`SwiGLUMLP` elsewhere).
+On the layers of ``cfg.ttt_seq.layer_ids`` a ``ttt_seq`` (:class:`TTTSeqLayer`) sequence mixer reads
+the same normed input as attention: with ``mode="replace"`` there is no ``attn`` and
+``x + ttt_seq(norm(x))``; with ``mode="beside"`` ``x + attn(norm(x)) + ttt_seq(norm(x))``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from ttt_jax.config import ModelConfig
 from ttt_jax.nn.attention import Attention
 from ttt_jax.nn.mlp import InPlaceTTTMLP, SwiGLUMLP
 from ttt_jax.nn.norm import RMSNorm
+from ttt_jax.nn.ttt_seq import TTTSeqLayer
 
 
 class DecoderBlock(nnx.Module):
@@ -30,12 +34,24 @@ class DecoderBlock(nnx.Module):
         self.layer = layer
         self.is_ttt = layer in cfg.ttt.layer_ids(cfg.n_layers)
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=pd)
-        self.attn = Attention(cfg, window=cfg.layer_window(layer), rngs=rngs)
+        has_seq = layer in cfg.ttt_seq.layer_ids(cfg.n_layers)
+        if has_seq and cfg.ttt_seq.mode == "replace":
+            self.attn = None
+        else:
+            self.attn = Attention(cfg, window=cfg.layer_window(layer), rngs=rngs)
+        self.ttt_seq = TTTSeqLayer(cfg, rngs=rngs) if has_seq else None
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=pd)
         self.mlp = InPlaceTTTMLP(cfg, rngs=rngs) if self.is_ttt else SwiGLUMLP(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, x0: Optional[jax.Array], positions: jax.Array,
                  segment_ids: Optional[jax.Array] = None) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
+        h = self.attn_norm(x)
+        if self.ttt_seq is None:
+            x = x + self.attn(h, positions=positions, segment_ids=segment_ids)
+        else:
+            mix = self.ttt_seq(h, positions=positions, segment_ids=segment_ids)
+            if self.attn is not None:
+                mix = mix + self.attn(h, positions=positions, segment_ids=segment_ids)
+            x = x + mix
         x = x + self.mlp(self.mlp_norm(x), x0=x0, segment_ids=segment_ids)
         return x
