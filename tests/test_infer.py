@@ -183,6 +183,7 @@ def test_context_parallel_prefill_equals_prefill(name):
         engine.prefill_parallel(engine.init_cache(2, 40), tokens[:2, :20])
 
 
+@pytest.mark.slow
 def test_reconstruction_target_and_unsupported_models():
     """The ablation target (no look-ahead) is applied as the module applies it; model kinds without
     a cached path say so."""
