@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-block", type=int, default=None)
     p.add_argument("--prefill-repeats", type=int, default=1)
     p.add_argument("--no-forward", action="store_true", help="skip the one-pass (prefill_parallel) prefill")
-    p.add_argument("--memory-gb", type=float, default=60.0, help="largest cache to try (GiB)")
+    p.add_argument("--memory-gb", type=float, default=40.0, help="largest cache to try (GiB)")
     p.add_argument("--out", default=None, help="JSON path")
     args = p.parse_args(argv)
 

@@ -181,3 +181,24 @@ def test_context_parallel_prefill_equals_prefill(name):
     np.testing.assert_allclose(np.asarray(logits), ref[:2, 32], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="multiple of mesh.context"), jax.set_mesh(mesh):
         engine.prefill_parallel(engine.init_cache(2, 40), tokens[:2, :20])
+
+
+@pytest.mark.slow
+def test_reconstruction_target_and_unsupported_models():
+    """The ablation target (no look-ahead) is applied as the module applies it; model kinds without
+    a cached path say so."""
+    cfg = tiny(ttt=dict(target="reconstruction"))
+    model = make_model(cfg)
+    tokens = np.asarray(jax.random.randint(jax.random.key(4), (1, 20), 0, V))
+    ref = np.asarray(_FWD(model, jnp.asarray(tokens)))
+    engine = Engine(model, prefill_block=12)
+    logits, cache = engine.prefill(engine.init_cache(1, 20), tokens[:, :11], logits="all")
+    dec = []
+    for t in range(11, 20):
+        _, lg, cache = engine.decode(cache, tokens[:, t])
+        dec.append(np.asarray(lg))
+    np.testing.assert_allclose(np.asarray(logits)[0], ref[0, :11], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.stack(dec, 1)[0], ref[0, 11:], rtol=1e-4, atol=1e-4)
+    seq_cfg = dataclasses.replace(TINY, ttt_seq=dataclasses.replace(TINY.ttt_seq, enabled=True, layers=(1,)))
+    with pytest.raises(ValueError, match="ttt_seq"):
+        Engine(CausalLM(seq_cfg, rngs=nnx.Rngs(0)))

@@ -15,7 +15,7 @@ def _snapshot(tree):
     return [np.array(x) for x in jax.tree.leaves(tree)]
 
 
-@pytest.mark.parametrize("rank,layers", [(0, None), (2, (1,))])
+@pytest.mark.parametrize("rank,layers", [(0, None), pytest.param(2, (1,), marks=pytest.mark.slow)])
 def test_qttt_adapts_only_queries_and_lowers_the_span_loss(rank, layers):
     model, engine, tokens, ref = setup("full_attention_embeddings")
     prompts = [tokens[i, :n].tolist() for i, n in enumerate(PROMPTS)]

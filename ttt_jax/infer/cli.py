@@ -4,7 +4,8 @@
 
     ttt-jax generate CHECKPOINT --prompt TEXT | --prompt-file FILE [--max-new-tokens N]
         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--tokenizer byte|tokenizer.json]
-        [--qttt-steps N --qttt-span K --qttt-lr LR --qttt-layers all|0,3,5 --qttt-rank R]
+        [--mesh fsdp=4,tensor=2] [--qttt-steps N --qttt-span K --qttt-lr LR --qttt-layers all|0,3,5
+        --qttt-rank R]
 
 CHECKPOINT is a run directory, its ``checkpoints/`` directory or one step's directory (training or
 model-only checkpoints). The tokenizer defaults to the checkpoint's ``data.tokenizer``. The
@@ -15,6 +16,7 @@ stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -41,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-block", type=int, default=1024, help="prompt tokens per prefill call")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="runtime model setting, e.g. model.attention_impl=xla or model.compute_dtype=bfloat16")
+    p.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                   help="shard the parameters over a device mesh, e.g. fsdp=4,tensor=2 (axes data, fsdp, "
+                        "tensor, context; unnamed axes 1, data -1 = the remaining devices)")
     q = p.add_argument_group("query-only test-time training (qTTT)")
     q.add_argument("--qttt-steps", type=int, default=0, help="gradient steps on the queries (0 = off)")
     q.add_argument("--qttt-span", type=int, default=128, help="tokens per sampled prompt span")
@@ -56,6 +61,19 @@ def _layers(spec: str):
         return tuple(int(x) for x in spec.split(",") if x.strip())
     except ValueError:
         raise ValueError(f"--qttt-layers must be 'all' or comma-separated integers, got {spec!r}") from None
+
+
+def _mesh(spec: str):
+    """``"fsdp=4,tensor=2"`` -> the mesh over all devices."""
+    from parallel.mesh import make_mesh
+
+    sizes = {"data": -1, "fsdp": 1, "tensor": 1, "context": 1}
+    for part in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, value = part.partition("=")
+        if name not in sizes or not value.lstrip("-").isdigit():
+            raise ValueError(f"--mesh must look like fsdp=4,tensor=2 with axes {list(sizes)}, got {spec!r}")
+        sizes[name] = int(value)
+    return make_mesh(**sizes)
 
 
 def _resolve_tokenizer(spec: str, checkpoint: Path):
@@ -100,6 +118,8 @@ class _Streamer:
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+
     from ttt_jax.infer.generate import GenerationConfig, generate
     from ttt_jax.infer.qttt import QTTTConfig
     from ttt_jax.train.checkpoint import load_model, read_checkpoint_config
@@ -130,10 +150,12 @@ def run(args: argparse.Namespace) -> int:
     if args.prefill_block < 1:
         raise ValueError(f"--prefill-block must be >= 1, got {args.prefill_block}")
     logging.getLogger("absl").setLevel(logging.ERROR)   # orbax notes on items it does not read
-    cfg, model = load_model(checkpoint, step=args.step, overrides=tuple(args.override))
+    mesh = _mesh(args.mesh) if args.mesh else None
+    cfg, model = load_model(checkpoint, step=args.step, overrides=tuple(args.override), mesh=mesh)
     stream = _Streamer(tok)
     t0 = time.perf_counter()
-    result = generate(model, [ids], gen, on_token=stream, qttt=qttt, prefill_block=args.prefill_block)
+    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        result = generate(model, [ids], gen, on_token=stream, qttt=qttt, prefill_block=args.prefill_block)
     t1 = time.perf_counter()
     stream.finish()
     n = len(result.tokens[0])

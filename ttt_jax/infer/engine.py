@@ -35,6 +35,18 @@ from ttt_jax.infer.ttt import ttt_extend
 from ttt_jax.models.lm import CausalLM, check_tokens, unstack_layer_params
 
 
+def check_supported(cfg) -> None:
+    """Raise a ``ValueError`` for model kinds the cached inference path does not implement."""
+    seq = getattr(cfg, "ttt_seq", None)
+    if seq is not None and seq.layer_ids(cfg.n_layers):
+        raise ValueError("cached inference does not support TTT-Linear/MLP sequence layers "
+                         "(model.ttt_seq) yet; evaluate such models with the full forward pass")
+    e2e = getattr(cfg, "e2e", None)
+    if e2e is not None and e2e.enabled:
+        raise ValueError("cached inference does not support TTT-E2E models (model.e2e) yet; "
+                         "evaluate them with the full forward pass")
+
+
 def unrolled_model(model: CausalLM) -> CausalLM:
     """``model`` itself, or for ``model.scan_layers=true`` an unrolled copy sharing its values
     (inference walks the layers one by one, each with its own cache)."""
@@ -235,6 +247,7 @@ class Engine:
                  attn_impl: str = "auto"):
         if prefill_block < 1:
             raise ValueError(f"prefill_block must be >= 1, got {prefill_block}")
+        check_supported(model.cfg)
         model = unrolled_model(model)
         self.cfg = model.cfg
         self.prefill_block = int(prefill_block)

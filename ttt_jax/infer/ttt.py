@@ -34,10 +34,21 @@ def _op_impl(mlp) -> str:
     return "scan" if mlp.impl == "attention" else mlp.impl
 
 
-def _target(mlp, src: jax.Array) -> jax.Array:
+def _conv(mlp) -> jax.Array:
+    """The target conv as the module applies it: with ``ttt.target="reconstruction"`` (ablation) the
+    future taps are held at zero."""
     dt = mlp.dtype
-    return inplace_ttt_target(src.astype(dt), mlp.ttt_conv[...].astype(dt), mlp.ttt_proj[...].astype(dt),
-                              chunk_size=mlp.chunk_size)
+    conv = mlp.ttt_conv[...].astype(dt)
+    if getattr(mlp, "target", "aligned") == "reconstruction":
+        k = conv.shape[0]
+        conv = conv * (jnp.arange(k) <= (k - 1) // 2)[:, None].astype(dt)
+    return conv
+
+
+def _target(mlp, src: jax.Array, chunk_size: Optional[int] = None) -> jax.Array:
+    dt = mlp.dtype
+    return inplace_ttt_target(src.astype(dt), _conv(mlp), mlp.ttt_proj[...].astype(dt),
+                              chunk_size=chunk_size or mlp.chunk_size)
 
 
 def chunk_update(mlp, h_rows: jax.Array, x0_rows: Optional[jax.Array], *,
@@ -47,9 +58,7 @@ def chunk_update(mlp, h_rows: jax.Array, x0_rows: Optional[jax.Array], *,
     and the result is their unclipped sum (only valid without ``clip_tau``)."""
     z = mlp.activation(h_rows)
     src = x0_rows if mlp.target_source == "embeddings" else h_rows
-    dt = mlp.dtype
-    v = inplace_ttt_target(src.astype(dt), mlp.ttt_conv[...].astype(dt), mlp.ttt_proj[...].astype(dt),
-                           chunk_size=chunk_size or h_rows.shape[1])
+    v = _target(mlp, src, chunk_size or h_rows.shape[1])
     dw = jnp.einsum("bcf,bcd->bfd", z, v.astype(z.dtype), preferred_element_type=_F32)
     if chunk_size is not None:
         assert mlp.clip_tau is None
