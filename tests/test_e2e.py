@@ -49,6 +49,7 @@ def test_chunk_scan_equals_per_chunk_reference(segmented):
     assert abs(float(l_off) - float(l_c)) > 1e-4
 
 
+@pytest.mark.slow
 def test_outer_gradient_matches_finite_differences():
     """Directional derivative of the loss (through the inner SGD steps) vs central differences."""
     model = _model(grad_clip=0.0, lr=5.0)
