@@ -12,7 +12,8 @@ from ttt_jax.models.lm import CausalLM
 
 V = 29
 BASE = dict(vocab_size=V, d_model=16, n_layers=3, n_heads=2, n_kv_heads=1, d_ff=24, max_seq_len=64,
-            compute_dtype="float32", attention_window=6, ttt=TTTConfig(enabled=False))
+            compute_dtype="float32", attention_window=3, ttt=TTTConfig(enabled=False))
+# window 3 with chunks of 4: the KV cache holds one earlier chunk, so chunk 2 evicts chunk 0.
 
 
 def _model(impl="chunked", enabled=True, **e2e):
