@@ -80,5 +80,18 @@ def test_cli_export_round_trip(converted, tmp_path, capsys):
     assert hf["architectures"] == ["Qwen3ForCausalLM"] and hf["ttt_layers"] == [1]
     st = SafetensorsCheckpoint(out)
     assert st.dtype("model.layers.1.mlp.ttt_conv.weight") == "BF16"
+    # bfloat16 tensors back in as bfloat16 parameters: the fp32 originals rounded once.
+    import jax
+    import jax.numpy as jnp
+    from ttt_jax.convert import load_hf
+    from ttt_jax.train.checkpoint import load_model
+    _, bf = load_hf(out, param_dtype="bfloat16")
+    _, f32 = load_model(converted / "ckpt")
+    a, b = nnx.to_pure_dict(nnx.state(f32, nnx.Param)), nnx.to_pure_dict(nnx.state(bf, nnx.Param))
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(jnp.asarray(x).astype(jnp.bfloat16)),
+                                                            np.asarray(y)), a, b)
+    # The reader's own bfloat16 path (older safetensors releases) gives the same arrays.
+    name = "model.layers.1.mlp.ttt_proj.weight"
+    np.testing.assert_array_equal(st._read_raw(name), st.get(name))
     assert main(["convert", "hf", str(converted / "src"), str(tmp_path / "x"), "--ttt-layers", "7"]) == 2
     assert "model.ttt.layers" in capsys.readouterr().err

@@ -146,6 +146,26 @@ def test_config_mismatch_is_not_mistaken_for_corruption(tmp_path):
     ck.close()
 
 
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), RuntimeError("device lost")])
+def test_errors_other_than_damage_never_move_a_checkpoint_aside(tmp_path, monkeypatch, error):
+    """A read failing for another reason (permissions, devices, ...) is raised as it is."""
+    _write(tmp_path, [1, 2])
+    ck = Checkpointer(tmp_path, keep=5, warn=lambda m: pytest.fail(m))
+    real = ck._mngr.restore
+
+    def failing(step, args=None, **kw):
+        if "state" in (args.keys() if hasattr(args, "keys") else []):
+            raise error
+        return real(step, args=args, **kw)
+
+    monkeypatch.setattr(ck._mngr, "restore", failing)
+    with pytest.raises(type(error)):
+        ck.restore_latest(*_fresh(), CONFIG)
+    assert ck.all_steps() == [1, 2] and not ck.set_aside
+    monkeypatch.undo()
+    ck.close()
+
+
 def test_checksums_do_not_depend_on_sharding():
     """The checksum of an array is the same however it is laid out over devices (integer sums)."""
     x = jax.random.normal(jax.random.key(0), (16, 12))

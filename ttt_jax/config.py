@@ -40,6 +40,11 @@ class TTTConfig:
 
     ``layers`` is either an explicit list of layer indices or ``None``, in which case TTT is on every
     ``every``-th layer starting at ``start`` (paper default: every 6th layer from 0).
+
+    ``target`` chooses what the fast weights are trained towards: ``aligned`` (the paper's
+    next-token-aligned target: the centred conv reads ``(K-1)//2`` future tokens of the chunk) or
+    ``reconstruction`` (the ablation: the same conv with its future taps held at zero, so the target
+    at a position is built from that token and earlier ones only). Same parameters, same compute.
     """
 
     enabled: bool = True
@@ -50,6 +55,7 @@ class TTTConfig:
     chunk_size: int = 1024
     conv_kernel: int = 5
     target_source: Literal["embeddings", "hidden"] = "embeddings"
+    target: Literal["aligned", "reconstruction"] = "aligned"
     clip_tau: Optional[float] = None
     impl: Literal["auto", "reference", "associative", "scan", "attention"] = "auto"
 
@@ -59,6 +65,8 @@ class TTTConfig:
                self.conv_kernel, "an odd integer >= 1 (the conv is centred: (K-1)//2 past and future taps)")
         _check(self.every >= 1, "model.ttt.every", self.every, "an integer >= 1")
         _check(0 <= self.start, "model.ttt.start", self.start, "an integer >= 0")
+        _check(self.target in ("aligned", "reconstruction"), "model.ttt.target", self.target,
+               "'aligned' (next-token-aligned, the paper's) or 'reconstruction' (ablation)")
         _check(self.clip_tau is None or self.clip_tau > 0, "model.ttt.clip_tau", self.clip_tau,
                "null (off) or a positive float")
         if self.layers is not None:

@@ -71,10 +71,14 @@ def export_hf(ckpt: str | Path, out: str | Path, *, step: Optional[int] = None,
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out, tensors(), max_shard_bytes=max_shard_bytes)
     root = _checkpoint_root(ckpt)
-    base = json.loads((root / HF_CONFIG_COPY).read_text()) if (root / HF_CONFIG_COPY).is_file() else None
+    # The source config.json (token ids, generation fields) is next to a converted checkpoint, or
+    # next to the checkpoint a warm-started run began from.
+    origins = [root] + ([Path(cfg.train.init_from).expanduser()] if cfg.train.init_from else [])
+    base = next((json.loads((d / HF_CONFIG_COPY).read_text()) for d in origins
+                 if (d / HF_CONFIG_COPY).is_file()), None)
     hf = hf_config_from_model(mcfg, base=base, dtype=dtype)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    tok_dirs = [root]
+    tok_dirs = list(origins)
     if cfg.data.tokenizer != "byte":
         t = Path(cfg.data.tokenizer)
         tok_dirs.append(t if t.is_dir() else t.parent)

@@ -84,7 +84,8 @@ class InPlaceTTTMLP(SwiGLUMLP):
 
     ``__call__(h [B, T, D], *, x0 [B, T, D] | None, segment_ids [B, T] | None) -> [B, T, D]``:
     ``z = silu(h W_gate) * (h W_up)``; target source ``t = x0`` (``target_source="embeddings"``, the
-    token embeddings) or ``h`` (``"hidden"``); ``v = inplace_ttt_target(t, ttt_conv, ttt_proj)``;
+    token embeddings) or ``h`` (``"hidden"``); ``v = inplace_ttt_target(t, ttt_conv, ttt_proj)``
+    (with ``ttt.target="reconstruction"`` the conv's future taps are zeroed: no look-ahead);
     ``out = inplace_ttt(z, v, down, lr, chunk_size, segment_ids, impl, clip_tau)``.
     """
 
@@ -95,6 +96,7 @@ class InPlaceTTTMLP(SwiGLUMLP):
         self.lr = float(t.lr)
         self.chunk_size = int(t.chunk_size)
         self.target_source = t.target_source
+        self.target = t.target
         self.impl = t.impl
         self.clip_tau = None if t.clip_tau is None else float(t.clip_tau)
         self.context_layout = cfg.context_layout
@@ -115,7 +117,13 @@ class InPlaceTTTMLP(SwiGLUMLP):
             src = x0
         else:
             src = h
-        v = inplace_ttt_target(src.astype(dt), self.ttt_conv[...].astype(dt),
+        conv = self.ttt_conv[...].astype(dt)
+        if self.target == "reconstruction":
+            # Ablation: no look-ahead, so the target describes the current token (and earlier
+            # ones), not the next. Future taps (j > (K-1)//2) are held at zero.
+            k = conv.shape[0]
+            conv = conv * (jnp.arange(k) <= (k - 1) // 2)[:, None].astype(dt)
+        v = inplace_ttt_target(src.astype(dt), conv,
                                self.ttt_proj[...].astype(dt), chunk_size=self.chunk_size,
                                segment_ids=segment_ids)
         w0 = self.down[...].astype(dt)

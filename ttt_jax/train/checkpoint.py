@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
 import shutil
 import warnings
@@ -262,6 +263,45 @@ def free_bytes(directory: Path) -> int:
     return int(shutil.disk_usage(p).free)
 
 
+# What a damaged checkpoint looks like in the errors of Orbax, TensorStore and json. Anything else
+# (a permission problem, a device or sharding error, a bug) is raised as it is: it must never get
+# a good checkpoint moved aside.
+_DAMAGE_TYPES = (FileNotFoundError, NotADirectoryError, IsADirectoryError, json.JSONDecodeError,
+                 UnicodeDecodeError, EOFError)
+_DAMAGE_TEXT = ("Encountered error while reading", "DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE",
+                "Error reading", "Error opening", "not found", "does not exist", "No such file",
+                "corrupt", "truncat", "Unexpected end", "decod", "Expecting value", "Unterminated",
+                "Unknown key")   # an item (e.g. the arrays) missing from the step
+_NOT_DAMAGE_TEXT = ("PERMISSION_DENIED", "Permission denied", "RESOURCE_EXHAUSTED", "out of memory")
+
+
+def _is_damage(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it came from) says the checkpoint's files are missing,
+    truncated or unparseable."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(isinstance(x, PermissionError) or any(t in str(x) for t in _NOT_DAMAGE_TEXT) for x in chain):
+        return False
+    return any(isinstance(x, _DAMAGE_TYPES) or any(t in str(x) for t in _DAMAGE_TEXT) for x in chain)
+
+
+def _brief(e: BaseException) -> str:
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def _sync_processes(name: str) -> None:
+    """Wait until every process got here (process 0 changes the shared checkpoint directory; the
+    others must not look at it before). A no-op with one process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _is_disk_full(e: BaseException) -> bool:
     """Whether ``e`` (or an exception it was raised from) says the disk or quota is full. Orbax
     re-raises errors of its background writer; TensorStore reports ENOSPC as text."""
@@ -292,7 +332,9 @@ class Checkpointer:
 
     ``warn`` receives one line per checkpoint that is skipped (default: ``warnings.warn`` with
     :class:`CheckpointWarning`). Opening a directory removes the temporary directories of saves
-    that never completed (a process killed while writing), warning for each.
+    that never completed (a process killed while writing), warning for each: open it from the
+    run that writes there, not while another process is saving into it (to only read a
+    checkpoint, use :func:`load_model` / :func:`read_checkpoint_config`).
     """
 
     def __init__(self, directory: str | Path, keep: int, async_save: bool = True,
@@ -312,14 +354,14 @@ class Checkpointer:
                                                  enable_async_checkpointing=async_save))
 
     def _discard_unfinished(self) -> None:
-        if not self.directory.is_dir():
-            return
-        for p in sorted(self.directory.iterdir()):
-            if TMP_MARKER in p.name:
-                self._warn(f"checkpoint {p} was interrupted while being written and is incomplete; "
-                           "skipped and removed")
-                if jax.process_index() == 0:
-                    shutil.rmtree(p, ignore_errors=True)
+        unfinished = sorted(p for p in self.directory.iterdir() if TMP_MARKER in p.name) \
+            if self.directory.is_dir() else []
+        for p in unfinished:
+            self._warn(f"checkpoint {p} was interrupted while being written and is incomplete; "
+                       "skipped and removed")
+            if jax.process_index() == 0:
+                shutil.rmtree(p, ignore_errors=True)
+        _sync_processes("ttt_jax_checkpoint_discard_unfinished")
 
     def latest_step(self) -> Optional[int]:
         return self._mngr.latest_step()
@@ -403,10 +445,11 @@ class Checkpointer:
         when it is missing or unreadable."""
         try:
             meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:  # noqa: BLE001 - any failure to read it means the step is unusable
+        except Exception as e:  # noqa: BLE001 - sorted by _is_damage
+            if not _is_damage(e):
+                raise
             raise CheckpointCorruptError(self.directory / str(step),
-                                         f"its meta record cannot be read ({type(e).__name__}: "
-                                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+                                         f"its meta record cannot be read ({_brief(e)})") from e
         if not isinstance(meta, dict) or "step" not in meta:
             raise CheckpointCorruptError(self.directory / str(step), "its meta record is malformed")
         return meta
@@ -459,10 +502,13 @@ class Checkpointer:
         target = {"model": nnx.to_pure_dict(model_state), "optimizer": nnx.to_pure_dict(opt_state)}
         try:
             saved_meta = self._mngr.item_metadata(step)["state"]
+            if saved_meta is None:
+                raise FileNotFoundError(f"{where / 'state'} not found")
             problems = _shape_problems(saved_meta, _str_keys(target))
-        except Exception as e:  # noqa: BLE001 - unreadable array metadata
-            raise CheckpointCorruptError(where, f"its array metadata cannot be read ({type(e).__name__}: "
-                                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+        except Exception as e:  # noqa: BLE001 - sorted by _is_damage
+            if not _is_damage(e):
+                raise
+            raise CheckpointCorruptError(where, f"its array metadata cannot be read ({_brief(e)})") from e
         if problems:
             shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
             raise ValueError(f"checkpoint {where} does not match the model's parameters: "
@@ -472,8 +518,9 @@ class Checkpointer:
             out = self._mngr.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001 - missing/truncated array files, unreadable JSON
-            raise CheckpointCorruptError(where, f"reading it failed ({type(e).__name__}: "
-                                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+            if not _is_damage(e):
+                raise
+            raise CheckpointCorruptError(where, f"reading it failed ({_brief(e)})") from e
         verify_checksums(where, out["state"], meta.get("checksums"))
         restored = _from_saved(out["state"], target)
         nnx.replace_by_pure_dict(model_state, restored["model"])
@@ -502,6 +549,7 @@ class Checkpointer:
             dst, i = self.directory / f"{step}{CORRUPT_SUFFIX}-{i}", i + 1
         if jax.process_index() == 0:
             os.replace(src, dst)
+        _sync_processes(f"ttt_jax_checkpoint_set_aside_{step}")
         self.set_aside.append(dst)
         self._warn(f"checkpoint {src} is corrupt ({reason}); skipped and moved to {dst}")
         self._mngr.reload()
@@ -623,8 +671,9 @@ def load_model(path: str | Path, *, step: Optional[int] = None, mesh: Optional[j
         out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             {"model": abstract}, restore_args={"model": restore_args}, partial_restore=True)))
     except Exception as e:  # noqa: BLE001 - missing/truncated array files
-        raise CheckpointCorruptError(where, f"reading it failed ({type(e).__name__}: "
-                                            f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+        if not _is_damage(e):
+            raise
+        raise CheckpointCorruptError(where, f"reading it failed ({_brief(e)})") from e
     verify_checksums(where, {"model": out["state"]["model"]}, _read_json_item(where, "meta").get("checksums"))
     restored = _from_saved(out["state"]["model"], target)
     nnx.replace_by_pure_dict(abs_state, restored)

@@ -1,0 +1,133 @@
+"""Sliding-window perplexity, the chunked scoring it uses, evaluation spans and `ttt-jax eval`."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ttt_jax.config import load_config
+from ttt_jax.data import ByteTokenizer
+from ttt_jax.eval import (default_context_lengths, evaluation_spans,
+                          sliding_window_perplexity, token_scores, token_scores_reference)
+from ttt_jax.models import CausalLM
+
+from test_model import V, _activate_ttt, _forward, tiny
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = CausalLM(tiny(attention_window=16, ttt=dict(chunk_size=16, lr=1.0)), rngs=nnx.Rngs(0))
+    _activate_ttt(m, scale=0.1)
+    return m
+
+
+@pytest.mark.parametrize("b,t,chunk", [(1, 37, 8), (3, 5, 64)])
+def test_token_scores_match_full_logits(b, t, chunk):
+    k1, k2, k3 = jax.random.split(jax.random.key(b * t), 3)
+    hidden = jax.random.normal(k1, (b, t, 24))
+    head = jax.random.normal(k2, (24, 50))
+    targets = jax.random.randint(k3, (b, t), 0, 50)
+    nll, pred = jax.jit(token_scores, static_argnames="chunk_size")(hidden, head, targets,
+                                                                   chunk_size=chunk)
+    ref_nll, ref_pred = token_scores_reference(hidden, head, targets)
+    np.testing.assert_allclose(nll, ref_nll, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(pred, ref_pred)
+
+
+def test_sliding_window_perplexity_matches_direct_forward(model):
+    rng = np.random.default_rng(0)
+    spans = rng.integers(3, V, size=(3, 65)).astype(np.int32)
+    lengths, block = [32, 64], 16
+    res = sliding_window_perplexity(model, spans, context_lengths=lengths, block_size=block,
+                                    batch_size=2, logits_chunk=24)
+    for i, n in enumerate(lengths):
+        window = jnp.asarray(spans[:, 64 - n:])
+        logp = jax.nn.log_softmax(_forward(model, window[:, :-1]), axis=-1)
+        nll = -jnp.take_along_axis(logp, window[:, 1:, None], axis=-1)[..., 0]
+        np.testing.assert_allclose(res.loss[i], float(nll[:, -block:].mean()), rtol=1e-5)
+        np.testing.assert_allclose(res.loss_per_span[i], nll[:, -block:].mean(axis=1), rtol=1e-5)
+        if n == 64:
+            np.testing.assert_allclose(res.position_loss, nll.mean(axis=0), rtol=1e-5, atol=1e-6)
+    assert res.perplexity == pytest.approx([float(np.exp(x)) for x in res.loss])
+    d = res.to_dict(bins=8)
+    json.dumps(d)
+    assert d["position_loss"]["end"][-1] == 64 and d["position_loss"]["start"][0] == 0
+    with pytest.raises(ValueError, match="context lengths"):
+        sliding_window_perplexity(model, spans, context_lengths=[8, 64], block_size=16)
+    assert "| 64 |" in res.markdown()
+
+
+def test_default_context_lengths():
+    assert default_context_lengths(32768, 256)[:3] == [256, 512, 1024]
+    assert default_context_lengths(32768, 256)[-1] == 32768
+    assert default_context_lengths(1000, 256) == [256, 512, 1000]
+
+
+def test_evaluation_spans(tmp_path):
+    tok = ByteTokenizer()
+    (tmp_path / "a.txt").write_text("x" * 100)
+    (tmp_path / "b.txt").write_text("y" * 10)
+    (tmp_path / "c.txt").write_text("z" * 60)
+    spans = evaluation_spans(tok, 50, 5, source="text", paths=[str(tmp_path)], split="all")
+    assert spans.shape == (2, 51) and spans[0, 0] == tok.bos_id       # a and c, not b
+    assert tok.decode(spans[1]) == "z" * 50
+    cat = evaluation_spans(tok, 50, 5, source="text", paths=[str(tmp_path)], split="all",
+                           concat=True)
+    assert cat.shape == (3, 51)                                       # 176 tokens in all
+    with pytest.raises(ValueError, match="concat"):
+        evaluation_spans(tok, 500, 1, source="text", paths=[str(tmp_path)], split="all")
+
+
+def test_cli_eval(tmp_path, model, capsys):
+    from ttt_jax.cli import main
+    from ttt_jax.train.checkpoint import save_model
+
+    cfg = load_config("tiny", ["data.seq_len=64"])
+    cfg = type(cfg)(model=model.cfg, data=cfg.data, train=cfg.train, mesh=cfg.mesh)
+    save_model(tmp_path / "run", model, cfg)
+    (tmp_path / "corpus").mkdir()
+    for name in ("a.py", "b.py"):
+        (tmp_path / "corpus" / name).write_text(f"def {name[0]}(x):\n    return x + 1\n" * 100)
+    out = tmp_path / "eval"
+    argv = ["eval", str(tmp_path / "run"), "--out", str(out), "--data", str(tmp_path / "corpus"),
+            "--split", "all", "--num-samples", "2", "--no-progress"]
+    assert main(argv + ["--suite", "ppl", "--lengths", "32,64", "--block-size", "16"]) == 0
+    ppl = json.loads((out / "ppl.json").read_text())
+    assert ppl["context_lengths"] == [32, 64] and len(ppl["loss"]) == 2
+    assert (out / "ppl_context.png").stat().st_size > 0 and (out / "ppl_position.png").is_file()
+    assert main(argv + ["--suite", "ruler", "--lengths", "512", "--tasks",
+                        "niah_single,frequent_words"]) == 0
+    ruler = json.loads((out / "ruler.json").read_text())
+    assert set(ruler["accuracy"]) == {"niah_single", "frequent_words"}
+    assert len(ruler["samples"]) == 4 and (out / "ruler.png").is_file()
+    assert "| niah_single |" in (out / "ruler.md").read_text()
+    capsys.readouterr()
+    assert main(argv + ["--suite", "ruler", "--tasks", "niah_everything"]) == 2
+    assert "unknown RULER task" in capsys.readouterr().err
+
+
+def test_research_compare_variants_match_parameters():
+    """benchmarks/research_compare.py: the four variants differ only where intended."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "research_compare.py"
+    spec = importlib.util.spec_from_file_location("research_compare", path)
+    rc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rc)
+    base = load_config("research/compare")
+    target = rc.param_count(base.model)
+    cfgs = {n: rc.variant_config(base, n, target) for n in rc.VARIANTS}
+    m = base.model
+    for name, cfg in cfgs.items():
+        assert abs(rc.param_count(cfg.model) - target) <= 3 * m.d_model * m.n_layers / 2, name
+        assert cfg.data == base.data and cfg.train == base.train
+    assert cfgs["full"].model.attention_window == 0
+    assert {cfgs[n].model.attention_window for n in rc.VARIANTS if n != "full"} == {m.attention_window}
+    a, r = cfgs["swa_ttt_aligned"].model, cfgs["swa_ttt_reconstruction"].model
+    assert a.ttt.target == "aligned" and r.ttt.target == "reconstruction"
+    assert a == type(a)(**{**a.__dict__, "ttt": type(a.ttt)(**{**r.ttt.__dict__, "target": "aligned"})})
+    assert not cfgs["swa"].model.ttt.enabled and not cfgs["full"].model.ttt.enabled

@@ -1,0 +1,148 @@
+"""``ttt-jax generate``: sample text from a trained or converted checkpoint, streaming it as it comes.
+
+::
+
+    ttt-jax generate CHECKPOINT --prompt TEXT | --prompt-file FILE [--max-new-tokens N]
+        [--temperature T] [--top-p P] [--top-k K] [--seed S] [--tokenizer byte|tokenizer.json]
+        [--qttt-steps N --qttt-span K --qttt-lr LR --qttt-layers all|0,3,5 --qttt-rank R]
+
+CHECKPOINT is a run directory, its ``checkpoints/`` directory or one step's directory (training or
+model-only checkpoints). The tokenizer defaults to the checkpoint's ``data.tokenizer``. The
+continuation goes to stdout as it is decoded; a summary (tokens, time, tokens/s, qTTT losses) goes to
+stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="run directory, checkpoints directory or step directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="file holding the prompt text (UTF-8)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--tokenizer", default=None,
+                   help="'byte' or a tokenizer.json (default: the checkpoint's data.tokenizer)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--stop-token", type=int, action="append", default=None, metavar="ID",
+                   help="token id that ends generation (repeatable; default: the tokenizer's eos)")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's bos token")
+    p.add_argument("--prefill-block", type=int, default=1024, help="prompt tokens per prefill call")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="runtime model setting, e.g. model.attention_impl=xla or model.compute_dtype=bfloat16")
+    q = p.add_argument_group("query-only test-time training (qTTT)")
+    q.add_argument("--qttt-steps", type=int, default=0, help="gradient steps on the queries (0 = off)")
+    q.add_argument("--qttt-span", type=int, default=128, help="tokens per sampled prompt span")
+    q.add_argument("--qttt-lr", type=float, default=1e-5, help="AdamW learning rate")
+    q.add_argument("--qttt-layers", default="all", help="'all' or comma-separated layer indices")
+    q.add_argument("--qttt-rank", type=int, default=0, help="0 = full query kernels, r > 0 = rank-r adapters")
+
+
+def _layers(spec: str):
+    if spec.strip().lower() == "all":
+        return None
+    try:
+        return tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--qttt-layers must be 'all' or comma-separated integers, got {spec!r}") from None
+
+
+def _resolve_tokenizer(spec: str, checkpoint: Path):
+    from ttt_jax.data.tokenizer import load_tokenizer
+
+    path = Path(spec).expanduser()
+    if spec != "byte" and not path.is_absolute() and not path.exists():
+        # A relative path saved in the config: try it next to the run directory too.
+        for base in (checkpoint, *checkpoint.parents):
+            if (base / spec).exists():
+                return load_tokenizer(base / spec)
+    return load_tokenizer(spec)
+
+
+class _Streamer:
+    """Decodes the generated ids so far and writes the new text; holds back a trailing U+FFFD
+    (an incomplete UTF-8 sequence of a byte-level tokenizer) until it completes."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tok, self.out, self.ids, self.shown = tokenizer, out, [], 0
+        self.first = None       # when the first token was known (prefill + compilation done)
+        self.second = None      # the second (after the decode step's compilation)
+
+    def __call__(self, step, tokens, active):
+        now = time.perf_counter()
+        self.first = now if self.first is None else self.first
+        self.second = now if step == 1 else self.second
+        if not active[0]:
+            return
+        self.ids.append(int(tokens[0]))
+        text = self.tok.decode(self.ids)
+        end = len(text.rstrip("\ufffd"))
+        if end > self.shown:
+            self.out.write(text[self.shown:end])
+            self.out.flush()
+            self.shown = end
+
+    def finish(self):
+        text = self.tok.decode(self.ids)
+        self.out.write(text[self.shown:] + "\n")
+        self.out.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ttt_jax.infer.generate import GenerationConfig, generate
+    from ttt_jax.infer.qttt import QTTTConfig
+    from ttt_jax.train.checkpoint import load_model, read_checkpoint_config
+
+    if args.prompt_file is not None:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+    else:
+        prompt = args.prompt
+    checkpoint = Path(args.checkpoint).expanduser()
+    saved = read_checkpoint_config(checkpoint, args.step)
+    tok = _resolve_tokenizer(args.tokenizer or saved.data.tokenizer, checkpoint.absolute())
+    if tok.vocab_size > saved.model.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "
+                         f"{saved.model.vocab_size}; pass the tokenizer the model was trained with")
+    ids = ([] if args.no_bos else [tok.bos_id]) + tok.encode(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty (and --no-bos was given)")
+    stops = tuple(args.stop_token) if args.stop_token is not None else (tok.eos_id,)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops)
+    gen.validate(saved.model.vocab_size)
+    qttt = QTTTConfig(steps=args.qttt_steps, span=args.qttt_span, lr=args.qttt_lr,
+                      layers=_layers(args.qttt_layers), rank=args.qttt_rank)
+    qttt.validate(saved.model.n_layers)
+    if args.prefill_block < 1:
+        raise ValueError(f"--prefill-block must be >= 1, got {args.prefill_block}")
+    logging.getLogger("absl").setLevel(logging.ERROR)   # orbax notes on items it does not read
+    cfg, model = load_model(checkpoint, step=args.step, overrides=tuple(args.override))
+    stream = _Streamer(tok)
+    t0 = time.perf_counter()
+    result = generate(model, [ids], gen, on_token=stream, qttt=qttt, prefill_block=args.prefill_block)
+    t1 = time.perf_counter()
+    stream.finish()
+    n = len(result.tokens[0])
+    first = (stream.first or t1) - t0
+    rate = f", then {(n - 2) / (t1 - stream.second):.1f} tokens/s" if n > 2 and stream.second else ""
+    msg = (f"[{len(ids)} prompt tokens, {n} generated ({result.stop_reasons[0]}); first token after "
+           f"{first:.2f} s (prefill{' + qTTT' if qttt.steps else ''} + compilation){rate}]")
+    if result.qttt_losses is not None and len(result.qttt_losses):
+        losses = result.qttt_losses[:, 0]
+        msg += f" [qTTT span loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps]"
+    print(msg, file=sys.stderr)
+    return 0

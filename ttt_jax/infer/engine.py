@@ -1,0 +1,369 @@
+"""Prefill and decode of a :class:`~ttt_jax.models.lm.CausalLM` with a :class:`~ttt_jax.infer.cache.Cache`.
+
+:func:`extend` is the whole model over ``T`` new tokens of every sequence of a batch, each sequence
+at its own position (``cache.lengths``); it reuses the model's modules and parameters and computes,
+for those tokens, what one forward pass over the whole sequence computes (tested: prefill in
+blocks plus token-by-token decode gives the logits of ``model(tokens)``). :class:`Engine` wraps it
+in jitted functions over the split model state:
+
+* :meth:`Engine.prefill` -- prompts of different lengths, consumed in blocks of ``prefill_block``
+  tokens (memory bounded by the block, not the prompt), returning the logits of each prompt's last
+  token;
+* :meth:`Engine.decode` -- one token per sequence (sequences marked inactive are left untouched),
+  returning the next-token logits; :meth:`Engine.decode_sample` also samples the next token on the
+  device (:func:`ttt_jax.infer.sampling.sample_logits`).
+
+Parameters may be sharded (a model from ``load_model(path, mesh=...)``): the jitted functions take
+the state as an argument, so XLA keeps each weight where it lives and partitions the work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ttt_jax.infer.attention import attention_extend
+from ttt_jax.infer.cache import Cache, LayerCache, init_cache, round_up
+from ttt_jax.infer.sampling import sample_logits
+from ttt_jax.infer.ttt import ttt_extend
+from ttt_jax.models.lm import CausalLM, check_tokens, unstack_layer_params
+
+
+def unrolled_model(model: CausalLM) -> CausalLM:
+    """``model`` itself, or for ``model.scan_layers=true`` an unrolled copy sharing its values
+    (inference walks the layers one by one, each with its own cache)."""
+    if not model.cfg.scan_layers:
+        return model
+    cfg = dataclasses.replace(model.cfg, scan_layers=False)
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abs_state = nnx.split(abstract)
+    values = nnx.to_pure_dict(unstack_layer_params(nnx.state(model), model.cfg))
+    nnx.replace_by_pure_dict(abs_state, values)
+    return nnx.merge(graphdef, abs_state)
+
+
+def extend(model: CausalLM, cache: Cache, tokens: jax.Array, n_valid: jax.Array, *,
+           q_deltas: Optional[Mapping[int, jax.Array]] = None, attn_impl: str = "auto",
+           attn_block: int = 512) -> tuple[jax.Array, Cache]:
+    """The model over ``T`` new tokens of every sequence, continuing from ``cache``.
+
+    Args:
+      model: an unrolled :class:`CausalLM` (see :func:`unrolled_model`).
+      cache: the state after ``cache.lengths[b]`` tokens of sequence ``b``.
+      tokens: ``[B, T]`` int32; row ``b`` holds ``n_valid[b]`` real tokens then padding (any id in
+        the vocabulary).
+      n_valid: ``[B]`` int32 in ``[0, T]``.
+      q_deltas: optional ``{layer: [B, D, H, Dh]}`` query-kernel additions (query-only TTT).
+      attn_impl, attn_block: :func:`ttt_jax.infer.attention.cache_attention` options.
+
+    Returns:
+      ``([B, T, D]`` final-normed hidden states (compute dtype; padding rows are garbage), the
+      cache after the real tokens, with ``lengths + n_valid``).
+    """
+    if model.cfg.scan_layers:
+        raise ValueError("extend needs an unrolled model; pass unrolled_model(model)")
+    start = cache.lengths
+    n_valid = n_valid.astype(jnp.int32)
+    q_deltas = q_deltas or {}
+    x0 = model.embed_tokens(tokens)
+    x = x0
+    layers = []
+    for i, (block, lc) in enumerate(zip(model.layers, cache.layers)):
+        att, kv = attention_extend(block.attn, block.attn_norm(x), start, n_valid, lc.kv,
+                                   q_delta=q_deltas.get(i), impl=attn_impl, block=attn_block)
+        x = x + att
+        h = block.mlp_norm(x)
+        if block.is_ttt:
+            out, st = ttt_extend(block.mlp, h, x0, start, n_valid, lc.ttt)
+        else:
+            out, st = block.mlp(h), None
+        x = x + out
+        layers.append(LayerCache(kv=kv, ttt=st))
+    return model.final_norm(x), Cache(lengths=start + n_valid, layers=tuple(layers))
+
+
+def prefill_forward(model: CausalLM, cache: Cache, tokens: jax.Array) -> tuple[jax.Array, Cache]:
+    """Fill *empty* caches with whole prompts of equal length through the model's own forward pass.
+
+    The layer outputs come from the modules' ``__call__`` -- under a mesh with a ``context`` axis that
+    is the context-parallel forward (ring / halo attention, the cross-device In-Place TTT scan), so a
+    long prompt is split over devices -- and the cache contents are position-wise: keys and values of
+    every position (the last ``window`` for ring buffers), the fast weight after the complete chunks
+    (``sum_i clip(lr z_i^T v_i)``, one reduction over the sequence) and the rows of the final partial
+    chunk. Equal to :func:`extend` from an empty cache (tested).
+
+    Args:
+      model: an unrolled :class:`CausalLM`.
+      cache: an empty cache (``lengths == 0``) of batch ``B``.
+      tokens: ``[B, T]`` int32, every row a whole prompt of ``T`` tokens.
+
+    Returns:
+      ``([B, T, D]`` final-normed hidden states, the cache with ``lengths = T``).
+    """
+    from ttt_jax.infer.attention import project_qkv
+    from ttt_jax.infer.cache import KVCache, TTTCache
+    from ttt_jax.infer.ttt import chunk_update
+
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x0 = model.embed_tokens(tokens)
+    x = x0
+    layers = []
+    for block, lc in zip(model.layers, cache.layers):
+        a = block.attn_norm(x)
+        _, k, v = project_qkv(block.attn, a, positions)
+        kv = lc.kv
+        keep = positions >= t - kv.capacity
+        slots = jnp.where(keep, positions % kv.capacity, kv.capacity)
+        bidx = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+        kv = KVCache(kv.k.at[bidx, slots].set(k.astype(kv.k.dtype), mode="drop"),
+                     kv.v.at[bidx, slots].set(v.astype(kv.v.dtype), mode="drop"),
+                     window=kv.window, ring=kv.ring)
+        x = x + block.attn(a, positions=positions)
+        h = block.mlp_norm(x)
+        st = None
+        if block.is_ttt:
+            mlp = block.mlp
+            out = mlp(h, x0=x0)
+            c = mlp.chunk_size
+            done = (t // c) * c
+            delta = lc.ttt.delta
+            if done:
+                n = done // c
+                hc = h[:, :done].reshape(b * n, c, -1)
+                xc = x0[:, :done].reshape(b * n, c, -1) if lc.ttt.x0 is not None else None
+                if mlp.clip_tau is None:
+                    # No per-chunk clipping: one reduction over all complete chunks.
+                    delta = delta + chunk_update(mlp, h[:, :done], None if xc is None else x0[:, :done],
+                                                 chunk_size=c)
+                else:
+                    delta = delta + chunk_update(mlp, hc, xc).reshape(b, n, *delta.shape[1:]).sum(axis=1)
+
+            def pending(rows, buf):
+                # Rows of the final, incomplete chunk (positions done .. t-1) at buffer rows 0 ...
+                if buf is None:
+                    return None
+                return jnp.zeros_like(buf).at[:, :t - done].set(rows[:, done:].astype(buf.dtype))
+
+            st = TTTCache(delta=delta, h=pending(h, lc.ttt.h), x0=pending(x0, lc.ttt.x0))
+        else:
+            out = block.mlp(h)
+        x = x + out
+        layers.append(LayerCache(kv=kv, ttt=st))
+    return model.final_norm(x), Cache(lengths=cache.lengths + t, layers=tuple(layers))
+
+
+def _last_rows(x: jax.Array, n_valid: jax.Array) -> jax.Array:
+    """``x [B, T, ...]`` -> ``x[b, n_valid[b] - 1]`` (row 0 when ``n_valid`` is 0)."""
+    idx = jnp.maximum(n_valid - 1, 0)[:, None]
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)[:, 0]
+
+
+def _block_size(longest: int, prefill_block: int) -> int:
+    """Prefill block length: the prompt rounded up to a power of two (few distinct compilations),
+    at most ``prefill_block``."""
+    size = 16
+    while size < longest and size < prefill_block:
+        size *= 2
+    return min(size, prefill_block)
+
+
+class _Static:
+    """A graph definition as a static jit argument, hashed once (hashing a GraphDef walks the whole
+    graph, which would cost about a millisecond on every decode step)."""
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+        self._hash = hash(graphdef)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, _Static) and self.graphdef == other.graphdef)
+
+
+# Jitted at module level with the graph definition static: engines of the same model structure
+# (a reloaded checkpoint, another Engine over the same model) share compilations.
+@functools.partial(jax.jit, static_argnames=("graphdef", "logits", "attn_impl", "attn_block"),
+                   donate_argnames=("cache",))
+def _extend_jit(graphdef, state, cache, tokens, n_valid, q_deltas, *, logits: str, attn_impl: str,
+                attn_block: int):
+    model = nnx.merge(graphdef.graphdef, state)
+    hidden, cache = extend(model, cache, tokens, n_valid, q_deltas=q_deltas, attn_impl=attn_impl,
+                           attn_block=attn_block)
+    if logits == "all":
+        return model.logits(hidden), cache
+    return model.logits(_last_rows(hidden, n_valid)[:, None])[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "attn_block"),
+                   donate_argnames=("cache",))
+def _decode_jit(graphdef, state, cache, tokens, active, q_deltas, key, temperature, top_k, top_p, *,
+                attn_impl: str, attn_block: int):
+    model = nnx.merge(graphdef.graphdef, state)
+    hidden, cache = extend(model, cache, tokens[:, None], active.astype(jnp.int32), q_deltas=q_deltas,
+                           attn_impl=attn_impl, attn_block=attn_block)
+    logits = model.logits(hidden)[:, 0]
+    return sample_logits(logits, key, temperature, top_k, top_p), logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _prefill_forward_jit(graphdef, state, cache, tokens):
+    model = nnx.merge(graphdef.graphdef, state)
+    hidden, cache = prefill_forward(model, cache, tokens)
+    return model.logits(hidden[:, -1:])[:, 0], cache
+
+
+class Engine:
+    """Jitted prefill / decode of one model.
+
+    Args:
+      model: a :class:`CausalLM` (scanned layers are unrolled, sharing the values).
+      prefill_block: prompt tokens per prefill call (bounds activation memory).
+      attn_block: keys per block of the blockwise cache attention.
+      attn_impl: :func:`ttt_jax.infer.attention.cache_attention` implementation.
+    """
+
+    def __init__(self, model: CausalLM, *, prefill_block: int = 1024, attn_block: int = 512,
+                 attn_impl: str = "auto"):
+        if prefill_block < 1:
+            raise ValueError(f"prefill_block must be >= 1, got {prefill_block}")
+        model = unrolled_model(model)
+        self.cfg = model.cfg
+        self.prefill_block = int(prefill_block)
+        self.attn_block = int(attn_block)
+        self.attn_impl = attn_impl
+        self.graphdef, self.state = nnx.split(model)
+        self._static = _Static(self.graphdef)
+
+    def model(self, state=None) -> CausalLM:
+        """The model (``state`` replaces the parameters, e.g. inside a jitted function)."""
+        return nnx.merge(self.graphdef, self.state if state is None else state)
+
+    def _extend(self, cache, tokens, n_valid, q_deltas, *, logits: str):
+        return _extend_jit(self._static, self.state, cache, tokens, n_valid, q_deltas, logits=logits,
+                           attn_impl=self.attn_impl, attn_block=self.attn_block)
+
+    # -- host API -------------------------------------------------------------------------------
+
+    def init_cache(self, batch_size: int, max_len: int, *, ring: bool = True) -> Cache:
+        """An empty cache for ``batch_size`` sequences of at most ``max_len`` tokens."""
+        return init_cache(self.cfg, batch_size, max_len, ring=ring)
+
+    def _check_room(self, cache: Cache, extra: np.ndarray) -> None:
+        need = int(np.max(np.asarray(cache.lengths) + extra))
+        for i, lc in enumerate(cache.layers):
+            if not lc.kv.ring and need > lc.kv.capacity:
+                raise ValueError(f"the KV cache of layer {i} holds {lc.kv.capacity} tokens but "
+                                 f"{need} are needed; build the cache with a larger max_len")
+
+    def prefill(self, cache: Cache, prompts: Sequence[Sequence[int]] | np.ndarray, *,
+                lengths: Optional[Sequence[int]] = None, logits: str = "last",
+                q_deltas: Optional[Mapping[int, jax.Array]] = None):
+        """Consume one prompt per sequence (different lengths allowed) in blocks.
+
+        Args:
+          cache: the batch's cache (donated: do not reuse the object passed in).
+          prompts: ``B`` token lists, or a ``[B, L]`` array with per-row ``lengths``.
+          logits: ``"last"`` -> ``[B, V]`` fp32 logits of each prompt's last token (a sequence
+            with an empty prompt gets zeros); ``"all"`` -> ``[B, L, V]`` logits of every prompt
+            position (padding rows garbage).
+
+        Returns:
+          ``(logits, cache)``.
+        """
+        if logits not in ("last", "all"):
+            raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
+        tokens, lens = _pad_prompts(prompts, lengths)
+        if tokens.shape[0] != cache.batch_size:
+            raise ValueError(f"{tokens.shape[0]} prompts for a cache of batch {cache.batch_size}")
+        check_tokens(tokens, self.cfg.vocab_size)
+        self._check_room(cache, lens)
+        longest = max(int(lens.max()), 1)
+        blk = _block_size(longest, self.prefill_block)
+        total = round_up(longest, blk)
+        tokens = np.pad(tokens, [(0, 0), (0, total - tokens.shape[1])])
+        q_deltas = dict(q_deltas or {})
+        out = []
+        last = jnp.zeros((cache.batch_size, self.cfg.vocab_size), jnp.float32)
+        for s in range(0, total, blk):
+            n = np.clip(lens - s, 0, blk).astype(np.int32)
+            res, cache = self._extend(cache, jnp.asarray(tokens[:, s:s + blk]), jnp.asarray(n), q_deltas,
+                                      logits=logits)
+            if logits == "all":
+                out.append(res)
+            else:
+                last = jnp.where(jnp.asarray(n > 0)[:, None], res, last)
+        if logits == "all":
+            return jnp.concatenate(out, axis=1)[:, :int(lens.max())], cache
+        return last, cache
+
+    def prefill_parallel(self, cache: Cache, tokens) -> tuple[jax.Array, Cache]:
+        """Prefill empty caches with ``tokens [B, T]`` (equal-length prompts) in one forward pass
+        (:func:`prefill_forward`): under ``jax.set_mesh(mesh)`` with ``mesh.context = n > 1`` the
+        sequence is split over ``n`` devices (``T`` must be a multiple of ``n`` times the TTT chunk
+        size). Returns the ``[B, V]`` logits of the last token and the cache. Memory grows with ``T``
+        (divided over the devices): this is the path for long prompts on a mesh; :meth:`prefill`
+        bounds memory on one device."""
+        from ttt_jax.nn.context import context_size
+
+        tokens = np.asarray(tokens, np.int32)
+        if tokens.ndim != 2 or tokens.shape[0] != cache.batch_size:
+            raise ValueError(f"tokens must be [B, T] with B = {cache.batch_size}, got {tokens.shape}")
+        if np.any(np.asarray(cache.lengths)):
+            raise ValueError("prefill_parallel fills empty caches; use prefill to continue a sequence")
+        check_tokens(tokens, self.cfg.vocab_size)
+        self._check_room(cache, np.full((cache.batch_size,), tokens.shape[1], np.int64))
+        n = context_size()
+        unit = n * (self.cfg.ttt.chunk_size if self.cfg.ttt.layer_ids(self.cfg.n_layers) and n > 1 else 1)
+        if tokens.shape[1] % unit:
+            raise ValueError(f"prompt length {tokens.shape[1]} must be a multiple of mesh.context={n} x "
+                             f"the TTT chunk size = {unit} for a context-parallel prefill")
+        return _prefill_forward_jit(self._static, self.state, cache, jnp.asarray(tokens))
+
+    def decode(self, cache: Cache, tokens, *, active=None, key=None, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, q_deltas: Optional[Mapping[int, jax.Array]] = None,
+               check: bool = True):
+        """Feed one token per sequence: ``tokens [B]`` int; ``active [B]`` bool (default all).
+
+        Returns ``(next_tokens [B] int32 sampled from the new logits, logits [B, V] fp32, cache)``;
+        inactive sequences' caches are unchanged. The cache passed in is donated. ``check=False``
+        skips the host-side checks (token range, cache room), which wait for the previous step:
+        for loops that have checked once up front and keep the device busy.
+        """
+        b = cache.batch_size
+        if check:
+            check_tokens(np.asarray(tokens), self.cfg.vocab_size)
+            self._check_room(cache, np.ones((b,), np.int64) if active is None else np.asarray(active, np.int64))
+        tokens = jnp.asarray(tokens, jnp.int32).reshape(b)
+        active = jnp.ones((b,), bool) if active is None else jnp.asarray(active, bool).reshape(b)
+        key = jax.random.key(0) if key is None else key
+        return _decode_jit(self._static, self.state, cache, tokens, active, dict(q_deltas or {}), key,
+                           jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+                           attn_impl=self.attn_impl, attn_block=self.attn_block)
+
+
+def _pad_prompts(prompts, lengths) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts -> ``([B, L]`` int32 right-padded with 0, ``[B]`` lengths)."""
+    if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) == 2:
+        arr = np.asarray(prompts).astype(np.int32)
+        lens = np.full((arr.shape[0],), arr.shape[1], np.int64) if lengths is None else \
+            np.asarray(lengths, np.int64)
+        if lens.shape != (arr.shape[0],) or lens.min() < 0 or lens.max() > arr.shape[1]:
+            raise ValueError(f"lengths must be [B] = [{arr.shape[0]}] in [0, {arr.shape[1]}], got {lens}")
+        return arr, lens
+    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    if not rows:
+        raise ValueError("no prompts given")
+    lens = np.asarray([len(r) for r in rows], np.int64)
+    arr = np.zeros((len(rows), max(int(lens.max()), 1)), np.int32)
+    for i, r in enumerate(rows):
+        arr[i, :len(r)] = r
+    return arr, lens
