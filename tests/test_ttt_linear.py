@@ -73,7 +73,7 @@ def _naive(q, k, v, lr, params, scale, bias, mini_batch):
     return outs
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("kind", [pytest.param("linear", marks=pytest.mark.slow), "mlp"])
 def test_reference_matches_literal_loop(kind):
     q, k, v, lr, scale, bias = _inputs(1, 7)
     params = _params(kind)
@@ -83,7 +83,8 @@ def test_reference_matches_literal_loop(kind):
 
 
 @pytest.mark.parametrize("kind,segmented,b,t", [
-    ("linear", True, 3, 13), pytest.param("mlp", False, 1, 16, marks=pytest.mark.slow),
+    pytest.param("linear", True, 3, 13, marks=pytest.mark.slow),
+    pytest.param("mlp", False, 1, 16, marks=pytest.mark.slow),
     ("mlp", True, 1, 13)])
 def test_dual_equals_reference_values_and_grads(kind, segmented, b, t):
     q, k, v, lr, scale, bias = _inputs(b, t)
@@ -107,7 +108,8 @@ def test_dual_equals_reference_values_and_grads(kind, segmented, b, t):
         np.testing.assert_allclose(a, r, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind,impl", [("linear", "dual"), ("mlp", "dual"), ("mlp", "reference")])
+@pytest.mark.parametrize("kind,impl", [("linear", "dual"), ("mlp", "dual"),
+                                       pytest.param("mlp", "reference", marks=pytest.mark.slow)])
 def test_two_pieces_with_carried_state_equal_one_run(kind, impl):
     q, k, v, lr, scale, bias = _inputs(2, 24)
     params = _params(kind)

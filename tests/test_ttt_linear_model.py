@@ -8,7 +8,7 @@ from flax import nnx
 
 from parallel.mesh import make_mesh
 from ttt_jax.config import ConfigError, ModelConfig, TTTConfig, TTTSeqConfig, load_config
-from ttt_jax.models.lm import CausalLM
+from ttt_jax.models.lm import CausalLM, stack_layer_params
 from ttt_jax.nn.ttt_seq import TTTSeqLayer
 
 BASE = dict(vocab_size=37, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=24, max_seq_len=64,
@@ -83,3 +83,12 @@ def test_config_validation_and_context_parallel_error():
     with jax.set_mesh(make_mesh(data=4, context=2)):
         with pytest.raises(ValueError, match="model.ttt_seq.*mesh.context"):
             layer(x, positions=pos)
+
+
+def test_scan_layers_equals_unrolled():
+    cfg = _cfg(mode="replace")
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    scanned = CausalLM(ModelConfig(**{**BASE, "scan_layers": True}, ttt_seq=cfg.ttt_seq), rngs=nnx.Rngs(1))
+    nnx.update(scanned, stack_layer_params(nnx.state(model), scanned.cfg))
+    tok = _tokens(2, 9)
+    np.testing.assert_allclose(scanned(tok), model(tok), atol=1e-5, rtol=1e-5)

@@ -12,23 +12,23 @@
 The position factor of the inner lr is ``max(1/(i+1) + token_bias[i], 0)`` with a learnable
 ``token_bias`` (zeros at init). ``H = model.n_heads``, ``Dh = model.head_dim``.
 
-Parameters:
+Parameters (``s = model.initializer_range``; ``F = Dh`` for TTT-Linear, ``4 Dh`` for TTT-MLP)::
 
-=================  ====================  ===========================================  ===========
-name               shape                 logical axes                                 init
-=================  ====================  ===========================================  ===========
-``q, k, v``        ``[D, H, Dh]``        ``("embed", "heads", "head_dim")``           N(0, s^2)
-``o``              ``[H, Dh, D]``        ``("heads", "head_dim", "embed")``           N(0, s^2)
-``gate``           ``[D, H, Dh]``        ``("embed", "heads", "head_dim")``           N(0, s^2), output_gate only
-``lr_w, lr_b``     ``[D, H]``, ``[H]``   ``("embed", "heads")``, ``("heads",)``       N(0, s^2), 0
-``token_bias``     ``[mini_batch]``      ``(None,)``                                  0
-``inner_w1/b1``    ``[H, Dh, F]/[H, F]`` ``("heads", "head_dim", None)/("heads", None)``  N(0, s^2), 0
-``inner_w2/b2``    ``[H, F, Dh]/[H, Dh]````("heads", None, "head_dim")/("heads", "head_dim")``  mlp only
-``ttt_norm_*``     ``[H, Dh]``           ``("heads", "head_dim")``                    1 / 0
-``post_norm_*``    ``[H, Dh]``           ``("heads", "head_dim")``                    1 / 0
-=================  ====================  ===========================================  ===========
+    q, k, v         [D, H, Dh]   (embed, heads, head_dim)    N(0, s^2)
+    o               [H, Dh, D]   (heads, head_dim, embed)    N(0, s^2)
+    gate            [D, H, Dh]   (embed, heads, head_dim)    N(0, s^2)     output_gate only
+    lr_w            [D, H]       (embed, heads)              N(0, s^2)
+    lr_b            [H]          (heads,)                    0
+    token_bias      [mini_batch] (None,)                     0
+    inner_w1        [H, Dh, F]   (heads, head_dim, None)     N(0, s^2)
+    inner_b1        [H, F]       (heads, None)               0
+    inner_w2        [H, F, Dh]   (heads, None, head_dim)     N(0, s^2)     mlp only
+    inner_b2        [H, Dh]      (heads, head_dim)           0             mlp only
+    ttt_norm_scale  [H, Dh]      (heads, head_dim)           1             LayerNorm inside the inner model
+    ttt_norm_bias   [H, Dh]      (heads, head_dim)           0
+    post_norm_scale [H, Dh]      (heads, head_dim)           1             LayerNorm over H*Dh
+    post_norm_bias  [H, Dh]      (heads, head_dim)           0
 
-(``F = Dh`` for TTT-Linear's ``w1``, ``4 Dh`` for TTT-MLP; ``s = model.initializer_range``.)
 Context parallelism is not supported (a ``ValueError`` when the ``context`` mesh axis is > 1).
 """
 
