@@ -39,9 +39,11 @@ def _segments(batch, length):
     return jnp.asarray(rows, jnp.int32)
 
 
-@pytest.mark.parametrize("context, window, segs", [(4, 0, False), (4, 0, True), (2, 12, True), (8, 0, False)])
-def test_context_parallel_logits_and_grads(context, window, segs):
-    model = _model([f"model.attention_window={window}"])
+@pytest.mark.parametrize("context, window, segs, impls", [
+    (4, 0, False, ()), (4, 0, True, ("model.context_attention=allgather", "model.context_scan=ppermute")),
+    (2, 12, True, ()), (8, 0, False, ("model.context_scan=ppermute",))])
+def test_context_parallel_logits_and_grads(context, window, segs, impls):
+    model = _model([f"model.attention_window={window}", *impls])
     tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, 64)
     seg = _segments(2, 64) if segs else None
     graphdef, state = nnx.split(model)

@@ -251,6 +251,14 @@ class ModelConfig:
     a sum over tokens, so results equal the contiguous layout's. Zigzag needs full attention on
     every layer (sliding-window attention is balanced already and uses the contiguous halo
     exchange) and ``T / (2n)`` a multiple of the TTT chunk size.
+
+    Under context parallelism, ``context_attention`` picks how full causal layers see the other
+    devices' keys/values: ``"ring"`` (``ppermute`` around the ring with an online softmax;
+    ``O(T / n)`` memory) or ``"allgather"`` (one all-gather of K/V; ``O(T)`` memory). ``context_scan``
+    picks the cross-device exclusive scan of the fast-weight summaries: ``"allgather"`` (one
+    all-gather of the ``n`` summaries, combined locally) or ``"ppermute"`` (``log2 n`` rounds of
+    neighbour exchanges; for many devices). Results are the same (tested); only speed and memory
+    differ.
     """
 
     vocab_size: int = 259
@@ -275,6 +283,8 @@ class ModelConfig:
     remat: bool = False
     scan_layers: bool = False
     context_layout: Literal["contiguous", "zigzag"] = "contiguous"
+    context_attention: Literal["ring", "allgather"] = "ring"
+    context_scan: Literal["allgather", "ppermute"] = "allgather"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
     ttt_seq: TTTSeqConfig = dataclasses.field(default_factory=TTTSeqConfig)
     e2e: E2EConfig = dataclasses.field(default_factory=E2EConfig)

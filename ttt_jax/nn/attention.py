@@ -48,6 +48,7 @@ class Attention(nnx.Module):
         self.head_dim = cfg.resolved_head_dim
         self.window = int(window)
         self.context_layout = cfg.context_layout
+        self.context_impl = cfg.context_attention
         self.rope_theta = float(cfg.rope_theta)
         self.rope_scaling = cfg.rope_scaling  # None, or yarn / llama3 frequency scaling
         self.impl = cfg.attention_impl
@@ -81,7 +82,7 @@ class Attention(nnx.Module):
             # Sequence split over the context axis: ring attention (full) or halo exchange (window).
             def local(q, k, v, seg):
                 return context_attention(q, k, v, AXIS, segment_ids=seg, window=self.window,
-                                         layout=self.context_layout)
+                                         layout=self.context_layout, impl=self.context_impl)
             out = run_over_context(local, (q, k, v), segment_ids=segment_ids)
         else:
             out = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)

@@ -100,6 +100,7 @@ class InPlaceTTTMLP(SwiGLUMLP):
         self.impl = t.impl
         self.clip_tau = None if t.clip_tau is None else float(t.clip_tau)
         self.context_layout = cfg.context_layout
+        self.context_scan = cfg.context_scan
         pd = jnp.dtype(cfg.param_dtype)
         d = cfg.d_model
         self.ttt_conv = make_param(zeros_init, None, (t.conv_kernel, d), ("conv", "embed"), pd)
@@ -132,7 +133,7 @@ class InPlaceTTTMLP(SwiGLUMLP):
             def local(z, v, w0, seg):
                 return inplace_ttt_sharded(z, v, w0, lr=self.lr, chunk_size=self.chunk_size,
                                            axis_name=AXIS, segment_ids=seg, clip_tau=self.clip_tau,
-                                           layout=self.context_layout)
+                                           layout=self.context_layout, mode=self.context_scan)
             return run_over_context(local, (z, v), (w0,), segment_ids)
         return inplace_ttt(z, v, w0, lr=self.lr, chunk_size=self.chunk_size,
                            segment_ids=segment_ids, impl=self.impl, clip_tau=self.clip_tau)
