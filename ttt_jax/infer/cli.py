@@ -92,8 +92,9 @@ class _Streamer:
     """Decodes the generated ids so far and writes the new text; holds back a trailing U+FFFD
     (an incomplete UTF-8 sequence of a byte-level tokenizer) until it completes."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tok, self.out, self.ids, self.shown = tokenizer, out, [], 0
+    def __init__(self, tokenizer, out=None):
+        # sys.stdout is looked up per call, not bound at import (it may be redirected meanwhile).
+        self.tok, self.out, self.ids, self.shown = tokenizer, out if out is not None else sys.stdout, [], 0
         self.first = None       # when the first token was known (prefill + compilation done)
         self.second = None      # the second (after the decode step's compilation)
 
