@@ -194,6 +194,8 @@ def main(argv=None) -> int:
     if args.contexts:
         contexts = [int(x) for x in args.contexts.split(",")]
     cfgs = model_configs(args.smoke)
+    out = Path(args.out) if args.out else (Path(os.environ["OUT"]) if os.environ.get("OUT") else
+                                           ROOT / "benchmarks" / "results") / "decode_bench.json"
     dev = jax.devices()[0]
     results = {"device": f"{dev.device_kind} ({dev.platform})", "jax": jax.__version__,
                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "smoke": args.smoke,
@@ -218,15 +220,18 @@ def main(argv=None) -> int:
             if "forward_tokens_per_s" in pf:
                 pre += f" (one-pass {pf['forward_tokens_per_s']:.0f} tok/s)"
             print(f"{name:8s} ctx {ctx:7d}  {pre}  decode {dec}", flush=True)
+            _write(results, out)  # partial results survive a time limit
     results["summary"] = summarize(results, contexts, batches)
     for line in results["summary"]["lines"]:
         print(line)
-    out = Path(args.out) if args.out else (Path(os.environ["OUT"]) if os.environ.get("OUT") else
-                                           ROOT / "benchmarks" / "results") / "decode_bench.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    _write(results, out)
     print(f"wrote {out}")
     return 0
+
+
+def _write(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
 
 
 def summarize(results: dict, contexts: list, batches: list) -> dict:

@@ -389,6 +389,10 @@ class TrainConfig:
     (``ttt-jax convert hf``) or any run -- instead of a random init; optimizer, step and data start
     fresh. In-Place TTT parameters the checkpoint lacks start at their init. Ignored once ``run_dir``
     holds a checkpoint of its own (resuming). See :mod:`ttt_jax.train.warm_start`.
+    ``loss_chunk``: the training and validation loss are computed from the final hidden states
+    ``loss_chunk`` positions at a time (rematerialised), so the ``[B, T, V]`` fp32 logits never
+    exist at once (at 32k tokens and a 152k vocabulary they alone are 20 GB); ``0`` computes them
+    whole. The value is the same either way.
     """
 
     steps: int = 1000
@@ -415,9 +419,12 @@ class TrainConfig:
     on_nonfinite: Literal["skip", "stop"] = "skip"
     max_nonfinite_steps: int = 10
     init_from: Optional[str] = None
+    loss_chunk: int = 4096
 
     def validate(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
+        _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0, "train.loss_chunk",
+               self.loss_chunk, "an integer >= 0 (0: whole-sequence logits)")
         _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         _check(0 <= self.warmup_steps <= self.steps, "train.warmup_steps", self.warmup_steps,

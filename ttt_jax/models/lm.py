@@ -361,7 +361,7 @@ class CausalLM(nnx.Module):
         """``[B, T]`` int tokens -> ``[B, T, D]`` final-normed hidden states (compute dtype).
 
         Long-context training uses this with a chunked loss so that ``[B, T, V]`` logits are never
-        materialised at once (``ttt_jax.train.steps.chunked_cross_entropy``).
+        materialised at once (``ttt_jax.ops.loss.chunked_cross_entropy``, ``train.loss_chunk``).
         """
         cfg = self.cfg
         if tokens.ndim != 2:

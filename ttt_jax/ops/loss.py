@@ -22,7 +22,7 @@ def cross_entropy_reference(hidden: jax.Array, head: jax.Array, targets: jax.Arr
 
 
 def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array, *,
-                          chunk_size: int = 2048) -> tuple[jax.Array, jax.Array]:
+                          chunk_size: int = 2048, groups: int = 1) -> tuple[jax.Array, jax.Array]:
     """Summed next-token NLL and token count, computed ``chunk_size`` positions at a time.
 
     Args:
@@ -31,11 +31,24 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
       targets: ``[B, T]`` int target ids.
       mask: ``[B, T]`` float, 1 where the position counts.
       chunk_size: positions per chunk; ``T`` is padded to a multiple (padding is masked out).
+      groups: the sequence is first cut into ``groups`` contiguous blocks, and every scan step
+        takes one chunk of ``chunk_size / groups`` positions from *each* block. With ``groups``
+        equal to the number of devices the sequence is sharded over (context parallelism), every
+        step's slice is spread over all devices and the loss needs no gathering of ``hidden``.
+        ``T`` must be divisible by ``groups``.
 
     Returns:
       ``(nll_sum, n_tokens)`` fp32 scalars (logits in fp32, log-sum-exp in fp32).
     """
     b, t, d = hidden.shape
+    if groups < 1 or t % groups:
+        raise ValueError(f"chunked_cross_entropy: groups={groups} must be >= 1 and divide T={t}")
+    if groups > 1:  # [B, T] -> [B * groups, T / groups]: blocks become rows; the sum is unchanged
+        hidden = hidden.reshape(b * groups, t // groups, d)
+        targets = targets.reshape(b * groups, t // groups)
+        mask = mask.reshape(b * groups, t // groups)
+        b, t = b * groups, t // groups
+        chunk_size = max(1, chunk_size // groups)
     c = min(chunk_size, t)
     n = -(-t // c)
     pad = n * c - t

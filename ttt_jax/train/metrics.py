@@ -5,7 +5,9 @@ Definitions (per logged interval of ``n`` steps taking ``dt`` seconds of wall-cl
 * ``tokens_per_s = n * batch_size * seq_len / dt`` -- every position processed, padding included;
 * ``tflops_per_s = tokens_per_s * flops_per_token / 1e12``, where ``flops_per_token`` is the analytic
   training cost (forward + backward) of :func:`ttt_jax.models.flops.flops_per_token`;
-* ``mfu = tflops_per_s / (peak_tflops_per_device * n_devices)``.
+* ``mfu = tflops_per_s / (peak_tflops_per_device * n_devices)``;
+* ``peak_memory_gib``: the device's ``peak_bytes_in_use`` so far (largest over local devices; only
+  on backends that count it, e.g. GPUs).
 
 The peak is ``train.peak_tflops`` when set, otherwise looked up from the device kind in
 :data:`PEAK_TFLOPS` (dense bf16 tensor-core figures, so an fp32-compute run shows a low MFU by
@@ -52,6 +54,22 @@ def throughput(steps: int, seconds: float, tokens_per_step: int, flops_per_token
     tflops = tokens_per_s * flops_per_token / 1e12
     mfu = tflops / (peak_per_device * n_devices) if peak_per_device else None
     return {"tokens_per_s": tokens_per_s, "tflops_per_s": tflops, "mfu": mfu}
+
+
+def peak_device_memory_gib() -> Optional[float]:
+    """Largest ``peak_bytes_in_use`` over this process's devices in GiB; None where the backend
+    keeps no such counter (CPU)."""
+    import jax
+
+    peaks = []
+    for d in jax.local_devices():
+        try:
+            stats = d.memory_stats()
+        except Exception:  # some backends raise instead of returning None
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"])
+    return max(peaks) / 2**30 if peaks else None
 
 
 def _finite_or_none(x: Any) -> Any:
@@ -112,6 +130,8 @@ class MetricsWriter:
                 post["tok/s"] = f"{record['tokens_per_s']:.3g}"
             if record.get("mfu") is not None:
                 post["mfu"] = f"{100 * record['mfu']:.1f}%"
+            if record.get("peak_memory_gib") is not None:
+                post["mem"] = f"{record['peak_memory_gib']:.1f}G"
             self._bar.set_postfix(post, refresh=True)
 
     def message(self, msg: str) -> None:

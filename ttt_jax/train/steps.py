@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ttt_jax.ops.loss import chunked_cross_entropy
+
 Batch = dict[str, jax.Array]
 
 
@@ -34,14 +36,27 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tup
     return jnp.sum((lse - target_logit) * mask), jnp.sum(mask)
 
 
-def _forward_nll(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def _forward_nll(model: nnx.Module, batch: Batch, loss_chunk: int = 0,
+                 loss_groups: int = 1) -> tuple[jax.Array, jax.Array]:
+    """``(nll_sum, n_tokens)`` of ``batch``. ``loss_chunk > 0`` computes the loss from the final
+    hidden states ``loss_chunk`` positions at a time (:func:`ttt_jax.ops.loss.chunked_cross_entropy`,
+    ``loss_groups`` = the context-parallel degree) so ``[B, T, V]`` logits never exist at once;
+    ``0`` takes the model's full logits. Both give the same value (tested)."""
+    if loss_chunk and loss_chunk < batch["inputs"].shape[1]:
+        hidden = model.hidden(batch["inputs"], segment_ids=batch["segment_ids"],
+                              positions=batch["positions"])
+        return chunked_cross_entropy(hidden, model.head(), batch["targets"], batch["loss_mask"],
+                                     chunk_size=loss_chunk, groups=loss_groups)
     logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
     return cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
 
 def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef,
-                    schedule: optax.Schedule) -> Callable[..., Any]:
+                    schedule: optax.Schedule, *, loss_chunk: int = 0,
+                    loss_groups: int = 1) -> Callable[..., Any]:
     """``step(model_state, opt_state, batch) -> (model_state, opt_state, metrics)``.
+
+    ``loss_chunk`` / ``loss_groups``: see :func:`_forward_nll` (``train.loss_chunk``).
 
     ``batch`` holds ``[B, T]`` arrays ``inputs, targets, loss_mask, segment_ids, positions``.
     ``metrics``: fp32 scalars ``loss`` (mean NLL over ``loss_mask``), ``grad_norm`` (global L2
@@ -64,7 +79,7 @@ def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef,
         optimizer = nnx.merge(opt_def, opt_state)
 
         def loss_fn(m: nnx.Module) -> jax.Array:
-            nll, n = _forward_nll(m, batch)
+            nll, n = _forward_nll(m, batch, loss_chunk, loss_groups)
             return nll / jnp.maximum(n, 1.0)
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
@@ -85,11 +100,12 @@ def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef,
     return step
 
 
-def make_eval_step(model_def: nnx.GraphDef) -> Callable[..., Any]:
+def make_eval_step(model_def: nnx.GraphDef, *, loss_chunk: int = 0,
+                   loss_groups: int = 1) -> Callable[..., Any]:
     """``eval_step(model_state, batch) -> (nll_sum, n_tokens)`` (fp32 scalars), no state change."""
 
     def eval_step(model_state: nnx.State, batch: Batch):
-        return _forward_nll(nnx.merge(model_def, model_state), batch)
+        return _forward_nll(nnx.merge(model_def, model_state), batch, loss_chunk, loss_groups)
 
     return eval_step
 

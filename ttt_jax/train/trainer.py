@@ -52,7 +52,7 @@ from ttt_jax.models.flops import flops_per_token
 from ttt_jax.models.lm import CausalLM, check_tokens, count_params
 from ttt_jax.train import mesh as mesh_lib
 from ttt_jax.train.checkpoint import Checkpointer, CheckpointCorruptError, NonFiniteStateError, state_nbytes
-from ttt_jax.train.metrics import MetricsWriter, peak_tflops_per_device, throughput
+from ttt_jax.train.metrics import MetricsWriter, peak_device_memory_gib, peak_tflops_per_device, throughput
 from ttt_jax.train.optim import learning_rate_schedule, make_optimizer, optimizer_fields
 from ttt_jax.train.warm_start import restore_model_params
 from ttt_jax.train.steps import jit_eval_step, jit_train_step, make_eval_step, make_train_step
@@ -213,9 +213,10 @@ def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sha
     # A jitted init with out_shardings creates every array directly in its sharding, so a large
     # model is never materialised whole on one device.
     init = jax.jit(init, out_shardings=(model_sh, opt_sh))
-    step = jit_train_step(make_train_step(model_def, opt_def, learning_rate_schedule(tcfg)),
+    loss_kw = {"loss_chunk": tcfg.loss_chunk, "loss_groups": mesh.shape.get("context", 1)}
+    step = jit_train_step(make_train_step(model_def, opt_def, learning_rate_schedule(tcfg), **loss_kw),
                           model_sh, opt_sh, batch_sh, scalar_sh)
-    eval_ = jit_eval_step(make_eval_step(model_def), model_sh, batch_sh, scalar_sh)
+    eval_ = jit_eval_step(make_eval_step(model_def, **loss_kw), model_sh, batch_sh, scalar_sh)
     return _Program(model_def, opt_def, model_sh, opt_sh, batch_sh, scalar_sh, init, step, eval_)
 
 
@@ -403,6 +404,9 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
         if step > interval.step0:
             record.update(throughput(step - interval.step0, now - interval.t0, tokens_per_step, fpt,
                                      mesh.size, peak))
+        peak_mem = peak_device_memory_gib()
+        if peak_mem is not None:
+            record["peak_memory_gib"] = peak_mem
         writer.write(record)
         interval.restart(step)
 
