@@ -1,13 +1,21 @@
-"""Small-scale test of In-Place TTT's long-context claims: train four models from scratch, evaluate.
+"""Small-scale test of In-Place TTT's long-context claims: train six models from scratch, evaluate.
 
 Variants (all from ``configs/research/compare.yaml``, same data, seed, steps and batch, so the same
-token budget; parameter counts matched by widening the MLPs of the models without TTT):
+token budget; parameter counts matched to the In-Place TTT model's by choosing the ``d_ff`` of every
+other variant: wider MLPs for the models without TTT, narrower ones for the TTT-Linear/MLP models):
 
 * ``swa``                     sliding-window attention (the window of the base config), no TTT;
 * ``swa_ttt_aligned``         SWA + In-Place TTT, next-token-aligned target (embeddings source);
 * ``swa_ttt_reconstruction``  the same with the reconstruction target (``model.ttt.target``), the
                               ablation: the target conv loses its look-ahead, nothing else changes;
-* ``full``                    full causal attention, no TTT.
+* ``full``                    full causal attention, no TTT;
+* ``swa_ttt_linear``          SWA + a TTT-Linear layer (``model.ttt_seq``, Sun et al. 2024) beside
+                              the sliding-window attention (``mode=beside``) on the layers that
+                              carry In-Place TTT in the other TTT variants (``model.ttt.layers``),
+                              no In-Place TTT; mini-batch 16, published base lr, no output gate;
+* ``swa_ttt_mlp``             the same with TTT-MLP (4x hidden, GELU) as the inner model.
+
+Short names work too: ``aligned``, ``reconstruction``, ``ttt_linear``, ``ttt_mlp``.
 
 Training data: the train split of the embedded corpus (Python standard library) mixed with
 RULER-style recall documents (``--recall-fraction`` of the tokens; generated from the train split
@@ -26,14 +34,20 @@ Writes ``results.json``, ``results.md`` and plots into ``--out``. A variant whos
 exists in ``--out/runs/<name>`` is loaded instead of retrained, and one whose evaluation (with the
 same settings) is in ``--out/runs/<name>/eval.json`` is not re-evaluated (delete them to redo), so
 the variants can be run in separate calls (``--variants``) and reported together by a last call.
+``--merge results.json`` adds the variants of an earlier report (same settings, checked before
+training) that this call does not run, so new rows can be trained alone and reported beside the
+old ones. ``--work-dir`` puts the training mix and the checkpoints elsewhere than the report.
 
 Usage::
 
-    python benchmarks/research_compare.py --smoke --out /tmp/research_smoke     # CPU, < 3 minutes
+    python benchmarks/research_compare.py --smoke --out /tmp/research_smoke     # CPU, < 5 minutes
     python benchmarks/research_compare.py --out runs/research                   # one GPU
     cp runs/research/results.* runs/research/*.png benchmarks/results/research/ # keep the report
+    # the TTT-Linear/MLP rows alone, reported with the committed rows of the other four:
+    python benchmarks/research_compare.py --out runs/research_ttt_seq --work-dir runs/research \\
+        --models ttt_linear ttt_mlp --merge benchmarks/results/research/results.json
 
-(the output directory also holds the training mix, ~40 MB, and the checkpoints.)
+(the work directory, ``--out`` by default, holds the training mix, ~40 MB, and the checkpoints.)
 """
 
 from __future__ import annotations
@@ -50,7 +64,29 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("swa", "swa_ttt_aligned", "swa_ttt_reconstruction", "full")
+VARIANTS = ("swa", "swa_ttt_aligned", "swa_ttt_reconstruction", "full", "swa_ttt_linear",
+            "swa_ttt_mlp")
+ALIASES = {"aligned": "swa_ttt_aligned", "reconstruction": "swa_ttt_reconstruction",
+           "ttt_linear": "swa_ttt_linear", "ttt_mlp": "swa_ttt_mlp"}
+INPLACE_TTT = ("swa_ttt_aligned", "swa_ttt_reconstruction")
+TTT_SEQ = {"swa_ttt_linear": "linear", "swa_ttt_mlp": "mlp"}
+
+
+def resolve_variants(names) -> list[str]:
+    """Variant names from ``--variants``/``--models`` (commas or spaces, short aliases), without
+    repeats, in the order given."""
+    out: list[str] = []
+    for part in names:
+        for n in part.split(","):
+            n = ALIASES.get(n.strip(), n.strip())
+            if not n:
+                continue
+            if n not in VARIANTS:
+                raise SystemExit(f"unknown variant {n!r}; variants: {', '.join(VARIANTS)} "
+                                 f"(or {', '.join(ALIASES)})")
+            if n not in out:
+                out.append(n)
+    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,7 +96,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny CPU setting (numbers mean nothing)")
     p.add_argument("--config", default=None,
                    help="base config (default research/compare, or research/compare_smoke)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    p.add_argument("--variants", "--models", nargs="+", default=[",".join(VARIANTS)],
+                   metavar="NAME", help="subset to run (commas or spaces; default all): "
+                   + ", ".join(VARIANTS) + "; short: " + ", ".join(ALIASES))
+    p.add_argument("--merge", default=None, metavar="RESULTS_JSON",
+                   help="results.json of an earlier run with the same settings: its variants not "
+                   "run now are added to the report")
+    p.add_argument("--work-dir", default=None,
+                   help="where the training mix and checkpoints go (default: --out)")
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
     p.add_argument("--recall-fraction", type=float, default=0.25,
                    help="share of training tokens from RULER-style recall documents (0 = none)")
@@ -90,21 +133,31 @@ def param_count(model_cfg) -> int:
 
 
 def variant_config(base, name: str, target_params: int):
-    """The config of variant ``name``; models without TTT get the ``d_ff`` whose parameter count
-    is closest to ``target_params`` (the TTT model's)."""
+    """The config of variant ``name``; every variant but In-Place TTT's gets the ``d_ff`` whose
+    parameter count is closest to ``target_params`` (the In-Place TTT model's): wider MLPs without
+    TTT, narrower ones with the (larger) TTT-Linear/MLP layers. The TTT-Linear/MLP layers sit
+    beside the sliding-window attention on the In-Place TTT layers of the base config."""
     from ttt_jax.config import replace
 
     window = base.model.attention_window
-    ttt = name.startswith("swa_ttt")
-    model = {"attention_window": 0 if name == "full" else window,
-             "ttt": {"enabled": ttt,
-                     "target": "reconstruction" if name.endswith("reconstruction") else "aligned"}}
+    inplace = name in INPLACE_TTT
+    model: dict[str, Any] = {
+        "attention_window": 0 if name == "full" else window,
+        "ttt": {"enabled": inplace,
+                "target": "reconstruction" if name.endswith("reconstruction") else "aligned"}}
+    if name in TTT_SEQ:
+        layers = list(replace(base, model={"ttt": {"enabled": True}}).model.ttt.layer_ids(
+            base.model.n_layers))
+        model["ttt_seq"] = {"enabled": True, "kind": TTT_SEQ[name], "layers": layers,
+                            "mode": "beside"}
     cfg = replace(base, model=model)
-    if not ttt:
+    if not inplace:
         m = cfg.model
         per_unit = 3 * m.d_model * m.n_layers           # gate, up, down per unit of d_ff
         d_ff = m.d_ff + round((target_params - param_count(m)) / per_unit)
-        cfg = replace(cfg, model={"d_ff": max(1, d_ff)})
+        if d_ff < 1:
+            raise SystemExit(f"{name}: no d_ff matches {target_params:,} parameters")
+        cfg = replace(cfg, model={"d_ff": d_ff})
     return cfg
 
 
@@ -245,7 +298,13 @@ def write_report(out: Path, results: dict, meta: dict) -> str:
     w = meta["window"]
     ctx = results[names[0]]["eval"]["ppl"]["context_lengths"]
     rl = results[names[0]]["eval"]["ruler"]["lengths"]
-    lines = [f"Device: {meta['device']}; {meta['date']}; command: `{meta['command']}`", "",
+    lines = [f"Device: {meta['device']}; {meta['date']}; command: `{meta['command']}`", ""]
+    if meta.get("merged_from"):
+        mf = meta["merged_from"]
+        lines += [f"Rows {', '.join(mf['variants'])} merged from an earlier run "
+                  f"({mf['date']}, `{mf['command']}`); devices: "
+                  + "; ".join(f"{n}: {d}" for n, d in meta["variant_devices"].items()), ""]
+    lines += [
              f"Training: {meta['steps']} steps x {meta['batch_size']} x {meta['seq_len']} tokens "
              f"({meta['tokens'] / 1e6:.1f}M tokens) per model, seed {meta['seed']}; data: "
              f"{meta['mix']['corpus_documents']} corpus documents + {meta['mix']['recall_documents']}"
@@ -313,6 +372,39 @@ def _plot_ruler_mean(means: dict, lengths, path: Path) -> None:
     plt.close(fig)
 
 
+def check_merge(merged: dict, base, spans, ruler_lengths, ruler_samples: int, seed: int,
+                mix: dict) -> None:
+    """Refuse (``SystemExit``) an earlier report made with other training or evaluation settings
+    (called before training, so a mismatch costs nothing)."""
+    meta = merged["meta"]
+    mine = {"window": base.model.attention_window, "seq_len": base.data.seq_len,
+            "steps": base.train.steps, "batch_size": base.data.batch_size, "seed": seed,
+            "ppl_spans": int(spans.shape[0]), "ruler_samples": ruler_samples,
+            "ruler_lengths": list(ruler_lengths)}
+    diff = {k: (meta.get(k), v) for k, v in mine.items() if meta.get(k) != v}
+    for k in ("corpus_documents", "recall_documents"):
+        if meta["mix"].get(k) != mix.get(k):
+            diff["mix." + k] = (meta["mix"].get(k), mix.get(k))
+    if diff:
+        raise SystemExit(f"--merge: the earlier report used other settings (earlier, now): {diff}")
+
+
+def merge_results(results: dict, devices: dict, merged: dict, base, spans, ruler_lengths,
+                  ruler_samples: int, seed: int, mix: dict, log) -> tuple[dict, dict]:
+    """``results`` plus the variants of an earlier ``results.json`` not run now, in ``VARIANTS``
+    order; refuses a report made with other training or evaluation settings."""
+    check_merge(merged, base, spans, ruler_lengths, ruler_samples, seed, mix)
+    meta = merged["meta"]
+    old_device = meta["device"]
+    for n, r in merged["results"].items():
+        if n not in results:
+            results[n] = r
+            devices[n] = meta.get("variant_devices", {}).get(n, old_device)
+            log(f"== {n}: merged from the earlier report ({devices[n]}, {meta['date']})")
+    order = sorted(results, key=lambda n: VARIANTS.index(n) if n in VARIANTS else len(VARIANTS))
+    return {n: results[n] for n in order}, {n: devices[n] for n in order}
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -325,8 +417,12 @@ def main(argv=None) -> int:
     from ttt_jax.eval import Haystack, default_context_lengths, evaluation_spans
 
     t_start = time.perf_counter()
+    variants = resolve_variants(args.variants)
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work_dir).absolute() if args.work_dir else out
+    work.mkdir(parents=True, exist_ok=True)
+    merged = json.loads(Path(args.merge).read_text()) if args.merge else None
     log = lambda m: print(m, flush=True)  # noqa: E731
     base = load_config(args.config or ("research/compare_smoke" if args.smoke else "research/compare"),
                        args.overrides)
@@ -337,8 +433,8 @@ def main(argv=None) -> int:
     if base.model.attention_window <= 0:
         raise SystemExit("the base config needs model.attention_window > 0 (the SWA window)")
     window, seq = base.model.attention_window, base.data.seq_len
-    mix_path = out / "train_mix.jsonl"
-    mix_info_path = out / "train_mix.json"
+    mix_path = work / "train_mix.jsonl"
+    mix_info_path = work / "train_mix.json"
     if not mix_path.exists():
         log(f"writing the training mix to {mix_path}")
         t0 = time.perf_counter()
@@ -364,16 +460,21 @@ def main(argv=None) -> int:
     batch = args.batch_size or (1 if args.smoke else 8)
     haystack = Haystack(tok, source="stdlib", split="validation")
 
+    if merged is not None:
+        check_merge(merged, base, spans, ruler_lengths, ruler_samples, args.seed, mix)
     results: dict[str, Any] = {}
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        if name not in VARIANTS:
-            raise SystemExit(f"unknown variant {name!r}; variants: {', '.join(VARIANTS)}")
+    for name in variants:
         cfg = variant_config(base, name, target_params)
-        cfg = replace(cfg, train={"run_dir": str(out / "runs" / name)})
+        cfg = replace(cfg, train={"run_dir": str(work / "runs" / name)})
         n_params = param_count(cfg.model)
-        log(f"== {name}: {n_params:,} parameters (window {cfg.model.attention_window or 'full'}, "
-            f"TTT {'on ' + str(list(cfg.model.ttt.layer_ids(cfg.model.n_layers))) + ' ' + cfg.model.ttt.target if cfg.model.ttt.enabled else 'off'}, d_ff {cfg.model.d_ff})")
-        eval_path = out / "runs" / name / "eval.json"
+        m = cfg.model
+        ttt = (f"In-Place TTT on {list(m.ttt.layer_ids(m.n_layers))} {m.ttt.target}"
+               if m.ttt.enabled else
+               f"TTT-{m.ttt_seq.kind} {m.ttt_seq.mode} attention on "
+               f"{list(m.ttt_seq.layer_ids(m.n_layers))}" if m.ttt_seq.enabled else "no TTT")
+        log(f"== {name}: {n_params:,} parameters ({100 * (n_params / target_params - 1):+.3f}% "
+            f"vs In-Place TTT; window {m.attention_window or 'full'}, {ttt}, d_ff {m.d_ff})")
+        eval_path = work / "runs" / name / "eval.json"
         eval_key = {"context_lengths": context_lengths, "ruler_lengths": ruler_lengths,
                     "ruler_samples": ruler_samples, "ppl_spans": int(spans.shape[0]),
                     "steps": cfg.train.steps}
@@ -393,6 +494,10 @@ def main(argv=None) -> int:
         (out / "results.json").write_text(json.dumps({"results": results}, indent=1, default=float))
 
     dev = jax.devices()[0]
+    devices = {n: f"{dev.device_kind} ({dev.platform})" for n in results}
+    if merged is not None:
+        results, devices = merge_results(results, devices, merged, base, spans, ruler_lengths,
+                                         ruler_samples, args.seed, mix, log)
     meta = {"device": f"{dev.device_kind} ({dev.platform})", "jax": jax.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python benchmarks/research_compare.py " + " ".join(
@@ -401,6 +506,11 @@ def main(argv=None) -> int:
             "batch_size": base.data.batch_size, "tokens": base.train.steps * base.data.batch_size * seq,
             "seed": args.seed, "mix": mix, "ppl_spans": int(spans.shape[0]),
             "ruler_samples": ruler_samples, "ruler_lengths": ruler_lengths,
+            "variant_devices": devices,
+            "merged_from": {"path": args.merge, "command": merged["meta"]["command"],
+                            "date": merged["meta"]["date"],
+                            "variants": [n for n in results if n not in variants]}
+            if merged is not None else None,
             "total_seconds": time.perf_counter() - t_start}
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1,
                                                  default=float))

@@ -110,7 +110,7 @@ def test_cli_eval(tmp_path, model, capsys):
 
 
 def test_research_compare_variants_match_parameters():
-    """benchmarks/research_compare.py: the four variants differ only where intended."""
+    """benchmarks/research_compare.py: the six variants differ only where intended."""
     import importlib.util
     from pathlib import Path
 
@@ -131,3 +131,40 @@ def test_research_compare_variants_match_parameters():
     assert a.ttt.target == "aligned" and r.ttt.target == "reconstruction"
     assert a == type(a)(**{**a.__dict__, "ttt": type(a.ttt)(**{**r.ttt.__dict__, "target": "aligned"})})
     assert not cfgs["swa"].model.ttt.enabled and not cfgs["full"].model.ttt.enabled
+    for name, kind in (("swa_ttt_linear", "linear"), ("swa_ttt_mlp", "mlp")):
+        s = cfgs[name].model
+        assert not s.ttt.enabled and s.ttt_seq.kind == kind and s.ttt_seq.mode == "beside"
+        assert s.ttt_seq.layer_ids(m.n_layers) == m.ttt.layer_ids(m.n_layers) == (1, 3, 5)
+        assert s.d_ff < m.d_ff                    # narrower MLPs pay for the TTT-Linear/MLP layers
+        assert abs(rc.param_count(s) / target - 1) < 3e-4
+    assert all(not cfgs[n].model.ttt_seq.enabled for n in rc.VARIANTS if n not in rc.TTT_SEQ)
+    assert rc.resolve_variants(["ttt_linear", "ttt_mlp,swa", "swa"]) == [
+        "swa_ttt_linear", "swa_ttt_mlp", "swa"]
+    with pytest.raises(SystemExit, match="unknown variant"):
+        rc.resolve_variants(["ttt_rnn"])
+
+
+def test_research_compare_merge_keeps_order_and_refuses_other_settings():
+    """``--merge``: earlier rows join the new ones in the canonical order; other settings refuse."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "research_compare.py"
+    spec = importlib.util.spec_from_file_location("research_compare", path)
+    rc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rc)
+    base = load_config("research/compare_smoke")
+    spans = np.zeros((3, 1025), np.int32)
+    mix = {"corpus_documents": 5, "recall_documents": 2}
+    meta = {"window": 32, "seq_len": 512, "steps": 20, "batch_size": 2, "seed": 0, "ppl_spans": 3,
+            "ruler_samples": 1, "ruler_lengths": [1024], "mix": mix, "device": "old (gpu)",
+            "date": "d", "command": "c"}
+    merged = {"meta": meta, "results": {"swa": {"x": 1}, "swa_ttt_mlp": {"x": 2}}}
+    res, dev = rc.merge_results({"swa_ttt_mlp": {"x": 3}, "swa_ttt_linear": {"x": 4}},
+                                {"swa_ttt_mlp": "new", "swa_ttt_linear": "new"}, merged, base,
+                                spans, [1024], 1, 0, mix, lambda m: None)
+    assert list(res) == ["swa", "swa_ttt_linear", "swa_ttt_mlp"]
+    assert res["swa_ttt_mlp"] == {"x": 3} and dev == {"swa": "old (gpu)", "swa_ttt_linear": "new",
+                                                      "swa_ttt_mlp": "new"}
+    with pytest.raises(SystemExit, match="other settings"):
+        rc.merge_results({}, {}, merged, base, spans, [512, 1024], 1, 0, mix, lambda m: None)

@@ -93,3 +93,26 @@ def test_target_option_validates():
     assert load_config("tiny").model.ttt.target == "aligned"
     with pytest.raises(ConfigError, match="model.ttt.target"):
         load_config("tiny", ["model.ttt.target=next"])
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_ttt_seq_beside_swa_scores_never_see_the_scored_token_or_later(kind):
+    """The research comparison's SWA + TTT-Linear/MLP models go through the same full-forward
+    scorer (the cached engine refuses them): mini-batches of 8 (< T, T not a multiple) make the
+    inner-model updates reach later positions; scores up to ``p`` ignore every input after ``p``."""
+    from ttt_jax.config import TTTSeqConfig
+
+    cfg = tiny(attention_window=12, initializer_range=0.2, ttt=dict(enabled=False),
+               ttt_seq=TTTSeqConfig(enabled=True, kind=kind, layers=(1,), mode="beside",
+                                    mini_batch=8))
+    scorer = Scorer(CausalLM(cfg, rngs=nnx.Rngs(5)), logits_chunk=16)
+    inputs, targets = _rows(2)
+    nll, pred = scorer(inputs, targets)
+    rng = np.random.default_rng(1)
+    for p in (0, 7, 8, 21, 38):          # mini-batch end/start, mid, beyond the window
+        pert = inputs.copy()
+        pert[:, p + 1:] = rng.integers(3, V, size=pert[:, p + 1:].shape)
+        nll_p, pred_p = scorer(pert, targets)
+        np.testing.assert_array_equal(nll_p[:, :p + 1], nll[:, :p + 1], err_msg=f"p={p}")
+        np.testing.assert_array_equal(pred_p[:, :p + 1], pred[:, :p + 1])
+        assert np.abs(nll_p[:, p + 1:] - nll[:, p + 1:]).max() > 1e-4

@@ -157,6 +157,39 @@ def test_causal_and_remat_group_invariant():
     assert not np.allclose(pert[:, t], base[:, t])
 
 
+@pytest.mark.parametrize("kind", [pytest.param("linear", marks=pytest.mark.slow), "mlp"])
+def test_bf16_dual_close_to_fp32_reference(kind):
+    """bf16 views (as the model feeds them with ``compute_dtype=bfloat16``): the dual form returns
+    bf16 within bf16 rounding of the fp32 primal reference on the same (bf16-rounded) inputs, and
+    its gradients (views, lr, inner parameters) stay within bf16 rounding of the fp32 ones (the
+    fp32 dual gradients equal the reference's: the test above)."""
+    q, k, v, lr, scale, bias = _inputs(1, 10)
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    params = _params(kind)
+    w = jax.random.normal(jax.random.PRNGKey(9), q.shape)
+
+    def run(impl, dtype, q, k, v, lr, params):
+        cast = lambda x: x.astype(dtype)  # noqa: E731
+        return ttt_layer(cast(q), cast(k), cast(v), lr, params, scale, bias, mini_batch=K, impl=impl)
+
+    def value_and_grads(dtype):
+        def loss(*a):
+            out = run("dual", dtype, *a)
+            return jnp.sum(out.astype(jnp.float32) * w), out
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
+            q, k, v, lr, params)
+
+    (_, o_bf), g_bf = value_and_grads(jnp.bfloat16)
+    (_, _), g_32 = value_and_grads(jnp.float32)
+    o_ref = jax.jit(lambda *a: run("reference", jnp.float32, *a))(q, k, v, lr, params)
+    assert o_bf.dtype == jnp.bfloat16 and o_ref.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(o_bf, np.float32), o_ref, atol=3e-2, rtol=2e-2)
+    for a, r in zip(jax.tree.leaves(g_bf), jax.tree.leaves(g_32)):
+        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+        assert np.isfinite(a).all()
+        np.testing.assert_allclose(a, r, atol=3e-2 * np.abs(r).max(), rtol=3e-2)
+
+
 def test_bad_arguments_raise():
     q, k, v, lr, scale, bias = _inputs(1, 8)
     params = _params("linear")
