@@ -144,12 +144,14 @@ def test_kernel_selection_and_errors():
     # On CPU "auto" is the XLA path, bit-for-bit.
     mesh = make_mesh(data=1, context=2, devices=jax.devices()[:2])
     spec = P(None, "context")
-    run = lambda kern: jax.shard_map(
-        lambda q, k, v: A.context_attention(q, k, v, "context", kernel=kern), mesh=mesh,
-        in_specs=(spec,) * 3, out_specs=spec)(q, k, v)
-    np.testing.assert_array_equal(np.asarray(run("auto")), np.asarray(run("xla")))
+    run = lambda kern, window=0: jax.jit(jax.shard_map(
+        lambda q, k, v: A.context_attention(q, k, v, "context", kernel=kern, window=window), mesh=mesh,
+        in_specs=(spec,) * 3, out_specs=spec))(q, k, v)
+    np.testing.assert_array_equal(np.asarray(run("auto", 3)), np.asarray(run("xla", 3)))
     with pytest.raises(ValueError, match="kernel 'fused' cannot run here: the Pallas flash kernels need an NVIDIA GPU"):
         run("fused")
+    with pytest.raises(ValueError, match="kernel 'fused' cannot run here: cuDNN attention needs an NVIDIA GPU"):
+        run("fused", 3)
     with pytest.raises(ValueError, match="kernel="):
         run("triton")
     assert "segment ids" in A.fused_unsupported_reason(q, k, segment_ids=seg)
@@ -200,3 +202,21 @@ def test_fused_context_attention_on_gpus():
         want = _value_and_grads(ref, q, k, v, ct)
         got = _value_and_grads(sharded, bf(q), bf(k), bf(v), ct)
         _close(got, want, 6e-2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_fused_ring_lowers_for_gpu(layout, monkeypatch):
+    """Cross-lower the fused ring's forward and backward for CUDA on CPU: the kernels pass Pallas's
+    Triton lowering and declare their outputs' variance inside a checking ``shard_map``."""
+    monkeypatch.setattr(F, "flash_unsupported_reason", lambda *a, **k: None)
+    n = 4
+    mesh = make_mesh(data=1, context=n, devices=jax.devices()[:n])
+    spec = P(None, "context")
+    inner = lambda q, k, v: FA.ring_flash_attention(q, k, v, "context", layout=layout, scale=0.125)
+    fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
+    q = jax.ShapeDtypeStruct((1, 512, 4, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("__gpu$xla.gpu.triton") >= 3  # forward, dQ and dK/dV kernels
