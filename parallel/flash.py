@@ -112,12 +112,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, causal, bq, bk):
     q = q_ref[...]                                                     # [bq, D]
     d = q.shape[-1]
 
-    def body(j, carry):
+    def body(j, carry, masked):
         acc, m, l = carry
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
         s = _dot_nt(q, k) * scale                                      # [bq, bk]
-        if causal:
+        if masked:
             s = jnp.where(_causal_mask(i * bq, j * bk, bq, bk), s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         corr = jnp.exp(m - m_new)
@@ -126,13 +126,37 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, causal, bq, bk):
         acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
-    # Causal: key tiles past this query tile's last row are skipped (key 0 is always visible).
-    n_k = lax.div((i + 1) * bq + bk - 1, bk) if causal else k_ref.shape[0] // bk
-    init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
-            jnp.zeros((bq,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, n_k, body, init)
+    carry = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
+             jnp.zeros((bq,), jnp.float32))
+    carry = _key_loop(body, carry, i, causal, bq, bk, k_ref.shape[0] // bk)
+    acc, m, l = carry
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
+
+
+def _key_loop(body, carry, i, causal, bq, bk, n_k):
+    """Run ``body(j, carry, masked)`` over the key tiles query tile ``i`` sees.
+
+    Causal: tiles entirely below the diagonal without the mask, then the diagonal tiles with it;
+    tiles past the query tile's last row are skipped (key 0 is always visible, so no row is empty).
+    """
+    if not causal:
+        return lax.fori_loop(0, n_k, functools.partial(body, masked=False), carry)
+    n_full = lax.div(i * bq, bk)                      # tiles ending at or before the first row
+    n_seen = lax.div((i + 1) * bq + bk - 1, bk)       # tiles starting at or before the last row
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(n_full, n_seen, functools.partial(body, masked=True), carry)
+
+
+def _query_loop(body, carry, j, causal, bq, bk, n_q):
+    """Run ``body(i, carry, masked)`` over the query tiles that see key tile ``j`` (causal: the
+    diagonal tiles with the mask, then the tiles entirely below the diagonal without it)."""
+    if not causal:
+        return lax.fori_loop(0, n_q, functools.partial(body, masked=False), carry)
+    first = lax.div(j * bk, bq)                                 # first tile with a row >= j * bk
+    first_full = jnp.minimum(lax.div((j + 1) * bk - 1 + bq - 1, bq), n_q)  # first row >= last key
+    carry = lax.fori_loop(first, first_full, functools.partial(body, masked=True), carry)
+    return lax.fori_loop(first_full, n_q, functools.partial(body, masked=False), carry)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, causal, bq, bk):
@@ -142,18 +166,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale
     lse = lse_ref[...]
     delta = delta_ref[...]
 
-    def body(j, dq):
+    def body(j, dq, masked):
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
         s = _dot_nt(q, k) * scale
-        if causal:
+        if masked:
             s = jnp.where(_causal_mask(i * bq, j * bk, bq, bk), s, _NEG)
         p = jnp.exp(s - lse[:, None])
         ds = p * (_dot_nt(do, v) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    n_k = lax.div((i + 1) * bq + bk - 1, bk) if causal else k_ref.shape[0] // bk
-    dq = lax.fori_loop(0, n_k, body, jnp.zeros(q.shape, jnp.float32))
+    dq = _key_loop(body, jnp.zeros(q.shape, jnp.float32), i, causal, bq, bk, k_ref.shape[0] // bk)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -163,14 +186,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     k = k_ref[...]                                                     # [bk, D]
     v = v_ref[...]
 
-    def body(i, carry):
+    def body(i, carry, masked):
         dk, dv = carry
         q = q_ref[pl.ds(i * bq, bq), :]
         do = do_ref[pl.ds(i * bq, bq), :]
         lse = lse_ref[pl.ds(i * bq, bq)]
         delta = delta_ref[pl.ds(i * bq, bq)]
         s = _dot_nt(q, k) * scale                                      # [bq, bk]
-        if causal:
+        if masked:
             s = jnp.where(_causal_mask(i * bq, j * bk, bq, bk), s, _NEG)
         p = jnp.exp(s - lse[:, None])
         dv = dv + _dot_tn(p.astype(do.dtype), do)
@@ -178,10 +201,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         dk = dk + _dot_tn(ds.astype(q.dtype), q)
         return dk, dv
 
-    # Causal: query tiles that end before this key tile starts see none of it.
-    first = lax.div(j * bk, bq) if causal else 0
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(first, q_ref.shape[0] // bq, body, (zeros, zeros))
+    dk, dv = _query_loop(body, (zeros, zeros), j, causal, bq, bk, q_ref.shape[0] // bq)
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 

@@ -50,13 +50,16 @@ def _close(got, want, tol):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("causal,tq,tk", [(True, 32, 32), (False, 16, 32)])
-def test_block_kernels_match_dense(causal, tq, tk):
+@pytest.mark.parametrize("causal,tq,tk,blocks", [
+    (True, 32, 32, (16, 16)), (False, 16, 32, (16, 16)),
+    (True, 64, 64, (32, 16)), (True, 64, 64, (16, 32)),  # unmasked tiles, then diagonal tiles
+])
+def test_block_kernels_match_dense(causal, tq, tk, blocks):
     """Forward (out, lse) and the backward given a *foreign* lse/delta (as the ring passes them)."""
     q, _, _, ct = _rand(0, tq)
     _, k, v, _ = _rand(1, tk)
     scale = 0.3
-    kw = dict(causal=causal, scale=scale, interpret=True, block_q=16, block_k=16)
+    kw = dict(causal=causal, scale=scale, interpret=True, block_q=blocks[0], block_k=blocks[1])
     out, lse = F.flash_block_fwd(q, k, v, **kw)
     want_out, want_lse = _dense_block(q, k, v, causal, scale)
     _close((out, lse), (want_out, want_lse), 1e-5)
@@ -110,7 +113,7 @@ def _value_and_grads(fn, q, k, v, ct):
     return jax.jit(run)(q, k, v, ct)
 
 
-@pytest.mark.parametrize("layout,n", [("contiguous", 4), ("zigzag", 2)])
+@pytest.mark.parametrize("layout,n", [("contiguous", 4), ("zigzag", 8)])
 def test_ring_flash_matches_reference(layout, n):
     t = 32 * n if layout == "zigzag" else 16 * n  # zigzag half blocks need 16 tokens
     q, k, v, ct = _rand(4, t)
