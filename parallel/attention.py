@@ -48,6 +48,25 @@ Sliding window
 block and the last ``window - 1`` keys of the left neighbour only. One ``ppermute`` moves that halo
 (device 0 receives zeros, masked by their negative positions); the local attention is blocked over
 queries (``block_size``) with rematerialisation, so memory is ``O(T_local * (block + window))``.
+
+Per-device kernels (``kernel=`` of :func:`context_attention`)
+------------------------------------------------------------
+The functions above compute every block in plain XLA: any backend, segment ids, the reference for
+the fast paths -- but on GPUs about 10x slower than a fused kernel. ``kernel="fused"``
+(:mod:`parallel.fused_attention`, no segment ids) keeps the same collectives and replaces the
+per-device compute:
+
+* ring: each (query block, key block) pair is one call of the Pallas (Triton) flash kernels of
+  :mod:`parallel.flash`, which return the block's log-sum-exp and whose backward takes the merged
+  one -- what the ring's online softmax and its backward ring need, and what the public cuDNN API
+  does not expose;
+* sliding window: after the halo exchange, ONE cuDNN call per device on ``[halo | local]`` keys
+  with ``halo`` zero queries prepended (equal lengths make cuDNN's top-left causal + window mask
+  the global mask); device 0, which has no halo, runs the local-only call (``lax.cond``).
+
+``kernel="auto"`` (the default) takes the fused path where it can run (NVIDIA GPU, bf16/fp16, no
+segment ids, block lengths multiples of 16) and the XLA path otherwise -- so CPU and TPU results
+are unchanged; :func:`fused_unsupported_reason` says why the fused path was not taken.
 """
 
 from __future__ import annotations
