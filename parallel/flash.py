@@ -40,9 +40,16 @@ from jax.experimental import pallas as pl
 
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) == 0 for any finite row max m
 _MIN_BLOCK = 16  # Triton's smallest matmul tile
-# Default tiles (queries x keys). Forward: long query tiles amortise the K/V loads; backward: square.
+# Default tiles (queries x keys) for head_dim <= 128. Forward: long query tiles amortise the K/V
+# loads; backward: square. Halved for larger heads (register pressure of the fp32 accumulators).
 _FWD_BLOCKS = (128, 64)
 _BWD_BLOCKS = (64, 64)
+
+
+def _tiles(want: Optional[int], default: int, head_dim: int) -> int:
+    if want is not None:
+        return want
+    return default if head_dim <= 128 else default // 2
 
 
 def _compiler_params(head_dim: int):
@@ -242,8 +249,8 @@ def _check(q, k, v, causal, interpret, what):
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "interpret", "block_q", "block_k"))
 def flash_block_fwd(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: float,
-                    interpret: bool = False, block_q: int = _FWD_BLOCKS[0],
-                    block_k: int = _FWD_BLOCKS[1]) -> tuple[jax.Array, jax.Array]:
+                    interpret: bool = False, block_q: Optional[int] = None,
+                    block_k: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
     """Attention of one (query block, key block) pair with its log-sum-exp.
 
     Args:
@@ -251,7 +258,8 @@ def flash_block_fwd(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, s
       causal: ``False`` (no mask) or ``True`` (``Tq == Tk``, top-left aligned causal mask).
       scale: logit scale.
       interpret: run in Pallas interpret mode (any backend; slow).
-      block_q, block_k: tile sizes (powers of two; reduced to divide the lengths).
+      block_q, block_k: tile sizes (powers of two, reduced to divide the lengths; default 128 x 64,
+        halved for head_dim > 128).
 
     Returns:
       ``out [B, Tq, H, Dh]`` float32 (normalised within this block) and ``lse [B, H, Tq]`` float32
@@ -262,7 +270,8 @@ def flash_block_fwd(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, s
     tk, g = k.shape[1], h // k.shape[2]
     dp = _pad_dim(d)
     q, k, v = (_pad_head(x, dp) for x in (q, k, v))
-    bq, bk = _block(tq, block_q), _block(tk, block_k)
+    bq = _block(tq, _tiles(block_q, _FWD_BLOCKS[0], dp))
+    bk = _block(tk, _tiles(block_k, _FWD_BLOCKS[1], dp))
     kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, bq=bq, bk=bk)
     out, lse = pl.pallas_call(
         kernel,
@@ -283,7 +292,7 @@ def flash_block_fwd(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, s
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "interpret", "block_q", "block_k"))
 def flash_block_bwd(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array,
                     delta: jax.Array, *, causal: bool, scale: float, interpret: bool = False,
-                    block_q: int = _BWD_BLOCKS[0], block_k: int = _BWD_BLOCKS[1]
+                    block_q: Optional[int] = None, block_k: Optional[int] = None
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients of one (query block, key block) pair given the *global* softmax statistics.
 
@@ -292,7 +301,8 @@ def flash_block_bwd(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse
       do: ``[B, Tq, H, Dh]`` cotangent of the (global) attention output, cast to ``q.dtype``.
       lse: ``[B, H, Tq]`` float32 log-sum-exp of each query row over *all* the keys it sees.
       delta: ``[B, H, Tq]`` float32 ``rowsum(do * out)`` with the global output.
-      block_q, block_k: tile sizes.
+      block_q, block_k: tile sizes of both backward kernels (default 64 x 64, halved for
+        head_dim > 128).
 
     Returns:
       ``dq [B, Tq, H, Dh]``, ``dk, dv [B, Tk, KV, Dh]``, all float32: this pair's contributions.
@@ -303,7 +313,8 @@ def flash_block_bwd(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse
     g = h // kvh
     dp = _pad_dim(d)
     q, k, v, do = (_pad_head(x, dp) for x in (q, k, v, do.astype(q.dtype)))
-    bq, bk = _block(tq, block_q), _block(tk, block_k)
+    bq = _block(tq, _tiles(block_q, _BWD_BLOCKS[0], dp))
+    bk = _block(tk, _tiles(block_k, _BWD_BLOCKS[1], dp))
     params = None if interpret else _compiler_params(dp)
     qspec = pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0))
     kfull = pl.BlockSpec((None, tk, None, dp), lambda i, bi, hi: (bi, 0, hi // g, 0))

@@ -181,7 +181,7 @@ def test_block_kernels_compiled_on_gpu(dh):
     f = lambda q, k, v: F.flash_attention(q, k, v, True, None, False)
     got = _value_and_grads(f, bf(q), bf(k), bf(v), ct)
     want = _value_and_grads(A.reference_attention, q, k, v, ct)
-    _close(got, want, 6e-2)
+    _close(got, want, 1e-1)
 
 
 @pytest.mark.gpu
@@ -204,7 +204,7 @@ def test_fused_context_attention_on_gpus():
         ref = lambda q, k, v: A.reference_attention(q, k, v, window=window)
         want = _value_and_grads(ref, q, k, v, ct)
         got = _value_and_grads(sharded, bf(q), bf(k), bf(v), ct)
-        _close(got, want, 6e-2)
+        _close(got, want, 1e-1)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
