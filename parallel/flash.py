@@ -60,6 +60,8 @@ def _compiler_params(head_dim: int):
 
 def _block(t: int, want: int) -> int:
     """Largest power of two ``<= want`` dividing ``t`` (``t`` a multiple of ``_MIN_BLOCK``)."""
+    if want < _MIN_BLOCK or want & (want - 1):
+        raise ValueError(f"flash kernel tiles must be powers of two >= {_MIN_BLOCK}, got {want}")
     b = want
     while t % b:
         b //= 2
