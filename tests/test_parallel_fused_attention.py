@@ -223,3 +223,45 @@ def test_fused_ring_lowers_for_gpu(layout, monkeypatch):
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(
         lowering_platforms=("cuda",)).as_text()
     assert hlo.count("__gpu$xla.gpu.triton") >= 3  # forward, dQ and dK/dV kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [["model.context_layout=zigzag"], ["model.attention_window=100"]])
+def test_model_fused_equals_xla_on_gpus(extra):
+    """The whole model on all local GPUs: context_kernel=fused and =xla give the same loss and grads."""
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from ttt_jax.config import load_config
+    from ttt_jax.models.lm import CausalLM
+
+    devices = [d for d in jax.devices() if d.platform == "gpu"]
+    n = len(devices)
+    t = 512 * n
+    base = ["model.vocab_size=64", "model.d_model=128", "model.n_layers=2", "model.n_heads=2",
+            "model.n_kv_heads=1", "model.d_ff=256", "model.compute_dtype=bfloat16",
+            f"model.max_seq_len={t}", "model.ttt.layers=[0]", "model.ttt.chunk_size=64", *extra]
+    tokens = jax.random.randint(jax.random.key(1), (1, t), 0, 64)
+    mesh = make_mesh(data=1, context=n, devices=devices)
+    results = []
+    for kernel in ("xla", "fused"):
+        cfg = load_config(None, base + [f"model.context_kernel={kernel}"]).model
+        graphdef, state = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
+
+        def loss(state, tokens):
+            logits = nnx.merge(graphdef, state)(tokens).astype(jnp.float32)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+        with jax.set_mesh(mesh):
+            tok = jax.device_put(tokens, NamedSharding(mesh, P(None, "context")))
+            results.append(jax.jit(jax.value_and_grad(loss))(state, tok))
+    _close(results[1], results[0], 2e-2)
+
+
+def test_config_context_kernel():
+    from ttt_jax.config import load_config
+
+    assert load_config(None, []).model.context_kernel == "auto"
+    assert load_config(None, ["model.context_kernel=fused"]).model.context_kernel == "fused"
+    with pytest.raises(ValueError, match="context_kernel"):
+        load_config(None, ["model.context_kernel=triton"])
