@@ -52,6 +52,8 @@ def _parse(argv=None):
     p.add_argument("--skip-single", action="store_true", help="skip the one-device baselines")
     p.add_argument("--tiles", type=int, nargs=4, default=None, metavar=("FQ", "FK", "BQ", "BK"),
                    help="flash kernel tiles: forward queries x keys, backward queries x keys")
+    p.add_argument("--launch", type=int, nargs=4, default=None, metavar=("FW", "FS", "BW", "BS"),
+                   help="Triton num_warps / num_stages of the forward and backward kernels")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpret mode")
@@ -98,6 +100,8 @@ def main(argv=None):
     smoke = args.smoke
     if args.tiles:  # the kernels read their default tiles from these at call time
         F._FWD_BLOCKS, F._BWD_BLOCKS = tuple(args.tiles[:2]), tuple(args.tiles[2:])
+    if args.launch:
+        F._LAUNCH.update(fwd=tuple(args.launch[:2]), bwd=tuple(args.launch[2:]))
     devices = jax.devices()[: args.devices or len(jax.devices())]
     n = len(devices)
     mesh = make_mesh(data=1, context=n, devices=devices)
@@ -123,7 +127,7 @@ def main(argv=None):
         rows.append(dict(name=name, seq_len=t, devices=ndev, ms=sec * 1e3,
                          tflops_per_device=flops / sec / 1e12 / ndev, window=window,
                          batch=b, heads=h, kv_heads=kvh, head_dim=dh, kernel=args.kernel,
-                         tiles=[*F._FWD_BLOCKS, *F._BWD_BLOCKS],
+                         tiles=[*F._FWD_BLOCKS, *F._BWD_BLOCKS], launch=args.launch,
                          device=devices[0].device_kind))
         print(json.dumps(rows[-1]), flush=True)
 

@@ -38,12 +38,19 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-_NEG = -1e30  # finite "minus infinity": exp(_NEG - m) == 0 for any finite row max m
+_NEG = -1e30  # finite "minus infinity": exp2(_NEG - m) == 0 for any finite row max m
+# The kernels work in base 2 (exp2 is the hardware instruction; exp would cost a multiply more per
+# score): logits are scaled by scale * log2(e), and log-sum-exps cross the API in natural log.
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
 _MIN_BLOCK = 16  # Triton's smallest matmul tile
 # Default tiles (queries x keys) for head_dim <= 128. Forward: long query tiles amortise the K/V
 # loads; backward: square. Halved for larger heads (register pressure of the fp32 accumulators).
 _FWD_BLOCKS = (128, 64)
 _BWD_BLOCKS = (64, 64)
+# Triton (num_warps, num_stages) of the forward and backward kernels; None: 4 warps for
+# head_dim <= 64, else 8, and 2 stages.
+_LAUNCH = {"fwd": None, "bwd": None}
 
 
 def _tiles(want: Optional[int], default: int, head_dim: int) -> int:
@@ -52,10 +59,11 @@ def _tiles(want: Optional[int], default: int, head_dim: int) -> int:
     return default if head_dim <= 128 else default // 2
 
 
-def _compiler_params(head_dim: int):
+def _compiler_params(head_dim: int, which: str):
     """Triton launch parameters (ignored in interpret mode)."""
     from jax.experimental.pallas import triton as plgpu
-    return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    warps, stages = _LAUNCH[which] or (4 if head_dim <= 64 else 8, 2)
+    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
 def _block(t: int, want: int) -> int:
@@ -125,12 +133,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, causal, bq, bk):
         acc, m, l = carry
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
-        s = _dot_nt(q, k) * scale                                      # [bq, bk]
+        s = _dot_nt(q, k) * (scale * _LOG2E)                           # [bq, bk], base 2
         if masked:
             s = jnp.where(_causal_mask(i * bq, j * bk, bq, bk), s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        corr = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[:, None])
+        corr = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
         l = l * corr + jnp.sum(p, axis=1)
         acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, l
@@ -140,7 +148,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, causal, bq, bk):
     carry = _key_loop(body, carry, i, causal, bq, bk, k_ref.shape[0] // bk)
     acc, m, l = carry
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log(l)
+    lse_ref[...] = (m + jnp.log2(l)) * _LN2
 
 
 def _key_loop(body, carry, i, causal, bq, bk, n_k):
@@ -172,16 +180,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale
     i = pl.program_id(0)
     q = q_ref[...]
     do = do_ref[...]
-    lse = lse_ref[...]
+    lse = lse_ref[...] * _LOG2E
     delta = delta_ref[...]
 
     def body(j, dq, masked):
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
-        s = _dot_nt(q, k) * scale
+        s = _dot_nt(q, k) * (scale * _LOG2E)
         if masked:
             s = jnp.where(_causal_mask(i * bq, j * bk, bq, bk), s, _NEG)
-        p = jnp.exp(s - lse[:, None])
+        p = jnp.exp2(s - lse[:, None])
         ds = p * (_dot_nt(do, v) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
@@ -199,12 +207,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         dk, dv = carry
         q = q_ref[pl.ds(i * bq, bq), :]
         do = do_ref[pl.ds(i * bq, bq), :]
-        lse = lse_ref[pl.ds(i * bq, bq)]
+        lse = lse_ref[pl.ds(i * bq, bq)] * _LOG2E
         delta = delta_ref[pl.ds(i * bq, bq)]
-        s = _dot_nt(q, k) * scale                                      # [bq, bk]
+        s = _dot_nt(q, k) * (scale * _LOG2E)                           # [bq, bk], base 2
         if masked:
             s = jnp.where(_causal_mask(i * bq, j * bk, bq, bk), s, _NEG)
-        p = jnp.exp(s - lse[:, None])
+        p = jnp.exp2(s - lse[:, None])
         dv = dv + _dot_tn(p.astype(do.dtype), do)
         ds = p * (_dot_nt(do, v) - delta[:, None])
         dk = dk + _dot_tn(ds.astype(q.dtype), q)
@@ -284,7 +292,7 @@ def flash_block_fwd(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, s
         out_specs=[pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0)),
                    pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
         out_shape=[_out((b, tq, h, dp), q), _out((b, h, tq), q)],
-        compiler_params=None if interpret else _compiler_params(dp),
+        compiler_params=None if interpret else _compiler_params(dp, "fwd"),
         interpret=interpret,
         name="ring_flash_fwd",
     )(q, k, v)
@@ -317,7 +325,7 @@ def flash_block_bwd(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse
     q, k, v, do = (_pad_head(x, dp) for x in (q, k, v, do.astype(q.dtype)))
     bq = _block(tq, _tiles(block_q, _BWD_BLOCKS[0], dp))
     bk = _block(tk, _tiles(block_k, _BWD_BLOCKS[1], dp))
-    params = None if interpret else _compiler_params(dp)
+    params = None if interpret else _compiler_params(dp, "bwd")
     qspec = pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0))
     kfull = pl.BlockSpec((None, tk, None, dp), lambda i, bi, hi: (bi, 0, hi // g, 0))
     rowspec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
