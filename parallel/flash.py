@@ -42,6 +42,8 @@ _NEG = -1e30  # finite "minus infinity": exp2(_NEG - m) == 0 for any finite row 
 # The kernels work in base 2 (exp2 is the hardware instruction; exp would cost a multiply more per
 # score): logits are scaled by scale * log2(e), and log-sum-exps cross the API in natural log.
 _LOG2E = math.log2(math.e)
+# A squeezed block dimension (``None`` in older Pallas, ``pl.squeezed`` where it exists).
+_SQ = getattr(pl, "squeezed", None)
 _LN2 = math.log(2.0)
 _MIN_BLOCK = 16  # Triton's smallest matmul tile
 # Default tiles (queries x keys) for head_dim <= 128. Forward: long query tiles amortise the K/V
@@ -286,11 +288,11 @@ def flash_block_fwd(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, s
     out, lse = pl.pallas_call(
         kernel,
         grid=(tq // bq, b, h),
-        in_specs=[pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0)),
-                  pl.BlockSpec((None, tk, None, dp), lambda i, bi, hi: (bi, 0, hi // g, 0)),
-                  pl.BlockSpec((None, tk, None, dp), lambda i, bi, hi: (bi, 0, hi // g, 0))],
-        out_specs=[pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0)),
-                   pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
+        in_specs=[pl.BlockSpec((_SQ, bq, _SQ, dp), lambda i, bi, hi: (bi, i, hi, 0)),
+                  pl.BlockSpec((_SQ, tk, _SQ, dp), lambda i, bi, hi: (bi, 0, hi // g, 0)),
+                  pl.BlockSpec((_SQ, tk, _SQ, dp), lambda i, bi, hi: (bi, 0, hi // g, 0))],
+        out_specs=[pl.BlockSpec((_SQ, bq, _SQ, dp), lambda i, bi, hi: (bi, i, hi, 0)),
+                   pl.BlockSpec((_SQ, _SQ, bq), lambda i, bi, hi: (bi, hi, i))],
         out_shape=[_out((b, tq, h, dp), q), _out((b, h, tq), q)],
         compiler_params=None if interpret else _compiler_params(dp, "fwd"),
         interpret=interpret,
@@ -326,9 +328,9 @@ def flash_block_bwd(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse
     bq = _block(tq, _tiles(block_q, _BWD_BLOCKS[0], dp))
     bk = _block(tk, _tiles(block_k, _BWD_BLOCKS[1], dp))
     params = None if interpret else _compiler_params(dp, "bwd")
-    qspec = pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0))
-    kfull = pl.BlockSpec((None, tk, None, dp), lambda i, bi, hi: (bi, 0, hi // g, 0))
-    rowspec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
+    qspec = pl.BlockSpec((_SQ, bq, _SQ, dp), lambda i, bi, hi: (bi, i, hi, 0))
+    kfull = pl.BlockSpec((_SQ, tk, _SQ, dp), lambda i, bi, hi: (bi, 0, hi // g, 0))
+    rowspec = pl.BlockSpec((_SQ, _SQ, bq), lambda i, bi, hi: (bi, hi, i))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, causal=causal, bq=bq, bk=bk),
         grid=(tq // bq, b, h),
@@ -338,10 +340,10 @@ def flash_block_bwd(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse
         compiler_params=params, interpret=interpret, name="ring_flash_dq",
     )(q, k, v, do, lse, delta)
 
-    qfull = pl.BlockSpec((None, tq, None, dp), lambda j, bi, hi: (bi, 0, hi, 0))
-    kspec = pl.BlockSpec((None, bk, None, dp), lambda j, bi, hi: (bi, j, hi // g, 0))
-    rowfull = pl.BlockSpec((None, None, tq), lambda j, bi, hi: (bi, hi, 0))
-    dkvspec = pl.BlockSpec((None, bk, None, dp), lambda j, bi, hi: (bi, j, hi, 0))  # per query head
+    qfull = pl.BlockSpec((_SQ, tq, _SQ, dp), lambda j, bi, hi: (bi, 0, hi, 0))
+    kspec = pl.BlockSpec((_SQ, bk, _SQ, dp), lambda j, bi, hi: (bi, j, hi // g, 0))
+    rowfull = pl.BlockSpec((_SQ, _SQ, tq), lambda j, bi, hi: (bi, hi, 0))
+    dkvspec = pl.BlockSpec((_SQ, bk, _SQ, dp), lambda j, bi, hi: (bi, j, hi, 0))  # per query head
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, causal=causal, bq=bq, bk=bk),
         grid=(tk // bk, b, h),
