@@ -48,6 +48,25 @@ Sliding window
 block and the last ``window - 1`` keys of the left neighbour only. One ``ppermute`` moves that halo
 (device 0 receives zeros, masked by their negative positions); the local attention is blocked over
 queries (``block_size``) with rematerialisation, so memory is ``O(T_local * (block + window))``.
+
+Per-device kernels (``kernel=`` of :func:`context_attention`)
+------------------------------------------------------------
+The functions above compute every block in plain XLA: any backend, segment ids, the reference for
+the fast paths -- but on GPUs about 10x slower than a fused kernel. ``kernel="fused"``
+(:mod:`parallel.fused_attention`, no segment ids) keeps the same collectives and replaces the
+per-device compute:
+
+* ring: each (query block, key block) pair is one call of the Pallas (Triton) flash kernels of
+  :mod:`parallel.flash`, which return the block's log-sum-exp and whose backward takes the merged
+  one -- what the ring's online softmax and its backward ring need, and what the public cuDNN API
+  does not expose;
+* sliding window: after the halo exchange, ONE cuDNN call per device on ``[halo | local]`` keys
+  with ``halo`` zero queries prepended (equal lengths make cuDNN's top-left causal + window mask
+  the global mask); device 0, which has no halo, runs the local-only call (``lax.cond``).
+
+``kernel="auto"`` (the default) takes the fused path where it can run (NVIDIA GPU, bf16/fp16, no
+segment ids, block lengths multiples of 16) and the XLA path otherwise -- so CPU and TPU results
+are unchanged; :func:`fused_unsupported_reason` says why the fused path was not taken.
 """
 
 from __future__ import annotations
@@ -65,6 +84,8 @@ Layout = Literal["contiguous", "zigzag"]
 LAYOUTS = ("contiguous", "zigzag")
 ContextImpl = Literal["ring", "allgather"]
 CONTEXT_IMPLS = ("ring", "allgather")
+ContextKernel = Literal["auto", "xla", "fused"]
+CONTEXT_KERNELS = ("auto", "xla", "fused")
 
 _NEG = -1e30  # finite "minus infinity" for fp32 logits; masked probabilities are zeroed explicitly
 
@@ -548,6 +569,15 @@ def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_window(window, t: int) -> None:
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding_window_attention: window must be an int >= 1, got {window!r}")
+    if window - 1 > t:
+        raise ValueError(f"sliding_window_attention: window - 1 = {window - 1} exceeds the {t} tokens "
+                         f"per device, so a query would need keys from more than one neighbour; use "
+                         f"fewer context devices, a longer sequence, or ring_attention")
+
+
 def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, *, window: int,
                              segment_ids: Optional[jax.Array] = None, scale: Optional[float] = None,
                              block_size: Optional[int] = None) -> jax.Array:
@@ -568,13 +598,8 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name
     """
     _check_qkv(q, k, v, segment_ids, "sliding_window_attention")
     t = q.shape[1]
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"sliding_window_attention: window must be an int >= 1, got {window!r}")
+    _check_window(window, t)
     halo = window - 1
-    if halo > t:
-        raise ValueError(f"sliding_window_attention: window - 1 = {halo} exceeds the {t} tokens per "
-                         f"device, so a query would need keys from more than one neighbour; use fewer "
-                         f"context devices, a longer sequence, or ring_attention")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     n = lax.axis_size(axis_name)
     idx = lax.axis_index(axis_name)
@@ -620,25 +645,73 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name
 # --------------------------------------------------------------------------------------------------
 
 
+def fused_unsupported_reason(q: jax.Array, k: jax.Array, *, segment_ids: Optional[jax.Array] = None,
+                             window: int = 0, impl: ContextImpl = "ring",
+                             layout: Layout = "contiguous") -> Optional[str]:
+    """Why ``kernel="fused"`` cannot run these (per-device) operands here; ``None`` when it can.
+
+    Fused means: one cuDNN call per device for a sliding window (after the halo exchange), Pallas
+    flash kernels per ring block for full causal attention (:mod:`parallel.fused_attention`).
+    """
+    from parallel.flash import flash_unsupported_reason
+    from parallel.fused_attention import cudnn_unsupported_reason
+
+    if segment_ids is not None:
+        return "segment ids (packed documents) have no fused context-parallel kernel"
+    if window:
+        return cudnn_unsupported_reason(q)
+    if impl != "ring":
+        return f"context attention impl={impl!r} has no fused kernel (the fused kernels serve the ring)"
+    t = q.shape[1]
+    if layout == "zigzag":  # half blocks: all queries x the early key half
+        return flash_unsupported_reason(q, k[:, : t // 2])
+    return flash_unsupported_reason(q, k, causal=True)
+
+
 def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, *,
                       segment_ids: Optional[jax.Array] = None, window: int = 0,
                       impl: ContextImpl = "ring", layout: Layout = "contiguous",
-                      scale: Optional[float] = None, block_size: Optional[int] = None) -> jax.Array:
+                      kernel: ContextKernel = "auto", scale: Optional[float] = None,
+                      block_size: Optional[int] = None) -> jax.Array:
     """Causal attention of a context-sharded sequence (inside ``shard_map``).
 
-    ``window > 0`` runs :func:`sliding_window_attention` (halo exchange; contiguous layout only);
-    ``window == 0`` runs :func:`ring_attention` (``impl="ring"``, the default: ``O(T_local)``
-    memory, communication overlapped with compute -- the choice for long contexts) or
-    :func:`allgather_attention` (``impl="allgather"``: one collective, ``O(T)`` memory). Shapes as
-    in :func:`ring_attention`; ``block_size`` is passed on (``None``: the callee's default;
-    ignored by ``"allgather"``).
+    ``window > 0`` runs the sliding window (halo exchange; contiguous layout only); ``window == 0``
+    runs ring attention (``impl="ring"``, the default: ``O(T_local)`` memory, communication
+    overlapped with compute -- the choice for long contexts) or :func:`allgather_attention`
+    (``impl="allgather"``: one collective, ``O(T)`` memory). Shapes as in :func:`ring_attention`.
+
+    ``kernel`` picks the per-device compute: ``"xla"`` (:func:`ring_attention` /
+    :func:`sliding_window_attention`: plain XLA, any backend, segment ids), ``"fused"``
+    (:mod:`parallel.fused_attention`: Pallas flash kernels per ring block, one cuDNN call for the
+    sliding window; NVIDIA GPU, bf16/fp16, no segment ids -- an explicit choice that cannot run
+    raises ``ValueError`` naming why) or ``"auto"`` (fused where it can run, XLA otherwise; so
+    always XLA on CPU/TPU). ``block_size`` is passed on to the XLA paths (``None``: their default).
     """
     if impl not in CONTEXT_IMPLS:
         raise ValueError(f"context_attention: impl={impl!r} is not one of {CONTEXT_IMPLS}")
+    if kernel not in CONTEXT_KERNELS:
+        raise ValueError(f"context_attention: kernel={kernel!r} is not one of {CONTEXT_KERNELS}")
+    if window and layout != "contiguous":
+        raise ValueError("context_attention: sliding-window attention needs the contiguous layout "
+                         "(its work is already balanced); got layout='zigzag'")
+    _check_qkv(q, k, v, segment_ids, "context_attention")
+    _check_layout(layout, q.shape[1])
     if window:
-        if layout != "contiguous":
-            raise ValueError("context_attention: sliding-window attention needs the contiguous layout "
-                             "(its work is already balanced); got layout='zigzag'")
+        _check_window(window, q.shape[1])
+    if kernel != "xla":
+        reason = fused_unsupported_reason(q, k, segment_ids=segment_ids, window=window, impl=impl,
+                                          layout=layout)
+        if reason is not None and kernel == "fused":
+            raise ValueError(f"context kernel 'fused' cannot run here: {reason}; use 'auto' or 'xla'")
+        if reason is None:
+            from parallel.fused_attention import (cudnn_window_attention, halo_window_attention,
+                                                  ring_flash_attention)
+            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+            if window:
+                local = functools.partial(cudnn_window_attention, window=window, scale=scale)
+                return halo_window_attention(q, k, v, axis_name, window=window, local_attention=local)
+            return ring_flash_attention(q, k, v, axis_name, layout=layout, scale=scale)
+    if window:
         return sliding_window_attention(q, k, v, axis_name, window=window, segment_ids=segment_ids,
                                         scale=scale, block_size=block_size)
     if impl == "allgather":

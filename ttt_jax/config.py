@@ -258,7 +258,11 @@ class ModelConfig:
     picks the cross-device exclusive scan of the fast-weight summaries: ``"allgather"`` (one
     all-gather of the ``n`` summaries, combined locally) or ``"ppermute"`` (``log2 n`` rounds of
     neighbour exchanges; for many devices). Results are the same (tested); only speed and memory
-    differ.
+    differ. ``context_kernel`` picks the per-device attention compute under context parallelism:
+    ``"fused"`` (Pallas flash kernels per ring block; one cuDNN call per device for sliding-window
+    layers after the halo exchange; NVIDIA GPU, bf16/fp16, no segment ids -- an error where it
+    cannot run), ``"xla"`` (plain XLA blockwise attention: any backend, segment ids) or ``"auto"``
+    (fused where it can run, XLA otherwise; XLA on CPU/TPU).
     """
 
     vocab_size: int = 259
@@ -285,6 +289,7 @@ class ModelConfig:
     context_layout: Literal["contiguous", "zigzag"] = "contiguous"
     context_attention: Literal["ring", "allgather"] = "ring"
     context_scan: Literal["allgather", "ppermute"] = "allgather"
+    context_kernel: Literal["auto", "xla", "fused"] = "auto"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
     ttt_seq: TTTSeqConfig = dataclasses.field(default_factory=TTTSeqConfig)
     e2e: E2EConfig = dataclasses.field(default_factory=E2EConfig)

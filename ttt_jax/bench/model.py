@@ -43,6 +43,24 @@ def parse_mesh(spec: str) -> dict:
     return out
 
 
+def context_comm(mcfg, mesh_shape, batch: int, seq_len: int) -> dict:
+    """Analytic bytes each device receives over ``context`` per step (:mod:`parallel.comm`)."""
+    import jax.numpy as jnp
+
+    from parallel.comm import context_comm_bytes
+
+    tp = int(mesh_shape.get("tensor", 1))
+    rows = max(1, batch // (int(mesh_shape.get("data", 1)) * int(mesh_shape.get("fsdp", 1))))
+    return context_comm_bytes(
+        n=int(mesh_shape.get("context", 1)), batch=rows, seq_len=seq_len,
+        layer_windows=[mcfg.layer_window(i) for i in range(mcfg.n_layers)],
+        kv_heads=max(1, mcfg.n_kv_heads // tp), head_dim=mcfg.resolved_head_dim,
+        ttt_layers=len(mcfg.ttt.layer_ids(mcfg.n_layers)) if mcfg.ttt.enabled else 0,
+        ttt_shape=(mcfg.d_ff // tp, mcfg.d_model), act_bytes=jnp.dtype(mcfg.compute_dtype).itemsize,
+        attention=mcfg.context_attention, scan=mcfg.context_scan, layout=mcfg.context_layout,
+        remat=mcfg.remat)
+
+
 def run_variant(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -107,7 +125,7 @@ def run_variant(args) -> dict:
     mem = compiled.memory_analysis()
     for _ in range(args.warmup):
         state, loss = step(state, *tokens)
-    jax.block_until_ready(loss)
+    jax.block_until_ready(state)
     times = []
     for _ in range(args.iters):
         t0 = time.perf_counter()
@@ -116,6 +134,7 @@ def run_variant(args) -> dict:
         times.append(time.perf_counter() - t0)
         print(f"[{args.variant}] step {len(times)}: {times[-1]:.3f} s", file=sys.stderr, flush=True)
     sec = statistics.median(times)
+    comm = context_comm(mcfg, mesh.shape, args.batch, t)
     dev = jax.devices()[0]
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat]
     fpt = flops_per_token(mcfg, t)
@@ -126,7 +145,9 @@ def run_variant(args) -> dict:
                 tflops=fpt * args.batch * t / sec / 1e12 / mesh.size,   # per device
                 peak_gib=max(peaks) / 2 ** 30,
                 temp_gib=(mem.temp_size_in_bytes / 2 ** 30) if mem is not None else None,
-                compile_s=compile_s, loss=float(loss), ttt_layers=list(mcfg.ttt.layer_ids(mcfg.n_layers)))
+                compile_s=compile_s, loss=float(loss), ttt_layers=list(mcfg.ttt.layer_ids(mcfg.n_layers)),
+                context_attention=mcfg.context_attention, context_scan=mcfg.context_scan,
+                context_kernel=mcfg.context_kernel, comm_bytes_per_device=comm)
 
 
 def main(argv=None):
@@ -166,14 +187,15 @@ def main(argv=None):
             rows.append(json.loads(line[0][7:]))
         print(rows[-1], flush=True)
     ok = {r["variant"]: r for r in rows if "error" not in r}
-    print(f"\n{'variant':>8} {'step s':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'compile s':>9}")
+    print(f"\n{'variant':>8} {'step s':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'compile s':>9} "
+          f"{'comm MiB':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:>8} ERROR {r['error']}")
             continue
         mfu = r["tflops"] / args.peak_tflops if args.peak_tflops else float("nan")
         print(f"{r['variant']:>8} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['tflops']:8.1f} {mfu:6.1%} "
-              f"{r['peak_gib']:9.2f} {r['compile_s']:9.1f}")
+              f"{r['peak_gib']:9.2f} {r['compile_s']:9.1f} {r['comm_bytes_per_device']['total'] / 2**20:9.1f}")
     if "base" in ok and "ttt" in ok:
         b, t = ok["base"], ok["ttt"]
         mem = f"{t['peak_gib'] / b['peak_gib']:.3f}x" if b["peak_gib"] else "n/a (no device memory stats)"

@@ -49,6 +49,7 @@ class Attention(nnx.Module):
         self.window = int(window)
         self.context_layout = cfg.context_layout
         self.context_impl = cfg.context_attention
+        self.context_kernel = cfg.context_kernel
         self.rope_theta = float(cfg.rope_theta)
         self.rope_scaling = cfg.rope_scaling  # None, or yarn / llama3 frequency scaling
         self.impl = cfg.attention_impl
@@ -79,10 +80,12 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, theta=self.rope_theta, scaling=self.rope_scaling)
         k = apply_rope(k, positions, theta=self.rope_theta, scaling=self.rope_scaling)
         if context_size() > 1:
-            # Sequence split over the context axis: ring attention (full) or halo exchange (window).
+            # Sequence split over the context axis: ring attention (full) or halo exchange (window),
+            # with fused per-device kernels on GPU (model.context_kernel).
             def local(q, k, v, seg):
                 return context_attention(q, k, v, AXIS, segment_ids=seg, window=self.window,
-                                         layout=self.context_layout, impl=self.context_impl)
+                                         layout=self.context_layout, impl=self.context_impl,
+                                         kernel=self.context_kernel)
             out = run_over_context(local, (q, k, v), segment_ids=segment_ids)
         else:
             out = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)

@@ -1,0 +1,282 @@
+"""Fused-kernel paths of the context-parallel attention (inside ``jax.shard_map``).
+
+Same semantics, shapes and layouts as :mod:`parallel.attention` (``q [B, T_local, H, Dh]``,
+``k, v [B, T_local, KV, Dh]``), without segment ids: packed documents take the XLA path there.
+
+* :func:`ring_flash_attention` -- full causal attention, the ring of
+  :func:`parallel.attention.ring_attention` (K/V blocks travel by ``lax.ppermute``; a custom VJP
+  runs a second ring in which dK/dV travel with their blocks), with every (query block, key block)
+  pair computed by the Pallas flash kernels of :mod:`parallel.flash`. The forward state is the
+  merged output and log-sum-exp (``out [B, T, H, Dh]``, ``lse [B, H, T]``, float32); each block's
+  ``(out_b, lse_b)`` is merged by ``lse' = logaddexp(lse, lse_b)``,
+  ``out' = out * exp(lse - lse') + out_b * exp(lse_b - lse')``. The backward calls the block
+  backward kernel with the *merged* ``lse`` and ``delta = rowsum(dO * O)``, which is exactly the
+  gradient of the global softmax restricted to that block. Block kinds: the own block is
+  ``causal`` (local order = global order in both layouts), a block from an earlier device is
+  unmasked; in the zigzag layout those are the half blocks of ``_ring_forward_step``
+  (all queries x the early key half, the late query half x all keys).
+* :func:`halo_window_attention` -- sliding-window attention after the halo exchange as ONE call of a
+  local equal-length causal+window kernel (cuDNN on GPU): keys ``[halo | local]`` (length
+  ``halo + T_local``) and queries ``[halo zero rows | local]`` of the same length, so the kernel's
+  top-left aligned causal mask with window ``window`` is exactly the global mask; the dummy rows
+  are sliced off (zero cotangent). Device 0 has no left neighbour: it runs the local-only call
+  under ``lax.cond``, so no halo key is ever visible there.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from parallel.attention import _NEG, _check_layout, _ring_meta, _source
+from parallel.flash import flash_block_bwd, flash_block_fwd, flash_delta
+
+LocalAttention = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+# --------------------------------------------------------------------------------------------------
+# Ring attention with flash block kernels
+# --------------------------------------------------------------------------------------------------
+
+
+def _merge(out, lse, out_b, lse_b):
+    """Merge two normalised partial results of the same queries (see the module docstring)."""
+    new = jnp.logaddexp(lse, lse_b)                          # [B, H, Tq]
+    w = lambda x: jnp.moveaxis(jnp.exp(x - new), 1, 2)[..., None]  # -> [B, Tq, H, 1]
+    return out * w(lse) + out_b * w(lse_b), new
+
+
+def _fwd_step(rel, state, kv, q, layout, scale, interpret):
+    """Fold one K/V block into ``(out, lse)``. ``rel``: 0 own, 1 earlier, 2 later device."""
+    k, v = kv
+    fwd = functools.partial(flash_block_fwd, scale=scale, interpret=interpret)
+
+    def own(st):
+        return _merge(*st, *fwd(q, k, v, causal=True))
+
+    def earlier_all(st):
+        return _merge(*st, *fwd(q, k, v, causal=False))
+
+    if layout == "contiguous":
+        branches = [own, earlier_all, lambda st: st]
+    else:
+        half = q.shape[1] // 2
+
+        def earlier(st):  # every query sees the early half of the key block
+            return _merge(*st, *fwd(q, k[:, :half], v[:, :half], causal=False))
+
+        def later(st):  # only the late query half sees the block (all of it)
+            out, lse = st
+            o_hi, l_hi = _merge(out[:, half:], lse[:, :, half:], *fwd(q[:, half:], k, v, causal=False))
+            return out.at[:, half:].set(o_hi), lse.at[:, :, half:].set(l_hi)
+
+        branches = [own, earlier, later]
+    if isinstance(rel, int):
+        return branches[rel](state)
+    return lax.switch(rel, branches, state)
+
+
+def _bwd_step(rel, grads, kv, q, do, lse, delta, layout, scale, interpret):
+    """Accumulate ``(dq, dk, dv)`` (float32) of one ring step; ``rel`` as in :func:`_fwd_step`."""
+    k, v = kv
+    bwd = functools.partial(flash_block_bwd, scale=scale, interpret=interpret)
+
+    def add(g, upd):
+        return tuple(a + b for a, b in zip(g, upd))
+
+    def own(g):
+        return add(g, bwd(q, k, v, do, lse, delta, causal=True))
+
+    def earlier_all(g):
+        return add(g, bwd(q, k, v, do, lse, delta, causal=False))
+
+    if layout == "contiguous":
+        branches = [own, earlier_all, lambda g: g]
+    else:
+        half = q.shape[1] // 2
+
+        def earlier(g):
+            dq, dk, dv = g
+            a, b, c = bwd(q, k[:, :half], v[:, :half], do, lse, delta, causal=False)
+            return dq + a, dk.at[:, :half].add(b), dv.at[:, :half].add(c)
+
+        def later(g):
+            dq, dk, dv = g
+            a, b, c = bwd(q[:, half:], k, v, do[:, half:], lse[:, :, half:], delta[:, :, half:],
+                          causal=False)
+            return dq.at[:, half:].add(a), dk + b, dv + c
+
+        branches = [own, earlier, later]
+    if isinstance(rel, int):
+        return branches[rel](grads)
+    return lax.switch(rel, branches, grads)
+
+
+def _ring_flash_fwd_impl(q, k, v, axis_name, layout, scale, interpret):
+    n, idx, perm = _ring_meta(axis_name)
+    # Initial state built from q so that, inside shard_map, it varies over the same mesh axes.
+    out = jnp.zeros_like(q, jnp.float32)
+    lse = jnp.moveaxis(out[..., 0], 1, 2) + _NEG
+    step = functools.partial(_fwd_step, q=q, layout=layout, scale=scale, interpret=interpret)
+    kv = (k, v)
+    nxt = lax.ppermute(kv, axis_name, perm) if n > 1 else kv
+    state = step(0, (out, lse), kv)
+
+    def body(s, carry):
+        state, kv = carry
+        nxt = lax.ppermute(kv, axis_name, perm)  # issued before the compute: overlappable
+        state = step(_source(idx, s, n)[1], state, kv)
+        return state, nxt
+
+    if n > 1:
+        state, kv = lax.fori_loop(1, n - 1, body, (state, nxt))
+        state = step(_source(idx, n - 1, n)[1], state, kv)
+    out, lse = state
+    return out.astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _ring_flash(q, k, v, axis_name, layout, scale, interpret):
+    return _ring_flash_fwd_impl(q, k, v, axis_name, layout, scale, interpret)[0]
+
+
+def _ring_flash_fwd(q, k, v, axis_name, layout, scale, interpret):
+    out, lse = _ring_flash_fwd_impl(q, k, v, axis_name, layout, scale, interpret)
+    return out, (q, k, v, out, lse)
+
+
+def _ring_flash_bwd(axis_name, layout, scale, interpret, res, dout):
+    q, k, v, out, lse = res
+    n, idx, perm = _ring_meta(axis_name)
+    do = dout.astype(q.dtype)
+    delta = flash_delta(out, dout)
+    step = functools.partial(_bwd_step, q=q, do=do, lse=lse, delta=delta, layout=layout,
+                             scale=scale, interpret=interpret)
+    kv = (k, v)
+    grads = (jnp.zeros_like(q, jnp.float32), jnp.zeros_like(k, jnp.float32),
+             jnp.zeros_like(v, jnp.float32))
+    nxt = lax.ppermute(kv, axis_name, perm) if n > 1 else kv
+    dq, dk, dv = step(0, grads, kv)
+
+    def body(s, carry):
+        dq, dkv, kv = carry
+        dkv = lax.ppermute(dkv, axis_name, perm)  # the gradients follow their K/V block
+        nxt = lax.ppermute(kv, axis_name, perm)
+        dq, dk, dv = step(_source(idx, s, n)[1], (dq,) + dkv, kv)
+        return dq, (dk, dv), nxt
+
+    dkv = (dk, dv)
+    if n > 1:
+        dq, dkv, kv = lax.fori_loop(1, n - 1, body, (dq, dkv, nxt))
+        dkv = lax.ppermute(dkv, axis_name, perm)
+        dq, dk, dv = step(_source(idx, n - 1, n)[1], (dq,) + dkv, kv)
+        dkv = lax.ppermute((dk, dv), axis_name, perm)  # n-th hop: back to the owner
+    dk, dv = dkv
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_ring_flash.defvjp(_ring_flash_fwd, _ring_flash_bwd)
+
+
+def ring_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, *,
+                         layout: str = "contiguous", scale: float, interpret: bool = False) -> jax.Array:
+    """Full causal ring attention with Pallas flash block kernels (inside ``shard_map``).
+
+    Args:
+      q: ``[B, T_local, H, Dh]``; k, v: ``[B, T_local, KV, Dh]``; no segment ids.
+      axis_name: the context mesh axis.
+      layout: ``"contiguous"`` or ``"zigzag"``.
+      scale: logit scale.
+      interpret: run the kernels in Pallas interpret mode (CPU tests).
+
+    Returns:
+      ``[B, T_local, H, Dh]`` in ``q.dtype``; differentiable (custom VJP, backward ring).
+    """
+    _check_layout(layout, q.shape[1])
+    return _ring_flash(q, k, v, axis_name, layout, float(scale), bool(interpret))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sliding window: halo exchange + one equal-length local kernel call
+# --------------------------------------------------------------------------------------------------
+
+
+def cudnn_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int,
+                           scale: float) -> jax.Array:
+    """Causal sliding-window attention of equal-length ``q``/``k``/``v`` by one cuDNN call.
+
+    ``[B, T, H, Dh]`` x ``[B, T, KV, Dh]`` -> ``[B, T, H, Dh]`` (GPU; bfloat16/float16). An odd
+    length is padded by one token at the end (cuDNN's backward pass needs even lengths; the pad is
+    invisible to real queries under the causal mask and its row is dropped).
+    """
+    t = q.shape[1]
+    pad = t % 2
+    if pad:
+        q, k, v = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale,
+                                       is_causal=True, local_window_size=(window - 1, 0),
+                                       implementation="cudnn")
+    return out[:, :t]
+
+
+def cudnn_unsupported_reason(q: jax.Array) -> Optional[str]:
+    """Why :func:`cudnn_window_attention` cannot run on ``q`` here (``None`` when it can)."""
+    if jax.default_backend() != "gpu":
+        return f"cuDNN attention needs an NVIDIA GPU (default backend is {jax.default_backend()!r})"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"cuDNN flash attention needs bfloat16/float16 inputs, got {q.dtype}"
+    d = q.shape[-1]
+    if d % 8 or d > 256:
+        return f"cuDNN flash attention needs head_dim a multiple of 8 and <= 256, got {d}"
+    if d > 128:
+        try:
+            cc = float(getattr(jax.devices()[0], "compute_capability", "0"))
+        except (TypeError, ValueError):
+            cc = 0.0
+        if cc < 9.0:
+            return f"cuDNN flash attention supports head_dim {d} > 128 only on Hopper or newer"
+    return None
+
+
+def halo_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, *, window: int,
+                          local_attention: LocalAttention) -> jax.Array:
+    """Sliding-window attention across context shards with one local kernel call per device.
+
+    Args:
+      q: ``[B, T_local, H, Dh]``; k, v: ``[B, T_local, KV, Dh]`` (contiguous layout, no segment ids).
+      axis_name: the context mesh axis.
+      window: keys per query including itself, ``1 <= window <= T_local + 1`` (checked by the caller).
+      local_attention: ``(q, k, v) -> out`` causal attention with this ``window`` (and the logit
+        scale) on equal-length, top-left aligned operands -- :func:`cudnn_window_attention` on GPU;
+        any exact implementation (e.g. the XLA one) in the CPU tests.
+
+    Returns:
+      ``[B, T_local, H, Dh]`` in ``q.dtype``. Gradients flow through the halo ``ppermute``: the
+      halo's dK/dV return to the left neighbour.
+    """
+    halo = window - 1
+    if halo == 0:
+        return local_attention(q, k, v)
+    n = lax.axis_size(axis_name)
+    t = q.shape[1]
+    send = (k[:, t - halo:], v[:, t - halo:])
+    perm = [(j, j + 1) for j in range(n - 1)]
+    hk, hv = lax.ppermute(send, axis_name, perm) if n > 1 else jax.tree.map(jnp.zeros_like, send)
+
+    def with_halo(q, k, v, hk, hv):
+        # [halo dummy queries | local]: equal lengths, so top-left causal + window is the global mask.
+        qp = jnp.concatenate([jnp.zeros((q.shape[0], halo) + q.shape[2:], q.dtype), q], axis=1)
+        out = local_attention(qp, jnp.concatenate([hk, k], axis=1), jnp.concatenate([hv, v], axis=1))
+        return out[:, halo:]
+
+    def local_only(q, k, v, hk, hv):  # device 0: no left neighbour, the halo is not there
+        del hk, hv
+        return local_attention(q, k, v)
+
+    if n == 1:
+        return local_only(q, k, v, hk, hv)
+    return lax.cond(lax.axis_index(axis_name) == 0, local_only, with_halo, q, k, v, hk, hv)

@@ -1,0 +1,267 @@
+"""Fused context-parallel attention (parallel/flash.py, parallel/fused_attention.py).
+
+On CPU the Pallas flash kernels run in interpret mode at tiny shapes: the block kernels (out, lse
+and the backward with given lse/delta) against a dense reference, and the fused ring inside
+``shard_map`` on 4 emulated devices (contiguous and zigzag, GQA) against the unsharded reference,
+values and gradients. The halo sliding-window path's padding and device-0 logic is tested with the
+dense local attention standing in for cuDNN. GPU-marked tests run the compiled kernels and the real cuDNN
+path.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from parallel import attention as A
+from parallel import flash as F
+from parallel import fused_attention as FA
+from parallel.mesh import make_mesh
+
+B, H, KV, DH = 1, 4, 2, 12  # DH = 12: the kernels zero-pad the head dim to 16
+
+
+def _rand(seed, t, dtype=np.float32, b=B, h=H, kvh=KV, dh=DH):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, t, h, dh)).astype(dtype)
+    k = rng.standard_normal((b, t, kvh, dh)).astype(dtype)
+    v = rng.standard_normal((b, t, kvh, dh)).astype(dtype)
+    ct = rng.standard_normal((b, t, h, dh)).astype(np.float32)
+    return q, k, v, ct
+
+
+def _dense_block(q, k, v, causal, scale):
+    """Dense (out, lse) of one block: the kernels' reference."""
+    g = q.shape[2] // k.shape[2]
+    kr, vr = (jnp.repeat(x.astype(jnp.float32), g, axis=2) for x in (k, v))
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kr) * scale
+    if causal:
+        s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(s - lse[..., None]), vr)
+    return out, lse
+
+
+def _close(got, want, tol):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("causal,tq,tk,blocks", [
+    (True, 32, 32, (16, 16)), (False, 16, 32, (16, 16)),
+    (True, 64, 64, (32, 16)), (True, 64, 64, (16, 32)),  # unmasked tiles, then diagonal tiles
+])
+def test_block_kernels_match_dense(causal, tq, tk, blocks):
+    """Forward (out, lse) and the backward given a *foreign* lse/delta (as the ring passes them)."""
+    q, _, _, ct = _rand(0, tq)
+    _, k, v, _ = _rand(1, tk)
+    scale = 0.3
+    kw = dict(causal=causal, scale=scale, interpret=True, block_q=blocks[0], block_k=blocks[1])
+    out, lse = F.flash_block_fwd(q, k, v, **kw)
+    want_out, want_lse = _dense_block(q, k, v, causal, scale)
+    _close((out, lse), (want_out, want_lse), 1e-5)
+    # Backward with statistics of a larger (global) softmax: lse shifted up, an arbitrary delta.
+    rng = np.random.default_rng(2)
+    g_lse = want_lse + jnp.asarray(rng.uniform(0.1, 1.0, want_lse.shape), jnp.float32)
+    delta = jnp.asarray(rng.standard_normal(want_lse.shape), jnp.float32)
+    got = F.flash_block_bwd(q, k, v, ct, g_lse, delta, **kw)
+
+    def p_of(q, k):  # P = exp(S * scale - lse_global), the quantity the backward differentiates
+        grp = q.shape[2] // k.shape[2]
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, jnp.repeat(k, grp, axis=2)) * scale
+        if causal:
+            s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
+        return jnp.exp(s - g_lse[..., None])
+
+    def surrogate(q, k, v):
+        # d/dS of <P V, dO> with the "- delta" term of the flash backward: <P, dO V^T - delta>.
+        p = p_of(q, k)
+        vr = jnp.repeat(v, q.shape[2] // k.shape[2], axis=2)
+        dp = jnp.einsum("bqhd,bkhd->bhqk", jnp.asarray(ct), vr)
+        return jnp.sum(jax.lax.stop_gradient(dp - delta[..., None]) * p) + \
+            jnp.sum(jnp.einsum("bhqk,bkhd->bqhd", jax.lax.stop_gradient(p), vr) * ct)
+
+    want = jax.grad(surrogate, argnums=(0, 1, 2))(q, k, v)
+    _close(got, want, 1e-4)
+
+
+def test_flash_attention_matches_reference():
+    """The single-device custom VJP over the kernels (GQA, padded head dim), values and grads."""
+    q, k, v, ct = _rand(3, 32)
+    f = lambda q, k, v: F.flash_attention(q, k, v, True, None, True)
+    got = jax.jit(lambda *a: (lambda o, pb: (o, pb(ct)))(*jax.vjp(f, *a)))(q, k, v)
+    want = jax.jit(lambda *a: (lambda o, pb: (o, pb(ct)))(*jax.vjp(A.reference_attention, *a)))(q, k, v)
+    _close(got, want, 1e-4)
+
+
+def _sharded(inner, n, layout, check_vma=True):
+    mesh = make_mesh(data=1, context=n, devices=jax.devices()[:n])
+    spec = P(None, "context")
+    fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=check_vma)
+    to = (lambda x: A.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+    back = (lambda x: A.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+    return lambda q, k, v: back(fn(to(q), to(k), to(v)))
+
+
+def _value_and_grads(fn, q, k, v, ct):
+    def run(q, k, v, ct):
+        out, pb = jax.vjp(fn, q, k, v)
+        return out, pb(ct.astype(out.dtype))
+    return jax.jit(run)(q, k, v, ct)
+
+
+@pytest.mark.parametrize("layout,n", [("contiguous", 4), ("zigzag", 8)])
+def test_ring_flash_matches_reference(layout, n):
+    t = 32 * n if layout == "zigzag" else 16 * n  # zigzag half blocks need 16 tokens
+    q, k, v, ct = _rand(4, t)
+    scale = 1.0 / np.sqrt(DH)
+    inner = lambda q, k, v: FA.ring_flash_attention(q, k, v, "context", layout=layout, scale=scale,
+                                                    interpret=True)
+    # Pallas's interpreter trips over shard_map's axis-variance checks (JAX 0.10); compiled kernels
+    # declare their outputs' variance (parallel.flash._out).
+    got = _value_and_grads(_sharded(inner, n, layout, check_vma=False), q, k, v, ct)
+    want = _value_and_grads(A.reference_attention, q, k, v, ct)
+    _close(got, want, 1e-4)
+
+
+@pytest.mark.parametrize("n,window", [(4, 5), (4, 9), (2, 1)])
+def test_halo_window_single_call_matches_reference(n, window):
+    """Equal-length padding + device-0 handling, with a dense local attention standing in for cuDNN."""
+    t = 8 * n
+    q, k, v, ct = _rand(5, t)
+    local = functools.partial(A.reference_attention, window=window)
+    inner = lambda q, k, v: FA.halo_window_attention(q, k, v, "context", window=window,
+                                                     local_attention=local)
+    got = _value_and_grads(_sharded(inner, n, "contiguous"), q, k, v, ct)
+    ref = lambda q, k, v: A.reference_attention(q, k, v, window=window)
+    want = _value_and_grads(ref, q, k, v, ct)
+    _close(got, want, 1e-4)
+
+
+def test_kernel_selection_and_errors():
+    q, k, v, _ = _rand(6, 32)
+    seg = np.ones((B, 32), np.int32)
+    # On CPU "auto" is the XLA path, bit-for-bit.
+    mesh = make_mesh(data=1, context=2, devices=jax.devices()[:2])
+    spec = P(None, "context")
+    run = lambda kern, window=0: jax.jit(jax.shard_map(
+        lambda q, k, v: A.context_attention(q, k, v, "context", kernel=kern, window=window), mesh=mesh,
+        in_specs=(spec,) * 3, out_specs=spec))(q, k, v)
+    np.testing.assert_array_equal(np.asarray(run("auto", 3)), np.asarray(run("xla", 3)))
+    with pytest.raises(ValueError, match="kernel 'fused' cannot run here: the Pallas flash kernels need an NVIDIA GPU"):
+        run("fused")
+    with pytest.raises(ValueError, match="kernel 'fused' cannot run here: cuDNN attention needs an NVIDIA GPU"):
+        run("fused", 3)
+    with pytest.raises(ValueError, match="kernel="):
+        run("triton")
+    assert "segment ids" in A.fused_unsupported_reason(q, k, segment_ids=seg)
+    assert "allgather" in A.fused_unsupported_reason(q, k, impl="allgather")
+    assert "multiples of 16" in F.flash_unsupported_reason(q[:, :8], k[:, :8], interpret=True)
+    assert "as many queries" in F.flash_unsupported_reason(q[:, :16], k, causal=True, interpret=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: compiled kernels and the real cuDNN path
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dh", [64, 128])
+def test_block_kernels_compiled_on_gpu(dh):
+    t, scale = 1024, 1.0 / np.sqrt(dh)
+    q, k, v, ct = _rand(7, t, dtype=np.float32, b=2, h=8, kvh=2, dh=dh)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+    for causal in (True, False):
+        out, lse = F.flash_block_fwd(bf(q), bf(k), bf(v), causal=causal, scale=scale)
+        want_out, want_lse = _dense_block(bf(q), bf(k), bf(v), causal, scale)
+        _close((out, lse), (want_out, want_lse), 2e-2)
+    f = lambda q, k, v: F.flash_attention(q, k, v, True, None, False)
+    got = _value_and_grads(f, bf(q), bf(k), bf(v), ct)
+    want = _value_and_grads(A.reference_attention, q, k, v, ct)
+    _close(got, want, 1e-1)
+
+
+@pytest.mark.gpu
+def test_fused_context_attention_on_gpus():
+    """Fused ring (both layouts) and the cuDNN halo window on all local GPUs, bf16, vs fp32 reference."""
+    devices = [d for d in jax.devices() if d.platform == "gpu"]
+    n = len(devices)
+    mesh = make_mesh(data=1, context=n, devices=devices)
+    t = 256 * n
+    q, k, v, ct = _rand(8, t, dtype=np.float32, b=2, h=8, kvh=2, dh=64)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+    spec = P(None, "context")
+    for layout, window in (("contiguous", 0), ("zigzag", 0), ("contiguous", 101), ("contiguous", 256)):
+        inner = lambda q, k, v: A.context_attention(q, k, v, "context", window=window, layout=layout,
+                                                    kernel="fused")
+        fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+        to = (lambda x: A.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+        back = (lambda x: A.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+        sharded = lambda q, k, v: back(fn(to(q), to(k), to(v)))
+        ref = lambda q, k, v: A.reference_attention(q, k, v, window=window)
+        want = _value_and_grads(ref, q, k, v, ct)
+        got = _value_and_grads(sharded, bf(q), bf(k), bf(v), ct)
+        _close(got, want, 1e-1)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_fused_ring_lowers_for_gpu(layout, monkeypatch):
+    """Cross-lower the fused ring's forward and backward for CUDA on CPU: the kernels pass Pallas's
+    Triton lowering and declare their outputs' variance inside a checking ``shard_map``."""
+    monkeypatch.setattr(F, "flash_unsupported_reason", lambda *a, **k: None)
+    n = 4
+    mesh = make_mesh(data=1, context=n, devices=jax.devices()[:n])
+    spec = P(None, "context")
+    inner = lambda q, k, v: FA.ring_flash_attention(q, k, v, "context", layout=layout, scale=0.125)
+    fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
+    q = jax.ShapeDtypeStruct((1, 512, 4, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("__gpu$xla.gpu.triton") >= 3  # forward, dQ and dK/dV kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [["model.context_layout=zigzag"], ["model.attention_window=100"]])
+def test_model_fused_equals_xla_on_gpus(extra):
+    """The whole model on all local GPUs: context_kernel=fused and =xla give the same loss and grads."""
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from ttt_jax.config import load_config
+    from ttt_jax.models.lm import CausalLM
+
+    devices = [d for d in jax.devices() if d.platform == "gpu"]
+    n = len(devices)
+    t = 512 * n
+    base = ["model.vocab_size=64", "model.d_model=128", "model.n_layers=2", "model.n_heads=2",
+            "model.n_kv_heads=1", "model.d_ff=256", "model.compute_dtype=bfloat16",
+            f"model.max_seq_len={t}", "model.ttt.layers=[0]", "model.ttt.chunk_size=64", *extra]
+    tokens = jax.random.randint(jax.random.key(1), (1, t), 0, 64)
+    mesh = make_mesh(data=1, context=n, devices=devices)
+    results = []
+    for kernel in ("xla", "fused"):
+        cfg = load_config(None, base + [f"model.context_kernel={kernel}"]).model
+        graphdef, state = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
+
+        def loss(state, tokens):
+            logits = nnx.merge(graphdef, state)(tokens).astype(jnp.float32)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+        with jax.set_mesh(mesh):
+            tok = jax.device_put(tokens, NamedSharding(mesh, P(None, "context")))
+            results.append(jax.jit(jax.value_and_grad(loss))(state, tok))
+    _close(results[1], results[0], 2e-2)
+
+
+def test_config_context_kernel():
+    from ttt_jax.config import load_config
+
+    assert load_config(None, []).model.context_kernel == "auto"
+    assert load_config(None, ["model.context_kernel=fused"]).model.context_kernel == "fused"
+    with pytest.raises(ValueError, match="context_kernel"):
+        load_config(None, ["model.context_kernel=triton"])
