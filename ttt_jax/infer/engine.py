@@ -40,7 +40,19 @@ from ttt_jax.models.lm import CausalLM, check_tokens, unstack_layer_params
 
 
 def check_supported(cfg) -> None:
-    """Raise a ``ValueError`` for model kinds the cached inference path does not implement."""
+    """Raise a ``ValueError`` for model kinds the cached inference path does not implement.
+
+    TTT-E2E (``model.e2e``) is not implemented. What its decode needs, per sequence: the fast MLP
+    weights of the last ``k`` blocks (fp32, ``3 D F k`` values); KV caches of those blocks that hold
+    the window before the open chunk as well as the chunk itself (``window + chunk`` slots: keys as
+    computed with the weights of their own chunk); and the open chunk's inputs to the first fast
+    block. A chunk's SGD step needs the next-token target of its last token, i.e. the first token
+    of the next chunk: when that token arrives, the last ``k`` blocks are re-run over the completed
+    chunk from the chunk-start KV window with the chunk's weights, differentiated (mean NLL, global
+    norm clip per sequence) and the weights updated -- before the new token is answered. So decode
+    is cheap except at chunk boundaries (a ``chunk``-token forward and backward through ``k`` blocks,
+    under ``lax.cond`` as for In-Place TTT), and ragged batches cross boundaries at different steps.
+    """
     e2e = getattr(cfg, "e2e", None)
     if e2e is not None and e2e.enabled:
         raise ValueError("cached inference does not support TTT-E2E models (model.e2e) yet; "

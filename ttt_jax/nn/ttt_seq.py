@@ -9,6 +9,10 @@
     z       = LayerNorm(z over H*Dh)                        (+ gelu(x W_g) * z with output_gate)
     out     = z W_o
 
+The pieces are methods so that cached inference (``ttt_jax.infer.ttt_seq``) computes exactly the
+same: :meth:`TTTSeqLayer.project` (views and inner lr), :meth:`TTTSeqLayer.token_factor`,
+:meth:`TTTSeqLayer.ln_params`, :meth:`TTTSeqLayer.output` (norm, gate, output projection).
+
 The position factor of the inner lr is ``max(1/(i+1) + token_bias[i], 0)`` with a learnable
 ``token_bias`` (zeros at init). ``H = model.n_heads``, ``Dh = model.head_dim``.
 
