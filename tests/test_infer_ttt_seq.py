@@ -229,3 +229,26 @@ def test_cli_generate_with_shipped_configs(config, tmp_path):
     logits, _ = engine.prefill(engine.init_cache(1, 40), seq, logits="all")
     np.testing.assert_allclose(np.asarray(logits), np.asarray(_FWD(engine.model(), jnp.asarray(seq))),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_generation_with_sharded_parameters_matches_unsharded(tmp_path):
+    """Parameters in their FSDP sharding over the 8 emulated devices: the same greedy tokens and
+    logits as unsharded."""
+    from parallel.mesh import make_mesh
+    from ttt_jax.config import Config, DataConfig
+    from ttt_jax.train.checkpoint import load_model, save_model
+
+    model = setup("mlp_beside_window_gate")[0]
+    save_model(tmp_path / "model", model, Config(model=CASES["mlp_beside_window_gate"],
+                                                 data=DataConfig(seq_len=32)))
+    mesh = make_mesh(data=2, fsdp=4)          # (vocabulary 259: no tensor split)
+    _, sharded = load_model(tmp_path / "model", mesh=mesh)
+    prompts = [[1, 5, 9, 33], [1, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81]]
+    gen = GenerationConfig(max_new_tokens=8)
+    want = generate(model, prompts, gen, return_logits=True, prefill_block=6)
+    with jax.set_mesh(mesh):
+        got = generate(sharded, prompts, gen, return_logits=True, prefill_block=6)
+    assert got.tokens == want.tokens
+    for a, b in zip(got.logits, want.logits):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
