@@ -2,7 +2,10 @@
 
 Two variants of a ~1B-parameter decoder (random weights, bf16): ``swa_ttt`` -- sliding-window
 attention (window 4096) on every layer with In-Place TTT on every 4th layer (chunk 1024) -- and
-``full`` -- full causal attention on every layer, no TTT. For each context length:
+``full`` -- full causal attention on every layer, no TTT; opt-in (``--variants``) the TTT family on
+the same backbone: ``ttt_linear`` (TTT-Linear in place of attention on every layer) and
+``swa_ttt_mlp`` (TTT-MLP beside the sliding-window attention on every layer), mini-batch 16, whose
+decode step replays the open mini-batch (the same cost at every step). For each context length:
 
 * **decode**: the cache is set to ``context`` tokens per sequence (values do not change the work:
   the KV caches and fast weights are fixed-size arrays, attention masks by position), then
@@ -25,6 +28,7 @@ Usage::
 
     python benchmarks/decode_bench.py                      # GPU: ~1B model, contexts 4k..128k
     python benchmarks/decode_bench.py --smoke              # CPU: a tiny model, seconds
+    python benchmarks/decode_bench.py --variants swa_ttt,ttt_linear,swa_ttt_mlp   # the TTT family
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def model_configs(smoke: bool) -> dict:
-    from ttt_jax.config import ModelConfig, TTTConfig
+    from ttt_jax.config import ModelConfig, TTTConfig, TTTSeqConfig
 
     if smoke:
         base = ModelConfig(vocab_size=259, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=128,
@@ -57,7 +61,12 @@ def model_configs(smoke: bool) -> dict:
         window, chunk = 4096, 1024
     swa_ttt = dataclasses.replace(base, attention_window=window, ttt=TTTConfig(
         enabled=True, every=4, start=0, chunk_size=chunk, lr=1.0, impl="auto"))
-    return {"swa_ttt": swa_ttt, "full": base}
+    # The TTT family (opt-in with --variants): as configs/ttt_linear_tiny.yaml / ttt_mlp_tiny.yaml.
+    ttt_linear = dataclasses.replace(base, ttt_seq=TTTSeqConfig(enabled=True, kind="linear",
+                                                                 mode="replace"))
+    swa_ttt_mlp = dataclasses.replace(base, attention_window=window, ttt_seq=TTTSeqConfig(
+        enabled=True, kind="mlp", mode="beside"))
+    return {"swa_ttt": swa_ttt, "full": base, "ttt_linear": ttt_linear, "swa_ttt_mlp": swa_ttt_mlp}
 
 
 def _sync(x):
@@ -204,7 +213,8 @@ def main(argv=None) -> int:
         cfg = cfgs[name]
         model = _make_model(cfg)
         engine = Engine(model, prefill_block=block)
-        entry = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "ttt"},
+        entry = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("ttt", "ttt_seq")},
+                 "ttt_seq": dataclasses.asdict(cfg.ttt_seq),
                  "ttt": dataclasses.asdict(cfg.ttt), "params": count_params(model), "contexts": {}}
         results["variants"][name] = entry
         for ctx in contexts:

@@ -199,6 +199,6 @@ def test_reconstruction_target_and_unsupported_models():
         dec.append(np.asarray(lg))
     np.testing.assert_allclose(np.asarray(logits)[0], ref[0, :11], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.stack(dec, 1)[0], ref[0, 11:], rtol=1e-4, atol=1e-4)
-    seq_cfg = dataclasses.replace(TINY, ttt_seq=dataclasses.replace(TINY.ttt_seq, enabled=True, layers=(1,)))
-    with pytest.raises(ValueError, match="ttt_seq"):
-        Engine(CausalLM(seq_cfg, rngs=nnx.Rngs(0)))
+    e2e_cfg = dataclasses.replace(TINY, e2e=dataclasses.replace(TINY.e2e, enabled=True, chunk_size=8))
+    with pytest.raises(ValueError, match="TTT-E2E"):
+        Engine(CausalLM(e2e_cfg, rngs=nnx.Rngs(0)))

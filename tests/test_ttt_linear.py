@@ -125,6 +125,28 @@ def test_two_pieces_with_carried_state_equal_one_run(kind, impl):
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["dual", pytest.param("reference", marks=pytest.mark.slow)])
+def test_keep_mini_batches_returns_the_state_after_them(impl):
+    """Per sequence, the state after its first ``keep[b]`` mini-batches (what a decoder with an
+    open mini-batch carries); outputs are those of the plain run up to the first mini-batch not kept."""
+    q, k, v, lr, scale, bias = _inputs(3, 14)                    # 3 full mini-batches of 4, then 2
+    params = _params("mlp")
+    op = jax.jit(lambda n, keep=None: ttt_layer(q[:, :n], k[:, :n], v[:, :n], lr[:, :n], params, scale,
+                                                bias, mini_batch=K, impl=impl, return_state=True,
+                                                keep_mini_batches=keep), static_argnums=0)
+    keep = jnp.asarray([0, 2, 3], jnp.int32)
+    out, state = op(14, keep)
+    full, _ = op(14, jnp.full((3,), 4, jnp.int32))
+    for b, n in enumerate(keep.tolist()):
+        want = op(n * K)[1] if n else jax.tree.map(lambda p: jnp.broadcast_to(p, (3,) + p.shape), params)
+        for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
+            np.testing.assert_allclose(x[b], y[b], atol=1e-5, rtol=1e-5)
+        stop = min((n + 1) * K, 14)
+        np.testing.assert_allclose(out[b, :stop], full[b, :stop], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="return_state"):
+        ttt_layer(q, k, v, lr, params, scale, bias, mini_batch=K, keep_mini_batches=keep)
+
+
 def test_packed_documents_equal_separate_runs():
     """Documents starting on mini-batch boundaries (and one starting mid-mini-batch) are computed as
     if alone; the packed row never leaks one document into another."""

@@ -1,4 +1,4 @@
-"""The per-sequence inference state: KV caches, In-Place TTT fast weights, lengths.
+"""The per-sequence inference state: KV caches, In-Place TTT fast weights, TTT-Linear/MLP states.
 
 A :class:`Cache` holds, for a batch of ``B`` independent sequences,
 
@@ -19,6 +19,12 @@ A :class:`Cache` holds, for a batch of ``B`` independent sequences,
     position ``chunk_start + r``; rows at or after ``lengths % C`` are stale. Because the target conv
     looks two tokens ahead inside the chunk, a chunk's update can only be formed once its last
     token is known; it is folded into ``delta`` exactly then (apply-then-update, as in training).
+  - ``seq`` (TTT-Linear / TTT-MLP layers, ``model.ttt_seq``): a :class:`TTTSeqCache` with the inner
+    model's parameters per head (``[B, H, ...]`` fp32) as of the start of the open mini-batch, and
+    the train/label views and inner learning rates of that mini-batch's tokens so far (within a
+    mini-batch every token's gradient is taken at the start parameters, so each new token of the
+    mini-batch replays them; ``ttt_jax.infer.ttt_seq``). Layers whose TTT layer replaces attention
+    (``ttt_seq.mode="replace"``) have no KV cache (``kv`` is ``None``).
 
 Everything is a JAX pytree (``jax.tree_util.register_dataclass``): it passes through ``jax.jit``,
 can be donated, and can be sharded like any array tree.
@@ -90,14 +96,41 @@ jax.tree_util.register_dataclass(TTTCache, data_fields=["delta", "h", "x0"], met
 
 
 @dataclasses.dataclass(frozen=True)
+class TTTSeqCache:
+    """State of one TTT-Linear / TTT-MLP layer (``ttt_jax.ops.ttt_layer``).
+
+    Attributes:
+      params: the inner model's parameters per sequence and head at the start of the open
+        mini-batch, fp32: ``{"w1": [B, H, Dh, F], "b1": [B, H, F]}`` (+ ``"w2" [B, H, F, Dh]``,
+        ``"b2" [B, H, Dh]`` for TTT-MLP). Read only once the sequence has completed a mini-batch
+        (``lengths >= M``); before that the layer's learned initial parameters are in force (a
+        cache built from the config alone cannot hold them, so it starts at zeros).
+      k, v: ``[B, M, H, Dh]`` compute dtype, train and label views (after RoPE) of the open
+        mini-batch's tokens so far (``M`` = mini-batch size); row ``r`` holds position
+        ``mini_batch_start + r``, rows at or after ``lengths % M`` are stale.
+      lr: ``[B, M, H]`` fp32, their inner learning rates.
+    """
+
+    params: dict
+    k: jax.Array
+    v: jax.Array
+    lr: jax.Array
+
+
+jax.tree_util.register_dataclass(TTTSeqCache, data_fields=["params", "k", "v", "lr"], meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerCache:
-    """What one decoder layer keeps: its KV cache and, on In-Place TTT layers, the fast weight."""
+    """What one decoder layer keeps: its KV cache (``None`` where a TTT-Linear/MLP layer replaces
+    attention), on In-Place TTT layers the fast weight, on TTT-Linear/MLP layers their state."""
 
-    kv: KVCache
+    kv: Optional[KVCache]
     ttt: Optional[TTTCache] = None
+    seq: Optional[TTTSeqCache] = None
 
 
-jax.tree_util.register_dataclass(LayerCache, data_fields=["kv", "ttt"], meta_fields=[])
+jax.tree_util.register_dataclass(LayerCache, data_fields=["kv", "ttt", "seq"], meta_fields=[])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +165,8 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, *, ring: bool = 
     """An empty :class:`Cache` for ``batch_size`` sequences of at most ``max_len`` tokens each.
 
     Args:
-      cfg: the model config (layer kinds, shapes, windows, TTT chunk size and target source).
+      cfg: the model config (layer kinds, shapes, windows, TTT chunk size and target source,
+        TTT-Linear/MLP layers).
       batch_size: ``B``.
       max_len: the longest sequence (prompt + generated tokens) any full KV cache must hold.
       ring: give sliding-window layers a ring buffer of ``window`` slots (memory independent of
@@ -146,6 +180,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, *, ring: bool = 
     kvdt = jnp.dtype(kv_dtype) if kv_dtype is not None else cdt
     kv_heads, dh = cfg.n_kv_heads, cfg.resolved_head_dim
     ttt_ids = set(cfg.ttt.layer_ids(cfg.n_layers))
+    seq_ids = set(cfg.ttt_seq.layer_ids(cfg.n_layers))
     full_slots = cache_capacity(max_len)
     layers = []
     for i in range(cfg.n_layers):
@@ -154,6 +189,11 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, *, ring: bool = 
         slots = window if use_ring else full_slots
         shape = (batch_size, slots, kv_heads, dh)
         kv = KVCache(jnp.zeros(shape, kvdt), jnp.zeros(shape, kvdt), window=window, ring=use_ring)
+        seq = None
+        if i in seq_ids:
+            seq = _seq_cache(cfg, batch_size)
+            if cfg.ttt_seq.mode == "replace":
+                kv = None
         ttt = None
         if i in ttt_ids:
             c, d = cfg.ttt.chunk_size, cfg.d_model
@@ -161,8 +201,22 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, *, ring: bool = 
                 delta=jnp.zeros((batch_size, cfg.d_ff, d), jnp.float32),
                 h=jnp.zeros((batch_size, c, d), cdt),
                 x0=jnp.zeros((batch_size, c, d), cdt) if cfg.ttt.target_source == "embeddings" else None)
-        layers.append(LayerCache(kv=kv, ttt=ttt))
+        layers.append(LayerCache(kv=kv, ttt=ttt, seq=seq))
     return Cache(lengths=jnp.zeros((batch_size,), jnp.int32), layers=tuple(layers))
+
+
+def _seq_cache(cfg: ModelConfig, batch_size: int) -> TTTSeqCache:
+    """An empty :class:`TTTSeqCache` (``params`` zeros: unread until a mini-batch completes)."""
+    from ttt_jax.ops.ttt_layer import param_shapes
+
+    s = cfg.ttt_seq
+    h, dh, m = cfg.n_heads, cfg.resolved_head_dim, s.mini_batch
+    shapes = param_shapes(s.kind, h, dh)
+    params = {n: jnp.zeros((batch_size,) + shape, jnp.float32) for n, shape in shapes.items()}
+    cdt = jnp.dtype(cfg.compute_dtype)
+    return TTTSeqCache(params=params, k=jnp.zeros((batch_size, m, h, dh), cdt),
+                       v=jnp.zeros((batch_size, m, h, dh), cdt),
+                       lr=jnp.zeros((batch_size, m, h), jnp.float32))
 
 
 def cache_bytes(cache: Cache) -> int:

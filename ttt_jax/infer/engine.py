@@ -3,7 +3,10 @@
 :func:`extend` is the whole model over ``T`` new tokens of every sequence of a batch, each sequence
 at its own position (``cache.lengths``); it reuses the model's modules and parameters and computes,
 for those tokens, what one forward pass over the whole sequence computes (tested: prefill in
-blocks plus token-by-token decode gives the logits of ``model(tokens)``). :class:`Engine` wraps it
+blocks plus token-by-token decode gives the logits of ``model(tokens)``) -- attention from KV caches
+(:mod:`ttt_jax.infer.attention`), In-Place TTT from its fast weights (:mod:`ttt_jax.infer.ttt`),
+TTT-Linear/MLP layers from their inner models' states (:mod:`ttt_jax.infer.ttt_seq`). TTT-E2E models
+are not supported (:func:`check_supported`). :class:`Engine` wraps it
 in jitted functions over the split model state:
 
 * :meth:`Engine.prefill` -- prompts of different lengths, consumed in blocks of ``prefill_block``
@@ -32,15 +35,24 @@ from ttt_jax.infer.attention import attention_extend
 from ttt_jax.infer.cache import Cache, LayerCache, init_cache, round_up
 from ttt_jax.infer.sampling import sample_logits
 from ttt_jax.infer.ttt import ttt_extend
+from ttt_jax.infer.ttt_seq import ttt_seq_extend
 from ttt_jax.models.lm import CausalLM, check_tokens, unstack_layer_params
 
 
 def check_supported(cfg) -> None:
-    """Raise a ``ValueError`` for model kinds the cached inference path does not implement."""
-    seq = getattr(cfg, "ttt_seq", None)
-    if seq is not None and seq.layer_ids(cfg.n_layers):
-        raise ValueError("cached inference does not support TTT-Linear/MLP sequence layers "
-                         "(model.ttt_seq) yet; evaluate such models with the full forward pass")
+    """Raise a ``ValueError`` for model kinds the cached inference path does not implement.
+
+    TTT-E2E (``model.e2e``) is not implemented. What its decode needs, per sequence: the fast MLP
+    weights of the last ``k`` blocks (fp32, ``3 D F k`` values); KV caches of those blocks that hold
+    the window before the open chunk as well as the chunk itself (``window + chunk`` slots: keys as
+    computed with the weights of their own chunk); and the open chunk's inputs to the first fast
+    block. A chunk's SGD step needs the next-token target of its last token, i.e. the first token
+    of the next chunk: when that token arrives, the last ``k`` blocks are re-run over the completed
+    chunk from the chunk-start KV window with the chunk's weights, differentiated (mean NLL, global
+    norm clip per sequence) and the weights updated -- before the new token is answered. So decode
+    is cheap except at chunk boundaries (a ``chunk``-token forward and backward through ``k`` blocks,
+    under ``lax.cond`` as for In-Place TTT), and ragged batches cross boundaries at different steps.
+    """
     e2e = getattr(cfg, "e2e", None)
     if e2e is not None and e2e.enabled:
         raise ValueError("cached inference does not support TTT-E2E models (model.e2e) yet; "
@@ -87,16 +99,22 @@ def extend(model: CausalLM, cache: Cache, tokens: jax.Array, n_valid: jax.Array,
     x = x0
     layers = []
     for i, (block, lc) in enumerate(zip(model.layers, cache.layers)):
-        att, kv = attention_extend(block.attn, block.attn_norm(x), start, n_valid, lc.kv,
-                                   q_delta=q_deltas.get(i), impl=attn_impl, block=attn_block)
-        x = x + att
+        a = block.attn_norm(x)
+        mix, kv, seq = None, lc.kv, lc.seq
+        if block.ttt_seq is not None:              # TTT-Linear/MLP: instead of or beside attention
+            mix, seq = ttt_seq_extend(block.ttt_seq, a, start, n_valid, lc.seq)
+        if block.attn is not None:
+            att, kv = attention_extend(block.attn, a, start, n_valid, lc.kv, q_delta=q_deltas.get(i),
+                                       impl=attn_impl, block=attn_block)
+            mix = att if mix is None else mix + att
+        x = x + mix
         h = block.mlp_norm(x)
         if block.is_ttt:
             out, st = ttt_extend(block.mlp, h, x0, start, n_valid, lc.ttt)
         else:
             out, st = block.mlp(h), None
         x = x + out
-        layers.append(LayerCache(kv=kv, ttt=st))
+        layers.append(LayerCache(kv=kv, ttt=st, seq=seq))
     return model.final_norm(x), Cache(lengths=start + n_valid, layers=tuple(layers))
 
 
@@ -108,7 +126,8 @@ def prefill_forward(model: CausalLM, cache: Cache, tokens: jax.Array) -> tuple[j
     long prompt is split over devices -- and the cache contents are position-wise: keys and values of
     every position (the last ``window`` for ring buffers), the fast weight after the complete chunks
     (``sum_i clip(lr z_i^T v_i)``, one reduction over the sequence) and the rows of the final partial
-    chunk. Equal to :func:`extend` from an empty cache (tested).
+    chunk. TTT-Linear/MLP layers are sequential in their state and run as in :func:`extend` (one
+    device along the sequence). Equal to :func:`extend` from an empty cache (tested).
 
     Args:
       model: an unrolled :class:`CausalLM`.
@@ -129,15 +148,21 @@ def prefill_forward(model: CausalLM, cache: Cache, tokens: jax.Array) -> tuple[j
     layers = []
     for block, lc in zip(model.layers, cache.layers):
         a = block.attn_norm(x)
-        _, k, v = project_qkv(block.attn, a, positions)
-        kv = lc.kv
-        keep = positions >= t - kv.capacity
-        slots = jnp.where(keep, positions % kv.capacity, kv.capacity)
-        bidx = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-        kv = KVCache(kv.k.at[bidx, slots].set(k.astype(kv.k.dtype), mode="drop"),
-                     kv.v.at[bidx, slots].set(v.astype(kv.v.dtype), mode="drop"),
-                     window=kv.window, ring=kv.ring)
-        x = x + block.attn(a, positions=positions)
+        mix, kv, seq = None, lc.kv, lc.seq
+        if block.ttt_seq is not None:
+            mix, seq = ttt_seq_extend(block.ttt_seq, a, cache.lengths, jnp.full((b,), t, jnp.int32),
+                                      lc.seq)
+        if block.attn is not None:
+            _, k, v = project_qkv(block.attn, a, positions)
+            keep = positions >= t - kv.capacity
+            slots = jnp.where(keep, positions % kv.capacity, kv.capacity)
+            bidx = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+            kv = KVCache(kv.k.at[bidx, slots].set(k.astype(kv.k.dtype), mode="drop"),
+                         kv.v.at[bidx, slots].set(v.astype(kv.v.dtype), mode="drop"),
+                         window=kv.window, ring=kv.ring)
+            att = block.attn(a, positions=positions)
+            mix = att if mix is None else mix + att
+        x = x + mix
         h = block.mlp_norm(x)
         st = None
         if block.is_ttt:
@@ -167,7 +192,7 @@ def prefill_forward(model: CausalLM, cache: Cache, tokens: jax.Array) -> tuple[j
         else:
             out = block.mlp(h)
         x = x + out
-        layers.append(LayerCache(kv=kv, ttt=st))
+        layers.append(LayerCache(kv=kv, ttt=st, seq=seq))
     return model.final_norm(x), Cache(lengths=cache.lengths + t, layers=tuple(layers))
 
 
@@ -273,7 +298,7 @@ class Engine:
     def _check_room(self, cache: Cache, extra: np.ndarray) -> None:
         need = int(np.max(np.asarray(cache.lengths) + extra))
         for i, lc in enumerate(cache.layers):
-            if not lc.kv.ring and need > lc.kv.capacity:
+            if lc.kv is not None and not lc.kv.ring and need > lc.kv.capacity:
                 raise ValueError(f"the KV cache of layer {i} holds {lc.kv.capacity} tokens but "
                                  f"{need} are needed; build the cache with a larger max_len")
 
@@ -335,6 +360,9 @@ class Engine:
         check_tokens(tokens, self.cfg.vocab_size)
         self._check_room(cache, np.full((cache.batch_size,), tokens.shape[1], np.int64))
         n = context_size()
+        if n > 1 and self.cfg.ttt_seq.layer_ids(self.cfg.n_layers):
+            raise ValueError("TTT-Linear/MLP layers (model.ttt_seq) are sequential in their state and "
+                             "cannot be prefilled with context parallelism; use prefill")
         unit = n * (self.cfg.ttt.chunk_size if self.cfg.ttt.layer_ids(self.cfg.n_layers) and n > 1 else 1)
         if tokens.shape[1] % unit:
             raise ValueError(f"prompt length {tokens.shape[1]} must be a multiple of mesh.context={n} x "

@@ -189,6 +189,8 @@ def adapt_queries(engine, cache: Cache, prompts: Sequence[Sequence[int]], cfg: Q
 
     model_cfg = engine.cfg
     cfg.validate(model_cfg.n_layers)
+    if model_cfg.ttt_seq.layer_ids(model_cfg.n_layers):
+        raise ValueError("qTTT does not support models with TTT-Linear/MLP layers (model.ttt_seq)")
     if cfg.steps == 0:
         return {}, np.zeros((0, cache.batch_size), np.float32)
     tokens, lens = _pad_prompts(prompts, None)

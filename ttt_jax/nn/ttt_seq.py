@@ -9,6 +9,10 @@
     z       = LayerNorm(z over H*Dh)                        (+ gelu(x W_g) * z with output_gate)
     out     = z W_o
 
+The pieces are methods so that cached inference (``ttt_jax.infer.ttt_seq``) computes exactly the
+same: :meth:`TTTSeqLayer.project` (views and inner lr), :meth:`TTTSeqLayer.token_factor`,
+:meth:`TTTSeqLayer.ln_params`, :meth:`TTTSeqLayer.output` (norm, gate, output projection).
+
 The position factor of the inner lr is ``max(1/(i+1) + token_bias[i], 0)`` with a learnable
 ``token_bias`` (zeros at init). ``H = model.n_heads``, ``Dh = model.head_dim``.
 
@@ -97,15 +101,11 @@ class TTTSeqLayer(nnx.Module):
             p.update(w2=self.inner_w2[...], b2=self.inner_b2[...])
         return jax.tree.map(lambda x: x.astype(jnp.float32), p)
 
-    def __call__(self, x: jax.Array, *, positions: jax.Array,
-                 segment_ids: Optional[jax.Array] = None) -> jax.Array:
-        if context_size() > 1:
-            raise ValueError(
-                "model.ttt_seq (TTT-Linear/TTT-MLP layers) does not support context parallelism "
-                f"(mesh.context={context_size()}): the layer is sequential in its state; set "
-                "mesh.context=1 or model.ttt_seq.enabled=false")
+    def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, ...]:
+        """The views and inner learning rates of tokens ``x [B, T, D]`` at ``positions [B, T]``:
+        ``q, k, v [B, T, H, Dh]`` (compute dtype, RoPE at ``positions mod mini_batch``) and
+        ``lr [B, T, H]`` fp32 (base lr included)."""
         dt = self.dtype
-        b, t, _ = x.shape
         q = dense(x, self.q[...], "btd,dhk->bthk", dt)
         k = dense(x, self.k[...], "btd,dhk->bthk", dt)
         v = dense(x, self.v[...], "btd,dhk->bthk", dt)
@@ -114,18 +114,40 @@ class TTTSeqLayer(nnx.Module):
         k = apply_rope(k, rope_pos, theta=self.rope_theta)
         lr_logit = jnp.einsum("btd,dh->bth", x.astype(jnp.float32), self.lr_w[...].astype(jnp.float32))
         lr = self.base_lr * jax.nn.sigmoid(lr_logit + self.lr_b[...].astype(jnp.float32)) / self.head_dim
-        token_factor = jnp.maximum(default_token_factor(self.mini_batch)
-                                   + self.token_bias[...].astype(jnp.float32), 0.0)
-        z = ttt_layer(q, k, v, lr, self.inner_params(), self.ttt_norm_scale[...].astype(jnp.float32),
-                      self.ttt_norm_bias[...].astype(jnp.float32), mini_batch=self.mini_batch,
-                      token_factor=token_factor, segment_ids=segment_ids, impl=self.impl,
-                      remat_group=self.remat_group)
-        hdh = z.shape[2] * z.shape[3]
-        z = layer_norm(z.astype(jnp.float32).reshape(b, t, hdh),
-                       self.post_norm_scale[...].astype(jnp.float32).reshape(hdh),
-                       self.post_norm_bias[...].astype(jnp.float32).reshape(hdh))
-        z = z.reshape(q.shape)
+        return q, k, v, lr
+
+    def token_factor(self) -> jax.Array:
+        """``[mini_batch]`` fp32 position factor of the inner lr: ``max(1/(i+1) + token_bias[i], 0)``."""
+        return jnp.maximum(default_token_factor(self.mini_batch)
+                           + self.token_bias[...].astype(jnp.float32), 0.0)
+
+    def ln_params(self) -> tuple[jax.Array, jax.Array]:
+        """The inner model's LayerNorm ``(scale, bias)``, ``[H, Dh]`` fp32 each."""
+        return (self.ttt_norm_scale[...].astype(jnp.float32),
+                self.ttt_norm_bias[...].astype(jnp.float32))
+
+    def output(self, z: jax.Array, x: jax.Array) -> jax.Array:
+        """The layer output from the inner loop's ``z [B, T, H, Dh]`` and the input ``x [B, T, D]``:
+        LayerNorm over ``H*Dh``, the optional gate, the output projection -> ``[B, T, D]``."""
+        b, t, h, dh = z.shape
+        z = layer_norm(z.astype(jnp.float32).reshape(b, t, h * dh),
+                       self.post_norm_scale[...].astype(jnp.float32).reshape(h * dh),
+                       self.post_norm_bias[...].astype(jnp.float32).reshape(h * dh))
+        z = z.reshape(b, t, h, dh)
         if self.gate is not None:
             g = dense(x, self.gate[...], "btd,dhk->bthk", jnp.float32)
             z = jax.nn.gelu(g, approximate=True) * z
-        return dense(z.astype(dt), self.o[...], "bthk,hkd->btd", dt)
+        return dense(z.astype(self.dtype), self.o[...], "bthk,hkd->btd", self.dtype)
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array,
+                 segment_ids: Optional[jax.Array] = None) -> jax.Array:
+        if context_size() > 1:
+            raise ValueError(
+                "model.ttt_seq (TTT-Linear/TTT-MLP layers) does not support context parallelism "
+                f"(mesh.context={context_size()}): the layer is sequential in its state; set "
+                "mesh.context=1 or model.ttt_seq.enabled=false")
+        q, k, v, lr = self.project(x, positions)
+        z = ttt_layer(q, k, v, lr, self.inner_params(), *self.ln_params(), mini_batch=self.mini_batch,
+                      token_factor=self.token_factor(), segment_ids=segment_ids, impl=self.impl,
+                      remat_group=self.remat_group)
+        return self.output(z, x)

@@ -52,6 +52,12 @@ exactly as if it were alone.
 pieces whose boundary is a multiple of the mini-batch size equals one run. A piece handed on must
 hold a whole number of mini-batches (a decoder keeps the tokens of the open mini-batch and replays
 them from the carried state). The inner loop runs in fp32.
+
+**Partial state.** ``keep_mini_batches [B]`` returns, for sequence ``b``, the state after its first
+``keep_mini_batches[b]`` mini-batches only; later mini-batches still answer their tokens from the
+state in force, but do not move it. A decoder lays every sequence's open mini-batch and new tokens
+on its own mini-batch grid and keeps the mini-batches it has completed (``ttt_jax.infer.ttt_seq``);
+then ``T`` need not be a multiple of the mini-batch size.
 """
 
 from __future__ import annotations
@@ -262,7 +268,7 @@ def default_token_factor(mini_batch: int) -> jax.Array:
 
 
 def _check_args(q, k, v, lr, params, ln_scale, ln_bias, mini_batch, impl, segment_ids,
-                initial_state, return_state, token_factor, remat_group):
+                initial_state, return_state, token_factor, remat_group, keep_mini_batches):
     if q.ndim != 4:
         raise ValueError(f"q must be [B, T, H, d], got shape {q.shape}")
     b, t, h, d = q.shape
@@ -295,9 +301,14 @@ def _check_args(q, k, v, lr, params, ln_scale, ln_bias, mini_batch, impl, segmen
         got = {n: tuple(x.shape) for n, x in initial_state.items()}
         if got != want:
             raise ValueError(f"initial_state must be {want}, got {got}")
-    if return_state and t % mini_batch:
+    if keep_mini_batches is not None:
+        if not return_state:
+            raise ValueError("keep_mini_batches selects the returned state: pass return_state=True")
+        if keep_mini_batches.shape != (b,):
+            raise ValueError(f"keep_mini_batches must be [B] = {(b,)}, got {keep_mini_batches.shape}")
+    elif return_state and t % mini_batch:
         raise ValueError(f"return_state needs a whole number of mini-batches: T={t} is not a multiple "
-                         f"of mini_batch={mini_batch}")
+                         f"of mini_batch={mini_batch} (or keep_mini_batches)")
 
 
 def _doc_continues(segment_ids: jax.Array, mini_batch: int) -> jax.Array:
@@ -315,7 +326,7 @@ def ttt_layer(q: jax.Array, k: jax.Array, v: jax.Array, lr: jax.Array, params: P
               ln_scale: jax.Array, ln_bias: jax.Array, *, mini_batch: int = 16,
               token_factor: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
               impl: str = "dual", initial_state: Optional[Params] = None, return_state: bool = False,
-              remat_group: Optional[int] = None) -> Any:
+              remat_group: Optional[int] = None, keep_mini_batches: Optional[jax.Array] = None) -> Any:
     """TTT-Linear / TTT-MLP inner loop over a sequence (module docstring).
 
     Args:
@@ -332,15 +343,20 @@ def ttt_layer(q: jax.Array, k: jax.Array, v: jax.Array, lr: jax.Array, params: P
       impl: ``"dual"`` (fast) or ``"reference"`` (primal, per-token weights).
       initial_state: optional parameters with a leading batch axis (``[B, H, ...]``) to start from,
         for the document open at position 0; default ``params`` for every sequence.
-      return_state: also return the state after the last token (needs ``T % mini_batch == 0``).
+      return_state: also return the state after the last token (needs ``T % mini_batch == 0``
+        unless ``keep_mini_batches`` is given).
       remat_group: mini-batches per checkpointed group (default ``ceil(sqrt(N))``).
+      keep_mini_batches: optional ``[B]`` int, with ``return_state``: the state returned for
+        sequence ``b`` is the one after its first ``keep_mini_batches[b]`` mini-batches (clipped to
+        ``[0, ceil(T / mini_batch)]``); the tokens of later mini-batches are answered from that
+        state (exact only for the first mini-batch not kept: the one a decoder leaves open).
 
     Returns:
       ``out [B, T, H, d]`` in ``q.dtype`` (``q + LN(f(q; W_t))``), and with ``return_state`` the
       ``[B, H, ...]`` fp32 state.
     """
     _check_args(q, k, v, lr, params, ln_scale, ln_bias, mini_batch, impl, segment_ids,
-                initial_state, return_state, token_factor, remat_group)
+                initial_state, return_state, token_factor, remat_group, keep_mini_batches)
     b, t, h, d = q.shape
     kb = mini_batch
     n = -(-t // kb)
@@ -371,19 +387,21 @@ def ttt_layer(q: jax.Array, k: jax.Array, v: jax.Array, lr: jax.Array, params: P
         seg = jnp.ones((b, n_pad, kb), jnp.int32)
         carried = jnp.ones((b, n_pad, kb), bool)
     lr_h = to_heads(lr_h)                                                # [B, H, N, K]
-    valid = jnp.arange(n_pad) < n
+    kept = jnp.full((b,), n, jnp.int32) if keep_mini_batches is None else \
+        jnp.clip(keep_mini_batches.astype(jnp.int32), 0, n)
+    valid = jnp.arange(n_pad)[None, :] < kept[:, None]                 # [B, N]: moves the state
     p_init = jax.tree.map(f32, params)
     state0 = (jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape), p_init)
               if initial_state is None else jax.tree.map(f32, initial_state))
     tf = default_token_factor(kb) if token_factor is None else f32(token_factor)
 
-    def per_head(q, k, v, lr, seg, carried, p_init, s0, scale, bias):
+    def per_head(q, k, v, lr, seg, carried, valid, p_init, s0, scale, bias):
         return _sequence_head(q, k, v, lr, seg, carried, valid, p_init, s0, scale, bias, tf,
                               impl=impl, segmented=segmented, group=group)
 
-    over_heads = jax.vmap(per_head, in_axes=(0, 0, 0, 0, None, None, 0, 0, 0, 0))
-    over_batch = jax.vmap(over_heads, in_axes=(0, 0, 0, 0, 0, 0, None, 0, None, None))
-    state, out = over_batch(qh, kh, vh, lr_h, seg, carried, p_init, state0,
+    over_heads = jax.vmap(per_head, in_axes=(0, 0, 0, 0, None, None, None, 0, 0, 0, 0))
+    over_batch = jax.vmap(over_heads, in_axes=(0, 0, 0, 0, 0, 0, 0, None, 0, None, None))
+    state, out = over_batch(qh, kh, vh, lr_h, seg, carried, valid, p_init, state0,
                             f32(ln_scale), f32(ln_bias))               # out [B, H, N, K, d]
     out = jnp.moveaxis(out, 1, 3).reshape(b, n_pad * kb, h, d)[:, :t].astype(q.dtype)
     return (out, state) if return_state else out
