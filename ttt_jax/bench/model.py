@@ -172,7 +172,7 @@ def main(argv=None):
         return None
     rows = []
     for v in args.variants:
-        cmd = [sys.executable, "-m", "ttt_jax.bench.model", "--variant", v, "--preset", args.preset, "--seq-len", str(args.seq_len),
+        cmd = [sys.executable, "-X", "faulthandler", "-m", "ttt_jax.bench.model", "--variant", v, "--preset", args.preset, "--seq-len", str(args.seq_len),
                "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
                "--window", str(args.window), "--mesh", args.mesh, "--set", *args.set]
         # The child imports this package from where the parent found it (installed or not).
@@ -182,7 +182,9 @@ def main(argv=None):
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             err = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            rows.append(dict(variant=v, error=" | ".join(err)))
+            # A negative return code is the signal that killed the child (e.g. -11 = SIGSEGV in a
+            # kernel compiler, -9 = the host's OOM killer); faulthandler prints its Python stack.
+            rows.append(dict(variant=v, returncode=proc.returncode, error=" | ".join(err)))
         else:
             rows.append(json.loads(line[0][7:]))
         print(rows[-1], flush=True)
@@ -191,7 +193,7 @@ def main(argv=None):
           f"{'comm MiB':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['variant']:>8} ERROR {r['error']}")
+            print(f"{r['variant']:>8} ERROR (exit {r.get('returncode')}) {r['error']}")
             continue
         mfu = r["tflops"] / args.peak_tflops if args.peak_tflops else float("nan")
         print(f"{r['variant']:>8} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['tflops']:8.1f} {mfu:6.1%} "
