@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from ttt_jax.bench.isolate import run_variant_process  # noqa: E402  (after the path insert)
 
 VARIANTS = ("swa", "inplace", "ttt_linear", "ttt_mlp", "e2e")
 
@@ -181,25 +181,19 @@ def main(argv=None):
         return None
     rows = []
     for v in args.variants:
-        cmd = [sys.executable, __file__, "--variant", v, "--preset", args.preset,
-               "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--iters", str(args.iters),
-               "--window", str(args.window), "--mini-batch", str(args.mini_batch),
-               "--e2e-chunk", str(args.e2e_chunk), "--ff-multiple", str(args.ff_multiple),
-               "--set", *args.set]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            err = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            rows.append(dict(variant=v, error=" | ".join(err)))
-        else:
-            rows.append(json.loads(line[0][7:]))
+        child = [__file__, "--variant", v, "--preset", args.preset,
+                 "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--iters", str(args.iters),
+                 "--window", str(args.window), "--mini-batch", str(args.mini_batch),
+                 "--e2e-chunk", str(args.e2e_chunk), "--ff-multiple", str(args.ff_multiple),
+                 "--set", *args.set]
+        rows.append(run_variant_process(child, v))
         print(rows[-1], flush=True)
     ok = {r["variant"]: r for r in rows if "error" not in r}
     print(f"\n{'variant':>10} {'params':>11} {'d_ff':>6} {'step s':>8} {'tok/s':>9} {'peak GiB':>9} "
           f"{'temp GiB':>9} {'vs swa':>7} {'vs inplace':>10}")
     for r in rows:
         if "error" in r:
-            print(f"{r['variant']:>10} ERROR {r['error']}")
+            print(f"{r['variant']:>10} ERROR (exit {r.get('returncode')}) {r['error']}")
             continue
         vs_swa = _ratio(r, ok["swa"], "step_s") if "swa" in ok else "n/a"
         vs_ip = _ratio(r, ok["inplace"], "step_s") if "inplace" in ok else "n/a"

@@ -17,12 +17,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from ttt_jax.bench.isolate import run_variant_process
 
 
 VARIANTS = {
@@ -172,21 +173,14 @@ def main(argv=None):
         return None
     rows = []
     for v in args.variants:
-        cmd = [sys.executable, "-X", "faulthandler", "-m", "ttt_jax.bench.model", "--variant", v, "--preset", args.preset, "--seq-len", str(args.seq_len),
-               "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
-               "--window", str(args.window), "--mesh", args.mesh, "--set", *args.set]
+        child = ["-m", "ttt_jax.bench.model", "--variant", v, "--preset", args.preset,
+                 "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--iters", str(args.iters),
+                 "--warmup", str(args.warmup), "--window", str(args.window), "--mesh", args.mesh,
+                 "--set", *args.set]
         # The child imports this package from where the parent found it (installed or not).
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            err = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            # A negative return code is the signal that killed the child (e.g. -11 = SIGSEGV in a
-            # kernel compiler, -9 = the host's OOM killer); faulthandler prints its Python stack.
-            rows.append(dict(variant=v, returncode=proc.returncode, error=" | ".join(err)))
-        else:
-            rows.append(json.loads(line[0][7:]))
+        rows.append(run_variant_process(child, v, env))
         print(rows[-1], flush=True)
     ok = {r["variant"]: r for r in rows if "error" not in r}
     print(f"\n{'variant':>8} {'step s':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'compile s':>9} "

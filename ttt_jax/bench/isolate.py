@@ -1,0 +1,38 @@
+"""Run one benchmark variant per process.
+
+Peak device memory (``peak_bytes_in_use``) is a per-process counter, and a variant that runs out of
+memory or crashes a kernel compiler must not take the others down, so the benchmark scripts run
+each variant as a child process that prints one ``RESULT <json>`` line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Optional, Sequence
+
+
+def run_variant_process(args: Sequence[str], variant: str, env: Optional[dict] = None) -> dict:
+    """Run ``python -X faulthandler <args...>`` and return its ``RESULT`` record.
+
+    Args:
+      args: the child's command line after the interpreter (``["-m", "pkg.mod", ...]`` or a script
+        path and its flags); the child prints ``RESULT `` followed by one JSON object.
+      variant: the variant's name, for the error record.
+      env: the child's environment (default: this process's).
+
+    Returns:
+      The child's JSON object, or ``{"variant", "returncode", "error"}`` when it failed: the last
+      three lines of its stderr (or stdout), and the exit code (negative: the signal that killed
+      it, e.g. -11 = SIGSEGV in a kernel compiler, -9 = the host's OOM killer; faulthandler makes
+      such a child print its Python stack).
+    """
+    cmd = [sys.executable, "-X", "faulthandler", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ) if env is None else env)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        err = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return dict(variant=variant, returncode=proc.returncode, error=" | ".join(err))
+    return json.loads(line[-1][len("RESULT "):])
