@@ -235,7 +235,9 @@ def main(argv=None) -> int:
     for line in results["summary"]["lines"]:
         print(line)
     _write(results, out)
-    print(f"wrote {out}")
+    from ttt_jax.bench.plots import plot_decode
+
+    print(f"wrote {out} and {plot_decode(results, out.with_suffix('.png'))}")
     return 0
 
 

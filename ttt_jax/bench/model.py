@@ -155,6 +155,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen3_4b_shape")
     p.add_argument("--seq-len", type=int, default=32768)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=None,
+                   help="several sequence lengths (a sweep: every variant at every length; overrides "
+                        "--seq-len); the PNG written next to --out plots tokens/s and peak memory")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -171,39 +174,51 @@ def main(argv=None):
     if args.variant:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return None
+    lengths = args.seq_lens or [args.seq_len]
     rows = []
-    for v in args.variants:
-        child = ["-m", "ttt_jax.bench.model", "--variant", v, "--preset", args.preset,
-                 "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--iters", str(args.iters),
-                 "--warmup", str(args.warmup), "--window", str(args.window), "--mesh", args.mesh,
-                 "--set", *args.set]
-        # The child imports this package from where the parent found it (installed or not).
-        root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        rows.append(run_variant_process(child, v, env))
-        print(rows[-1], flush=True)
-    ok = {r["variant"]: r for r in rows if "error" not in r}
-    print(f"\n{'variant':>8} {'step s':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'compile s':>9} "
-          f"{'comm MiB':>9}")
+    for length in lengths:
+        for v in args.variants:
+            child = ["-m", "ttt_jax.bench.model", "--variant", v, "--preset", args.preset,
+                     "--seq-len", str(length), "--batch", str(args.batch), "--iters", str(args.iters),
+                     "--warmup", str(args.warmup), "--window", str(args.window), "--mesh", args.mesh,
+                     "--set", *args.set]
+            # The child imports this package from where the parent found it (installed or not).
+            root = str(Path(__file__).resolve().parents[2])
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+            row = run_variant_process(child, v, env)
+            row.setdefault("seq_len", length)
+            rows.append(row)
+            print(rows[-1], flush=True)
+            if args.out:  # partial results survive a time limit
+                _write(rows, args.out)
+    print(f"\n{'variant':>8} {'T':>7} {'step s':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} "
+          f"{'compile s':>9} {'comm MiB':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['variant']:>8} ERROR (exit {r.get('returncode')}) {r['error']}")
+            print(f"{r['variant']:>8} {r['seq_len']:>7} ERROR (exit {r.get('returncode')}) {r['error']}")
             continue
         mfu = r["tflops"] / args.peak_tflops if args.peak_tflops else float("nan")
-        print(f"{r['variant']:>8} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['tflops']:8.1f} {mfu:6.1%} "
-              f"{r['peak_gib']:9.2f} {r['compile_s']:9.1f} {r['comm_bytes_per_device']['total'] / 2**20:9.1f}")
-    if "base" in ok and "ttt" in ok:
-        b, t = ok["base"], ok["ttt"]
-        mem = f"{t['peak_gib'] / b['peak_gib']:.3f}x" if b["peak_gib"] else "n/a (no device memory stats)"
-        print(f"\nTTT / base: step time {t['step_s'] / b['step_s']:.3f}x, peak memory {mem}")
-    if "swa" in ok and "swa_ttt" in ok:
-        b, t = ok["swa"], ok["swa_ttt"]
-        mem = f"{t['peak_gib'] / b['peak_gib']:.3f}x" if b["peak_gib"] else "n/a (no device memory stats)"
-        print(f"SWA+TTT / SWA: step time {t['step_s'] / b['step_s']:.3f}x, peak memory {mem}")
+        print(f"{r['variant']:>8} {r['seq_len']:>7} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['tflops']:8.1f} "
+              f"{mfu:6.1%} {r['peak_gib']:9.2f} {r['compile_s']:9.1f} "
+              f"{r['comm_bytes_per_device']['total'] / 2**20:9.1f}")
+    for length in lengths:
+        ok = {r["variant"]: r for r in rows if "error" not in r and r["seq_len"] == length}
+        for base, ttt, what in (("base", "ttt", "TTT / base"), ("swa", "swa_ttt", "SWA+TTT / SWA")):
+            if base in ok and ttt in ok:
+                b, t = ok[base], ok[ttt]
+                mem = f"{t['peak_gib'] / b['peak_gib']:.3f}x" if b["peak_gib"] else "n/a (no device memory stats)"
+                print(f"T={length}: {what}: step time {t['step_s'] / b['step_s']:.3f}x, peak memory {mem}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1))
+        _write(rows, args.out)
+        from ttt_jax.bench.plots import plot_model_sweep
+
+        print(f"wrote {args.out} and {plot_model_sweep(rows, args.out.with_suffix('.png'))}")
     return rows
+
+
+def _write(rows, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -166,7 +166,11 @@ def main(argv=None):
                 _print_row(row)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(peak_tflops=peak, device=dev.device_kind, rows=rows), indent=1))
+        result = dict(peak_tflops=peak, device=dev.device_kind, rows=rows)
+        args.out.write_text(json.dumps(result, indent=1))
+        from ttt_jax.bench.plots import plot_op
+
+        print(f"wrote {args.out} and {plot_op(result, args.out.with_suffix('.png'))}")
     return rows
 
 
