@@ -35,6 +35,16 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
+def _layer_ids(cfg: Any, n_layers: int) -> tuple[int, ...]:
+    """Layer indices of a per-layer feature with ``enabled``, explicit ``layers`` (or None) and
+    ``start`` / ``every``: the explicit list when given, else every ``every``-th from ``start``."""
+    if not cfg.enabled:
+        return ()
+    if cfg.layers is not None:
+        return tuple(sorted(set(cfg.layers)))
+    return tuple(range(cfg.start, n_layers, cfg.every))
+
+
 @dataclasses.dataclass(frozen=True)
 class TTTConfig:
     """In-Place TTT settings (DESIGN.md section 1).
@@ -77,11 +87,7 @@ class TTTConfig:
 
     def layer_ids(self, n_layers: int) -> tuple[int, ...]:
         """The layers whose MLP gets In-Place TTT (empty when disabled)."""
-        if not self.enabled:
-            return ()
-        if self.layers is not None:
-            return tuple(sorted(set(self.layers)))
-        return tuple(range(self.start, n_layers, self.every))
+        return _layer_ids(self, n_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +139,7 @@ class TTTSeqConfig:
 
     def layer_ids(self, n_layers: int) -> tuple[int, ...]:
         """The layers with a TTT sequence layer (empty when disabled)."""
-        if not self.enabled:
-            return ()
-        if self.layers is not None:
-            return tuple(sorted(set(self.layers)))
-        return tuple(range(self.start, n_layers, self.every))
+        return _layer_ids(self, n_layers)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,18 +27,8 @@ def plot_context_loss(curves: Mapping[str, Any], path: str | Path, *,
     for name, r in curves.items():
         d = r if isinstance(r, Mapping) else r.to_dict()
         ax.plot(d["context_lengths"], d["loss"], marker="o", label=name)
-    if window:
-        ax.axvline(window, color="grey", ls=":", lw=1, label=f"window {window}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("loss on the final block (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _finish_log2_plot(plt, fig, ax, path, window=window, title=title,
+                             xlabel="context length (tokens)", ylabel="loss on the final block (nats/token)")
 
 
 def plot_position_loss(curves: Mapping[str, Any], path: str | Path, *, bins: int = 64,
@@ -50,11 +40,18 @@ def plot_position_loss(curves: Mapping[str, Any], path: str | Path, *, bins: int
         d = r["position_loss"] if isinstance(r, Mapping) else r.binned_position_loss(bins)
         mid = (np.asarray(d["start"]) + np.asarray(d["end"])) / 2
         ax.plot(np.maximum(mid, 1), d["loss"], label=name)
+    return _finish_log2_plot(plt, fig, ax, path, window=window, title=title,
+                             xlabel="position in the sequence (tokens)", ylabel="mean loss (nats/token)")
+
+
+def _finish_log2_plot(plt, fig, ax, path, *, window: Optional[int], title: str, xlabel: str,
+                      ylabel: str) -> Path:
+    """Window marker, log2 x axis, labels, legend; save to ``path`` and close."""
     if window:
         ax.axvline(window, color="grey", ls=":", lw=1, label=f"window {window}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("position in the sequence (tokens)")
-    ax.set_ylabel("mean loss (nats/token)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
