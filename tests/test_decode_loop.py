@@ -5,27 +5,37 @@ Blocks of 5 steps over ragged prompts: TTT chunks of 8 (In-Place TTT) and mini-b
 stop at different steps. Tokens must be identical, logits within 1e-5.
 """
 
+import functools
+
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from ttt_jax.infer import GenerationConfig, generate
+from ttt_jax.infer import Engine, GenerationConfig, generate
+from ttt_jax.models import CausalLM
 
 import test_infer
 import test_infer_ttt_seq
 
-SETUPS = {
-    "ttt_full_attention": lambda: test_infer.setup("full_attention_embeddings"),
-    "ttt_mlp_beside_window": lambda: test_infer_ttt_seq.setup("mlp_beside_window_gate"),
-    "ttt_linear_replace": lambda: test_infer_ttt_seq.setup("linear_replace"),
-}
 BLOCK = 5
 N_NEW = 12          # blocks of 5, 5 and 1 after the prefill's token
 PROMPTS = (13, 5, 20)
 
 
-def _prompts(tokens):
-    return [tokens[i, :n].tolist() for i, n in enumerate(PROMPTS)]
+@functools.cache
+def setup(name):
+    """Model, engine and ragged prompts of the test_infer / test_infer_ttt_seq cases (the same
+    structures, so compilations are shared with those tests in one process)."""
+    if name in test_infer.CASES:
+        model, block = test_infer.make_model(test_infer.CASES[name]), 12
+    else:
+        model = CausalLM(test_infer_ttt_seq.CASES[name], rngs=nnx.Rngs(0))
+        test_infer_ttt_seq.activate(model)
+        block = 6
+    tokens = np.random.default_rng(1).integers(0, model.cfg.vocab_size, (3, max(PROMPTS)))
+    prompts = [tokens[i, :n].tolist() for i, n in enumerate(PROMPTS)]
+    return model, Engine(model, prefill_block=block), prompts
 
 
 def _same(a, b):
@@ -36,12 +46,13 @@ def _same(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(SETUPS))
+# In-Place TTT (chunks of 4) beside TTT-MLP and a window; TTT-Linear in place of attention. (In-Place
+# TTT with full attention: the two tests below.)
+@pytest.mark.parametrize("name", ["mlp_beside_window_gate", "linear_replace"])
 def test_blocks_equal_the_per_token_loop(name):
     """Greedy and seeded top-k/top-p sampling; then a stop token that ends the sequences at
     different steps (and one that never comes): the same tokens, stop reasons and logits."""
-    _, engine, tokens, _ = SETUPS[name]()
-    prompts = _prompts(tokens)
+    _, engine, prompts = setup(name)
     configs = [GenerationConfig(max_new_tokens=N_NEW),
                GenerationConfig(max_new_tokens=N_NEW, temperature=1.0, top_k=40, top_p=0.9, seed=5)]
     sampled = None
@@ -63,8 +74,7 @@ def test_decode_loop_state_equals_the_per_token_steps():
     """Engine.decode_loop directly: a stopped sequence's cache stays as it was when it stopped (the
     stop token is not fed), the others' advance; the whole cache equals the per-token loop's; the
     loop ends early once every sequence has stopped."""
-    _, engine, tokens, _ = test_infer.setup("full_attention_embeddings")
-    prompts = _prompts(tokens)
+    _, engine, prompts = setup("full_attention_embeddings")
     key = jax.random.key(11)
     opts = dict(temperature=1.0, top_k=0, top_p=1.0)
 
@@ -115,7 +125,7 @@ def test_cli_streams_blocks_with_the_same_text(tmp_path):
     from ttt_jax.config import Config, DataConfig
     from ttt_jax.train.checkpoint import save_model
 
-    model = test_infer.setup("full_attention_embeddings")[0]
+    model = setup("full_attention_embeddings")[0]
     path = tmp_path / "model"
     save_model(path, model, Config(model=test_infer.CASES["full_attention_embeddings"],
                                    data=DataConfig(seq_len=64)))
