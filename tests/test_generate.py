@@ -128,7 +128,7 @@ def test_cli_generate_streams_the_greedy_continuation(checkpoint, tmp_path):
     path, cfg, model = checkpoint
     tok = ByteTokenizer()
     code, out, err = _cli(["generate", str(path), "--prompt", "def f(x):", "--max-new-tokens", "7",
-                           "--stop-token", "258", "--prefill-block", "12"])
+                           "--stop-token", "258", "--prefill-block", "12", "--decode-block", "2"])
     assert code == 0, err
     want = generate(model, [[tok.bos_id] + tok.encode("def f(x):")],
                     GenerationConfig(max_new_tokens=7, stop_tokens=(258,)), prefill_block=12)

@@ -4,6 +4,7 @@
 
     ttt-jax generate CHECKPOINT --prompt TEXT | --prompt-file FILE [--max-new-tokens N]
         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--tokenizer byte|tokenizer.json]
+        [--decode-block N]
         [--mesh fsdp=4,tensor=2] [--qttt-steps N --qttt-span K --qttt-lr LR --qttt-layers all|0,3,5
         --qttt-rank R]
 
@@ -41,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="token id that ends generation (repeatable; default: the tokenizer's eos)")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's bos token")
     p.add_argument("--prefill-block", type=int, default=1024, help="prompt tokens per prefill call")
+    p.add_argument("--decode-block", type=int, default=32,
+                   help="tokens per decode call, looped on the device and streamed a block at a time "
+                        "(0 = one call per token)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="runtime model setting, e.g. model.attention_impl=xla or model.compute_dtype=bfloat16")
     p.add_argument("--mesh", default=None, metavar="AXIS=N,...",
@@ -90,18 +94,20 @@ def _resolve_tokenizer(spec: str, checkpoint: Path):
 
 class _Streamer:
     """Decodes the generated ids so far and writes the new text; holds back a trailing U+FFFD
-    (an incomplete UTF-8 sequence of a byte-level tokenizer) until it completes."""
+    (an incomplete UTF-8 sequence of a byte-level tokenizer) until it completes. ``block``: the
+    steps of the first decode call (they arrive together, after its compilation)."""
 
-    def __init__(self, tokenizer, out=None):
+    def __init__(self, tokenizer, out=None, block: int = 1):
         # sys.stdout is looked up per call, not bound at import (it may be redirected meanwhile).
         self.tok, self.out, self.ids, self.shown = tokenizer, out if out is not None else sys.stdout, [], 0
+        self.block = block
         self.first = None       # when the first token was known (prefill + compilation done)
-        self.second = None      # the second (after the decode step's compilation)
+        self.second = None      # when the first decode call's tokens were (its compilation done)
 
     def __call__(self, step, tokens, active):
         now = time.perf_counter()
         self.first = now if self.first is None else self.first
-        self.second = now if step == 1 else self.second
+        self.second = now if step == self.block else self.second
         if not active[0]:
             return
         self.ids.append(int(tokens[0]))
@@ -150,18 +156,23 @@ def run(args: argparse.Namespace) -> int:
     qttt.validate(saved.model.n_layers)
     if args.prefill_block < 1:
         raise ValueError(f"--prefill-block must be >= 1, got {args.prefill_block}")
+    if args.decode_block < 0:
+        raise ValueError(f"--decode-block must be >= 0, got {args.decode_block}")
     logging.getLogger("absl").setLevel(logging.ERROR)   # orbax notes on items it does not read
     mesh = _mesh(args.mesh) if args.mesh else None
     cfg, model = load_model(checkpoint, step=args.step, overrides=tuple(args.override), mesh=mesh)
-    stream = _Streamer(tok)
+    stream = _Streamer(tok, block=max(args.decode_block, 1))
     t0 = time.perf_counter()
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-        result = generate(model, [ids], gen, on_token=stream, qttt=qttt, prefill_block=args.prefill_block)
+        result = generate(model, [ids], gen, on_token=stream, qttt=qttt, prefill_block=args.prefill_block,
+                          decode_block=args.decode_block)
     t1 = time.perf_counter()
     stream.finish()
     n = len(result.tokens[0])
     first = (stream.first or t1) - t0
-    rate = f", then {(n - 2) / (t1 - stream.second):.1f} tokens/s" if n > 2 and stream.second else ""
+    # The rate after the first decode call (its compilation): tokens of the later calls / their time.
+    later = n - 1 - stream.block
+    rate = f", then {later / (t1 - stream.second):.1f} tokens/s" if later > 0 and stream.second else ""
     msg = (f"[{len(ids)} prompt tokens, {n} generated ({result.stop_reasons[0]}); first token after "
            f"{first:.2f} s (prefill{' + qTTT' if qttt.steps else ''} + compilation){rate}]")
     if result.qttt_losses is not None and len(result.qttt_losses):

@@ -13,8 +13,10 @@ in jitted functions over the split model state:
   tokens (memory bounded by the block, not the prompt), returning the logits of each prompt's last
   token;
 * :meth:`Engine.decode` -- one token per sequence (sequences marked inactive are left untouched),
-  returning the next-token logits; :meth:`Engine.decode_sample` also samples the next token on the
-  device (:func:`ttt_jax.infer.sampling.sample_logits`).
+  returning the next-token logits and the next token sampled on the device
+  (:func:`ttt_jax.infer.sampling.sample_logits`);
+* :meth:`Engine.decode_loop` -- up to ``n`` such steps in one call (a ``lax.while_loop`` on the
+  device, stop tokens included), so the host is not in the loop of every token.
 
 Parameters may be sharded (a model from ``load_model(path, mesh=...)``): the jitted functions take
 the state as an argument, so XLA keeps each weight where it lives and partitions the work.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -251,11 +253,71 @@ def _decode_jit(graphdef, state, cache, tokens, active, q_deltas, key, temperatu
     return sample_logits(logits, key, temperature, top_k, top_p), logits, cache
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "size", "return_logits", "attn_impl",
+                                             "attn_block"), donate_argnames=("cache",))
+def _decode_loop_jit(graphdef, state, cache, tokens, active, stop, q_deltas, key, step0, n, temperature,
+                     top_k, top_p, *, size: int, return_logits: bool, attn_impl: str, attn_block: int):
+    model = nnx.merge(graphdef.graphdef, state)
+    b = tokens.shape[0]
+    vocab = model.cfg.vocab_size
+
+    def step(i, cache, tok, active):
+        # Exactly the one-token step of _decode_jit: feed `tok`, sample with fold_in(key, step0 + i).
+        hidden, cache = extend(model, cache, tok[:, None], active.astype(jnp.int32), q_deltas=q_deltas,
+                               attn_impl=attn_impl, attn_block=attn_block)
+        logits = model.logits(hidden)[:, 0]
+        new = sample_logits(logits, jax.random.fold_in(key, step0 + i), temperature, top_k, top_p)
+        return new, logits, cache
+
+    def cond(carry):
+        i, _, _, active, _, _ = carry
+        return (i < n) & jnp.any(active)
+
+    def body(carry):
+        i, cache, tok, active, toks, rows = carry
+        tok, logits, cache = step(i, cache, tok, active)
+        toks = toks.at[i].set(tok)
+        if return_logits:
+            rows = rows.at[i].set(logits.astype(rows.dtype))
+        # A stop token ends its sequence: from the next step on it is inactive (cache untouched).
+        active = active & ~jnp.any(tok[:, None] == stop[None, :], axis=-1)
+        return i + 1, cache, tok, active, toks, rows
+
+    toks = jnp.zeros((size, b), jnp.int32)
+    rows = jnp.zeros((size, b, vocab) if return_logits else (0,), jnp.float32)
+    i, cache, tok, active, toks, rows = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), cache, tokens, active, toks, rows))
+    return DecodeLoop(tokens=toks, logits=rows if return_logits else None, steps=i, last=tok,
+                      active=active, cache=cache)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def _prefill_forward_jit(graphdef, state, cache, tokens):
     model = nnx.merge(graphdef.graphdef, state)
     hidden, cache = prefill_forward(model, cache, tokens)
     return model.logits(hidden[:, -1:])[:, 0], cache
+
+
+class DecodeLoop(NamedTuple):
+    """What :meth:`Engine.decode_loop` returns (device arrays; ``S`` = ``size``).
+
+    Attributes:
+      tokens: ``[S, B]`` int32; row ``i`` holds the tokens sampled at step ``i`` (rows from ``steps``
+        on are zero; entries of sequences inactive at step ``i`` are meaningless).
+      logits: ``[S, B, V]`` fp32 logits row ``i`` was sampled from (``None`` unless requested).
+      steps: int32 scalar, the steps run: ``n``, or fewer once every sequence had stopped.
+      last: ``[B]`` int32, the tokens of the last step run (the input tokens when none ran): the
+        next call's ``tokens``.
+      active: ``[B]`` bool, the sequences still going (the next call's ``active``).
+      cache: the cache after the steps.
+    """
+
+    tokens: jax.Array
+    logits: Optional[jax.Array]
+    steps: jax.Array
+    last: jax.Array
+    active: jax.Array
+    cache: Cache
 
 
 class Engine:
@@ -389,6 +451,45 @@ class Engine:
         return _decode_jit(self._static, self.state, cache, tokens, active, dict(q_deltas or {}), key,
                            jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
                            attn_impl=self.attn_impl, attn_block=self.attn_block)
+
+    def decode_loop(self, cache: Cache, tokens, n: int, *, active=None, key=None, step0: int = 0,
+                    stop_tokens: Sequence[int] = (), temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0, q_deltas: Optional[Mapping[int, jax.Array]] = None,
+                    size: Optional[int] = None, return_logits: bool = False,
+                    check: bool = True) -> DecodeLoop:
+        """Up to ``n`` decode steps in one jitted call: a ``lax.while_loop`` on the device.
+
+        Step ``i`` is :meth:`decode` with ``key = jax.random.fold_in(key, step0 + i)``: it feeds the
+        previous step's tokens (``tokens [B]`` at step 0) of the active sequences and samples the
+        next ones. A sequence whose sampled token is in ``stop_tokens`` becomes inactive after that
+        step (the stop token is never fed, its cache stays as it was), and the loop ends early once
+        no sequence is active. So the tokens and logits are those of the per-token loop of
+        :func:`ttt_jax.infer.generate.generate` with ``decode_block=0`` (tested); the host sees the
+        results once per call instead of once per token.
+
+        ``size`` (default ``n``) is the length of the output buffers and part of the compiled
+        function; ``n <= size`` is a traced value, so a shorter last block reuses the compilation.
+        The cache passed in is donated. Returns a :class:`DecodeLoop`.
+        """
+        b = cache.batch_size
+        size = int(n if size is None else size)
+        if not 0 <= n <= size or size < 1:
+            raise ValueError(f"need 0 <= n <= size and size >= 1, got n={n}, size={size}")
+        if check:
+            check_tokens(np.asarray(tokens), self.cfg.vocab_size)
+            steps = n * (np.ones((b,), np.int64) if active is None else np.asarray(active, np.int64))
+            self._check_room(cache, steps)
+        tokens = jnp.asarray(tokens, jnp.int32).reshape(b)
+        active = jnp.ones((b,), bool) if active is None else jnp.asarray(active, bool).reshape(b)
+        key = jax.random.key(0) if key is None else key
+        # -1 matches no token; at least one entry keeps the shape non-empty.
+        stop = np.full((max(len(stop_tokens), 1),), -1, np.int32)
+        stop[:len(stop_tokens)] = np.asarray(stop_tokens, np.int32)
+        return _decode_loop_jit(self._static, self.state, cache, tokens, active, jnp.asarray(stop),
+                                dict(q_deltas or {}), key, jnp.int32(step0), jnp.int32(n),
+                                jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+                                size=size, return_logits=bool(return_logits), attn_impl=self.attn_impl,
+                                attn_block=self.attn_block)
 
 
 def _pad_prompts(prompts, lengths) -> tuple[np.ndarray, np.ndarray]:

@@ -9,9 +9,13 @@
     result.tokens      # per prompt, the generated ids (a stop token ends it and is not included)
 
 Greedy decoding when ``temperature == 0``. Every sequence decodes at its own position; one that has
-stopped is left untouched while the others go on. ``on_token(step, tokens, active)`` is called after
-every step with the ``[B]`` new tokens (host ints) and which of them are real -- the hook the
-command line uses to stream text.
+stopped is left untouched while the others go on. Decoding runs in blocks of ``decode_block`` tokens,
+each one jitted call that loops on the device (:meth:`~ttt_jax.infer.engine.Engine.decode_loop`:
+decode step, sampling and stop tokens without a host round trip per token); ``decode_block=0`` is
+the per-token loop (one jitted step per token, stop checks on the host), which gives the same tokens
+and logits (tested). ``on_token(step, tokens, active)`` is called for every step with the ``[B]``
+new tokens (host ints) and which of them are real -- the hook the command line uses to stream text;
+with blocks, the calls of a block's steps come together when the block is done.
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ _sample = jax.jit(sample_logits)
 
 def generate(model, prompts: Sequence[Sequence[int]], config: GenerationConfig = GenerationConfig(), *,
              return_logits: bool = False, on_token: Optional[Callable] = None, qttt=None,
-             prefill_block: int = 1024) -> GenerationResult:
+             prefill_block: int = 1024, decode_block: int = 32) -> GenerationResult:
     """Generate continuations of ``prompts`` (lists of token ids, lengths may differ).
 
     Args:
@@ -94,11 +98,15 @@ def generate(model, prompts: Sequence[Sequence[int]], config: GenerationConfig =
       prompts: ``B`` non-empty token lists.
       config: :class:`GenerationConfig`.
       return_logits: also return the logits of every generated token.
-      on_token: ``on_token(step, tokens [B] np.int64, active [B] np.bool_)`` after every step.
+      on_token: ``on_token(step, tokens [B] np.int64, active [B] np.bool_)`` for every step.
       qttt: optional :class:`ttt_jax.infer.qttt.QTTTConfig`; with ``steps > 0`` the queries are
         adapted on the prompts after prefill.
       prefill_block: prompt tokens per prefill call (when ``model`` is a model).
+      decode_block: decode steps per jitted call (a loop on the device); 0 = one call per token with
+        sampling and stop checks on the host (the reference the blocks are tested against).
     """
+    if decode_block < 0:
+        raise ValueError(f"decode_block must be >= 0 (0 = one call per token), got {decode_block}")
     engine = model if isinstance(model, Engine) else Engine(model, prefill_block=prefill_block)
     config.validate(engine.cfg.vocab_size)
     prompts = [list(map(int, p)) for p in prompts]
@@ -115,36 +123,75 @@ def generate(model, prompts: Sequence[Sequence[int]], config: GenerationConfig =
 
         q_deltas, losses = adapt_queries(engine, cache, prompts, qttt)
     key = jax.random.key(config.seed)
-    opts = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
     tok = _sample(logits, jax.random.fold_in(key, 0), jnp.float32(config.temperature),
                   jnp.int32(config.top_k), jnp.float32(config.top_p))
-    stop = np.asarray(sorted(set(config.stop_tokens)), np.int64)
-    out = [[] for _ in range(b)]
-    reasons = ["length"] * b
-    rows = [[] for _ in range(b)] if return_logits else None
-    active = np.ones(b, bool)
+    rec = _Record(b, config.stop_tokens, return_logits, on_token)
+    rec.step(0, np.asarray(tok), np.asarray(logits) if return_logits else None)
     # The cache was sized for every prompt plus max_new_tokens and sampled ids are in range, so the
-    # decode steps skip their host-side checks.
-    for step in range(config.max_new_tokens):
-        host = np.asarray(tok).astype(np.int64)
-        if return_logits:
-            host_logits = np.asarray(logits)
-        stopped = active & np.isin(host, stop)
-        emitted = active & ~stopped
-        for i in np.flatnonzero(active):
-            if return_logits:
-                rows[i].append(host_logits[i])
+    # decode calls skip their host-side checks. Step s samples with fold_in(key, s) either way.
+    opts = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                q_deltas=q_deltas, check=False)
+    if decode_block == 0:
+        for step in range(1, config.max_new_tokens):
+            if not rec.active.any():
+                break
+            tok, logits, cache = engine.decode(cache, rec.last, active=rec.active,
+                                               key=jax.random.fold_in(key, step), **opts)
+            rec.step(step, np.asarray(tok), np.asarray(logits) if return_logits else None)
+    else:
+        def launch(step, last, active, cache):
+            n = min(decode_block, config.max_new_tokens - step)
+            return step, n, engine.decode_loop(cache, last, n, active=active, key=key, step0=step,
+                                               stop_tokens=config.stop_tokens, size=decode_block,
+                                               return_logits=return_logits, **opts)
+
+        pending = launch(1, tok, rec.active, cache) if config.max_new_tokens > 1 and rec.active.any() \
+            else None
+        while pending is not None:
+            step, n, res = pending
+            # Queue the next block before reading this one, so the device is not idle while the host
+            # streams (if every sequence stops in this block, the next one runs no step).
+            pending = launch(step + n, res.last, res.active, res.cache) \
+                if step + n < config.max_new_tokens else None
+            toks = np.asarray(res.tokens)
+            rows = np.asarray(res.logits) if return_logits else None
+            for i in range(n):
+                if not rec.active.any():
+                    break
+                rec.step(step + i, toks[i], None if rows is None else rows[i])
+            if not rec.active.any():
+                break
+    logits_out = [np.stack(r) if r else np.zeros((0, engine.cfg.vocab_size), np.float32)
+                  for r in rec.rows] if return_logits else None
+    return GenerationResult(tokens=rec.out, stop_reasons=rec.reasons, logits=logits_out,
+                            qttt_losses=losses)
+
+
+class _Record:
+    """The host's view of a generation: per sequence the emitted tokens (and logits rows), why it
+    ended, whether it is still going; ``step`` takes one step's sampled tokens ``[B]``."""
+
+    def __init__(self, b: int, stop_tokens, return_logits: bool, on_token: Optional[Callable]):
+        self.stop = np.asarray(sorted(set(stop_tokens)), np.int64)
+        self.out = [[] for _ in range(b)]
+        self.reasons = ["length"] * b
+        self.rows = [[] for _ in range(b)] if return_logits else None
+        self.active = np.ones(b, bool)
+        self.last = np.zeros(b, np.int64)
+        self.on_token = on_token
+
+    def step(self, step: int, tokens: np.ndarray, logits: Optional[np.ndarray]) -> None:
+        host = np.asarray(tokens).astype(np.int64)
+        stopped = self.active & np.isin(host, self.stop)
+        emitted = self.active & ~stopped
+        for i in np.flatnonzero(self.active):
+            if self.rows is not None:
+                self.rows[i].append(logits[i])
             if emitted[i]:
-                out[i].append(int(host[i]))
+                self.out[i].append(int(host[i]))
             else:
-                reasons[i] = "stop"
-        active = emitted
-        if on_token is not None:
-            on_token(step, host, emitted.copy())
-        if step == config.max_new_tokens - 1 or not active.any():
-            break
-        tok, logits, cache = engine.decode(cache, host, active=active, key=jax.random.fold_in(key, step + 1),
-                                           q_deltas=q_deltas, check=False, **opts)
-    logits_out = [np.stack(r) if r else np.zeros((0, engine.cfg.vocab_size), np.float32) for r in rows] \
-        if return_logits else None
-    return GenerationResult(tokens=out, stop_reasons=reasons, logits=logits_out, qttt_losses=losses)
+                self.reasons[i] = "stop"
+        self.active = emitted
+        self.last = host
+        if self.on_token is not None:
+            self.on_token(step, host, emitted.copy())
