@@ -21,8 +21,11 @@ sees keys ``j <= i``: a diagonal block whose local order is the global order). O
 * segment ids ``q_segment_ids [B, Tq]``, ``k_segment_ids [B, Tk]`` int32: a query sees a key only
   when their ids are equal and non-zero -- the semantics of ``ttt_jax.ops.attention.attention_mask``
   for packed documents. A query that sees no key at all (a padding query, id 0) outputs exactly 0,
-  its log-sum-exp is reported as 0, and it gets (and passes on) zero gradient. Tiles are not
-  skipped on segment ids (ids need not be sorted); causal/window tile skipping still applies.
+  its log-sum-exp is reported as 0, and it gets (and passes on) zero gradient. A tile whose
+  query ids and key ids have disjoint ranges (``[min, max]`` of the non-zero ids) is skipped
+  (``lax.cond``, an ``if`` in Triton): for packed documents with sorted ids most tiles off the
+  documents' diagonal blocks cost one tiny reduction. Ids need not be sorted (the test is only
+  conservative then); ``_SKIP_SEGMENT_TILES = False`` turns the skipping off.
 
 Without segment ids or a window the kernels are exactly the ring's: tiles wholly below the
 diagonal run without a mask.
@@ -64,6 +67,9 @@ _BWD_BLOCKS = (64, 64)
 # Triton (num_warps, num_stages) of the forward and backward kernels; None: 4 warps for
 # head_dim <= 64, else 8, and 2 stages.
 _LAUNCH = {"fwd": None, "bwd": None}
+# Skip (query tile, key tile) pairs whose segment-id ranges are disjoint (see the module docstring).
+_SKIP_SEGMENT_TILES = True
+_ID_MAX = 2**31 - 1
 
 
 def _tiles(want: Optional[int], default: int, head_dim: int) -> int:
@@ -132,6 +138,20 @@ def _causal_mask(q0, k0, bq: int, bk: int):
     return (q0 + jnp.arange(bq))[:, None] >= (k0 + jnp.arange(bk))[None, :]
 
 
+def _id_range(ids):
+    """``(min, max)`` of the non-zero ids of a tile (``(_ID_MAX, 0)`` when all are padding)."""
+    return jnp.min(jnp.where(ids != 0, ids, _ID_MAX)), jnp.max(ids)
+
+
+def _maybe_skip(compute, carry, a_range, b_ids):
+    """``compute(carry)`` unless ``b_ids`` cannot hold an id in ``a_range`` (then ``carry``)."""
+    if not _SKIP_SEGMENT_TILES:
+        return compute(carry)
+    lo, hi = a_range
+    live = (jnp.max(b_ids) >= lo) & (jnp.min(b_ids) <= hi)
+    return lax.cond(live, compute, lambda c: c, carry)
+
+
 def _tile_mask(q0, k0, bq: int, bk: int, causal: bool, window: int, qs, ks):
     """``[bq, bk]`` visibility of a tile: causal, window and segment ids (``qs [bq]``, ``ks [bk]``
     or both ``None``)."""
@@ -163,28 +183,33 @@ def _fwd_kernel(*refs, scale, causal, window, segmented, bq, bk):
     i = pl.program_id(0)
     q = q_ref[...]                                                     # [bq, D]
     qs = qs_ref[...] if segmented else None                            # [bq]
+    q_range = _id_range(qs) if segmented else None
     d = q.shape[-1]
 
     def body(j, carry, masked):
-        acc, m, l = carry
-        k = k_ref[pl.ds(j * bk, bk), :]
-        v = v_ref[pl.ds(j * bk, bk), :]
-        s = _dot_nt(q, k) * (scale * _LOG2E)                           # [bq, bk], base 2
-        if masked:
-            if general:
-                ks = ks_ref[pl.ds(j * bk, bk)] if segmented else None
-                mask = _tile_mask(i * bq, j * bk, bq, bk, causal, window, qs, ks)
-            else:
-                mask = _causal_mask(i * bq, j * bk, bq, bk)
-            s = jnp.where(mask, s, _NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        corr = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        if masked and general:
-            p = jnp.where(mask, p, 0.0)
-        l = l * corr + jnp.sum(p, axis=1)
-        acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
-        return acc, m_new, l
+        ks = ks_ref[pl.ds(j * bk, bk)] if segmented else None
+
+        def compute(carry):
+            acc, m, l = carry
+            k = k_ref[pl.ds(j * bk, bk), :]
+            v = v_ref[pl.ds(j * bk, bk), :]
+            s = _dot_nt(q, k) * (scale * _LOG2E)                       # [bq, bk], base 2
+            if masked:
+                if general:
+                    mask = _tile_mask(i * bq, j * bk, bq, bk, causal, window, qs, ks)
+                else:
+                    mask = _causal_mask(i * bq, j * bk, bq, bk)
+                s = jnp.where(mask, s, _NEG)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            corr = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - m_new[:, None])
+            if masked and general:
+                p = jnp.where(mask, p, 0.0)
+            l = l * corr + jnp.sum(p, axis=1)
+            acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
+            return acc, m_new, l
+
+        return _maybe_skip(compute, carry, q_range, ks) if segmented else compute(carry)
 
     carry = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
              jnp.zeros((bq,), jnp.float32))
@@ -246,23 +271,28 @@ def _dq_kernel(*refs, scale, causal, window, segmented, bq, bk):
     lse = lse_ref[...] * _LOG2E
     delta = delta_ref[...]
     qs = qs_ref[...] if segmented else None
+    q_range = _id_range(qs) if segmented else None
 
     def body(j, dq, masked):
-        k = k_ref[pl.ds(j * bk, bk), :]
-        v = v_ref[pl.ds(j * bk, bk), :]
-        s = _dot_nt(q, k) * (scale * _LOG2E)
-        if masked:
-            if general:
-                ks = ks_ref[pl.ds(j * bk, bk)] if segmented else None
-                mask = _tile_mask(i * bq, j * bk, bq, bk, causal, window, qs, ks)
-            else:
-                mask = _causal_mask(i * bq, j * bk, bq, bk)
-            s = jnp.where(mask, s, _NEG)
-        p = jnp.exp2(s - lse[:, None])
-        if masked and general:
-            p = jnp.where(mask, p, 0.0)
-        ds = p * (_dot_nt(do, v) - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k)
+        ks = ks_ref[pl.ds(j * bk, bk)] if segmented else None
+
+        def compute(dq):
+            k = k_ref[pl.ds(j * bk, bk), :]
+            v = v_ref[pl.ds(j * bk, bk), :]
+            s = _dot_nt(q, k) * (scale * _LOG2E)
+            if masked:
+                if general:
+                    mask = _tile_mask(i * bq, j * bk, bq, bk, causal, window, qs, ks)
+                else:
+                    mask = _causal_mask(i * bq, j * bk, bq, bk)
+                s = jnp.where(mask, s, _NEG)
+            p = jnp.exp2(s - lse[:, None])
+            if masked and general:
+                p = jnp.where(mask, p, 0.0)
+            ds = p * (_dot_nt(do, v) - delta[:, None])
+            return dq + _dot(ds.astype(k.dtype), k)
+
+        return _maybe_skip(compute, dq, q_range, ks) if segmented else compute(dq)
 
     dq = _key_loop(body, jnp.zeros(q.shape, jnp.float32), i, causal, window, general, bq, bk,
                    k_ref.shape[0] // bk)
@@ -280,28 +310,33 @@ def _dkv_kernel(*refs, scale, causal, window, segmented, bq, bk):
     k = k_ref[...]                                                     # [bk, D]
     v = v_ref[...]
     ks = ks_ref[...] if segmented else None                            # [bk]
+    k_range = _id_range(ks) if segmented else None
 
     def body(i, carry, masked):
-        dk, dv = carry
-        q = q_ref[pl.ds(i * bq, bq), :]
-        do = do_ref[pl.ds(i * bq, bq), :]
-        lse = lse_ref[pl.ds(i * bq, bq)] * _LOG2E
-        delta = delta_ref[pl.ds(i * bq, bq)]
-        s = _dot_nt(q, k) * (scale * _LOG2E)                           # [bq, bk], base 2
-        if masked:
-            if general:
-                qs = qs_ref[pl.ds(i * bq, bq)] if segmented else None
-                mask = _tile_mask(i * bq, j * bk, bq, bk, causal, window, qs, ks)
-            else:
-                mask = _causal_mask(i * bq, j * bk, bq, bk)
-            s = jnp.where(mask, s, _NEG)
-        p = jnp.exp2(s - lse[:, None])
-        if masked and general:
-            p = jnp.where(mask, p, 0.0)
-        dv = dv + _dot_tn(p.astype(do.dtype), do)
-        ds = p * (_dot_nt(do, v) - delta[:, None])
-        dk = dk + _dot_tn(ds.astype(q.dtype), q)
-        return dk, dv
+        qs = qs_ref[pl.ds(i * bq, bq)] if segmented else None
+
+        def compute(carry):
+            dk, dv = carry
+            q = q_ref[pl.ds(i * bq, bq), :]
+            do = do_ref[pl.ds(i * bq, bq), :]
+            lse = lse_ref[pl.ds(i * bq, bq)] * _LOG2E
+            delta = delta_ref[pl.ds(i * bq, bq)]
+            s = _dot_nt(q, k) * (scale * _LOG2E)                       # [bq, bk], base 2
+            if masked:
+                if general:
+                    mask = _tile_mask(i * bq, j * bk, bq, bk, causal, window, qs, ks)
+                else:
+                    mask = _causal_mask(i * bq, j * bk, bq, bk)
+                s = jnp.where(mask, s, _NEG)
+            p = jnp.exp2(s - lse[:, None])
+            if masked and general:
+                p = jnp.where(mask, p, 0.0)
+            dv = dv + _dot_tn(p.astype(do.dtype), do)
+            ds = p * (_dot_nt(do, v) - delta[:, None])
+            dk = dk + _dot_tn(ds.astype(q.dtype), q)
+            return dk, dv
+
+        return _maybe_skip(compute, carry, k_range, qs) if segmented else compute(carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = _query_loop(body, (zeros, zeros), j, causal, window, general, bq, bk,

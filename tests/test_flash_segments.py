@@ -53,14 +53,18 @@ _SEG = _packed(_T, [[(1, 23), (2, 30), (3, 12)],
                     [(5, 1), (1, 20), (0, 5), (2, 17), (1, 25), (7, 7)]])
 
 
-@pytest.mark.parametrize("window", [0, 19])
-def test_flash_segments_match_reference(window):
-    q, k, v, ct = _inputs(0, 2, _T, 4, 2, 16)
-    f = lambda q, k, v: A.attention(q, k, v, segment_ids=_SEG, window=window, impl="flash")
-    ref = lambda q, k, v: A.attention_reference(q, k, v, segment_ids=_SEG, window=window)
+@pytest.mark.parametrize("window, rows, skip", [(0, 2, True), (19, 2, True), (0, 1, False)])
+def test_flash_segments_match_reference(window, rows, skip, monkeypatch):
+    """``skip``: tiles with disjoint id ranges skipped (the default) or computed and masked
+    (another batch size, so that the kernels are traced again with the flag)."""
+    monkeypatch.setattr(F, "_SKIP_SEGMENT_TILES", skip)
+    seg = _SEG[2 - rows:]
+    q, k, v, ct = _inputs(0, rows, _T, 4, 2, 16)
+    f = lambda q, k, v: A.attention(q, k, v, segment_ids=seg, window=window, impl="flash")
+    ref = lambda q, k, v: A.attention_reference(q, k, v, segment_ids=seg, window=window)
     got = _value_and_grads(f, q, k, v, ct)
     _close(got, _value_and_grads(ref, q, k, v, ct), 2e-5)
-    pad = np.asarray(_SEG == 0)
+    pad = np.asarray(seg == 0)
     out, dq = np.asarray(got[0]), np.asarray(got[1])
     assert pad.any() and np.all(out[pad] == 0.0) and np.all(dq[pad] == 0.0)
     assert np.all(np.isfinite(out)) and all(np.all(np.isfinite(np.asarray(x))) for x in got[1:])
@@ -100,6 +104,31 @@ def test_block_kernels_segments_non_causal_and_errors():
     with pytest.raises(ValueError, match="segment ids must be"):
         F.flash_block_fwd(q, kk, vv, causal=False, scale=0.25, interpret=True, q_segment_ids=qs,
                           k_segment_ids=qs)
+
+
+@pytest.mark.slow
+def test_model_flash_equals_reference_attention():
+    """A tiny model (GQA, a TTT layer) on packed rows: ``attention_impl="flash"`` gives the loss and
+    parameter gradients of ``"reference"``."""
+    from flax import nnx
+
+    from ttt_jax.config import ModelConfig, TTTConfig
+    from ttt_jax.models.lm import CausalLM
+
+    t = 48
+    seg = _packed(t, [[(1, 20), (2, 21)]])
+    tokens = jax.random.randint(jax.random.key(5), (1, t), 0, 259)
+    grads = []
+    for impl in ("reference", "flash"):
+        cfg = ModelConfig(vocab_size=259, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
+                          max_seq_len=64, compute_dtype="float32", attention_impl=impl,
+                          ttt=TTTConfig(enabled=True, every=2, start=0, chunk_size=8, lr=1.0,
+                                        impl="reference"))
+        model = CausalLM(cfg, rngs=nnx.Rngs(0))
+        loss = lambda m: jnp.mean(jnp.sin(m(tokens, segment_ids=seg)))
+        value, grad = nnx.value_and_grad(loss)(model)
+        grads.append([value] + jax.tree.leaves(grad))
+    _close(grads[1], grads[0], 2e-5)
 
 
 def test_auto_picks_flash_only_for_large_segment_masks(monkeypatch):
