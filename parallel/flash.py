@@ -1,4 +1,9 @@
-"""Flash-attention block kernels in Pallas (Triton lowering on NVIDIA GPUs) for ring attention.
+"""Flash-attention block kernels in Pallas (Triton lowering on NVIDIA GPUs).
+
+Two users: ring attention (:mod:`parallel.fused_attention`, one call per (query block, key block)
+pair) and single-device attention over packed documents (``attention(impl="flash")`` in
+``ttt_jax.ops.attention``, through :func:`flash_attention`), where cuDNN's public API would need a
+dense ``[B, 1, T, T]`` mask for the segment ids.
 
 Ring attention merges the partial results of several (query block, key block) pairs with their
 log-sum-exps, and its backward pass needs each pair's gradients computed from the *merged* output
@@ -24,11 +29,11 @@ sees keys ``j <= i``: a diagonal block whose local order is the global order). O
   its log-sum-exp is reported as 0, and it gets (and passes on) zero gradient. A tile whose
   query ids and key ids have disjoint ranges (``[min, max]`` of the non-zero ids) is skipped
   (``lax.cond``, an ``if`` in Triton): for packed documents with sorted ids most tiles off the
-  documents' diagonal blocks cost one tiny reduction. Ids need not be sorted (the test is only
-  conservative then); ``_SKIP_SEGMENT_TILES = False`` turns the skipping off.
+  documents' diagonal blocks cost one tiny reduction. Ids need not be sorted (the range test then
+  skips fewer tiles, never a visible pair); ``_SKIP_SEGMENT_TILES = False`` turns skipping off.
 
-Without segment ids or a window the kernels are exactly the ring's: tiles wholly below the
-diagonal run without a mask.
+Without segment ids or a window (the ring's case) tiles wholly below the diagonal run without a
+mask; with either, every visited tile is masked.
 
 GQA: the forward and dQ kernels read kv head ``h // G`` through their block index maps (K/V are
 never repeated in memory); the dK/dV kernel writes one gradient per *query* head and the wrapper

@@ -149,6 +149,21 @@ def test_auto_picks_flash_only_for_large_segment_masks(monkeypatch):
     assert A._auto_impl(q_big, seg_big) == "xla"
 
 
+@pytest.mark.parametrize("window", [0, 300])
+def test_flash_segments_lower_for_gpu(window, monkeypatch):
+    """Cross-lower forward and backward for CUDA on CPU: the segmented / windowed kernels (with
+    tile skipping) pass Pallas's Triton lowering."""
+    monkeypatch.setattr(F, "flash_unsupported_reason", lambda *a, **k: None)
+    seg = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+    q = jax.ShapeDtypeStruct((2, 1024, 8, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 1024, 2, 128), jnp.bfloat16)
+    loss = lambda q, k, v, s: jnp.sum(F.flash_attention(q, k, v, True, None, False, segment_ids=s,
+                                                        window=window).astype(jnp.float32))
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("__gpu$xla.gpu.triton") >= 3  # forward, dQ and dK/dV kernels
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [0, 700])
 def test_flash_segments_compiled_on_gpu(window):
