@@ -247,7 +247,7 @@ def test_bad_arguments():
         attention(q, k, v)
     q, k, v, _ = _inputs(1, 8, 4, 2, 8, jnp.float32)
     with pytest.raises(ValueError, match="impl"):
-        attention(q, k, v, impl="flash")
+        attention(q, k, v, impl="splash")
     with pytest.raises(ValueError, match="segment_ids"):
         attention(q, k, v, segment_ids=jnp.ones((1, 7), jnp.int32))
     with pytest.raises(ValueError, match="window"):

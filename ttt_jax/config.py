@@ -282,7 +282,7 @@ class ModelConfig:
     qk_norm: bool = True
     attention_window: int = 0
     full_attention_layers: tuple[int, ...] = ()
-    attention_impl: Literal["auto", "xla", "cudnn", "pallas", "reference"] = "auto"
+    attention_impl: Literal["auto", "xla", "cudnn", "pallas", "flash", "reference"] = "auto"
     initializer_range: float = 0.02
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"

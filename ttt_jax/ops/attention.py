@@ -17,13 +17,21 @@ One public function, :func:`attention`, with an ``impl=`` switch:
   into a ``[B, 1, T, T]`` additive bias: correct, but O(B * T^2) memory (measured on one H100,
   B=1, T=8192, 16 heads: about 2x the time of the unmasked kernel, still ~7x faster than
   ``"xla"``). ``impl="auto"`` therefore uses cuDNN with segment ids only while that bias is small
-  (``_CUDNN_MAX_MASK_ELEMENTS``) and falls back to ``"xla"`` otherwise. Odd lengths are padded
+  (``_CUDNN_MAX_MASK_ELEMENTS``) and switches to ``"flash"`` beyond it. Odd lengths are padded
   by one token (cuDNN's backward pass needs an even length). An explicit ``impl="cudnn"`` that
   cannot run (no GPU, fp32 inputs, head_dim) raises ``ValueError`` naming the reason.
+* ``"flash"``     -- the Pallas (Triton) flash-attention kernels of :mod:`parallel.flash` with
+  native segment ids and window: O(T) memory, no dense mask, causal (and window) tiles beyond
+  the diagonal skipped. Slower than cuDNN's unmasked kernel (about a third of its TFLOP/s on an
+  H100), but it is what makes long packed batches fit: the XLA path's backward needs several
+  times more temporaries. Lengths are padded to a multiple of the tile (padding gets segment id 0).
+  GPU needs bf16/fp16 and head_dim <= 256; off GPU it runs in Pallas interpret mode (slow; CPU
+  tests).
 * ``"pallas"``    -- the TPU splash-attention kernel (``jax.experimental.pallas.ops.tpu.
   splash_attention``) with its lazy causal / local masks and native segment ids. Off TPU it runs
   in Pallas interpret mode (slow; used by the CPU tests).
-* ``"auto"``      -- cuDNN on GPU when dtype / head_dim allow, Pallas on TPU, XLA otherwise.
+* ``"auto"``      -- on GPU: cuDNN when dtype / head_dim allow, except with segment ids whose
+  dense mask would be large, which go to ``"flash"``; Pallas on TPU; XLA otherwise.
 
 Semantics shared by all paths (built by :func:`attention_mask`): query ``t`` sees key ``s`` iff
 ``s <= t`` (causal), ``s > t - window`` when ``window > 0`` (the window counts the query itself),
@@ -46,8 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "pallas"]
-IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")
+AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "pallas", "flash"]
+IMPLS = ("auto", "reference", "xla", "cudnn", "pallas", "flash")
 
 # Largest dense segment mask (B * T * T elements) that impl="auto" hands to cuDNN as a bias.
 _CUDNN_MAX_MASK_ELEMENTS = 2**27
@@ -106,7 +114,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       segment_ids: optional ``[B, T]`` int; 0 = padding (output 0), otherwise a query only sees
         keys with the same id.
       window: 0 = full causal; ``> 0`` = sliding window of ``window`` keys (the query included).
-      impl: ``"auto" | "reference" | "xla" | "cudnn" | "pallas"`` (see module docstring).
+      impl: ``"auto" | "reference" | "xla" | "cudnn" | "pallas" | "flash"`` (see module
+        docstring).
       scale: logit scale; default ``1 / sqrt(Dh)``.
       block_size: tile length for ``"xla"`` / ``"pallas"`` (default: chosen from T and backend).
 
@@ -126,6 +135,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         return _attention_xla(q, k, v, segment_ids, window=window, scale=scale, block_size=block_size)
     if impl == "cudnn":
         return _attention_cudnn(q, k, v, segment_ids, window=window, scale=scale)
+    if impl == "flash":
+        return _attention_flash(q, k, v, segment_ids, window=window, scale=scale)
     if impl == "pallas":
         return _attention_pallas(q, k, v, segment_ids, window=window, scale=scale,
                                  block_size=block_size)
@@ -155,8 +166,8 @@ def _check_args(q, k, v, segment_ids, window, impl) -> None:
 def cudnn_unsupported_reason(q: jax.Array, segment_ids: Optional[jax.Array] = None,
                              *, for_auto: bool = False) -> Optional[str]:
     """Why the cuDNN path cannot run these inputs here (``None`` when it can)."""
-    if jax.default_backend() != "gpu":
-        return f"cuDNN attention needs an NVIDIA GPU (default backend is {jax.default_backend()!r})"
+    if _default_backend() != "gpu":
+        return f"cuDNN attention needs an NVIDIA GPU (default backend is {_default_backend()!r})"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN flash attention needs bfloat16/float16 inputs, got {q.dtype}"
     d = q.shape[-1]
@@ -178,10 +189,19 @@ def cudnn_unsupported_reason(q: jax.Array, segment_ids: Optional[jax.Array] = No
     return None
 
 
+def _default_backend() -> str:
+    """``jax.default_backend()``, one name for the tests to substitute."""
+    return jax.default_backend()
+
+
 def _auto_impl(q: jax.Array, segment_ids: Optional[jax.Array]) -> str:
-    backend = jax.default_backend()
+    backend = _default_backend()
     if backend == "gpu" and cudnn_unsupported_reason(q, segment_ids, for_auto=True) is None:
         return "cudnn"
+    if backend == "gpu" and segment_ids is not None and cudnn_unsupported_reason(q) is None:
+        # cuDNN could run but only with the dense [B,1,T,T] segment bias: the Pallas kernels take
+        # the ids natively (every dtype / head_dim cuDNN accepts, they accept too).
+        return "flash"
     if backend == "tpu":
         return "pallas"
     return "xla"
@@ -380,6 +400,39 @@ def _attention_cudnn(q, k, v, segment_ids, *, window: int, scale: float) -> jax.
         local_window_size=(window - 1, 0) if window > 0 else None, implementation="cudnn")
     out = out[:, :t]
     return _zero_padding_rows(out, segment_ids)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pallas (Triton) flash kernels with native segment ids
+# --------------------------------------------------------------------------------------------------
+
+
+def _flash_length(t: int) -> int:
+    """Padded length for the flash kernels: a multiple of their 128-row tiles (16 when short)."""
+    m = 128 if t >= 128 else 16
+    return -(-t // m) * m
+
+
+def _attention_flash(q, k, v, segment_ids, *, window: int, scale: float) -> jax.Array:
+    from parallel.flash import flash_attention, flash_unsupported_reason
+
+    interpret = _default_backend() != "gpu"
+    b, t, h, d = q.shape
+    tp = _flash_length(t)
+    pad = tp - t
+    # Padding at the end: invisible to real queries (causal; segment id 0 with packed ids), and
+    # the padded rows are dropped.
+    q, k, v = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k.astype(q.dtype),
+                                                                       v.astype(q.dtype)))
+    reason = flash_unsupported_reason(q, k, causal=True, interpret=interpret)
+    if reason is not None:
+        raise ValueError(f"attention impl='flash' cannot run here: {reason}; use impl='auto' or "
+                         "impl='xla'")
+    seg = None
+    if segment_ids is not None:
+        seg = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, pad)])
+    out = flash_attention(q, k, v, True, scale, interpret, segment_ids=seg, window=window)
+    return out[:, :t]
 
 
 # --------------------------------------------------------------------------------------------------
