@@ -284,16 +284,7 @@ def _dq_kernel(*refs, scale, causal, window, segmented, bq, bk):
         def compute(dq):
             k = k_ref[pl.ds(j * bk, bk), :]
             v = v_ref[pl.ds(j * bk, bk), :]
-            s = _dot_nt(q, k) * (scale * _LOG2E)
-            if masked:
-                if general:
-                    mask = _tile_mask(i * bq, j * bk, bq, bk, causal, window, qs, ks)
-                else:
-                    mask = _causal_mask(i * bq, j * bk, bq, bk)
-                s = jnp.where(mask, s, _NEG)
-            p = jnp.exp2(s - lse[:, None])
-            if masked and general:
-                p = jnp.where(mask, p, 0.0)
+            p = _tile_probs(q, k, lse, scale, i * bq, j * bk, masked, general, causal, window, qs, ks)
             ds = p * (_dot_nt(do, v) - delta[:, None])
             return dq + _dot(ds.astype(k.dtype), k)
 
@@ -302,6 +293,23 @@ def _dq_kernel(*refs, scale, causal, window, segmented, bq, bk):
     dq = _key_loop(body, jnp.zeros(q.shape, jnp.float32), i, causal, window, general, bq, bk,
                    k_ref.shape[0] // bk)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _tile_probs(q, k, lse, scale, q0, k0, masked, general, causal, window, qs, ks):
+    """Backward-pass probabilities of one ``[bq, bk]`` tile from the merged log-sum-exp ``lse``
+    (already in base 2): ``exp2(q k^T * scale * log2(e) - lse)``, masked where the tile needs it
+    (``general``: segments / window / causal via :func:`_tile_mask`; else causal only); with a
+    general mask the masked entries are also set to exactly 0 after the exponential."""
+    bq, bk = q.shape[0], k.shape[0]
+    s = _dot_nt(q, k) * (scale * _LOG2E)                               # [bq, bk], base 2
+    if masked:
+        mask = (_tile_mask(q0, k0, bq, bk, causal, window, qs, ks) if general
+                else _causal_mask(q0, k0, bq, bk))
+        s = jnp.where(mask, s, _NEG)
+    p = jnp.exp2(s - lse[:, None])
+    if masked and general:
+        p = jnp.where(mask, p, 0.0)
+    return p
 
 
 def _dkv_kernel(*refs, scale, causal, window, segmented, bq, bk):
@@ -326,16 +334,7 @@ def _dkv_kernel(*refs, scale, causal, window, segmented, bq, bk):
             do = do_ref[pl.ds(i * bq, bq), :]
             lse = lse_ref[pl.ds(i * bq, bq)] * _LOG2E
             delta = delta_ref[pl.ds(i * bq, bq)]
-            s = _dot_nt(q, k) * (scale * _LOG2E)                       # [bq, bk], base 2
-            if masked:
-                if general:
-                    mask = _tile_mask(i * bq, j * bk, bq, bk, causal, window, qs, ks)
-                else:
-                    mask = _causal_mask(i * bq, j * bk, bq, bk)
-                s = jnp.where(mask, s, _NEG)
-            p = jnp.exp2(s - lse[:, None])
-            if masked and general:
-                p = jnp.where(mask, p, 0.0)
+            p = _tile_probs(q, k, lse, scale, i * bq, j * bk, masked, general, causal, window, qs, ks)
             dv = dv + _dot_tn(p.astype(do.dtype), do)
             ds = p * (_dot_nt(do, v) - delta[:, None])
             dk = dk + _dot_tn(ds.astype(q.dtype), q)

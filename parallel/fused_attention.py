@@ -223,15 +223,19 @@ def cudnn_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: 
     return out[:, :t]
 
 
-def cudnn_unsupported_reason(q: jax.Array) -> Optional[str]:
-    """Why :func:`cudnn_window_attention` cannot run on ``q`` here (``None`` when it can)."""
-    if jax.default_backend() != "gpu":
-        return f"cuDNN attention needs an NVIDIA GPU (default backend is {jax.default_backend()!r})"
+def cudnn_unsupported_reason(q: jax.Array, backend: Optional[str] = None) -> Optional[str]:
+    """Why cuDNN flash attention (:func:`cudnn_window_attention`, and the single-device
+    ``impl="cudnn"`` of ``ttt_jax.ops.attention``) cannot run on ``q`` here (``None`` when it can).
+    ``backend`` defaults to ``jax.default_backend()``."""
+    backend = jax.default_backend() if backend is None else backend
+    if backend != "gpu":
+        return f"cuDNN attention needs an NVIDIA GPU (default backend is {backend!r})"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN flash attention needs bfloat16/float16 inputs, got {q.dtype}"
     d = q.shape[-1]
     if d % 8 or d > 256:
-        return f"cuDNN flash attention needs head_dim a multiple of 8 and <= 256, got {d}"
+        return f"cuDNN flash attention needs head_dim a multiple of 8 and <= 256 (<= 128 before " \
+               f"Hopper), got {d}"
     if d > 128:
         try:
             cc = float(getattr(jax.devices()[0], "compute_capability", "0"))

@@ -59,6 +59,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parallel.fused_attention import cudnn_unsupported_reason as _kernel_cudnn_reason
+
 AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "pallas", "flash"]
 IMPLS = ("auto", "reference", "xla", "cudnn", "pallas", "flash")
 
@@ -176,22 +178,11 @@ def _check_args(q, k, v, segment_ids, window, impl) -> None:
 
 def cudnn_unsupported_reason(q: jax.Array, segment_ids: Optional[jax.Array] = None,
                              *, for_auto: bool = False) -> Optional[str]:
-    """Why the cuDNN path cannot run these inputs here (``None`` when it can)."""
-    if _default_backend() != "gpu":
-        return f"cuDNN attention needs an NVIDIA GPU (default backend is {_default_backend()!r})"
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        return f"cuDNN flash attention needs bfloat16/float16 inputs, got {q.dtype}"
-    d = q.shape[-1]
-    if d % 8 != 0 or d > 256:
-        return f"cuDNN flash attention needs head_dim a multiple of 8 and <= 256 (<= 128 before " \
-               f"Hopper), got {d}"
-    if d > 128:
-        try:
-            cc = float(getattr(jax.devices()[0], "compute_capability", "0"))
-        except (TypeError, ValueError):
-            cc = 0.0
-        if cc < 9.0:
-            return f"cuDNN flash attention supports head_dim {d} > 128 only on Hopper or newer"
+    """Why the cuDNN path cannot run these inputs here (``None`` when it can). With ``for_auto``,
+    segment ids whose dense mask would exceed ``_CUDNN_MAX_MASK_ELEMENTS`` count as a reason."""
+    reason = _kernel_cudnn_reason(q, backend=_default_backend())
+    if reason is not None:
+        return reason
     if for_auto and segment_ids is not None:
         b, t = segment_ids.shape
         if b * t * t > _CUDNN_MAX_MASK_ELEMENTS:
