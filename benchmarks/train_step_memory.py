@@ -10,11 +10,11 @@ the outputs) approximates the step's peak; a real run adds the allocator's fragm
 
 Variants: ``segments`` (the batch carries ``[B, T]`` segment ids, as the trainer's packed batches
 do) and ``no_segments`` (``segment_ids=None``). ``--attention-impl`` compiles each variant once per
-listed ``model.attention_impl`` (e.g. ``xla auto`` for "before / after" of a new path); the line
+listed ``model.attention_impl`` (e.g. ``xla flash`` for "before / after" of a new path); the line
 also says what ``auto`` resolves to on this device for the variant's shapes.
 
     python benchmarks/train_step_memory.py --preset qwen3_4b_stage1 --seq-len 32768 \\
-        --set model.param_dtype=bfloat16 train.init_from=null --attention-impl xla auto \\
+        --set model.param_dtype=bfloat16 train.init_from=null --attention-impl xla flash \\
         --out $OUT/train_step_memory_q4b_32k.json
     python benchmarks/train_step_memory.py --smoke          # CPU, tiny preset (seconds)
 
