@@ -214,10 +214,11 @@ def test_cli_generate(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["ttt_mlp_tiny", "ttt_linear_tiny"])
+@pytest.mark.parametrize("config", ["ttt_linear_tiny"])
 def test_cli_generate_with_shipped_configs(config, tmp_path):
-    """Randomly initialised checkpoints of the shipped TTT-Linear / TTT-MLP configs; the prefill
-    logits of the loaded model equal its forward pass."""
+    """A randomly initialised checkpoint of a shipped TTT-seq config; the prefill logits of the
+    loaded model equal its forward pass. (ttt_mlp_tiny takes the same path with the MLP inner
+    model, which the prefill/decode equality tests above cover; it is left out for time.)"""
     from ttt_jax.config import load_config
 
     cfg = load_config(config)
