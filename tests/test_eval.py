@@ -109,8 +109,8 @@ def test_cli_eval(tmp_path, model, capsys):
     assert "unknown RULER task" in capsys.readouterr().err
 
 
-def test_research_compare_variants_match_parameters():
-    """benchmarks/research_compare.py: the six variants differ only where intended."""
+def _research_compare():
+    """benchmarks/research_compare.py as a module (benchmarks/ is not a package)."""
     import importlib.util
     from pathlib import Path
 
@@ -118,6 +118,12 @@ def test_research_compare_variants_match_parameters():
     spec = importlib.util.spec_from_file_location("research_compare", path)
     rc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rc)
+    return rc
+
+
+def test_research_compare_variants_match_parameters():
+    """benchmarks/research_compare.py: the six variants differ only where intended."""
+    rc = _research_compare()
     base = load_config("research/compare")
     target = rc.param_count(base.model)
     cfgs = {n: rc.variant_config(base, n, target) for n in rc.VARIANTS}
@@ -146,13 +152,7 @@ def test_research_compare_variants_match_parameters():
 
 def test_research_compare_merge_keeps_order_and_refuses_other_settings():
     """``--merge``: earlier rows join the new ones in the canonical order; other settings refuse."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "research_compare.py"
-    spec = importlib.util.spec_from_file_location("research_compare", path)
-    rc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rc)
+    rc = _research_compare()
     base = load_config("research/compare_smoke")
     spans = np.zeros((3, 1025), np.int32)
     mix = {"corpus_documents": 5, "recall_documents": 2}

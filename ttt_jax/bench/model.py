@@ -175,6 +175,9 @@ def main(argv=None):
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return None
     lengths = args.seq_lens or [args.seq_len]
+    # The children import this package from where the parent found it (installed or not).
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     rows = []
     for length in lengths:
         for v in args.variants:
@@ -182,9 +185,6 @@ def main(argv=None):
                      "--seq-len", str(length), "--batch", str(args.batch), "--iters", str(args.iters),
                      "--warmup", str(args.warmup), "--window", str(args.window), "--mesh", args.mesh,
                      "--set", *args.set]
-            # The child imports this package from where the parent found it (installed or not).
-            root = str(Path(__file__).resolve().parents[2])
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
             row = run_variant_process(child, v, env)
             row.setdefault("seq_len", length)
             rows.append(row)

@@ -29,6 +29,14 @@ def _length_axis(ax, lengths: Sequence[int]) -> None:
     ax.grid(True, alpha=0.3)
 
 
+def _save(plt, fig, path: str | Path, title: str) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_op(result: Mapping[str, Any], path: str | Path) -> Path:
     """``result``: ``{"device", "rows": [{"T", "chunk", "impl", "ratio", "temp_gib", ...}]}``."""
     plt = _pyplot()
@@ -52,11 +60,7 @@ def plot_op(result: Mapping[str, Any], path: str | Path) -> Path:
     a2.set_ylabel("XLA temporary memory (GiB)")
     a2.set_yscale("log")
     a1.legend(fontsize=8)
-    fig.suptitle(f"In-Place TTT op vs the plain down-projection ({result.get('device', '')})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, f"In-Place TTT op vs the plain down-projection ({result.get('device', '')})")
 
 
 def plot_model_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -77,11 +81,7 @@ def plot_model_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Pat
     a2.set_ylabel("peak device memory (GiB)")
     a1.legend(fontsize=8)
     device = ok[0].get("device", "") if ok else ""
-    fig.suptitle(f"Train step vs context length ({device})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, f"Train step vs context length ({device})")
 
 
 def plot_decode(result: Mapping[str, Any], path: str | Path) -> Path:
@@ -115,11 +115,7 @@ def plot_decode(result: Mapping[str, Any], path: str | Path) -> Path:
     a2.set_yscale("log")
     a1.legend(fontsize=8)
     a2.legend(fontsize=8)
-    fig.suptitle(f"Decode and prefill vs context ({result.get('device', '')})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, f"Decode and prefill vs context ({result.get('device', '')})")
 
 
 def merge_decode_results(results: Sequence[Mapping[str, Any]]) -> dict:
