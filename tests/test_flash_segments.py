@@ -141,9 +141,10 @@ def test_auto_picks_flash_only_for_large_segment_masks(monkeypatch):
     monkeypatch.setattr(A, "_default_backend", lambda: "gpu")
     assert A._auto_impl(q_big, None) == "cudnn"
     assert A._auto_impl(q_small, seg_small) == "cudnn"
-    assert A._auto_impl(q_big, seg_big) == "xla"  # flash for segments is opt-in until GPU-verified
-    monkeypatch.setattr(A, "AUTO_FLASH_FOR_SEGMENTS", True)
     assert A._auto_impl(q_big, seg_big) == "flash"
+    monkeypatch.setattr(A, "AUTO_FLASH_FOR_SEGMENTS", False)
+    assert A._auto_impl(q_big, seg_big) == "xla"
+    monkeypatch.setattr(A, "AUTO_FLASH_FOR_SEGMENTS", True)
     assert A._auto_impl(sds(q_big.shape, jnp.float32), seg_big) == "xla"
     monkeypatch.setattr(A, "_default_backend", lambda: "tpu")
     assert A._auto_impl(q_big, seg_big) == "pallas"

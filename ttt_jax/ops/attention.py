@@ -17,17 +17,17 @@ One public function, :func:`attention`, with an ``impl=`` switch:
   into a ``[B, 1, T, T]`` additive bias: correct, but O(B * T^2) memory (measured on one H100,
   B=1, T=8192, 16 heads: about 2x the time of the unmasked kernel, still ~7x faster than
   ``"xla"``). ``impl="auto"`` therefore uses cuDNN with segment ids only while that bias is small
-  (``_CUDNN_MAX_MASK_ELEMENTS``) and beyond it takes ``"xla"`` (or ``"flash"`` once
-  ``AUTO_FLASH_FOR_SEGMENTS`` is on, see below). Odd lengths are padded
+  (``_CUDNN_MAX_MASK_ELEMENTS``) and beyond it takes ``"flash"`` (see below). Odd lengths are padded
   by one token (cuDNN's backward pass needs an even length). An explicit ``impl="cudnn"`` that
   cannot run (no GPU, fp32 inputs, head_dim) raises ``ValueError`` naming the reason.
 * ``"flash"``     -- the Pallas (Triton) flash-attention kernels of :mod:`parallel.flash` with
   native segment ids and window: O(T) memory, no dense mask, causal (and window) tiles beyond
   the diagonal skipped. Without segment ids the same kernels run at about a third of cuDNN's
   TFLOP/s on an H100. Meant for long packed batches, where the XLA path's compiled train step
-  needs far more temporaries (64.8 vs 24.7 GiB for the Qwen3-4B shape at 32k, measured); the
-  segmented kernels are tested in interpret mode and cross-lowered for CUDA but have not yet run
-  compiled on a GPU, so ``"auto"`` does not pick them yet (``AUTO_FLASH_FOR_SEGMENTS``).
+  needs far more temporaries (compile-only, Qwen3-4B shape at 32k with packed-document ids on an
+  H100: 64.8 GiB with ``"xla"``, 25.0 GiB with ``"flash"``); ``"auto"`` picks it for segment ids
+  that cuDNN cannot take (``AUTO_FLASH_FOR_SEGMENTS``). Tested in interpret mode on CPU and
+  compiled on an H100 (GPU-marked tests).
   Lengths are padded to a multiple of the tile (padding gets segment id 0).
   GPU needs bf16/fp16 and head_dim <= 256; off GPU it runs in Pallas interpret mode (slow; CPU
   tests).
@@ -35,8 +35,8 @@ One public function, :func:`attention`, with an ``impl=`` switch:
   splash_attention``) with its lazy causal / local masks and native segment ids. Off TPU it runs
   in Pallas interpret mode (slow; used by the CPU tests).
 * ``"auto"``      -- on GPU: cuDNN when dtype / head_dim allow, except with segment ids whose
-  dense mask would be large, which go to ``"xla"`` (``"flash"`` with
-  ``AUTO_FLASH_FOR_SEGMENTS``); Pallas on TPU; XLA otherwise.
+  dense mask would be large, which go to ``"flash"`` (``"xla"`` with
+  ``AUTO_FLASH_FOR_SEGMENTS`` off); Pallas on TPU; XLA otherwise.
 
 Semantics shared by all paths (built by :func:`attention_mask`): query ``t`` sees key ``s`` iff
 ``s <= t`` (causal), ``s > t - window`` when ``window > 0`` (the window counts the query itself),
@@ -65,10 +65,9 @@ AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "pallas", "flash"]
 IMPLS = ("auto", "reference", "xla", "cudnn", "pallas", "flash")
 
 # Whether impl="auto" on GPU sends segment ids that cuDNN cannot take (above the dense-mask limit
-# below) to the Pallas flash kernels ("flash") instead of the XLA blockwise path. Off until the
-# segmented kernels have run compiled on a GPU (their GPU-marked tests and
-# benchmarks/train_step_memory.py); "flash" can be chosen explicitly meanwhile.
-AUTO_FLASH_FOR_SEGMENTS = False
+# below) to the Pallas flash kernels ("flash") instead of the XLA blockwise path (which keeps
+# ~1 GiB of temporaries per rematerialised layer at 32k: benchmarks/README.md).
+AUTO_FLASH_FOR_SEGMENTS = True
 
 # Largest dense segment mask (B * T * T elements) that impl="auto" hands to cuDNN as a bias.
 _CUDNN_MAX_MASK_ELEMENTS = 2**27
