@@ -77,3 +77,13 @@ def test_override_must_be_key_value():
 def test_unknown_preset_lists_presets():
     with pytest.raises(ConfigError, match="tiny"):
         load_config("no_such_preset")
+
+
+def test_huge_integer_overrides_are_errors_not_hangs():
+    """A float too large to name an exact integer, or an absurd layer count, is a ConfigError
+    (validation builds per-layer lists; 4.8e118 layers used to hang it)."""
+    with pytest.raises(ConfigError, match="n_layers"):
+        load_config("tiny", ["model.n_layers=4.84567330035119e+118"])
+    with pytest.raises(ConfigError, match="n_layers"):
+        load_config("tiny", ["model.n_layers=100000000"])
+    assert load_config("tiny", ["model.n_layers=3.0"]).model.n_layers == 3

@@ -24,6 +24,8 @@ from typing import Any, Literal, Optional, Sequence
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# Upper bound on model.n_layers: validation and the layer-placement rules build per-layer lists.
+MAX_LAYERS = 65536
 
 
 class ConfigError(ValueError):
@@ -310,6 +312,8 @@ class ModelConfig:
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             v = getattr(self, key)
             _check(isinstance(v, int) and v >= 1, f"model.{key}", v, "an integer >= 1")
+        # Layer lists below are built per layer; a bound keeps a typo from hanging validation.
+        _check(self.n_layers <= MAX_LAYERS, "model.n_layers", self.n_layers, f"at most {MAX_LAYERS}")
         _check(self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads", self.n_kv_heads,
                f"a divisor of model.n_heads={self.n_heads} (grouped-query attention)")
         if self.head_dim is None:
@@ -566,7 +570,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"invalid {key}={value!r}: expected an integer") from None
-        if not math.isfinite(f) or f != int(f):
+        # Floats name an integer only while every integer is representable (|f| <= 2^53); beyond
+        # that, e.g. 4.8e118, the value is not one the user could have meant exactly.
+        if not math.isfinite(f) or f != int(f) or abs(f) > 2 ** 53:
             raise ConfigError(f"invalid {key}={value!r}: expected an integer")
         return int(f)
     if tp is float:
