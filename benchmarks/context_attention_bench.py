@@ -6,8 +6,9 @@ For each sequence length ``T`` (global) it times, as ``jit(value_and_grad)`` of 
   (an error row where it does not fit; ``--skip-single`` to skip);
 * ``flash_1dev``      -- the Pallas flash kernels of :mod:`parallel.flash` on one device (the ring's
   block kernel alone, to compare it with cuDNN);
-* ``ring_<layout>``   -- :func:`parallel.attention.context_attention` over ``n`` devices with the
-  chosen ``--kernel`` (``fused`` = Pallas blocks in the ring), contiguous and zigzag layouts;
+* ``ring_<layout>_<kernel>`` -- :func:`parallel.attention.context_attention` over ``n`` devices
+  with each of ``--kernels`` (``fused``: cuDNN blocks in the ring where JAX's private cuDNN rules
+  are as expected; ``pallas``: the Pallas blocks; ``xla``), contiguous and zigzag layouts;
 * ``window_<W>``      -- sliding window ``W`` over ``n`` devices (halo + one cuDNN call per device)
   and on one device, when ``--window`` is given.
 
@@ -46,7 +47,7 @@ def _parse(argv=None):
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--devices", type=int, default=None, help="context devices (default: all)")
-    p.add_argument("--kernel", default="fused", choices=["auto", "xla", "fused"])
+    p.add_argument("--kernels", nargs="+", default=["fused"], choices=["auto", "xla", "fused", "pallas"])
     p.add_argument("--layouts", nargs="+", default=["contiguous", "zigzag"])
     p.add_argument("--window", type=int, default=0, help="also time a sliding window of this size")
     p.add_argument("--skip-single", action="store_true", help="skip the one-device baselines")
@@ -121,12 +122,12 @@ def main(argv=None):
                            check_vma=not smoke)  # Pallas's interpreter and vma checks (JAX 0.10)
         return fn  # inputs are already in the layout's order (the timing does not depend on it)
 
-    def record(name, t, sec, ndev, window=0):
+    def record(name, t, sec, ndev, window=0, kernel=None):
         attended = t * t / 2 if not window else t * min(window, t)
         flops = 3.5 * 4 * b * h * attended * dh  # fwd 4 B H (T^2/2) Dh; bwd 2.5x
         rows.append(dict(name=name, seq_len=t, devices=ndev, ms=sec * 1e3,
                          tflops_per_device=flops / sec / 1e12 / ndev, window=window,
-                         batch=b, heads=h, kv_heads=kvh, head_dim=dh, kernel=args.kernel,
+                         batch=b, heads=h, kv_heads=kvh, head_dim=dh, kernel=kernel,
                          tiles=[*F._FWD_BLOCKS, *F._BWD_BLOCKS], launch=args.launch,
                          device=devices[0].device_kind))
         print(json.dumps(rows[-1]), flush=True)
@@ -150,13 +151,20 @@ def main(argv=None):
         # Inputs placed in their sharding once, so the timed calls move no data between devices.
         spread = jax.device_put((q, k, v, ct), jax.sharding.NamedSharding(mesh, P(None, "context")))
         for layout in args.layouts:
-            if smoke:
-                inner = lambda q, k, v, layout=layout: FA.ring_flash_attention(
-                    q, k, v, "context", layout=layout, scale=dh ** -0.5, interpret=True)
-            else:
-                inner = lambda q, k, v, layout=layout: A.context_attention(
-                    q, k, v, "context", layout=layout, kernel=args.kernel)
-            record(f"ring_{layout}", t, timed(grad_of(sharded(inner, layout)), *spread), n)
+            for kernel in args.kernels:
+                if smoke:
+                    inner = lambda q, k, v, layout=layout: FA.ring_flash_attention(
+                        q, k, v, "context", layout=layout, scale=dh ** -0.5, interpret=True)
+                else:
+                    inner = lambda q, k, v, layout=layout, kernel=kernel: A.context_attention(
+                        q, k, v, "context", layout=layout, kernel=kernel)
+                try:
+                    record(f"ring_{layout}_{kernel}", t, timed(grad_of(sharded(inner, layout)), *spread),
+                           n, kernel=kernel)
+                except Exception as e:  # e.g. out of memory at long T
+                    rows.append(dict(name=f"ring_{layout}_{kernel}", seq_len=t,
+                                     error=str(e).splitlines()[0][:300]))
+                    print(json.dumps(rows[-1]), flush=True)
         if args.window:
             w = args.window
             if smoke:
@@ -165,8 +173,9 @@ def main(argv=None):
                                                                  local_attention=local)
             else:
                 inner = lambda q, k, v: A.context_attention(q, k, v, "context", window=w,
-                                                            kernel=args.kernel)
-            record(f"window_{w}", t, timed(grad_of(sharded(inner, "contiguous")), *spread), n, w)
+                                                            kernel=args.kernels[0])
+            record(f"window_{w}", t, timed(grad_of(sharded(inner, "contiguous")), *spread), n, w,
+                   kernel=args.kernels[0])
             if not args.skip_single:
                 fn = lambda q, k, v: attention(q, k, v, window=w, impl=single_impl)
                 record(f"window_{w}_{single_impl}_1dev", t, timed(grad_of(fn), *one), 1, w)

@@ -56,10 +56,12 @@ the fast paths -- but on GPUs about 10x slower than a fused kernel. ``kernel="fu
 (:mod:`parallel.fused_attention`, no segment ids) keeps the same collectives and replaces the
 per-device compute:
 
-* ring: each (query block, key block) pair is one call of the Pallas (Triton) flash kernels of
-  :mod:`parallel.flash`, which return the block's log-sum-exp and whose backward takes the merged
-  one -- what the ring's online softmax and its backward ring need, and what the public cuDNN API
-  does not expose;
+* ring: each (query block, key block) pair is one fused kernel call that returns the block's
+  log-sum-exp and whose backward takes the merged one -- what the ring's online softmax and its
+  backward ring need, and what the public cuDNN API does not expose. cuDNN's own kernels, reached
+  through JAX's private cuDNN attention rules (:mod:`parallel.cudnn_blocks`), where this JAX has
+  them as expected; else the Pallas (Triton) flash kernels of :mod:`parallel.flash`
+  (``kernel="pallas"`` forces them);
 * sliding window: after the halo exchange, ONE cuDNN call per device on ``[halo | local]`` keys
   with ``halo`` zero queries prepended (equal lengths make cuDNN's top-left causal + window mask
   the global mask); device 0, which has no halo, runs the local-only call (``lax.cond``).
@@ -84,8 +86,8 @@ Layout = Literal["contiguous", "zigzag"]
 LAYOUTS = ("contiguous", "zigzag")
 ContextImpl = Literal["ring", "allgather"]
 CONTEXT_IMPLS = ("ring", "allgather")
-ContextKernel = Literal["auto", "xla", "fused"]
-CONTEXT_KERNELS = ("auto", "xla", "fused")
+ContextKernel = Literal["auto", "xla", "fused", "pallas"]
+CONTEXT_KERNELS = ("auto", "xla", "fused", "pallas")
 
 _NEG = -1e30  # finite "minus infinity" for fp32 logits; masked probabilities are zeroed explicitly
 
@@ -682,10 +684,12 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
 
     ``kernel`` picks the per-device compute: ``"xla"`` (:func:`ring_attention` /
     :func:`sliding_window_attention`: plain XLA, any backend, segment ids), ``"fused"``
-    (:mod:`parallel.fused_attention`: Pallas flash kernels per ring block, one cuDNN call for the
-    sliding window; NVIDIA GPU, bf16/fp16, no segment ids -- an explicit choice that cannot run
-    raises ``ValueError`` naming why) or ``"auto"`` (fused where it can run, XLA otherwise; so
-    always XLA on CPU/TPU). ``block_size`` is passed on to the XLA paths (``None``: their default).
+    (:mod:`parallel.fused_attention`: cuDNN -- or, where JAX's private cuDNN rules are not as
+    expected, Pallas -- flash kernels per ring block, one cuDNN call for the sliding window; NVIDIA
+    GPU, bf16/fp16, no segment ids -- an explicit choice that cannot run raises ``ValueError``
+    naming why), ``"pallas"`` (fused, with the Pallas kernels per ring block) or ``"auto"`` (fused
+    where it can run, XLA otherwise; so always XLA on CPU/TPU). ``block_size`` is passed on to the
+    XLA paths (``None``: their default).
     """
     if impl not in CONTEXT_IMPLS:
         raise ValueError(f"context_attention: impl={impl!r} is not one of {CONTEXT_IMPLS}")
@@ -701,8 +705,8 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     if kernel != "xla":
         reason = fused_unsupported_reason(q, k, segment_ids=segment_ids, window=window, impl=impl,
                                           layout=layout)
-        if reason is not None and kernel == "fused":
-            raise ValueError(f"context kernel 'fused' cannot run here: {reason}; use 'auto' or 'xla'")
+        if reason is not None and kernel != "auto":
+            raise ValueError(f"context kernel {kernel!r} cannot run here: {reason}; use 'auto' or 'xla'")
         if reason is None:
             from parallel.fused_attention import (cudnn_window_attention, halo_window_attention,
                                                   ring_flash_attention)
@@ -710,7 +714,8 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
             if window:
                 local = functools.partial(cudnn_window_attention, window=window, scale=scale)
                 return halo_window_attention(q, k, v, axis_name, window=window, local_attention=local)
-            return ring_flash_attention(q, k, v, axis_name, layout=layout, scale=scale)
+            return ring_flash_attention(q, k, v, axis_name, layout=layout, scale=scale,
+                                        blocks="pallas" if kernel == "pallas" else None)
     if window:
         return sliding_window_attention(q, k, v, axis_name, window=window, segment_ids=segment_ids,
                                         scale=scale, block_size=block_size)

@@ -6,7 +6,9 @@ Same semantics, shapes and layouts as :mod:`parallel.attention` (``q [B, T_local
 * :func:`ring_flash_attention` -- full causal attention, the ring of
   :func:`parallel.attention.ring_attention` (K/V blocks travel by ``lax.ppermute``; a custom VJP
   runs a second ring in which dK/dV travel with their blocks), with every (query block, key block)
-  pair computed by the Pallas flash kernels of :mod:`parallel.flash`. The forward state is the
+  pair computed by one fused kernel call: cuDNN's flash attention through
+  :mod:`parallel.cudnn_blocks` where it can run (GPU, bf16/fp16, JAX's private cuDNN rules as
+  expected), else the Pallas (Triton) kernels of :mod:`parallel.flash`. The forward state is the
   merged output and log-sum-exp (``out [B, T, H, Dh]``, ``lse [B, H, T]``, float32); each block's
   ``(out_b, lse_b)`` is merged by ``lse' = logaddexp(lse, lse_b)``,
   ``out' = out * exp(lse - lse') + out_b * exp(lse_b - lse')``. The backward calls the block
@@ -26,16 +28,18 @@ Same semantics, shapes and layouts as :mod:`parallel.attention` (``q [B, T_local
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from parallel.attention import _NEG, _check_layout, _ring_meta, _source
+from parallel.cudnn_blocks import cudnn_block_bwd, cudnn_block_fwd, private_api_problem
 from parallel.flash import flash_block_bwd, flash_block_fwd, flash_delta
 
 LocalAttention = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+RING_BLOCKS = ("cudnn", "pallas", "interpret")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,16 +54,42 @@ def _merge(out, lse, out_b, lse_b):
     return out * w(lse) + out_b * w(lse_b), new
 
 
-def _fwd_step(rel, state, kv, q, layout, scale, interpret):
+class _Blocks(NamedTuple):
+    """The per-pair kernels of one ring: ``fwd(q, k, v, causal) -> (out, lse)`` and
+    ``bwd(q, k, v, do, out, lse, delta, causal) -> (dq, dk, dv)`` (global ``out``/``lse``/``delta``)."""
+
+    fwd: Callable
+    bwd: Callable
+
+
+def _block_kernels(blocks: str, scale: float) -> _Blocks:
+    """``blocks``: ``"cudnn"`` (:mod:`parallel.cudnn_blocks`), ``"pallas"`` (:mod:`parallel.flash`)
+    or ``"interpret"`` (the Pallas kernels in interpret mode, for CPU tests)."""
+    if blocks == "cudnn":
+        return _Blocks(
+            fwd=lambda q, k, v, causal: cudnn_block_fwd(q, k, v, causal=causal, scale=scale),
+            bwd=lambda q, k, v, do, out, lse, delta, causal: cudnn_block_bwd(
+                q, k, v, do, out, lse, causal=causal, scale=scale))
+    if blocks not in ("pallas", "interpret"):
+        raise ValueError(f"ring block kernels: {blocks!r} is not one of {RING_BLOCKS}")
+    interpret = blocks == "interpret"
+    return _Blocks(
+        fwd=lambda q, k, v, causal: flash_block_fwd(q, k, v, causal=causal, scale=scale,
+                                                    interpret=interpret),
+        bwd=lambda q, k, v, do, out, lse, delta, causal: flash_block_bwd(
+            q, k, v, do, lse, delta, causal=causal, scale=scale, interpret=interpret))
+
+
+def _fwd_step(rel, state, kv, q, layout, kernels: _Blocks):
     """Fold one K/V block into ``(out, lse)``. ``rel``: 0 own, 1 earlier, 2 later device."""
     k, v = kv
-    fwd = functools.partial(flash_block_fwd, scale=scale, interpret=interpret)
+    fwd = kernels.fwd
 
     def own(st):
-        return _merge(*st, *fwd(q, k, v, causal=True))
+        return _merge(*st, *fwd(q, k, v, True))
 
     def earlier_all(st):
-        return _merge(*st, *fwd(q, k, v, causal=False))
+        return _merge(*st, *fwd(q, k, v, False))
 
     if layout == "contiguous":
         branches = [own, earlier_all, lambda st: st]
@@ -67,11 +97,11 @@ def _fwd_step(rel, state, kv, q, layout, scale, interpret):
         half = q.shape[1] // 2
 
         def earlier(st):  # every query sees the early half of the key block
-            return _merge(*st, *fwd(q, k[:, :half], v[:, :half], causal=False))
+            return _merge(*st, *fwd(q, k[:, :half], v[:, :half], False))
 
         def later(st):  # only the late query half sees the block (all of it)
             out, lse = st
-            o_hi, l_hi = _merge(out[:, half:], lse[:, :, half:], *fwd(q[:, half:], k, v, causal=False))
+            o_hi, l_hi = _merge(out[:, half:], lse[:, :, half:], *fwd(q[:, half:], k, v, False))
             return out.at[:, half:].set(o_hi), lse.at[:, :, half:].set(l_hi)
 
         branches = [own, earlier, later]
@@ -80,19 +110,19 @@ def _fwd_step(rel, state, kv, q, layout, scale, interpret):
     return lax.switch(rel, branches, state)
 
 
-def _bwd_step(rel, grads, kv, q, do, lse, delta, layout, scale, interpret):
+def _bwd_step(rel, grads, kv, q, do, out, lse, delta, layout, kernels: _Blocks):
     """Accumulate ``(dq, dk, dv)`` (float32) of one ring step; ``rel`` as in :func:`_fwd_step`."""
     k, v = kv
-    bwd = functools.partial(flash_block_bwd, scale=scale, interpret=interpret)
+    bwd = kernels.bwd
 
     def add(g, upd):
-        return tuple(a + b for a, b in zip(g, upd))
+        return tuple(a + b.astype(jnp.float32) for a, b in zip(g, upd))
 
     def own(g):
-        return add(g, bwd(q, k, v, do, lse, delta, causal=True))
+        return add(g, bwd(q, k, v, do, out, lse, delta, True))
 
     def earlier_all(g):
-        return add(g, bwd(q, k, v, do, lse, delta, causal=False))
+        return add(g, bwd(q, k, v, do, out, lse, delta, False))
 
     if layout == "contiguous":
         branches = [own, earlier_all, lambda g: g]
@@ -101,14 +131,16 @@ def _bwd_step(rel, grads, kv, q, do, lse, delta, layout, scale, interpret):
 
         def earlier(g):
             dq, dk, dv = g
-            a, b, c = bwd(q, k[:, :half], v[:, :half], do, lse, delta, causal=False)
-            return dq + a, dk.at[:, :half].add(b), dv.at[:, :half].add(c)
+            a, b, c = bwd(q, k[:, :half], v[:, :half], do, out, lse, delta, False)
+            return (dq + a.astype(jnp.float32), dk.at[:, :half].add(b.astype(jnp.float32)),
+                    dv.at[:, :half].add(c.astype(jnp.float32)))
 
         def later(g):
             dq, dk, dv = g
-            a, b, c = bwd(q[:, half:], k, v, do[:, half:], lse[:, :, half:], delta[:, :, half:],
-                          causal=False)
-            return dq.at[:, half:].add(a), dk + b, dv + c
+            a, b, c = bwd(q[:, half:], k, v, do[:, half:], out[:, half:], lse[:, :, half:],
+                          None if delta is None else delta[:, :, half:], False)
+            return (dq.at[:, half:].add(a.astype(jnp.float32)), dk + b.astype(jnp.float32),
+                    dv + c.astype(jnp.float32))
 
         branches = [own, earlier, later]
     if isinstance(rel, int):
@@ -116,12 +148,12 @@ def _bwd_step(rel, grads, kv, q, do, lse, delta, layout, scale, interpret):
     return lax.switch(rel, branches, grads)
 
 
-def _ring_flash_fwd_impl(q, k, v, axis_name, layout, scale, interpret):
+def _ring_flash_fwd_impl(q, k, v, axis_name, layout, scale, blocks):
     n, idx, perm = _ring_meta(axis_name)
     # Initial state built from q so that, inside shard_map, it varies over the same mesh axes.
     out = jnp.zeros_like(q, jnp.float32)
     lse = jnp.moveaxis(out[..., 0], 1, 2) + _NEG
-    step = functools.partial(_fwd_step, q=q, layout=layout, scale=scale, interpret=interpret)
+    step = functools.partial(_fwd_step, q=q, layout=layout, kernels=_block_kernels(blocks, scale))
     kv = (k, v)
     nxt = lax.ppermute(kv, axis_name, perm) if n > 1 else kv
     state = step(0, (out, lse), kv)
@@ -140,22 +172,23 @@ def _ring_flash_fwd_impl(q, k, v, axis_name, layout, scale, interpret):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _ring_flash(q, k, v, axis_name, layout, scale, interpret):
-    return _ring_flash_fwd_impl(q, k, v, axis_name, layout, scale, interpret)[0]
+def _ring_flash(q, k, v, axis_name, layout, scale, blocks):
+    return _ring_flash_fwd_impl(q, k, v, axis_name, layout, scale, blocks)[0]
 
 
-def _ring_flash_fwd(q, k, v, axis_name, layout, scale, interpret):
-    out, lse = _ring_flash_fwd_impl(q, k, v, axis_name, layout, scale, interpret)
+def _ring_flash_fwd(q, k, v, axis_name, layout, scale, blocks):
+    out, lse = _ring_flash_fwd_impl(q, k, v, axis_name, layout, scale, blocks)
     return out, (q, k, v, out, lse)
 
 
-def _ring_flash_bwd(axis_name, layout, scale, interpret, res, dout):
+def _ring_flash_bwd(axis_name, layout, scale, blocks, res, dout):
     q, k, v, out, lse = res
     n, idx, perm = _ring_meta(axis_name)
     do = dout.astype(q.dtype)
-    delta = flash_delta(out, dout)
-    step = functools.partial(_bwd_step, q=q, do=do, lse=lse, delta=delta, layout=layout,
-                             scale=scale, interpret=interpret)
+    # cuDNN's backward forms rowsum(dO * O) itself from ``out``; the Pallas kernels take it.
+    delta = None if blocks == "cudnn" else flash_delta(out, dout)
+    step = functools.partial(_bwd_step, q=q, do=do, out=out, lse=lse, delta=delta, layout=layout,
+                             kernels=_block_kernels(blocks, scale))
     kv = (k, v)
     grads = (jnp.zeros_like(q, jnp.float32), jnp.zeros_like(k, jnp.float32),
              jnp.zeros_like(v, jnp.float32))
@@ -182,22 +215,57 @@ def _ring_flash_bwd(axis_name, layout, scale, interpret, res, dout):
 _ring_flash.defvjp(_ring_flash_fwd, _ring_flash_bwd)
 
 
+def ring_blocks_unsupported_reason(q: jax.Array, k: jax.Array, layout: str = "contiguous"
+                                   ) -> Optional[str]:
+    """Why the cuDNN block kernels cannot serve this ring (``None`` when they can): a GPU,
+    bfloat16/float16, a head dim cuDNN takes, even block lengths (cuDNN's backward), and the private
+    JAX rules of :mod:`parallel.cudnn_blocks`."""
+    reason = cudnn_unsupported_reason(q)
+    if reason is not None:
+        return reason
+    t = q.shape[1]
+    if t % 2 or (layout == "zigzag" and t % 4):
+        return f"cuDNN's backward needs even block lengths, got T_local = {t} ({layout})"
+    return private_api_problem()
+
+
+def choose_ring_blocks(q: jax.Array, k: jax.Array, layout: str = "contiguous") -> str:
+    """``"cudnn"`` where :func:`ring_blocks_unsupported_reason` finds nothing, else ``"pallas"``."""
+    return "cudnn" if ring_blocks_unsupported_reason(q, k, layout) is None else "pallas"
+
+
 def ring_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, *,
-                         layout: str = "contiguous", scale: float, interpret: bool = False) -> jax.Array:
-    """Full causal ring attention with Pallas flash block kernels (inside ``shard_map``).
+                         layout: str = "contiguous", scale: float, interpret: bool = False,
+                         blocks: Optional[str] = None) -> jax.Array:
+    """Full causal ring attention with fused block kernels (inside ``shard_map``).
 
     Args:
       q: ``[B, T_local, H, Dh]``; k, v: ``[B, T_local, KV, Dh]``; no segment ids.
       axis_name: the context mesh axis.
       layout: ``"contiguous"`` or ``"zigzag"``.
       scale: logit scale.
-      interpret: run the kernels in Pallas interpret mode (CPU tests).
+      interpret: run the Pallas kernels in interpret mode (CPU tests); implies ``blocks="pallas"``.
+      blocks: the per-pair kernels, ``"cudnn"`` (:mod:`parallel.cudnn_blocks`) or ``"pallas"``
+        (:mod:`parallel.flash`); ``None`` picks cuDNN where it can run
+        (:func:`choose_ring_blocks`).
 
     Returns:
       ``[B, T_local, H, Dh]`` in ``q.dtype``; differentiable (custom VJP, backward ring).
     """
     _check_layout(layout, q.shape[1])
-    return _ring_flash(q, k, v, axis_name, layout, float(scale), bool(interpret))
+    if interpret:
+        if blocks not in (None, "pallas"):
+            raise ValueError(f"ring_flash_attention: interpret=True runs the Pallas kernels, not {blocks!r}")
+        blocks = "interpret"
+    elif blocks is None:
+        blocks = choose_ring_blocks(q, k, layout)
+    elif blocks == "cudnn":
+        reason = ring_blocks_unsupported_reason(q, k, layout)
+        if reason is not None:
+            raise ValueError(f"ring_flash_attention: the cuDNN block kernels cannot run here: {reason}")
+    elif blocks != "pallas":
+        raise ValueError(f"ring_flash_attention: blocks={blocks!r} is not 'cudnn' or 'pallas'")
+    return _ring_flash(q, k, v, axis_name, layout, float(scale), blocks)
 
 
 # --------------------------------------------------------------------------------------------------

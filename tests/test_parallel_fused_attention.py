@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from parallel import attention as A
+from parallel import cudnn_blocks as C
 from parallel import flash as F
 from parallel import fused_attention as FA
 from parallel.mesh import make_mesh
@@ -68,6 +69,12 @@ def test_block_kernels_match_dense(causal, tq, tk, blocks):
     g_lse = want_lse + jnp.asarray(rng.uniform(0.1, 1.0, want_lse.shape), jnp.float32)
     delta = jnp.asarray(rng.standard_normal(want_lse.shape), jnp.float32)
     got = F.flash_block_bwd(q, k, v, ct, g_lse, delta, **kw)
+    _close(got, _block_grads_given_stats(q, k, v, ct, g_lse, delta, causal, scale), 1e-4)
+
+
+def _block_grads_given_stats(q, k, v, ct, g_lse, delta, causal, scale):
+    """Dense (dq, dk, dv) of one block given a global log-sum-exp and ``delta = rowsum(dO * O)``."""
+    q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
 
     def p_of(q, k):  # P = exp(S * scale - lse_global), the quantity the backward differentiates
         grp = q.shape[2] // k.shape[2]
@@ -84,8 +91,7 @@ def test_block_kernels_match_dense(causal, tq, tk, blocks):
         return jnp.sum(jax.lax.stop_gradient(dp - delta[..., None]) * p) + \
             jnp.sum(jnp.einsum("bhqk,bkhd->bqhd", jax.lax.stop_gradient(p), vr) * ct)
 
-    want = jax.grad(surrogate, argnums=(0, 1, 2))(q, k, v)
-    _close(got, want, 1e-4)
+    return jax.grad(surrogate, argnums=(0, 1, 2))(q, k, v)
 
 
 def test_flash_attention_matches_reference():
@@ -153,6 +159,8 @@ def test_kernel_selection_and_errors():
     np.testing.assert_array_equal(np.asarray(run("auto", 3)), np.asarray(run("xla", 3)))
     with pytest.raises(ValueError, match="kernel 'fused' cannot run here: the Pallas flash kernels need an NVIDIA GPU"):
         run("fused")
+    with pytest.raises(ValueError, match="kernel 'pallas' cannot run here: the Pallas flash kernels need an NVIDIA GPU"):
+        run("pallas")
     with pytest.raises(ValueError, match="kernel 'fused' cannot run here: cuDNN attention needs an NVIDIA GPU"):
         run("fused", 3)
     with pytest.raises(ValueError, match="kernel="):
@@ -185,8 +193,37 @@ def test_block_kernels_compiled_on_gpu(dh):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("causal,tq,tk", [(True, 1024, 1024), (False, 512, 1024), (False, 1024, 512)])
+def test_cudnn_block_kernels_on_gpu(causal, tq, tk):
+    """cuDNN's block forward (out, float32 lse) and its backward fed a *foreign* global output and
+    log-sum-exp (as the ring passes them), against the dense float32 formulas."""
+    assert C.private_api_problem() is None, C.private_api_problem()
+    scale = 1.0 / np.sqrt(64)
+    q, _, _, ct = _rand(10, tq, b=2, h=8, kvh=2, dh=64)
+    _, k, v, _ = _rand(11, tk, b=2, h=8, kvh=2, dh=64)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+    qb, kb, vb, ctb = bf(q), bf(k), bf(v), bf(ct)
+    out, lse = jax.jit(functools.partial(C.cudnn_block_fwd, causal=causal, scale=scale))(qb, kb, vb)
+    assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32 and lse.shape == (2, 8, tq)
+    want_out, want_lse = _dense_block(qb, kb, vb, causal, scale)
+    _close(lse, want_lse, 2e-3)  # natural-log units, float32
+    _close(out, want_out, 2e-2)
+    rng = np.random.default_rng(12)
+    g_lse = want_lse + jnp.asarray(rng.uniform(0.1, 1.0, want_lse.shape), jnp.float32)
+    g_out = bf(rng.standard_normal(q.shape))
+    delta = jnp.einsum("bthd,bthd->bht", g_out.astype(jnp.float32), ctb.astype(jnp.float32))
+    got = jax.jit(functools.partial(C.cudnn_block_bwd, causal=causal, scale=scale))(
+        qb, kb, vb, ctb, g_out, g_lse)
+    want = _block_grads_given_stats(qb, kb, vb, ctb.astype(jnp.float32), g_lse, delta, causal, scale)
+    for g, w in zip(got, want):  # bf16 outputs: compare relative to each gradient's scale
+        w = np.asarray(w)
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=2e-2 * np.abs(w).max(), rtol=0)
+
+
+@pytest.mark.gpu
 def test_fused_context_attention_on_gpus():
-    """Fused ring (both layouts) and the cuDNN halo window on all local GPUs, bf16, vs fp32 reference."""
+    """Fused ring (both layouts; cuDNN and Pallas blocks) and the cuDNN halo window on all local
+    GPUs, bf16, vs fp32 reference."""
     devices = [d for d in jax.devices() if d.platform == "gpu"]
     n = len(devices)
     mesh = make_mesh(data=1, context=n, devices=devices)
@@ -194,9 +231,11 @@ def test_fused_context_attention_on_gpus():
     q, k, v, ct = _rand(8, t, dtype=np.float32, b=2, h=8, kvh=2, dh=64)
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)
     spec = P(None, "context")
-    for layout, window in (("contiguous", 0), ("zigzag", 0), ("contiguous", 101), ("contiguous", 256)):
+    cases = [("contiguous", 0, "fused"), ("zigzag", 0, "fused"), ("contiguous", 0, "pallas"),
+             ("zigzag", 0, "pallas"), ("contiguous", 101, "fused"), ("contiguous", 256, "fused")]
+    for layout, window, kernel in cases:
         inner = lambda q, k, v: A.context_attention(q, k, v, "context", window=window, layout=layout,
-                                                    kernel="fused")
+                                                    kernel=kernel)
         fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
         to = (lambda x: A.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
         back = (lambda x: A.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
@@ -223,6 +262,32 @@ def test_fused_ring_lowers_for_gpu(layout, monkeypatch):
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(
         lowering_platforms=("cuda",)).as_text()
     assert hlo.count("__gpu$xla.gpu.triton") >= 3  # forward, dQ and dK/dV kernels
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_cudnn_ring_lowers_for_gpu(layout, monkeypatch):
+    """JAX's private cuDNN attention rules have the signatures parallel.cudnn_blocks was written
+    against, and the ring with cuDNN blocks cross-lowers for CUDA on CPU: cuDNN forward and
+    backward calls, no Triton kernel. (cuDNN's version query needs a GPU: stood in for here.)"""
+    assert C.private_api_problem() is None, C.private_api_problem()
+    monkeypatch.setattr(C._module(), "check_cudnn_version", lambda: 91000)
+    n = 4
+    mesh = make_mesh(data=1, context=n, devices=jax.devices()[:n])
+    spec = P(None, "context")
+    inner = lambda q, k, v: FA._ring_flash(q, k, v, "context", layout, 0.125, "cudnn")
+    fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
+    q = jax.ShapeDtypeStruct((1, 512, 4, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "__cudnn$fmhaSoftmax" in hlo and "__cudnn$fmhaSoftmaxBackward" in hlo
+    assert "__gpu$xla.gpu.triton" not in hlo
+    with pytest.raises(ValueError, match="cuDNN block kernels cannot run here"):
+        FA.ring_flash_attention(jnp.zeros((1, 64, 4, 64), jnp.bfloat16),
+                                jnp.zeros((1, 64, 2, 64), jnp.bfloat16),
+                                jnp.zeros((1, 64, 2, 64), jnp.bfloat16), "context", scale=0.1,
+                                blocks="cudnn")
 
 
 @pytest.mark.gpu

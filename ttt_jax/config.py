@@ -293,7 +293,7 @@ class ModelConfig:
     context_layout: Literal["contiguous", "zigzag"] = "contiguous"
     context_attention: Literal["ring", "allgather"] = "ring"
     context_scan: Literal["allgather", "ppermute"] = "allgather"
-    context_kernel: Literal["auto", "xla", "fused"] = "auto"
+    context_kernel: Literal["auto", "xla", "fused", "pallas"] = "auto"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
     ttt_seq: TTTSeqConfig = dataclasses.field(default_factory=TTTSeqConfig)
     e2e: E2EConfig = dataclasses.field(default_factory=E2EConfig)
