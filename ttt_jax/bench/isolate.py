@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from typing import Optional, Sequence
+
+
+_EXCEPTION_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt)\b(: .*)?$")
 
 
 def run_variant_process(args: Sequence[str], variant: str, env: Optional[dict] = None) -> dict:
@@ -33,6 +37,10 @@ def run_variant_process(args: Sequence[str], variant: str, env: Optional[dict] =
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ) if env is None else env)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not line:
-        err = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return dict(variant=variant, returncode=proc.returncode, error=" | ".join(err))
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        # The exception's own line sits above JAX's traceback notes; keep it with the last lines.
+        exc = [x for x in lines if _EXCEPTION_LINE.match(x)][-1:]
+        err = exc + [x for x in lines[-3:] if x not in exc]
+        return dict(variant=variant, returncode=proc.returncode, error=" | ".join(err),
+                    stderr_tail=lines[-60:])
     return json.loads(line[-1][len("RESULT "):])
