@@ -59,7 +59,7 @@ per-device compute:
 * ring: each (query block, key block) pair is one fused kernel call that returns the block's
   log-sum-exp and whose backward takes the merged one -- what the ring's online softmax and its
   backward ring need, and what the public cuDNN API does not expose. cuDNN's own kernels, reached
-  through JAX's private cuDNN attention rules (:mod:`parallel.cudnn_blocks`), where this JAX has
+  through JAX's private cuDNN attention functions (:mod:`parallel.cudnn_blocks`), where this JAX has
   them as expected; else the Pallas (Triton) flash kernels of :mod:`parallel.flash`
   (``kernel="pallas"`` forces them);
 * sliding window: after the halo exchange, ONE cuDNN call per device on ``[halo | local]`` keys
@@ -684,7 +684,7 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
 
     ``kernel`` picks the per-device compute: ``"xla"`` (:func:`ring_attention` /
     :func:`sliding_window_attention`: plain XLA, any backend, segment ids), ``"fused"``
-    (:mod:`parallel.fused_attention`: cuDNN -- or, where JAX's private cuDNN rules are not as
+    (:mod:`parallel.fused_attention`: cuDNN -- or, where JAX's private cuDNN functions are not as
     expected, Pallas -- flash kernels per ring block, one cuDNN call for the sliding window; NVIDIA
     GPU, bf16/fp16, no segment ids -- an explicit choice that cannot run raises ``ValueError``
     naming why), ``"pallas"`` (fused, with the Pallas kernels per ring block) or ``"auto"`` (fused

@@ -12,11 +12,13 @@ cuDNN's fused attention computes exactly these: its forward kernel writes the so
 (the log-sum-exp) as a residual and its backward kernel reads them back together with the forward
 output. JAX's public ``jax.nn.dot_product_attention`` does not let a caller use that: it returns
 the statistics cast to the output dtype (bfloat16 loses the precision the merge needs) and its VJP
-only ever uses its own residuals. This module calls the forward and backward *rules* of JAX's cuDNN
-custom VJP (``jax._src.cudnn.fused_attention_stablehlo``) directly, and hands the backward rule a
-residual tuple whose statistics and output are the ring's merged ones.
+only ever uses its own residuals. This module calls the private functions behind JAX's cuDNN primitives
+(``jax._src.cudnn.fused_attention_stablehlo``) directly and hands the backward the ring's merged
+statistics and output. They also bypass JAX's ``custom_partitioning`` of those primitives, which
+fails inside a ``shard_map`` that leaves some mesh axes automatic (:func:`cudnn_attention` is the
+differentiable single-call form used for the sliding window under context parallelism).
 
-Those rules are private to JAX and may change between releases. :func:`private_api_problem` checks
+Those functions are private to JAX and may change between releases. :func:`private_api_problem` checks
 the signatures this module was written against (JAX 0.10 and 0.11) and says what differs; callers
 (``parallel.fused_attention``) then use the Pallas kernels of :mod:`parallel.flash` instead. The
 GPU tests compare both kernels with a dense float32 reference, values and gradients.
@@ -39,18 +41,20 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-# Parameter names of the private rules, as in JAX 0.10 / 0.11. The backward rule's 8th parameter
-# receives the custom VJP's ``cudnn_version`` argument; its name has varied, so it is not checked.
-_FWD_RULE = "_dot_product_attention_fwd_rule"
-_BWD_RULE = "_dot_product_attention_bwd_rule"
-_FWD_PARAMS = ("query", "key", "value", "bias", "q_seqlen", "kv_seqlen", "q_offsets", "kv_offsets",
-               "page_table_k", "page_table_v", "scale", "seed", "dropout_rate", "variadic_args",
-               "mask_type", "layout", "sliding_window_length", "cudnn_version", "return_residual")
-_BWD_PARAMS = ("scale", "seed", "dropout_rate", "variadic_args", "mask_type", "layout",
-               "sliding_window_length", None, "return_residual", "res", "grad_output")
-# The backward rule's residual tuple: operands, the ten optional inputs' placeholders, then
-# (softmax statistics, forward output) -- which we replace by the merged ones.
-_N_RES = 12
+# Parameter names of the private functions used, as in JAX 0.10 / 0.11. They are the bodies of
+# JAX's custom-partitioned cuDNN primitives: they bind the plain cuDNN primitives, which lower to
+# one local cuDNN call. (The public path goes through ``custom_partitioning``, whose partitioner
+# fails inside a ``shard_map`` that leaves some mesh axes automatic -- the model's context-parallel
+# layers.)
+_FWD = "_dot_product_attention_fwd_impl"
+_BWD = "_dot_product_attention_bwd_impl"
+_OPTIONAL = ("bias", "q_seqlen", "kv_seqlen", "q_offsets", "kv_offsets", "page_table_k",
+             "page_table_v")
+_STATIC = ("scale", "seed", "dropout_rate", "variadic_args", "mask_type", "layout",
+           "sliding_window_length")
+_FWD_PARAMS = ("query", "key", "value", *_OPTIONAL, *_STATIC, "is_training")
+_BWD_PARAMS = ("query", "key", "value", *_OPTIONAL, "activation", "fwd_output", "grad_output",
+               *_STATIC)
 
 
 def _module():
@@ -60,73 +64,73 @@ def _module():
 
 def _params_problem(fn, want) -> Optional[str]:
     got = tuple(inspect.signature(fn).parameters)
-    if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
-        return f"{fn.__name__}{got} (expected {tuple(w or '*' for w in want)})"
+    if got != want:
+        return f"{fn.__name__}{got} (expected {want})"
     return None
 
 
 @functools.lru_cache(maxsize=None)
 def private_api_problem() -> Optional[str]:
-    """What keeps this JAX's private cuDNN attention rules from being used here (``None``: usable)."""
+    """What keeps this JAX's private cuDNN attention functions from being used here (``None``:
+    usable)."""
     try:
         fa = _module()
     except ImportError as e:  # a JAX without the cuDNN fused-attention module
         return f"jax._src.cudnn.fused_attention_stablehlo is not importable ({e})"
-    for name, want in ((_FWD_RULE, _FWD_PARAMS), (_BWD_RULE, _BWD_PARAMS)):
+    for name, want in ((_FWD, _FWD_PARAMS), (_BWD, _BWD_PARAMS)):
         fn = getattr(fa, name, None)
         if fn is None:
             return f"JAX {jax.__version__} has no {name}"
         problem = _params_problem(fn, want)
         if problem is not None:
-            return f"JAX {jax.__version__} changed a private cuDNN attention rule: {problem}"
-    for name in ("MaskType", "AttentionLayout", "check_cudnn_version"):
+            return f"JAX {jax.__version__} changed a private cuDNN attention function: {problem}"
+    for name in ("MaskType", "AttentionLayout"):
         if not hasattr(fa, name):
             return f"JAX {jax.__version__} has no jax._src.cudnn.fused_attention_stablehlo.{name}"
     return None
 
 
-def _common(q: jax.Array, causal: bool, scale: float):
-    """Positional arguments shared by both rules, after the operands."""
+def _static(causal: bool, window: int, scale: float) -> dict:
     fa = _module()
-    mask = fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK
-    # (scale, seed, dropout_rate, variadic_args=(has_bias, has_dbias), mask_type, layout, window)
-    return fa, (float(scale), 42, 0.0, (False, False), mask, fa.AttentionLayout.BTNH.value, None)
+    return dict(scale=float(scale), seed=42, dropout_rate=0.0, variadic_args=(False, False),
+                mask_type=fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK,
+                layout=fa.AttentionLayout.BTNH.value,
+                sliding_window_length=int(window) if window else None)
 
 
-def _unused(q: jax.Array) -> jax.Array:
-    """The placeholder JAX passes for absent optional inputs (bias, sequence lengths, offsets, pages)."""
-    return jnp.zeros((0,), q.dtype)
+def _unused(q: jax.Array) -> tuple:
+    """The placeholders JAX passes for absent optional inputs (bias, sequence lengths, offsets,
+    page tables)."""
+    return (jnp.zeros((0,), q.dtype),) * len(_OPTIONAL)
 
 
-def cudnn_block_fwd(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
-                    scale: float) -> tuple[jax.Array, jax.Array]:
+def cudnn_block_fwd(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: float,
+                    window: int = 0) -> tuple[jax.Array, jax.Array]:
     """Attention of one (query block, key block) pair with its log-sum-exp, by one cuDNN call.
 
     Args:
       q: ``[B, Tq, H, Dh]``; k, v: ``[B, Tk, KV, Dh]`` (bfloat16 or float16, same dtype).
       causal: top-left aligned causal mask (``Tq == Tk``) or none.
       scale: logit scale.
+      window: 0, or (causal only) keys per query, the query included (cuDNN's sliding window).
 
     Returns:
       ``out [B, Tq, H, Dh]`` in ``q.dtype`` (normalised within the block) and
       ``lse [B, H, Tq]`` float32.
     """
-    _check(q, k, v, causal)
-    fa, common = _common(q, causal, scale)
-    nu = _unused(q)
-    outputs, _ = getattr(fa, _FWD_RULE)(q, k, v, nu, nu, nu, nu, nu, nu, nu, *common,
-                                        fa.check_cudnn_version(), True)
-    out, lse = outputs[0], outputs[1]
-    return out, lse.astype(jnp.float32)
+    _check(q, k, v, causal, window)
+    outputs = getattr(_module(), _FWD)(q, k, v, *_unused(q), **_static(causal, window, scale),
+                                       is_training=True)
+    return outputs[0], outputs[1].astype(jnp.float32)
 
 
 def cudnn_block_bwd(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, out: jax.Array,
-                    lse: jax.Array, *, causal: bool,
-                    scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+                    lse: jax.Array, *, causal: bool, scale: float,
+                    window: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients of one (query block, key block) pair given the *global* output and log-sum-exp.
 
     Args:
-      q, k, v, causal, scale: as in :func:`cudnn_block_fwd`.
+      q, k, v, causal, scale, window: as in :func:`cudnn_block_fwd`.
       do: ``[B, Tq, H, Dh]`` cotangent of the global output (cast to ``q.dtype``).
       out: ``[B, Tq, H, Dh]`` the global (merged) output of these queries (cast to ``q.dtype``);
         cuDNN forms ``rowsum(dO * out)`` from it.
@@ -135,16 +139,37 @@ def cudnn_block_bwd(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, out
     Returns:
       ``(dq, dk, dv)`` in the operands' dtype, shaped like ``q``, ``k``, ``v``.
     """
-    _check(q, k, v, causal)
-    fa, common = _common(q, causal, scale)
-    nu = _unused(q)
-    res = (q, k, v, nu, nu, nu, nu, nu, nu, nu, lse.astype(jnp.float32), out.astype(q.dtype))
-    assert len(res) == _N_RES
-    grads = getattr(fa, _BWD_RULE)(*common, fa.check_cudnn_version(), False, res, do.astype(q.dtype))
+    _check(q, k, v, causal, window)
+    grads = getattr(_module(), _BWD)(q, k, v, *_unused(q), lse.astype(jnp.float32),
+                                     out.astype(q.dtype), do.astype(q.dtype),
+                                     **_static(causal, window, scale))
     return grads[0], grads[1], grads[2]
 
 
-def _check(q, k, v, causal):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, window: int,
+                    scale: float) -> jax.Array:
+    """Differentiable attention by one cuDNN call per direction, without ``custom_partitioning``
+    (usable inside any ``shard_map``). Shapes as in :func:`cudnn_block_fwd`."""
+    return cudnn_block_fwd(q, k, v, causal=causal, scale=scale, window=window)[0]
+
+
+def _attention_fwd(q, k, v, causal, window, scale):
+    out, lse = cudnn_block_fwd(q, k, v, causal=causal, scale=scale, window=window)
+    return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(causal, window, scale, res, do):
+    q, k, v, out, lse = res
+    return cudnn_block_bwd(q, k, v, do, out, lse, causal=causal, scale=scale, window=window)
+
+
+cudnn_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _check(q, k, v, causal, window):
+    if window and not causal:
+        raise ValueError("cuDNN block kernels: a sliding window needs the causal mask")
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"cuDNN block kernels: need q [B, Tq, H, Dh], k/v [B, Tk, KV, Dh]; got "
                          f"{q.shape}, {k.shape}, {v.shape}")

@@ -7,8 +7,8 @@ Same semantics, shapes and layouts as :mod:`parallel.attention` (``q [B, T_local
   :func:`parallel.attention.ring_attention` (K/V blocks travel by ``lax.ppermute``; a custom VJP
   runs a second ring in which dK/dV travel with their blocks), with every (query block, key block)
   pair computed by one fused kernel call: cuDNN's flash attention through
-  :mod:`parallel.cudnn_blocks` where it can run (GPU, bf16/fp16, JAX's private cuDNN rules as
-  expected), else the Pallas (Triton) kernels of :mod:`parallel.flash`. The forward state is the
+  :mod:`parallel.cudnn_blocks` where it can run (GPU, bf16/fp16, JAX's private cuDNN functions
+  as expected), else the Pallas (Triton) kernels of :mod:`parallel.flash`. The forward state is the
   merged output and log-sum-exp (``out [B, T, H, Dh]``, ``lse [B, H, T]``, float32); each block's
   ``(out_b, lse_b)`` is merged by ``lse' = logaddexp(lse, lse_b)``,
   ``out' = out * exp(lse - lse') + out_b * exp(lse_b - lse')``. The backward calls the block
@@ -35,7 +35,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from parallel.attention import _NEG, _check_layout, _ring_meta, _source
-from parallel.cudnn_blocks import cudnn_block_bwd, cudnn_block_fwd, private_api_problem
+from parallel.cudnn_blocks import (cudnn_attention, cudnn_block_bwd, cudnn_block_fwd,
+                                    private_api_problem)
 from parallel.flash import flash_block_bwd, flash_block_fwd, flash_delta
 
 LocalAttention = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -219,7 +220,7 @@ def ring_blocks_unsupported_reason(q: jax.Array, k: jax.Array, layout: str = "co
                                    ) -> Optional[str]:
     """Why the cuDNN block kernels cannot serve this ring (``None`` when they can): a GPU,
     bfloat16/float16, a head dim cuDNN takes, even block lengths (cuDNN's backward), and the private
-    JAX rules of :mod:`parallel.cudnn_blocks`."""
+    JAX functions of :mod:`parallel.cudnn_blocks`."""
     reason = cudnn_unsupported_reason(q)
     if reason is not None:
         return reason
@@ -285,9 +286,14 @@ def cudnn_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: 
     pad = t % 2
     if pad:
         q, k, v = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale,
-                                       is_causal=True, local_window_size=(window - 1, 0),
-                                       implementation="cudnn")
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if private_api_problem() is None:
+        # Straight to the cuDNN primitives: the public API's custom partitioning fails inside the
+        # model's shard_map, which leaves the non-context mesh axes automatic.
+        out = cudnn_attention(q, k, v, True, window, float(scale))
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                           local_window_size=(window - 1, 0), implementation="cudnn")
     return out[:, :t]
 
 
