@@ -31,6 +31,16 @@ def toy(tmp_path, *extra, name="run"):
     return load_config(None, TOY + [f"train.run_dir={tmp_path / name}", *extra])
 
 
+def _subprocess_env(cache_dir):
+    """Environment for the CLI subprocesses of the resume tests: a persistent compilation cache
+    shared by the processes of one test, so only the first one compiles the train step."""
+    import os
+
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
 def params_of(model):
     return jax.tree.leaves(jax.device_get(nnx.state(model, nnx.Param)))
 
@@ -202,14 +212,16 @@ def test_killed_process_resumes_to_identical_parameters(tmp_path):
 
     if jax.default_backend() != "cpu":
         pytest.skip("bitwise reproducibility is a CPU guarantee (see README)")
-    extra = ["train.steps=60", "train.checkpoint_every=2", "train.eval_every=30", "train.log_every=10"]
-    straight = train(toy(tmp_path, *extra, name="straight"))
+    extra = ["train.steps=30", "train.checkpoint_every=2", "train.eval_every=15", "train.log_every=10"]
+    # The uninterrupted reference needs no checkpoints (checkpointing does not change the numbers).
+    straight = train(toy(tmp_path, *extra, "train.checkpoint_every=1000", name="straight"))
     run_dir = tmp_path / "killed"
     import yaml
 
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy(tmp_path, *extra, name="killed").to_dict()))
     cmd = [sys.executable, "-m", "ttt_jax.cli", "train", str(tmp_path / "toy.yaml")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = _subprocess_env(tmp_path / "jax_cache")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 240
     while not (run_dir / "checkpoints" / "10").is_dir():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -217,10 +229,10 @@ def test_killed_process_resumes_to_identical_parameters(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = train(toy(tmp_path, *extra, name="killed"))   # restores the final checkpoint
-    assert resumed.step == 60
+    assert resumed.step == 30
     for a, b in zip(params_of(straight.model), params_of(resumed.model)):
         np.testing.assert_array_equal(a, b)
 
@@ -239,12 +251,13 @@ def test_signal_checkpoints_current_step_and_resume_is_exact(tmp_path, signame):
     if jax.default_backend() != "cpu":
         pytest.skip("bitwise reproducibility is a CPU guarantee (see README)")
     # No periodic checkpoints: only the signal's checkpoint (and the final one) can exist.
-    extra = ["train.steps=60", "train.checkpoint_every=1000", "train.eval_every=30", "train.log_every=1"]
+    extra = ["train.steps=30", "train.checkpoint_every=1000", "train.eval_every=15", "train.log_every=1"]
     straight = train(toy(tmp_path, *extra, name="straight"))
     run_dir = tmp_path / "signalled"
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy(tmp_path, *extra, name="signalled").to_dict()))
     cmd = [sys.executable, "-m", "ttt_jax.cli", "train", str(tmp_path / "toy.yaml")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = _subprocess_env(tmp_path / "jax_cache")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.is_file() and len(records(metrics, "train")) >= 3):
@@ -257,11 +270,11 @@ def test_signal_checkpoints_current_step_and_resume_is_exact(tmp_path, signame):
     ck = Checkpointer(run_dir / "checkpoints", keep=3)
     steps = ck.all_steps()
     ck.close()
-    assert len(steps) == 1 and 3 <= steps[0] < 60, steps
+    assert len(steps) == 1 and 3 <= steps[0] < 30, steps
     assert f"saved {run_dir / 'checkpoints' / str(steps[0])}" in err
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = train(toy(tmp_path, *extra, name="signalled"))   # restores the final checkpoint
-    assert resumed.step == 60
+    assert resumed.step == 30
     for a, b in zip(params_of(straight.model), params_of(resumed.model)):
         np.testing.assert_array_equal(a, b)
