@@ -96,12 +96,17 @@ def run_variant(args) -> dict:
     state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
     n_params = count_params(nnx.merge(graphdef, state)[0])
 
+    # As the trainer does: one loss chunk group per context shard, so every device computes the
+    # loss of its own positions (without it the loss scan gathers the hidden states to all devices).
+    groups = mesh.shape.get("context", 1)
+
     def step(state, inputs, targets, positions):
         model, opt = nnx.merge(graphdef, state)
 
         def loss_fn(m):
             h = m.hidden(inputs, positions=positions)
-            nll, n = chunked_cross_entropy(h, m.head(), targets, jnp.ones(targets.shape, jnp.float32))
+            nll, n = chunked_cross_entropy(h, m.head(), targets, jnp.ones(targets.shape, jnp.float32),
+                                           groups=groups)
             return nll / n
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
