@@ -328,5 +328,6 @@ def test_config_context_kernel():
 
     assert load_config(None, []).model.context_kernel == "auto"
     assert load_config(None, ["model.context_kernel=fused"]).model.context_kernel == "fused"
+    assert load_config(None, ["model.context_kernel=pallas"]).model.context_kernel == "pallas"
     with pytest.raises(ValueError, match="context_kernel"):
         load_config(None, ["model.context_kernel=triton"])

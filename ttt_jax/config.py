@@ -263,10 +263,12 @@ class ModelConfig:
     all-gather of the ``n`` summaries, combined locally) or ``"ppermute"`` (``log2 n`` rounds of
     neighbour exchanges; for many devices). Results are the same (tested); only speed and memory
     differ. ``context_kernel`` picks the per-device attention compute under context parallelism:
-    ``"fused"`` (Pallas flash kernels per ring block; one cuDNN call per device for sliding-window
-    layers after the halo exchange; NVIDIA GPU, bf16/fp16, no segment ids -- an error where it
-    cannot run), ``"xla"`` (plain XLA blockwise attention: any backend, segment ids) or ``"auto"``
-    (fused where it can run, XLA otherwise; XLA on CPU/TPU).
+    ``"fused"`` (one cuDNN flash-attention call per ring block -- the Pallas kernels where this
+    JAX's private cuDNN functions are not as expected, see ``parallel/cudnn_blocks.py`` -- and one
+    cuDNN call per device for sliding-window layers after the halo exchange; NVIDIA GPU, bf16/fp16,
+    no segment ids -- an error where it cannot run), ``"pallas"`` (as fused, with the Pallas flash
+    kernels per ring block), ``"xla"`` (plain XLA blockwise attention: any backend, segment ids) or
+    ``"auto"`` (fused where it can run, XLA otherwise; XLA on CPU/TPU).
     """
 
     vocab_size: int = 259

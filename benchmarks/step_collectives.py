@@ -1,0 +1,99 @@
+"""List the collectives in a compiled train step under a device mesh (CPU, compile only).
+
+Builds the step of ``ttt_jax.bench.model`` (model, AdamW, chunked loss with one group per context
+shard) for a preset on emulated CPU devices, compiles it, and prints every all-gather, all-reduce,
+reduce-scatter, all-to-all and collective-permute of the optimised HLO with its count and result
+shape. Use it to check that a sharded step moves only what it should (for example, that the loss
+does not gather the hidden states under context parallelism)::
+
+    python benchmarks/step_collectives.py --preset m1b --context 4 --seq-len 16384 \\
+        --set model.n_layers=4 model.attention_window=1024
+
+``--loss-groups 1`` compiles the loss without per-shard groups, for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+_COLLECTIVE = re.compile(r"= (.+?) (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)"
+                         r"(?:-start)?\(")
+
+
+def collectives(hlo_text: str) -> collections.Counter:
+    """``Counter`` of ``(kind, result shape)`` over the collectives of an HLO module's text."""
+    found = collections.Counter()
+    for line in hlo_text.splitlines():
+        m = _COLLECTIVE.search(line)
+        if m:
+            found[(m.group(2), m.group(1)[:120])] += 1
+    return found
+
+
+def main(argv=None) -> collections.Counter:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="m1b")
+    p.add_argument("--context", type=int, default=4, help="mesh.context (emulated CPU devices)")
+    p.add_argument("--seq-len", type=int, default=16384)
+    p.add_argument("--loss-groups", type=int, default=None, help="default: the context size")
+    p.add_argument("--set", nargs="*", default=[], help="config overrides")
+    args = p.parse_args(argv)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={args.context}")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from ttt_jax.config import load_config
+    from ttt_jax.models.lm import CausalLM
+    from ttt_jax.ops.loss import chunked_cross_entropy
+    from ttt_jax.train import mesh as mesh_lib
+
+    cfg = load_config(args.preset, [*args.set, f"data.seq_len={args.seq_len}",
+                                    f"mesh.context={args.context}", "mesh.data=1"])
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    groups = args.context if args.loss_groups is None else args.loss_groups
+    tx = optax.adamw(1e-5, weight_decay=0.1)
+
+    def build():
+        model = CausalLM(cfg.model, rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    graphdef, abs_state = nnx.split(nnx.eval_shape(build))
+    shardings = mesh_lib.state_shardings(abs_state, mesh)
+
+    def step(state, inputs, targets, positions):
+        model, opt = nnx.merge(graphdef, state)
+
+        def loss_fn(m):
+            h = m.hidden(inputs, positions=positions)
+            nll, n = chunked_cross_entropy(h, m.head(), targets, jnp.ones(targets.shape, jnp.float32),
+                                           groups=groups)
+            return nll / n
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return nnx.state((model, opt)), loss
+
+    batch_sh = mesh_lib.batch_sharding(mesh)
+    fn = jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch_sh, batch_sh, batch_sh))
+    tokens = jax.ShapeDtypeStruct((1, args.seq_len), jnp.int32, sharding=batch_sh)
+    with jax.set_mesh(mesh):
+        text = fn.lower(abs_state, tokens, tokens, tokens).compile().as_text()
+    found = collectives(text)
+    for (kind, shape), count in sorted(found.items(), key=lambda kv: (kv[0][0], -kv[1])):
+        print(f"{count:4d} x {kind:18s} {shape}")
+    return found
+
+
+if __name__ == "__main__":
+    main()
