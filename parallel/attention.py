@@ -53,7 +53,8 @@ Per-device kernels (``kernel=`` of :func:`context_attention`)
 ------------------------------------------------------------
 The functions above compute every block in plain XLA: any backend, segment ids, the reference for
 the fast paths -- but on GPUs about 10x slower than a fused kernel. ``kernel="fused"``
-(:mod:`parallel.fused_attention`, no segment ids) keeps the same collectives and replaces the
+(:mod:`parallel.fused_attention`; segment ids only in the ring, with Pallas blocks) keeps the
+same collectives and replaces the
 per-device compute:
 
 * ring: each (query block, key block) pair is one fused kernel call that returns the block's
@@ -88,6 +89,11 @@ ContextImpl = Literal["ring", "allgather"]
 CONTEXT_IMPLS = ("ring", "allgather")
 ContextKernel = Literal["auto", "xla", "fused", "pallas"]
 CONTEXT_KERNELS = ("auto", "xla", "fused", "pallas")
+# Packed documents (segment ids) in full causal layers: the fused ring runs the Pallas blocks with
+# the ids (``kernel="fused"`` / ``"pallas"``). ``"auto"`` takes that path only when this is True;
+# it stays False until the segmented ring has been run compiled on GPUs (its kernels and ring are
+# tested on CPU in interpret mode).
+AUTO_FUSED_RING_FOR_SEGMENTS = False
 
 _NEG = -1e30  # finite "minus infinity" for fp32 logits; masked probabilities are zeroed explicitly
 
@@ -652,14 +658,16 @@ def fused_unsupported_reason(q: jax.Array, k: jax.Array, *, segment_ids: Optiona
                              layout: Layout = "contiguous") -> Optional[str]:
     """Why ``kernel="fused"`` cannot run these (per-device) operands here; ``None`` when it can.
 
-    Fused means: one cuDNN call per device for a sliding window (after the halo exchange), Pallas
-    flash kernels per ring block for full causal attention (:mod:`parallel.fused_attention`).
+    Fused means: one cuDNN call per device for a sliding window (after the halo exchange), cuDNN or
+    Pallas flash kernels per ring block for full causal attention (:mod:`parallel.fused_attention`;
+    with segment ids the Pallas kernels). Checked here: the Pallas kernels' requirements, which the
+    cuDNN blocks' are a superset of in practice; the ring falls back to Pallas blocks otherwise.
     """
     from parallel.flash import flash_unsupported_reason
     from parallel.fused_attention import cudnn_unsupported_reason
 
-    if segment_ids is not None:
-        return "segment ids (packed documents) have no fused context-parallel kernel"
+    if segment_ids is not None and window:
+        return "segment ids (packed documents) with a sliding window have no fused context-parallel kernel"
     if window:
         return cudnn_unsupported_reason(q)
     if impl != "ring":
@@ -686,7 +694,8 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     :func:`sliding_window_attention`: plain XLA, any backend, segment ids), ``"fused"``
     (:mod:`parallel.fused_attention`: cuDNN -- or, where JAX's private cuDNN functions are not as
     expected, Pallas -- flash kernels per ring block, one cuDNN call for the sliding window; NVIDIA
-    GPU, bf16/fp16, no segment ids -- an explicit choice that cannot run raises ``ValueError``
+    GPU, bf16/fp16; segment ids only in the ring, by the Pallas blocks -- an explicit choice that
+    cannot run raises ``ValueError``
     naming why), ``"pallas"`` (fused, with the Pallas kernels per ring block) or ``"auto"`` (fused
     where it can run, XLA otherwise; so always XLA on CPU/TPU). ``block_size`` is passed on to the
     XLA paths (``None``: their default).
@@ -705,6 +714,9 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     if kernel != "xla":
         reason = fused_unsupported_reason(q, k, segment_ids=segment_ids, window=window, impl=impl,
                                           layout=layout)
+        if reason is None and segment_ids is not None and kernel == "auto" \
+                and not AUTO_FUSED_RING_FOR_SEGMENTS:
+            reason = "segment ids: 'auto' keeps packed documents on the XLA ring"
         if reason is not None and kernel != "auto":
             raise ValueError(f"context kernel {kernel!r} cannot run here: {reason}; use 'auto' or 'xla'")
         if reason is None:
@@ -715,7 +727,8 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
                 local = functools.partial(cudnn_window_attention, window=window, scale=scale)
                 return halo_window_attention(q, k, v, axis_name, window=window, local_attention=local)
             return ring_flash_attention(q, k, v, axis_name, layout=layout, scale=scale,
-                                        blocks="pallas" if kernel == "pallas" else None)
+                                        blocks="pallas" if kernel == "pallas" else None,
+                                        segment_ids=segment_ids)
     if window:
         return sliding_window_attention(q, k, v, axis_name, window=window, segment_ids=segment_ids,
                                         scale=scale, block_size=block_size)

@@ -179,7 +179,7 @@ def _tile_mask(q0, k0, bq: int, bk: int, causal: bool, window: int, qs, ks):
 # "finite minus infinity" trick alone would give it uniform weights).
 
 
-def _fwd_kernel(*refs, scale, causal, window, segmented, bq, bk):
+def _fwd_kernel(*refs, scale, causal, window, segmented, bq, bk, empty_lse=0.0):
     if segmented:
         q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs
     else:
@@ -220,11 +220,11 @@ def _fwd_kernel(*refs, scale, causal, window, segmented, bq, bk):
              jnp.zeros((bq,), jnp.float32))
     carry = _key_loop(body, carry, i, causal, window, general, bq, bk, k_ref.shape[0] // bk)
     acc, m, l = carry
-    if segmented:  # rows that saw no key: output 0, log-sum-exp reported as 0
+    if segmented:  # rows that saw no key: output 0, log-sum-exp reported as ``empty_lse``
         live = l > 0
         l_safe = jnp.where(live, l, 1.0)
         o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(live, (m + jnp.log2(l_safe)) * _LN2, 0.0)
+        lse_ref[...] = jnp.where(live, (m + jnp.log2(l_safe)) * _LN2, empty_lse)
     else:
         o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
         lse_ref[...] = (m + jnp.log2(l)) * _LN2
@@ -394,12 +394,13 @@ def _seg_args(q_seg, k_seg):
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "interpret", "block_q", "block_k",
-                                             "window"))
+                                             "window", "empty_lse"))
 def flash_block_fwd(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: float,
                     interpret: bool = False, block_q: Optional[int] = None,
                     block_k: Optional[int] = None, window: int = 0,
                     q_segment_ids: Optional[jax.Array] = None,
-                    k_segment_ids: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+                    k_segment_ids: Optional[jax.Array] = None,
+                    empty_lse: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """Attention of one (query block, key block) pair with its log-sum-exp.
 
     Args:
@@ -412,11 +413,14 @@ def flash_block_fwd(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, s
       window: 0, or (causal only) a sliding window of ``window`` keys, the query included.
       q_segment_ids, k_segment_ids: optional ``[B, Tq]`` / ``[B, Tk]`` int ids (both or neither);
         a query sees a key only when the ids are equal and non-zero.
+      empty_lse: the log-sum-exp reported for rows that see no key (with segment ids). 0 by
+        default; ring attention passes a large negative number so that merging ignores the block
+        for those rows.
 
     Returns:
       ``out [B, Tq, H, Dh]`` float32 (normalised within this block) and ``lse [B, H, Tq]`` float32
-      (natural log of each row's sum of ``exp(scale * q.k)``; 0 for rows that see no key, whose
-      output is 0).
+      (natural log of each row's sum of ``exp(scale * q.k)``; ``empty_lse`` for rows that see no
+      key, whose output is 0).
     """
     _check(q, k, v, causal, interpret, "flash_block_fwd", window, q_segment_ids, k_segment_ids)
     segmented = q_segment_ids is not None
@@ -427,7 +431,7 @@ def flash_block_fwd(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, s
     bq = _block(tq, _tiles(block_q, _FWD_BLOCKS[0], dp))
     bk = _block(tk, _tiles(block_k, _FWD_BLOCKS[1], dp))
     kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, window=window,
-                               segmented=segmented, bq=bq, bk=bk)
+                               segmented=segmented, bq=bq, bk=bk, empty_lse=float(empty_lse))
     seg_specs = [pl.BlockSpec((_SQ, bq), lambda i, bi, hi: (bi, i)),
                  pl.BlockSpec((_SQ, tk), lambda i, bi, hi: (bi, 0))] if segmented else []
     out, lse = pl.pallas_call(

@@ -1,7 +1,8 @@
 """Fused-kernel paths of the context-parallel attention (inside ``jax.shard_map``).
 
 Same semantics, shapes and layouts as :mod:`parallel.attention` (``q [B, T_local, H, Dh]``,
-``k, v [B, T_local, KV, Dh]``), without segment ids: packed documents take the XLA path there.
+``k, v [B, T_local, KV, Dh]``). Segment ids (packed documents): the ring with the Pallas blocks only;
+the sliding window takes the XLA path there.
 
 * :func:`ring_flash_attention` -- full causal attention, the ring of
   :func:`parallel.attention.ring_attention` (K/V blocks travel by ``lax.ppermute``; a custom VJP
@@ -32,6 +33,7 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from parallel.attention import _NEG, _check_layout, _ring_meta, _source
@@ -56,54 +58,74 @@ def _merge(out, lse, out_b, lse_b):
 
 
 class _Blocks(NamedTuple):
-    """The per-pair kernels of one ring: ``fwd(q, k, v, causal) -> (out, lse)`` and
-    ``bwd(q, k, v, do, out, lse, delta, causal) -> (dq, dk, dv)`` (global ``out``/``lse``/``delta``)."""
+    """The per-pair kernels of one ring: ``fwd(q, k, v, causal, qs, ks) -> (out, lse)`` and
+    ``bwd(q, k, v, do, out, lse, delta, causal, qs, ks) -> (dq, dk, dv)`` (global
+    ``out``/``lse``/``delta``; ``qs``/``ks`` the blocks' segment ids or ``None``)."""
 
     fwd: Callable
     bwd: Callable
 
 
 def _block_kernels(blocks: str, scale: float) -> _Blocks:
-    """``blocks``: ``"cudnn"`` (:mod:`parallel.cudnn_blocks`), ``"pallas"`` (:mod:`parallel.flash`)
-    or ``"interpret"`` (the Pallas kernels in interpret mode, for CPU tests)."""
+    """``blocks``: ``"cudnn"`` (:mod:`parallel.cudnn_blocks`; no segment ids), ``"pallas"``
+    (:mod:`parallel.flash`) or ``"interpret"`` (the Pallas kernels in interpret mode, for CPU tests)."""
     if blocks == "cudnn":
-        return _Blocks(
-            fwd=lambda q, k, v, causal: cudnn_block_fwd(q, k, v, causal=causal, scale=scale),
-            bwd=lambda q, k, v, do, out, lse, delta, causal: cudnn_block_bwd(
-                q, k, v, do, out, lse, causal=causal, scale=scale))
+        def fwd(q, k, v, causal, qs, ks):
+            assert qs is None and ks is None, "the cuDNN ring blocks take no segment ids"
+            return cudnn_block_fwd(q, k, v, causal=causal, scale=scale)
+
+        def bwd(q, k, v, do, out, lse, delta, causal, qs, ks):
+            assert qs is None and ks is None, "the cuDNN ring blocks take no segment ids"
+            return cudnn_block_bwd(q, k, v, do, out, lse, causal=causal, scale=scale)
+
+        return _Blocks(fwd, bwd)
     if blocks not in ("pallas", "interpret"):
         raise ValueError(f"ring block kernels: {blocks!r} is not one of {RING_BLOCKS}")
     interpret = blocks == "interpret"
-    return _Blocks(
-        fwd=lambda q, k, v, causal: flash_block_fwd(q, k, v, causal=causal, scale=scale,
-                                                    interpret=interpret),
-        bwd=lambda q, k, v, do, out, lse, delta, causal: flash_block_bwd(
-            q, k, v, do, lse, delta, causal=causal, scale=scale, interpret=interpret))
+
+    def fwd(q, k, v, causal, qs, ks):
+        # A query may see no key of a block (another document): its lse must not count in the merge.
+        return flash_block_fwd(q, k, v, causal=causal, scale=scale, interpret=interpret,
+                               q_segment_ids=qs, k_segment_ids=ks, empty_lse=_NEG)
+
+    def bwd(q, k, v, do, out, lse, delta, causal, qs, ks):
+        return flash_block_bwd(q, k, v, do, lse, delta, causal=causal, scale=scale,
+                               interpret=interpret, q_segment_ids=qs, k_segment_ids=ks)
+
+    return _Blocks(fwd, bwd)
 
 
-def _fwd_step(rel, state, kv, q, layout, kernels: _Blocks):
-    """Fold one K/V block into ``(out, lse)``. ``rel``: 0 own, 1 earlier, 2 later device."""
-    k, v = kv
+def _cut(x, sl):
+    """``x[:, sl]`` of an optional ``[B, T, ...]`` array."""
+    return None if x is None else x[:, sl]
+
+
+def _fwd_step(rel, state, kv, q, qs, layout, kernels: _Blocks):
+    """Fold one K/V block into ``(out, lse)``. ``rel``: 0 own, 1 earlier, 2 later device.
+    ``kv = (k, v, ks)``; ``qs``/``ks``: segment ids of the queries / keys, or ``None``."""
+    k, v, ks = kv
     fwd = kernels.fwd
 
     def own(st):
-        return _merge(*st, *fwd(q, k, v, True))
+        return _merge(*st, *fwd(q, k, v, True, qs, ks))
 
     def earlier_all(st):
-        return _merge(*st, *fwd(q, k, v, False))
+        return _merge(*st, *fwd(q, k, v, False, qs, ks))
 
     if layout == "contiguous":
         branches = [own, earlier_all, lambda st: st]
     else:
         half = q.shape[1] // 2
+        lo, hi = slice(None, half), slice(half, None)
 
         def earlier(st):  # every query sees the early half of the key block
-            return _merge(*st, *fwd(q, k[:, :half], v[:, :half], False))
+            return _merge(*st, *fwd(q, k[:, lo], v[:, lo], False, qs, _cut(ks, lo)))
 
         def later(st):  # only the late query half sees the block (all of it)
             out, lse = st
-            o_hi, l_hi = _merge(out[:, half:], lse[:, :, half:], *fwd(q[:, half:], k, v, False))
-            return out.at[:, half:].set(o_hi), lse.at[:, :, half:].set(l_hi)
+            o_hi, l_hi = _merge(out[:, hi], lse[:, :, hi],
+                                *fwd(q[:, hi], k, v, False, _cut(qs, hi), ks))
+            return out.at[:, hi].set(o_hi), lse.at[:, :, hi].set(l_hi)
 
         branches = [own, earlier, later]
     if isinstance(rel, int):
@@ -111,37 +133,38 @@ def _fwd_step(rel, state, kv, q, layout, kernels: _Blocks):
     return lax.switch(rel, branches, state)
 
 
-def _bwd_step(rel, grads, kv, q, do, out, lse, delta, layout, kernels: _Blocks):
-    """Accumulate ``(dq, dk, dv)`` (float32) of one ring step; ``rel`` as in :func:`_fwd_step`."""
-    k, v = kv
+def _bwd_step(rel, grads, kv, q, qs, do, out, lse, delta, layout, kernels: _Blocks):
+    """Accumulate ``(dq, dk, dv)`` (float32) of one ring step; ``rel``, ``kv`` and ``qs`` as in
+    :func:`_fwd_step`."""
+    k, v, ks = kv
     bwd = kernels.bwd
+    f32 = lambda x: x.astype(jnp.float32)
 
     def add(g, upd):
-        return tuple(a + b.astype(jnp.float32) for a, b in zip(g, upd))
+        return tuple(a + f32(b) for a, b in zip(g, upd))
 
     def own(g):
-        return add(g, bwd(q, k, v, do, out, lse, delta, True))
+        return add(g, bwd(q, k, v, do, out, lse, delta, True, qs, ks))
 
     def earlier_all(g):
-        return add(g, bwd(q, k, v, do, out, lse, delta, False))
+        return add(g, bwd(q, k, v, do, out, lse, delta, False, qs, ks))
 
     if layout == "contiguous":
         branches = [own, earlier_all, lambda g: g]
     else:
         half = q.shape[1] // 2
+        lo, hi = slice(None, half), slice(half, None)
 
         def earlier(g):
             dq, dk, dv = g
-            a, b, c = bwd(q, k[:, :half], v[:, :half], do, out, lse, delta, False)
-            return (dq + a.astype(jnp.float32), dk.at[:, :half].add(b.astype(jnp.float32)),
-                    dv.at[:, :half].add(c.astype(jnp.float32)))
+            a, b, c = bwd(q, k[:, lo], v[:, lo], do, out, lse, delta, False, qs, _cut(ks, lo))
+            return dq + f32(a), dk.at[:, lo].add(f32(b)), dv.at[:, lo].add(f32(c))
 
         def later(g):
             dq, dk, dv = g
-            a, b, c = bwd(q[:, half:], k, v, do[:, half:], out[:, half:], lse[:, :, half:],
-                          None if delta is None else delta[:, :, half:], False)
-            return (dq.at[:, half:].add(a.astype(jnp.float32)), dk + b.astype(jnp.float32),
-                    dv + c.astype(jnp.float32))
+            a, b, c = bwd(q[:, hi], k, v, do[:, hi], out[:, hi], lse[:, :, hi],
+                          None if delta is None else delta[:, :, hi], False, _cut(qs, hi), ks)
+            return dq.at[:, hi].add(f32(a)), dk + f32(b), dv + f32(c)
 
         branches = [own, earlier, later]
     if isinstance(rel, int):
@@ -149,13 +172,14 @@ def _bwd_step(rel, grads, kv, q, do, out, lse, delta, layout, kernels: _Blocks):
     return lax.switch(rel, branches, grads)
 
 
-def _ring_flash_fwd_impl(q, k, v, axis_name, layout, scale, blocks):
+def _ring_flash_fwd_impl(q, k, v, seg, axis_name, layout, scale, blocks):
     n, idx, perm = _ring_meta(axis_name)
     # Initial state built from q so that, inside shard_map, it varies over the same mesh axes.
     out = jnp.zeros_like(q, jnp.float32)
     lse = jnp.moveaxis(out[..., 0], 1, 2) + _NEG
-    step = functools.partial(_fwd_step, q=q, layout=layout, kernels=_block_kernels(blocks, scale))
-    kv = (k, v)
+    step = functools.partial(_fwd_step, q=q, qs=seg, layout=layout,
+                             kernels=_block_kernels(blocks, scale))
+    kv = (k, v, seg)  # key segment ids travel with their block
     nxt = lax.ppermute(kv, axis_name, perm) if n > 1 else kv
     state = step(0, (out, lse), kv)
 
@@ -172,25 +196,25 @@ def _ring_flash_fwd_impl(q, k, v, axis_name, layout, scale, blocks):
     return out.astype(q.dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _ring_flash(q, k, v, axis_name, layout, scale, blocks):
-    return _ring_flash_fwd_impl(q, k, v, axis_name, layout, scale, blocks)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _ring_flash(q, k, v, seg, axis_name, layout, scale, blocks):
+    return _ring_flash_fwd_impl(q, k, v, seg, axis_name, layout, scale, blocks)[0]
 
 
-def _ring_flash_fwd(q, k, v, axis_name, layout, scale, blocks):
-    out, lse = _ring_flash_fwd_impl(q, k, v, axis_name, layout, scale, blocks)
-    return out, (q, k, v, out, lse)
+def _ring_flash_fwd(q, k, v, seg, axis_name, layout, scale, blocks):
+    out, lse = _ring_flash_fwd_impl(q, k, v, seg, axis_name, layout, scale, blocks)
+    return out, (q, k, v, seg, out, lse)
 
 
 def _ring_flash_bwd(axis_name, layout, scale, blocks, res, dout):
-    q, k, v, out, lse = res
+    q, k, v, seg, out, lse = res
     n, idx, perm = _ring_meta(axis_name)
     do = dout.astype(q.dtype)
     # cuDNN's backward forms rowsum(dO * O) itself from ``out``; the Pallas kernels take it.
     delta = None if blocks == "cudnn" else flash_delta(out, dout)
-    step = functools.partial(_bwd_step, q=q, do=do, out=out, lse=lse, delta=delta, layout=layout,
-                             kernels=_block_kernels(blocks, scale))
-    kv = (k, v)
+    step = functools.partial(_bwd_step, q=q, qs=seg, do=do, out=out, lse=lse, delta=delta,
+                             layout=layout, kernels=_block_kernels(blocks, scale))
+    kv = (k, v, seg)
     grads = (jnp.zeros_like(q, jnp.float32), jnp.zeros_like(k, jnp.float32),
              jnp.zeros_like(v, jnp.float32))
     nxt = lax.ppermute(kv, axis_name, perm) if n > 1 else kv
@@ -210,7 +234,8 @@ def _ring_flash_bwd(axis_name, layout, scale, blocks, res, dout):
         dq, dk, dv = step(_source(idx, n - 1, n)[1], (dq,) + dkv, kv)
         dkv = lax.ppermute((dk, dv), axis_name, perm)  # n-th hop: back to the owner
     dk, dv = dkv
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    dseg = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)  # integer input
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dseg
 
 
 _ring_flash.defvjp(_ring_flash_fwd, _ring_flash_bwd)
@@ -230,18 +255,23 @@ def ring_blocks_unsupported_reason(q: jax.Array, k: jax.Array, layout: str = "co
     return private_api_problem()
 
 
-def choose_ring_blocks(q: jax.Array, k: jax.Array, layout: str = "contiguous") -> str:
-    """``"cudnn"`` where :func:`ring_blocks_unsupported_reason` finds nothing, else ``"pallas"``."""
+def choose_ring_blocks(q: jax.Array, k: jax.Array, layout: str = "contiguous",
+                       segmented: bool = False) -> str:
+    """``"cudnn"`` where :func:`ring_blocks_unsupported_reason` finds nothing and there are no
+    segment ids, else ``"pallas"``."""
+    if segmented:
+        return "pallas"
     return "cudnn" if ring_blocks_unsupported_reason(q, k, layout) is None else "pallas"
 
 
 def ring_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, *,
                          layout: str = "contiguous", scale: float, interpret: bool = False,
-                         blocks: Optional[str] = None) -> jax.Array:
+                         blocks: Optional[str] = None,
+                         segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """Full causal ring attention with fused block kernels (inside ``shard_map``).
 
     Args:
-      q: ``[B, T_local, H, Dh]``; k, v: ``[B, T_local, KV, Dh]``; no segment ids.
+      q: ``[B, T_local, H, Dh]``; k, v: ``[B, T_local, KV, Dh]``.
       axis_name: the context mesh axis.
       layout: ``"contiguous"`` or ``"zigzag"``.
       scale: logit scale.
@@ -249,24 +279,35 @@ def ring_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: st
       blocks: the per-pair kernels, ``"cudnn"`` (:mod:`parallel.cudnn_blocks`) or ``"pallas"``
         (:mod:`parallel.flash`); ``None`` picks cuDNN where it can run
         (:func:`choose_ring_blocks`).
+      segment_ids: optional ``[B, T_local]`` int document ids of the local positions (packed
+        documents; a query sees a key only when their ids are equal and non-zero). They travel with
+        their K/V block; only the Pallas blocks take them.
 
     Returns:
       ``[B, T_local, H, Dh]`` in ``q.dtype``; differentiable (custom VJP, backward ring).
     """
     _check_layout(layout, q.shape[1])
+    if segment_ids is not None:
+        if blocks == "cudnn":
+            raise ValueError("ring_flash_attention: the cuDNN block kernels take no segment ids; "
+                             "use blocks='pallas'")
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        if segment_ids.shape != q.shape[:2]:
+            raise ValueError(f"ring_flash_attention: segment_ids must be [B, T_local] = {q.shape[:2]}, "
+                             f"got {segment_ids.shape}")
     if interpret:
         if blocks not in (None, "pallas"):
             raise ValueError(f"ring_flash_attention: interpret=True runs the Pallas kernels, not {blocks!r}")
         blocks = "interpret"
     elif blocks is None:
-        blocks = choose_ring_blocks(q, k, layout)
+        blocks = choose_ring_blocks(q, k, layout, segment_ids is not None)
     elif blocks == "cudnn":
         reason = ring_blocks_unsupported_reason(q, k, layout)
         if reason is not None:
             raise ValueError(f"ring_flash_attention: the cuDNN block kernels cannot run here: {reason}")
     elif blocks != "pallas":
         raise ValueError(f"ring_flash_attention: blocks={blocks!r} is not 'cudnn' or 'pallas'")
-    return _ring_flash(q, k, v, axis_name, layout, float(scale), blocks)
+    return _ring_flash(q, k, v, segment_ids, axis_name, layout, float(scale), blocks)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -133,6 +133,63 @@ def test_ring_flash_matches_reference(layout, n):
     _close(got, want, 1e-4)
 
 
+def _packed_ids(t, seed):
+    """``[B, t]`` document ids: documents of random lengths that cross device boundaries, ids
+    increasing along the row, and a padded tail (id 0)."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, t - 8), size=5, replace=False))
+    ids = np.searchsorted(cuts, np.arange(t), side="right") + 1
+    ids[t - 5:] = 0
+    return np.broadcast_to(ids, (B, t)).astype(np.int32)
+
+
+@pytest.mark.parametrize("layout,n", [("contiguous", 4), ("zigzag", 4)])
+def test_ring_flash_with_segment_ids_matches_reference(layout, n):
+    """Packed documents in the Pallas ring: key ids travel with their block, rows that see no key
+    of a block leave the merge untouched, padding rows (id 0) output 0; values and gradients."""
+    t = 32 * n
+    q, k, v, ct = _rand(9, t)
+    seg = _packed_ids(t, 3)
+    scale = 1.0 / np.sqrt(DH)
+    mesh = make_mesh(data=1, context=n, devices=jax.devices()[:n])
+    spec = P(None, "context")
+    inner = lambda q, k, v, s: FA.ring_flash_attention(q, k, v, "context", layout=layout, scale=scale,
+                                                       interpret=True, segment_ids=s)
+    fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)
+    to = (lambda x: A.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+    back = (lambda x: A.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+    sharded = lambda q, k, v: back(fn(to(q), to(k), to(v), to(jnp.asarray(seg))))
+    ref = lambda q, k, v: A.reference_attention(q, k, v, segment_ids=jnp.asarray(seg))
+    got = _value_and_grads(sharded, q, k, v, ct)
+    want = _value_and_grads(ref, q, k, v, ct)
+    _close(got, want, 1e-4)
+    assert np.abs(np.asarray(got[0])[:, t - 5:]).max() == 0.0  # padding rows
+
+
+def test_auto_keeps_packed_documents_on_the_xla_ring(monkeypatch):
+    """Where the fused ring could run (stood in for on CPU), ``kernel="auto"`` sends segment ids to
+    the XLA ring while ``AUTO_FUSED_RING_FOR_SEGMENTS`` is False, and to the fused ring when True."""
+    monkeypatch.setattr(F, "flash_unsupported_reason", lambda *a, **k: None)
+    q, k, v, _ = _rand(6, 64)
+    seg = jnp.asarray(_packed_ids(64, 5))
+    mesh = make_mesh(data=1, context=2, devices=jax.devices()[:2])
+    spec = P(None, "context")
+    called = []
+    monkeypatch.setattr(FA, "ring_flash_attention", lambda *a, **kw: called.append(kw) or a[0])
+    run = lambda kern: jax.jit(jax.shard_map(
+        lambda q, k, v, s: A.context_attention(q, k, v, "context", kernel=kern, segment_ids=s),
+        mesh=mesh, in_specs=(spec,) * 4, out_specs=spec))(q, k, v, seg)
+    assert not A.AUTO_FUSED_RING_FOR_SEGMENTS
+    np.testing.assert_array_equal(np.asarray(run("auto")), np.asarray(run("xla")))
+    assert not called
+    run("fused")
+    assert called and called[-1]["segment_ids"] is not None
+    monkeypatch.setattr(A, "AUTO_FUSED_RING_FOR_SEGMENTS", True)
+    called.clear()
+    run("auto")
+    assert called
+
+
 @pytest.mark.parametrize("n,window", [(4, 5), (4, 9), (2, 1)])
 def test_halo_window_single_call_matches_reference(n, window):
     """Equal-length padding + device-0 handling, with a dense local attention standing in for cuDNN."""
@@ -165,7 +222,7 @@ def test_kernel_selection_and_errors():
         run("fused", 3)
     with pytest.raises(ValueError, match="kernel="):
         run("triton")
-    assert "segment ids" in A.fused_unsupported_reason(q, k, segment_ids=seg)
+    assert "segment ids" in A.fused_unsupported_reason(q, k, segment_ids=seg, window=3)
     assert "allgather" in A.fused_unsupported_reason(q, k, impl="allgather")
     assert "multiples of 16" in F.flash_unsupported_reason(q[:, :8], k[:, :8], interpret=True)
     assert "as many queries" in F.flash_unsupported_reason(q[:, :16], k, causal=True, interpret=True)
@@ -246,22 +303,49 @@ def test_fused_context_attention_on_gpus():
         _close(got, want, 1e-1)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_fused_ring_lowers_for_gpu(layout, monkeypatch):
-    """Cross-lower the fused ring's forward and backward for CUDA on CPU: the kernels pass Pallas's
-    Triton lowering and declare their outputs' variance inside a checking ``shard_map``."""
+@pytest.mark.parametrize("layout,segmented", [("contiguous", False), ("zigzag", False), ("zigzag", True)])
+def test_fused_ring_lowers_for_gpu(layout, segmented, monkeypatch):
+    """Cross-lower the fused ring's forward and backward (Pallas blocks; with segment ids too) for
+    CUDA on CPU: the kernels pass Pallas's Triton lowering and declare their outputs' variance
+    inside a checking ``shard_map``."""
     monkeypatch.setattr(F, "flash_unsupported_reason", lambda *a, **k: None)
     n = 4
     mesh = make_mesh(data=1, context=n, devices=jax.devices()[:n])
     spec = P(None, "context")
-    inner = lambda q, k, v: FA.ring_flash_attention(q, k, v, "context", layout=layout, scale=0.125)
-    fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
-    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
+    inner = lambda q, k, v, s: FA.ring_flash_attention(q, k, v, "context", layout=layout, scale=0.125,
+                                                       blocks="pallas",
+                                                       segment_ids=s if segmented else None)
+    fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec)
+    loss = lambda q, k, v, s: jnp.sum(fn(q, k, v, s).astype(jnp.float32))
     q = jax.ShapeDtypeStruct((1, 512, 4, 64), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
-    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(
+    s = jax.ShapeDtypeStruct((1, 512), jnp.int32)
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, s).lower(
         lowering_platforms=("cuda",)).as_text()
     assert hlo.count("__gpu$xla.gpu.triton") >= 3  # forward, dQ and dK/dV kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_segmented_ring_on_gpus(layout):
+    """Packed documents through the Pallas ring (``kernel="fused"`` with segment ids) on all local
+    GPUs, bf16, against the fp32 reference: values and gradients."""
+    devices = [d for d in jax.devices() if d.platform == "gpu"]
+    n = len(devices)
+    mesh = make_mesh(data=1, context=n, devices=devices)
+    t = 512 * n
+    q, k, v, ct = _rand(13, t, dtype=np.float32, b=B, h=8, kvh=2, dh=64)
+    seg = jnp.asarray(_packed_ids(t, 4))
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+    spec = P(None, "context")
+    inner = lambda q, k, v, s: A.context_attention(q, k, v, "context", segment_ids=s, layout=layout,
+                                                   kernel="fused")
+    fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec)
+    to = (lambda x: A.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+    back = (lambda x: A.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+    sharded = lambda q, k, v: back(fn(to(q), to(k), to(v), to(seg)))
+    ref = lambda q, k, v: A.reference_attention(q, k, v, segment_ids=seg)
+    _close(_value_and_grads(sharded, bf(q), bf(k), bf(v), ct), _value_and_grads(ref, q, k, v, ct), 1e-1)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
@@ -274,7 +358,7 @@ def test_cudnn_ring_lowers_for_gpu(layout):
     n = 4
     mesh = make_mesh(data=1, context=n, devices=jax.devices()[:n])
     spec = P(None, "context")
-    inner = lambda q, k, v: FA._ring_flash(q, k, v, "context", layout, 0.125, "cudnn")
+    inner = lambda q, k, v: FA._ring_flash(q, k, v, None, "context", layout, 0.125, "cudnn")
     fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
     loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
     q = jax.ShapeDtypeStruct((1, 512, 4, 64), jnp.bfloat16)

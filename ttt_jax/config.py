@@ -265,8 +265,9 @@ class ModelConfig:
     differ. ``context_kernel`` picks the per-device attention compute under context parallelism:
     ``"fused"`` (one cuDNN flash-attention call per ring block -- the Pallas kernels where this
     JAX's private cuDNN functions are not as expected, see ``parallel/cudnn_blocks.py`` -- and one
-    cuDNN call per device for sliding-window layers after the halo exchange; NVIDIA GPU, bf16/fp16,
-    no segment ids -- an error where it cannot run), ``"pallas"`` (as fused, with the Pallas flash
+    cuDNN call per device for sliding-window layers after the halo exchange; NVIDIA GPU, bf16/fp16;
+    packed documents only in full-attention layers, by the Pallas blocks -- an error where it
+    cannot run), ``"pallas"`` (as fused, with the Pallas flash
     kernels per ring block), ``"xla"`` (plain XLA blockwise attention: any backend, segment ids) or
     ``"auto"`` (fused where it can run, XLA otherwise; XLA on CPU/TPU).
     """
