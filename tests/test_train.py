@@ -31,16 +31,6 @@ def toy(tmp_path, *extra, name="run"):
     return load_config(None, TOY + [f"train.run_dir={tmp_path / name}", *extra])
 
 
-def _subprocess_env(cache_dir):
-    """Environment for the CLI subprocesses of the resume tests: a persistent compilation cache
-    shared by the processes of one test, so only the first one compiles the train step."""
-    import os
-
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
 def params_of(model):
     return jax.tree.leaves(jax.device_get(nnx.state(model, nnx.Param)))
 
@@ -220,8 +210,7 @@ def test_killed_process_resumes_to_identical_parameters(tmp_path):
 
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy(tmp_path, *extra, name="killed").to_dict()))
     cmd = [sys.executable, "-m", "ttt_jax.cli", "train", str(tmp_path / "toy.yaml")]
-    env = _subprocess_env(tmp_path / "jax_cache")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while not (run_dir / "checkpoints" / "10").is_dir():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -229,7 +218,7 @@ def test_killed_process_resumes_to_identical_parameters(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = train(toy(tmp_path, *extra, name="killed"))   # restores the final checkpoint
     assert resumed.step == 30
@@ -256,8 +245,7 @@ def test_signal_checkpoints_current_step_and_resume_is_exact(tmp_path, signame):
     run_dir = tmp_path / "signalled"
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy(tmp_path, *extra, name="signalled").to_dict()))
     cmd = [sys.executable, "-m", "ttt_jax.cli", "train", str(tmp_path / "toy.yaml")]
-    env = _subprocess_env(tmp_path / "jax_cache")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.is_file() and len(records(metrics, "train")) >= 3):
@@ -272,7 +260,7 @@ def test_signal_checkpoints_current_step_and_resume_is_exact(tmp_path, signame):
     ck.close()
     assert len(steps) == 1 and 3 <= steps[0] < 30, steps
     assert f"saved {run_dir / 'checkpoints' / str(steps[0])}" in err
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = train(toy(tmp_path, *extra, name="signalled"))   # restores the final checkpoint
     assert resumed.step == 30
