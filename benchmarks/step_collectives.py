@@ -1,7 +1,7 @@
 """List the collectives in a compiled train step under a device mesh (CPU, compile only).
 
-Builds the step of ``ttt_jax.bench.model`` (model, AdamW, chunked loss with one group per context
-shard) for a preset on emulated CPU devices, compiles it, and prints every all-gather, all-reduce,
+Builds the step of ``ttt_jax.bench.model.benchmark_step`` (model, AdamW, chunked loss with one group
+per context shard) for a preset on emulated CPU devices, compiles it, and prints every all-gather, all-reduce,
 reduce-scatter, all-to-all and collective-permute of the optimised HLO with its count and result
 shape. Use it to check that a sharded step moves only what it should (for example, that the loss
 does not gather the hidden states under context parallelism)::
@@ -50,42 +50,16 @@ def main(argv=None) -> collections.Counter:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
     import jax.numpy as jnp
-    import optax
-    from flax import nnx
 
+    from ttt_jax.bench.model import benchmark_step
     from ttt_jax.config import load_config
-    from ttt_jax.models.lm import CausalLM
-    from ttt_jax.ops.loss import chunked_cross_entropy
     from ttt_jax.train import mesh as mesh_lib
 
     cfg = load_config(args.preset, [*args.set, f"data.seq_len={args.seq_len}",
                                     f"mesh.context={args.context}", "mesh.data=1"])
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    groups = args.context if args.loss_groups is None else args.loss_groups
-    tx = optax.adamw(1e-5, weight_decay=0.1)
-
-    def build():
-        model = CausalLM(cfg.model, rngs=nnx.Rngs(0))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    graphdef, abs_state = nnx.split(nnx.eval_shape(build))
-    shardings = mesh_lib.state_shardings(abs_state, mesh)
-
-    def step(state, inputs, targets, positions):
-        model, opt = nnx.merge(graphdef, state)
-
-        def loss_fn(m):
-            h = m.hidden(inputs, positions=positions)
-            nll, n = chunked_cross_entropy(h, m.head(), targets, jnp.ones(targets.shape, jnp.float32),
-                                           groups=groups)
-            return nll / n
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        opt.update(model, grads)
-        return nnx.state((model, opt)), loss
-
+    fn, _, abs_state, _, _ = benchmark_step(cfg.model, mesh, loss_groups=args.loss_groups)
     batch_sh = mesh_lib.batch_sharding(mesh)
-    fn = jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch_sh, batch_sh, batch_sh))
     tokens = jax.ShapeDtypeStruct((1, args.seq_len), jnp.int32, sharding=batch_sh)
     with jax.set_mesh(mesh):
         text = fn.lower(abs_state, tokens, tokens, tokens).compile().as_text()

@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -62,29 +63,28 @@ def context_comm(mcfg, mesh_shape, batch: int, seq_len: int) -> dict:
         remat=mcfg.remat)
 
 
-def run_variant(args) -> dict:
+def benchmark_step(mcfg, mesh, loss_groups: Optional[int] = None):
+    """The benchmarked train step of model config ``mcfg`` on ``mesh``: forward, chunked loss,
+    backward and an AdamW update, jitted with the state's shardings and donation.
+
+    ``loss_groups`` defaults to the context size, as in the trainer: every device computes the loss
+    of its own positions (with 1 the loss scan gathers the hidden states to all devices).
+
+    Returns ``(step, graphdef, abstract_state, state_shardings, build)``:
+    ``step(state, inputs, targets, positions) -> (state, loss)`` with ``[B, T]`` int inputs, and
+    ``build()`` creating ``(model, optimizer)``.
+    """
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    from ttt_jax.config import load_config
-    from ttt_jax.models.flops import flops_per_token
-    from ttt_jax.models.lm import CausalLM, count_params
+    from ttt_jax.models.lm import CausalLM
     from ttt_jax.ops.loss import chunked_cross_entropy
-
     from ttt_jax.train import mesh as mesh_lib
 
-    variant = [o.format(window=args.window) for o in VARIANTS[args.variant]]
-    mesh_over = [f"mesh.{k}={v}" for k, v in parse_mesh(args.mesh).items()]
-    overrides = list(args.set) + variant + mesh_over + [f"data.seq_len={args.seq_len}",
-                                                        f"model.max_seq_len={max(args.seq_len, 8)}"]
-    cfg = load_config(args.preset, overrides)
-    mcfg = cfg.model
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    mesh_lib.check_supported(mesh, args.seq_len, mcfg.ttt.chunk_size if mcfg.ttt.layer_ids(mcfg.n_layers) else None,
-                             mcfg.context_layout)
     tx = optax.adamw(1e-5, weight_decay=0.1)
+    groups = mesh.shape.get("context", 1) if loss_groups is None else loss_groups
 
     def build():
         model = CausalLM(mcfg, rngs=nnx.Rngs(0))
@@ -92,13 +92,6 @@ def run_variant(args) -> dict:
 
     graphdef, abs_state = nnx.split(nnx.eval_shape(build))
     shardings = mesh_lib.state_shardings(abs_state, mesh)
-    # Created directly in its sharding: a large model is never whole on one device.
-    state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
-    n_params = count_params(nnx.merge(graphdef, state)[0])
-
-    # As the trainer does: one loss chunk group per context shard, so every device computes the
-    # loss of its own positions (without it the loss scan gathers the hidden states to all devices).
-    groups = mesh.shape.get("context", 1)
 
     def step(state, inputs, targets, positions):
         model, opt = nnx.merge(graphdef, state)
@@ -114,7 +107,35 @@ def run_variant(args) -> dict:
         return nnx.state((model, opt)), loss
 
     batch_sh = mesh_lib.batch_sharding(mesh)
-    step = jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch_sh, batch_sh, batch_sh))
+    jitted = jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch_sh, batch_sh, batch_sh))
+    return jitted, graphdef, abs_state, shardings, build
+
+
+def run_variant(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ttt_jax.config import load_config
+    from ttt_jax.models.flops import flops_per_token
+    from ttt_jax.models.lm import count_params
+
+    from ttt_jax.train import mesh as mesh_lib
+
+    variant = [o.format(window=args.window) for o in VARIANTS[args.variant]]
+    mesh_over = [f"mesh.{k}={v}" for k, v in parse_mesh(args.mesh).items()]
+    overrides = list(args.set) + variant + mesh_over + [f"data.seq_len={args.seq_len}",
+                                                        f"model.max_seq_len={max(args.seq_len, 8)}"]
+    cfg = load_config(args.preset, overrides)
+    mcfg = cfg.model
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh_lib.check_supported(mesh, args.seq_len, mcfg.ttt.chunk_size if mcfg.ttt.layer_ids(mcfg.n_layers) else None,
+                             mcfg.context_layout)
+    step, graphdef, abs_state, shardings, build = benchmark_step(mcfg, mesh)
+    # Created directly in its sharding: a large model is never whole on one device.
+    state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
+    n_params = count_params(nnx.merge(graphdef, state)[0])
+    batch_sh = mesh_lib.batch_sharding(mesh)
     t = args.seq_len
     rows = np.asarray(jax.random.randint(jax.random.key(1), (args.batch, t + 1), 0, mcfg.vocab_size, jnp.int32))
     host = {"inputs": rows[:, :-1], "targets": rows[:, 1:],
