@@ -660,8 +660,8 @@ def fused_unsupported_reason(q: jax.Array, k: jax.Array, *, segment_ids: Optiona
 
     Fused means: one cuDNN call per device for a sliding window (after the halo exchange), cuDNN or
     Pallas flash kernels per ring block for full causal attention (:mod:`parallel.fused_attention`;
-    with segment ids the Pallas kernels). Checked here: the Pallas kernels' requirements, which the
-    cuDNN blocks' are a superset of in practice; the ring falls back to Pallas blocks otherwise.
+    with segment ids the Pallas kernels). For the ring this checks the Pallas kernels'
+    requirements: where the cuDNN blocks cannot run, the ring uses the Pallas ones.
     """
     from parallel.flash import flash_unsupported_reason
     from parallel.fused_attention import cudnn_unsupported_reason
@@ -695,10 +695,9 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     (:mod:`parallel.fused_attention`: cuDNN -- or, where JAX's private cuDNN functions are not as
     expected, Pallas -- flash kernels per ring block, one cuDNN call for the sliding window; NVIDIA
     GPU, bf16/fp16; segment ids only in the ring, by the Pallas blocks -- an explicit choice that
-    cannot run raises ``ValueError``
-    naming why), ``"pallas"`` (fused, with the Pallas kernels per ring block) or ``"auto"`` (fused
-    where it can run, XLA otherwise; so always XLA on CPU/TPU). ``block_size`` is passed on to the
-    XLA paths (``None``: their default).
+    cannot run raises ``ValueError`` naming why), ``"pallas"`` (fused, with the Pallas kernels per
+    ring block) or ``"auto"`` (fused where it can run, XLA otherwise; so always XLA on CPU/TPU).
+    ``block_size`` is passed on to the XLA paths (``None``: their default).
     """
     if impl not in CONTEXT_IMPLS:
         raise ValueError(f"context_attention: impl={impl!r} is not one of {CONTEXT_IMPLS}")
