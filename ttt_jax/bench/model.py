@@ -103,7 +103,8 @@ def benchmark_step(mcfg, mesh, loss_groups: Optional[int] = None):
             return nll / n
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
-        opt.update(model, grads)
+        with jax.named_scope("optimizer"):
+            opt.update(model, grads)
         return nnx.state((model, opt)), loss
 
     batch_sh = mesh_lib.batch_sharding(mesh)
@@ -161,6 +162,10 @@ def run_variant(args) -> dict:
         times.append(time.perf_counter() - t0)
         print(f"[{args.variant}] step {len(times)}: {times[-1]:.3f} s", file=sys.stderr, flush=True)
     sec = statistics.median(times)
+    profile = None
+    if args.profile:
+        profile = _profile_step(step, state, tokens, Path(args.profile) / f"{args.variant}_{t}")
+        state = profile.pop("state")
     comm = context_comm(mcfg, mesh.shape, args.batch, t)
     dev = jax.devices()[0]
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat]
@@ -174,7 +179,26 @@ def run_variant(args) -> dict:
                 temp_gib=(mem.temp_size_in_bytes / 2 ** 30) if mem is not None else None,
                 compile_s=compile_s, loss=float(loss), ttt_layers=list(mcfg.ttt.layer_ids(mcfg.n_layers)),
                 context_attention=mcfg.context_attention, context_scan=mcfg.context_scan,
-                context_kernel=mcfg.context_kernel, comm_bytes_per_device=comm)
+                context_kernel=mcfg.context_kernel, comm_bytes_per_device=comm,
+                **({"profile": profile} if profile is not None else {}))
+
+
+def _profile_step(step, state, tokens, log_dir: Path) -> dict:
+    """One more step under ``jax.profiler.trace``; returns the trace's per-device summary
+    (:mod:`ttt_jax.bench.trace`), the traced step's host-side seconds, and the new ``state``."""
+    import jax
+
+    from ttt_jax.bench.trace import format_summary, summarize_trace
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with jax.profiler.trace(str(log_dir), create_perfetto_trace=True):
+        t0 = time.perf_counter()
+        state, loss = step(state, *tokens)
+        jax.block_until_ready((state, loss))
+        traced_s = time.perf_counter() - t0
+    summary = summarize_trace(log_dir)
+    print(format_summary(summary), file=sys.stderr, flush=True)
+    return dict(summary, traced_step_s=traced_s, state=state)
 
 
 def main(argv=None):
@@ -196,6 +220,10 @@ def main(argv=None):
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
     p.add_argument("--out", type=Path)
+    p.add_argument("--profile", type=Path, default=None,
+                   help="after timing, trace one more step with jax.profiler into this directory and "
+                        "add a per-device summary (busy/idle time, time by kind and by model scope) "
+                        "to each result (ttt_jax.bench.trace)")
     args = p.parse_args(argv)
     if args.variant:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
@@ -210,7 +238,7 @@ def main(argv=None):
             child = ["-m", "ttt_jax.bench.model", "--variant", v, "--preset", args.preset,
                      "--seq-len", str(length), "--batch", str(args.batch), "--iters", str(args.iters),
                      "--warmup", str(args.warmup), "--window", str(args.window), "--mesh", args.mesh,
-                     "--set", *args.set]
+                     *(["--profile", str(args.profile)] if args.profile else []), "--set", *args.set]
             row = run_variant_process(child, v, env)
             row.setdefault("seq_len", length)
             rows.append(row)

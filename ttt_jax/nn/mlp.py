@@ -124,16 +124,18 @@ class InPlaceTTTMLP(SwiGLUMLP):
             # ones), not the next. Future taps (j > (K-1)//2) are held at zero.
             k = conv.shape[0]
             conv = conv * (jnp.arange(k) <= (k - 1) // 2)[:, None].astype(dt)
-        v = inplace_ttt_target(src.astype(dt), conv,
-                               self.ttt_proj[...].astype(dt), chunk_size=self.chunk_size,
-                               segment_ids=segment_ids)
+        with jax.named_scope("ttt_target"):
+            v = inplace_ttt_target(src.astype(dt), conv,
+                                   self.ttt_proj[...].astype(dt), chunk_size=self.chunk_size,
+                                   segment_ids=segment_ids)
         w0 = self.down[...].astype(dt)
-        if context_size() > 1:
-            # Sequence split over the context axis: per-device scan + cross-device summary scan.
-            def local(z, v, w0, seg):
-                return inplace_ttt_sharded(z, v, w0, lr=self.lr, chunk_size=self.chunk_size,
-                                           axis_name=AXIS, segment_ids=seg, clip_tau=self.clip_tau,
-                                           layout=self.context_layout, mode=self.context_scan)
-            return run_over_context(local, (z, v), (w0,), segment_ids)
-        return inplace_ttt(z, v, w0, lr=self.lr, chunk_size=self.chunk_size,
-                           segment_ids=segment_ids, impl=self.impl, clip_tau=self.clip_tau)
+        with jax.named_scope("ttt_scan"):
+            if context_size() > 1:
+                # Sequence split over the context axis: per-device scan + cross-device summary scan.
+                def local(z, v, w0, seg):
+                    return inplace_ttt_sharded(z, v, w0, lr=self.lr, chunk_size=self.chunk_size,
+                                               axis_name=AXIS, segment_ids=seg, clip_tau=self.clip_tau,
+                                               layout=self.context_layout, mode=self.context_scan)
+                return run_over_context(local, (z, v), (w0,), segment_ids)
+            return inplace_ttt(z, v, w0, lr=self.lr, chunk_size=self.chunk_size,
+                               segment_ids=segment_ids, impl=self.impl, clip_tau=self.clip_tau)

@@ -32,10 +32,12 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
       mask: ``[B, T]`` float, 1 where the position counts.
       chunk_size: positions per chunk; ``T`` is padded to a multiple (padding is masked out).
       groups: the sequence is first cut into ``groups`` contiguous blocks, and every scan step
-        takes one chunk of ``chunk_size / groups`` positions from *each* block. With ``groups``
-        equal to the number of devices the sequence is sharded over (context parallelism), every
-        step's slice is spread over all devices and the loss needs no gathering of ``hidden``.
-        ``T`` must be divisible by ``groups``.
+        takes one chunk of ``chunk_size`` positions from *each* block. With ``groups`` equal to
+        the number of devices the sequence is sharded over (context parallelism), every step's
+        slice is spread over all devices, the loss needs no gathering of ``hidden``, and each
+        device works on ``chunk_size`` positions per step, as one device does without
+        sharding (the same logits memory and matmul shapes, and ``groups`` times fewer steps
+        than cutting the chunk into ``groups`` pieces). ``T`` must be divisible by ``groups``.
 
     Returns:
       ``(nll_sum, n_tokens)`` fp32 scalars (logits in fp32, log-sum-exp in fp32).
@@ -48,7 +50,6 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
         targets = targets.reshape(b * groups, t // groups)
         mask = mask.reshape(b * groups, t // groups)
         b, t = b * groups, t // groups
-        chunk_size = max(1, chunk_size // groups)
     c = min(chunk_size, t)
     n = -(-t // c)
     pad = n * c - t
@@ -71,5 +72,6 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
     def body(total, xs):
         return total + chunk_nll(*xs), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, ms))
+    with jax.named_scope("loss"):
+        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, ms))
     return total, jnp.sum(ms)

@@ -1,0 +1,169 @@
+"""Where a profiled step spends device time: a summary of a ``jax.profiler`` Perfetto trace.
+
+``jax.profiler.trace(dir, create_perfetto_trace=True)`` writes
+``dir/plugins/profile/<run>/perfetto_trace.json.gz``: Chrome trace events, one process per device
+(``/device:GPU:0`` ...) and one for the host. :func:`summarize_trace` reduces it to what a scaling
+question needs, per device:
+
+* ``busy_ms``: the union of the device's event intervals (time anything ran on it);
+* ``span_ms``: first event start to last event end (the step as the device saw it), so
+  ``span_ms - busy_ms`` is time the device sat idle (waiting on the host or on a peer);
+* ``categories``: summed event time by kind (``collective``, ``attention``, ``matmul``, ``other``);
+* ``scopes``: summed event time by model region, read from the op's name stack (``tf_op`` /
+  ``long_name`` arguments) for the named scopes the model sets (``attention``, ``mlp``,
+  ``ttt_target``, ``ttt_scan``, ``loss``, ``optimizer``) -- the innermost one wins;
+* ``top``: the events of largest summed time, with their counts.
+
+Events on several streams of one device can overlap, so category sums may exceed ``busy_ms``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional, Union
+
+# Innermost first: an op inside the TTT scan of an MLP is counted as ``ttt_scan``.
+SCOPES = ("ttt_scan", "ttt_target", "attention", "mlp", "loss", "optimizer")
+
+_CATEGORIES = (
+    ("collective", re.compile(r"nccl|all-?reduce|all-?gather|reduce-?scatter|collective-?permute|"
+                              r"all-?to-?all|send|recv|ppermute", re.I)),
+    ("attention", re.compile(r"cudnn|fmha|sdpa|flash|attention", re.I)),
+    ("matmul", re.compile(r"gemm|cublas|cutlass|nvjet|xmma|dot|matmul|wgmma", re.I)),
+)
+
+
+def find_trace(log_dir: Union[str, Path]) -> Path:
+    """The newest ``perfetto_trace.json.gz`` under ``log_dir`` (as ``jax.profiler.trace`` writes it)."""
+    found = sorted(Path(log_dir).rglob("perfetto_trace.json*"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no perfetto_trace.json(.gz) under {log_dir}; profile with "
+                                "jax.profiler.trace(dir, create_perfetto_trace=True)")
+    return found[-1]
+
+
+def load_events(path: Union[str, Path]) -> list:
+    """The ``traceEvents`` list of a (gzipped) Chrome/Perfetto JSON trace."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def category(name: str) -> str:
+    """``collective`` / ``attention`` / ``matmul`` / ``other`` for a kernel or HLO op name."""
+    for cat, pattern in _CATEGORIES:
+        if pattern.search(name):
+            return cat
+    return "other"
+
+
+def scope(event: dict) -> str:
+    """The innermost model scope named in the event's op-name arguments (``"unscoped"`` if none)."""
+    args = event.get("args") or {}
+    text = " ".join(str(args.get(k, "")) for k in ("tf_op", "long_name", "hlo_op", "name_stack"))
+    text += " " + event.get("name", "")
+    for s in SCOPES:
+        if re.search(rf"(^|[/\s(]){s}([/\s)]|$)", text):
+            return s
+    return "unscoped"
+
+
+def _union_ms(intervals: list) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total / 1e3
+
+
+def _is_device(process_name: str) -> bool:
+    return bool(re.search(r"/device:(GPU|TPU)|GPU:\d|TPU:\d", process_name))
+
+
+def summarize_trace(path: Union[str, Path], *, top: int = 25,
+                    thread_filter: Optional[str] = None) -> dict:
+    """Per-device time summary of a trace (see the module docstring).
+
+    Args:
+      path: a ``perfetto_trace.json(.gz)`` or a directory holding one.
+      top: how many of the largest events (by summed time) to list per device.
+      thread_filter: a regex over thread (stream / line) names; only matching threads count.
+        Default: every thread of the device except the ``XLA Modules`` / ``Steps`` lines, which
+        span whole executions rather than individual ops.
+
+    Returns:
+      ``{"trace": str, "devices": {name: {...}}}``; with no device processes in the trace (a CPU
+      run) the host process is summarised instead under its own name, so the summary is never
+      silently empty.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = find_trace(path)
+    events = load_events(path)
+    procs, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            procs[e["pid"]] = e["args"]["name"]
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[(e["pid"], e.get("tid"))] = e["args"]["name"]
+    device_pids = {pid for pid, name in procs.items() if _is_device(name)}
+    if not device_pids:
+        device_pids = set(procs)
+    skip = re.compile(r"XLA Modules|Steps|TraceMe|python", re.I)
+    keep = re.compile(thread_filter) if thread_filter else None
+    acc: dict = defaultdict(lambda: {"intervals": [], "categories": defaultdict(float),
+                                     "scopes": defaultdict(float), "threads": defaultdict(float),
+                                     "events": defaultdict(lambda: [0, 0.0]), "sample_args": []})
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in device_pids or "dur" not in e:
+            continue
+        tname = threads.get((e["pid"], e.get("tid")), str(e.get("tid")))
+        if (keep and not keep.search(tname)) or (not keep and skip.search(tname)):
+            continue
+        d = acc[procs.get(e["pid"], str(e["pid"]))]
+        ts, dur = float(e["ts"]), float(e["dur"])
+        name = e.get("name", "?")
+        d["intervals"].append((ts, ts + dur))
+        d["categories"][category(name + " " + str((e.get("args") or {}).get("hlo_op", "")))] += dur / 1e3
+        d["scopes"][scope(e)] += dur / 1e3
+        d["threads"][tname] += dur / 1e3
+        if e.get("args") and len(d["sample_args"]) < 3:  # what this trace's events carry
+            d["sample_args"].append({k: str(v)[:200] for k, v in e["args"].items()} | {"name": name[:80]})
+        ev = d["events"][name]
+        ev[0] += 1
+        ev[1] += dur / 1e3
+    out = {}
+    for dev, d in sorted(acc.items()):
+        iv = d["intervals"]
+        ranked = sorted(d["events"].items(), key=lambda kv: -kv[1][1])[:top]
+        out[dev] = {
+            "busy_ms": round(_union_ms(iv), 3),
+            "span_ms": round((max(b for _, b in iv) - min(a for a, _ in iv)) / 1e3, 3),
+            "categories": {k: round(v, 3) for k, v in sorted(d["categories"].items(), key=lambda kv: -kv[1])},
+            "scopes": {k: round(v, 3) for k, v in sorted(d["scopes"].items(), key=lambda kv: -kv[1])},
+            "threads": {k: round(v, 3) for k, v in sorted(d["threads"].items(), key=lambda kv: -kv[1])},
+            "top": [{"name": n[:160], "count": c, "ms": round(ms, 3)} for n, (c, ms) in ranked],
+            "sample_args": d["sample_args"],
+        }
+    return {"trace": str(path), "devices": out}
+
+
+def format_summary(summary: dict, *, device: Optional[str] = None) -> str:
+    """A few readable lines for one device (default: the first) of :func:`summarize_trace`."""
+    devices = summary["devices"]
+    if not devices:
+        return "trace: no device events"
+    name = device or next(iter(devices))
+    d = devices[name]
+    lines = [f"{name}: busy {d['busy_ms']:.1f} ms of a {d['span_ms']:.1f} ms span",
+             "  by kind:  " + ", ".join(f"{k} {v:.1f}" for k, v in d["categories"].items()),
+             "  by scope: " + ", ".join(f"{k} {v:.1f}" for k, v in d["scopes"].items())]
+    return "\n".join(lines)
