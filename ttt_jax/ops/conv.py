@@ -72,5 +72,6 @@ def inplace_ttt_target(t: jax.Array, conv_w: jax.Array, proj: jax.Array, *, chun
     """
     _check_target_args(t, conv_w, proj)
     conv = chunked_depthwise_conv(t, conv_w, chunk_size=chunk_size, segment_ids=segment_ids)
-    return jnp.einsum("btd,de->bte", conv, proj.astype(t.dtype),
-                      preferred_element_type=jnp.float32).astype(t.dtype)
+    # Result asked for in t.dtype (fp32 accumulation inside the matmul): keeps the backward
+    # matmuls in t.dtype too (see ttt_jax.nn.params.dense).
+    return jnp.einsum("btd,de->bte", conv, proj.astype(t.dtype), preferred_element_type=t.dtype)

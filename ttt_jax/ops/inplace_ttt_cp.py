@@ -130,6 +130,8 @@ def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float,
     outs = []
     for (out0, _, corr), p, s_in in zip(results, pieces, states):
         zp = z[:, p]
-        carried = jnp.einsum("btf,bfd->btd", zp, s_in.astype(zp.dtype), preferred_element_type=jnp.float32)
-        outs.append((out0.astype(jnp.float32) + corr[..., None] * carried).astype(z.dtype))
+        # In z.dtype (fp32 accumulation inside the matmul): an fp32 result would give the
+        # backward pass an fp32 cotangent and fp32 (TF32) gradient matmuls.
+        carried = jnp.einsum("btf,bfd->btd", zp, s_in.astype(zp.dtype), preferred_element_type=zp.dtype)
+        outs.append((out0.astype(jnp.float32) + corr[..., None] * carried.astype(jnp.float32)).astype(z.dtype))
     return outs[0] if parts == 1 else jnp.concatenate(outs, axis=1)

@@ -21,6 +21,32 @@ def cross_entropy_reference(hidden: jax.Array, head: jax.Array, targets: jax.Arr
     return jnp.sum((lse - tgt) * mask), jnp.sum(mask)
 
 
+@jax.custom_vjp
+def _logits(h: jax.Array, head: jax.Array) -> jax.Array:
+    """``[B, C, D] x [D, V] -> [B, C, V]`` fp32 logits whose backward matmuls run in ``h.dtype``.
+
+    The forward result is fp32 (the log-sum-exp needs it). Plain autodiff would then feed the two
+    gradient matmuls an fp32 cotangent, i.e. run them in fp32 (TF32 on an H100, half the bf16
+    rate); here the cotangent is rounded to ``h.dtype`` first, as mixed-precision training does.
+    With fp32 inputs nothing changes.
+    """
+    return jnp.einsum("bcd,dv->bcv", h, head, preferred_element_type=jnp.float32)
+
+
+def _logits_fwd(h, head):
+    return _logits(h, head), (h, head)
+
+
+def _logits_bwd(res, g):
+    h, head = res
+    g = g.astype(h.dtype)
+    return (jnp.einsum("bcv,dv->bcd", g, head.astype(h.dtype), preferred_element_type=h.dtype),
+            jnp.einsum("bcd,bcv->dv", h, g, preferred_element_type=head.dtype))
+
+
+_logits.defvjp(_logits_fwd, _logits_bwd)
+
+
 def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array, *,
                           chunk_size: int = 2048, groups: int = 1) -> tuple[jax.Array, jax.Array]:
     """Summed next-token NLL and token count, computed ``chunk_size`` positions at a time.
@@ -64,7 +90,7 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
 
     @jax.checkpoint
     def chunk_nll(h, tg, m):
-        logits = jnp.einsum("bcd,dv->bcv", h, head, preferred_element_type=jnp.float32)
+        logits = _logits(h, head)
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, tg[..., None], axis=-1)[..., 0]
         return jnp.sum((lse - tgt) * m)
