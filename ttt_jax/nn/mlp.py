@@ -27,6 +27,7 @@ from flax import nnx
 
 from ttt_jax.config import ModelConfig
 from ttt_jax.nn.params import dense, make_param, normal_init, zeros_init
+from ttt_jax.ops.precision import matmul_f32_out
 from ttt_jax.nn.context import AXIS, context_size, run_over_context
 from ttt_jax.ops import inplace_ttt, inplace_ttt_target
 from ttt_jax.ops.inplace_ttt_cp import inplace_ttt_sharded
@@ -67,10 +68,9 @@ class SwiGLUMLP(nnx.Module):
     def activation(self, h: jax.Array) -> jax.Array:
         """``z = silu(h W_gate) * (h W_up)``: ``[B, T, D] -> [B, T, F]`` in the compute dtype."""
         dt = self.dtype
-        g = jnp.einsum("btd,df->btf", h.astype(dt), self.gate[...].astype(dt),
-                       preferred_element_type=jnp.float32)
-        u = jnp.einsum("btd,df->btf", h.astype(dt), self.up[...].astype(dt),
-                       preferred_element_type=jnp.float32)
+        # fp32 results for the product; backward matmuls in dt (see matmul_f32_out).
+        g = matmul_f32_out("btd,df->btf", h.astype(dt), self.gate[...].astype(dt))
+        u = matmul_f32_out("btd,df->btf", h.astype(dt), self.up[...].astype(dt))
         return (jax.nn.silu(g) * u).astype(dt)
 
     def __call__(self, h: jax.Array, *, x0: Optional[jax.Array] = None,

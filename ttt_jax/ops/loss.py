@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ttt_jax.ops.precision import matmul_f32_out
+
 
 def cross_entropy_reference(hidden: jax.Array, head: jax.Array, targets: jax.Array,
                             mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -19,32 +21,6 @@ def cross_entropy_reference(hidden: jax.Array, head: jax.Array, targets: jax.Arr
     tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     mask = mask.astype(jnp.float32)
     return jnp.sum((lse - tgt) * mask), jnp.sum(mask)
-
-
-@jax.custom_vjp
-def _logits(h: jax.Array, head: jax.Array) -> jax.Array:
-    """``[B, C, D] x [D, V] -> [B, C, V]`` fp32 logits whose backward matmuls run in ``h.dtype``.
-
-    The forward result is fp32 (the log-sum-exp needs it). Plain autodiff would then feed the two
-    gradient matmuls an fp32 cotangent, i.e. run them in fp32 (TF32 on an H100, half the bf16
-    rate); here the cotangent is rounded to ``h.dtype`` first, as mixed-precision training does.
-    With fp32 inputs nothing changes.
-    """
-    return jnp.einsum("bcd,dv->bcv", h, head, preferred_element_type=jnp.float32)
-
-
-def _logits_fwd(h, head):
-    return _logits(h, head), (h, head)
-
-
-def _logits_bwd(res, g):
-    h, head = res
-    g = g.astype(h.dtype)
-    return (jnp.einsum("bcv,dv->bcd", g, head.astype(h.dtype), preferred_element_type=h.dtype),
-            jnp.einsum("bcd,bcv->dv", h, g, preferred_element_type=head.dtype))
-
-
-_logits.defvjp(_logits_fwd, _logits_bwd)
 
 
 def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array, *,
@@ -90,7 +66,8 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
 
     @jax.checkpoint
     def chunk_nll(h, tg, m):
-        logits = _logits(h, head)
+        # fp32 logits; the backward matmuls run in the hidden states' dtype (matmul_f32_out).
+        logits = matmul_f32_out("bcd,dv->bcv", h, head)
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, tg[..., None], axis=-1)[..., 0]
         return jnp.sum((lse - tgt) * m)
