@@ -166,9 +166,10 @@ def test_ring_flash_with_segment_ids_matches_reference(layout, n):
     assert np.abs(np.asarray(got[0])[:, t - 5:]).max() == 0.0  # padding rows
 
 
-def test_auto_keeps_packed_documents_on_the_xla_ring(monkeypatch):
+def test_auto_routes_packed_documents_by_flag(monkeypatch):
     """Where the fused ring could run (stood in for on CPU), ``kernel="auto"`` sends segment ids to
-    the XLA ring while ``AUTO_FUSED_RING_FOR_SEGMENTS`` is False, and to the fused ring when True."""
+    the XLA ring while ``AUTO_FUSED_RING_FOR_SEGMENTS`` is False, and to the fused ring when True
+    (the default)."""
     monkeypatch.setattr(F, "flash_unsupported_reason", lambda *a, **k: None)
     q, k, v, _ = _rand(6, 64)
     seg = jnp.asarray(_packed_ids(64, 5))
@@ -179,7 +180,8 @@ def test_auto_keeps_packed_documents_on_the_xla_ring(monkeypatch):
     run = lambda kern: jax.jit(jax.shard_map(
         lambda q, k, v, s: A.context_attention(q, k, v, "context", kernel=kern, segment_ids=s),
         mesh=mesh, in_specs=(spec,) * 4, out_specs=spec))(q, k, v, seg)
-    assert not A.AUTO_FUSED_RING_FOR_SEGMENTS
+    assert A.AUTO_FUSED_RING_FOR_SEGMENTS
+    monkeypatch.setattr(A, "AUTO_FUSED_RING_FOR_SEGMENTS", False)
     np.testing.assert_array_equal(np.asarray(run("auto")), np.asarray(run("xla")))
     assert not called
     run("fused")
