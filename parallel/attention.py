@@ -89,6 +89,7 @@ ContextImpl = Literal["ring", "allgather"]
 CONTEXT_IMPLS = ("ring", "allgather")
 ContextKernel = Literal["auto", "xla", "fused", "pallas"]
 CONTEXT_KERNELS = ("auto", "xla", "fused", "pallas")
+CONTEXT_HALOS = ("single", "split")
 # Packed documents (segment ids) in full causal layers: the fused ring runs the Pallas blocks with
 # the ids (``kernel="fused"`` / ``"pallas"``). ``"auto"`` takes that path when this is True. It is:
 # the segmented ring's GPU-marked tests (values and gradients against the unsharded reference,
@@ -683,7 +684,7 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
                       segment_ids: Optional[jax.Array] = None, window: int = 0,
                       impl: ContextImpl = "ring", layout: Layout = "contiguous",
                       kernel: ContextKernel = "auto", scale: Optional[float] = None,
-                      block_size: Optional[int] = None) -> jax.Array:
+                      block_size: Optional[int] = None, halo: str = "single") -> jax.Array:
     """Causal attention of a context-sharded sequence (inside ``shard_map``).
 
     ``window > 0`` runs the sliding window (halo exchange; contiguous layout only); ``window == 0``
@@ -698,8 +699,14 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     GPU, bf16/fp16; segment ids only in the ring, by the Pallas blocks -- an explicit choice that
     cannot run raises ``ValueError`` naming why), ``"pallas"`` (fused, with the Pallas kernels per
     ring block) or ``"auto"`` (fused where it can run, XLA otherwise; so always XLA on CPU/TPU).
-    ``block_size`` is passed on to the XLA paths (``None``: their default).
+    ``block_size`` is passed on to the XLA paths (``None``: their default). ``halo`` picks the
+    fused sliding-window computation: ``"single"`` (:func:`parallel.fused_attention.
+    halo_window_attention`, one call with zero query rows) or ``"split"``
+    (:func:`parallel.halo_attention.halo_split_attention`, a local call plus a halo block; needs an
+    even ``T_local``, else the single call runs).
     """
+    if halo not in CONTEXT_HALOS:
+        raise ValueError(f"context_attention: halo={halo!r} is not one of {CONTEXT_HALOS}")
     if impl not in CONTEXT_IMPLS:
         raise ValueError(f"context_attention: impl={impl!r} is not one of {CONTEXT_IMPLS}")
     if kernel not in CONTEXT_KERNELS:
@@ -723,6 +730,13 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
             from parallel.fused_attention import (cudnn_window_attention, halo_window_attention,
                                                   ring_flash_attention)
             scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+            if window and halo == "split" and window > 1 and q.shape[1] % 2 == 0:
+                from parallel.cudnn_blocks import private_api_problem
+                from parallel.halo_attention import halo_split_attention
+                blocks = "cudnn" if private_api_problem() is None else "pallas"
+                if blocks == "cudnn" or q.shape[1] % 16 == 0:
+                    return halo_split_attention(q, k, v, axis_name, window=window, scale=scale,
+                                                blocks=blocks)
             if window:
                 local = functools.partial(cudnn_window_attention, window=window, scale=scale)
                 return halo_window_attention(q, k, v, axis_name, window=window, local_attention=local)

@@ -377,7 +377,8 @@ def test_cudnn_ring_lowers_for_gpu(layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("extra", [["model.context_layout=zigzag"], ["model.attention_window=100"]])
+@pytest.mark.parametrize("extra", [["model.context_layout=zigzag"], ["model.attention_window=100"],
+                                   ["model.attention_window=100", "model.context_halo=split"]])
 def test_model_fused_equals_xla_on_gpus(extra):
     """The whole model on all local GPUs: context_kernel=fused and =xla give the same loss and grads."""
     from flax import nnx

@@ -269,7 +269,11 @@ class ModelConfig:
     packed documents only in full-attention layers, by the Pallas blocks -- an error where it
     cannot run), ``"pallas"`` (as fused, with the Pallas flash
     kernels per ring block), ``"xla"`` (plain XLA blockwise attention: any backend, segment ids) or
-    ``"auto"`` (fused where it can run, XLA otherwise; XLA on CPU/TPU).
+    ``"auto"`` (fused where it can run, XLA otherwise; XLA on CPU/TPU). ``context_halo`` picks how
+    the fused path computes a sliding-window layer across devices: ``"single"`` (one cuDNN call
+    over ``[halo | local]`` keys with ``window - 1`` zero query rows) or ``"split"`` (a local call
+    and a small halo block merged by log-sum-exp, ``parallel/halo_attention.py``: no zero rows, and
+    the halo exchange can overlap the local call). Same results (tested).
     """
 
     vocab_size: int = 259
@@ -297,6 +301,7 @@ class ModelConfig:
     context_attention: Literal["ring", "allgather"] = "ring"
     context_scan: Literal["allgather", "ppermute"] = "allgather"
     context_kernel: Literal["auto", "xla", "fused", "pallas"] = "auto"
+    context_halo: Literal["single", "split"] = "single"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
     ttt_seq: TTTSeqConfig = dataclasses.field(default_factory=TTTSeqConfig)
     e2e: E2EConfig = dataclasses.field(default_factory=E2EConfig)

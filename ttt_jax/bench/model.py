@@ -179,7 +179,8 @@ def run_variant(args) -> dict:
                 temp_gib=(mem.temp_size_in_bytes / 2 ** 30) if mem is not None else None,
                 compile_s=compile_s, loss=float(loss), ttt_layers=list(mcfg.ttt.layer_ids(mcfg.n_layers)),
                 context_attention=mcfg.context_attention, context_scan=mcfg.context_scan,
-                context_kernel=mcfg.context_kernel, comm_bytes_per_device=comm,
+                context_kernel=mcfg.context_kernel, context_halo=mcfg.context_halo,
+                comm_bytes_per_device=comm,
                 **({"profile": profile} if profile is not None else {}))
 
 

@@ -50,6 +50,7 @@ class Attention(nnx.Module):
         self.context_layout = cfg.context_layout
         self.context_impl = cfg.context_attention
         self.context_kernel = cfg.context_kernel
+        self.context_halo = cfg.context_halo
         self.rope_theta = float(cfg.rope_theta)
         self.rope_scaling = cfg.rope_scaling  # None, or yarn / llama3 frequency scaling
         self.impl = cfg.attention_impl
@@ -85,7 +86,7 @@ class Attention(nnx.Module):
             def local(q, k, v, seg):
                 return context_attention(q, k, v, AXIS, segment_ids=seg, window=self.window,
                                          layout=self.context_layout, impl=self.context_impl,
-                                         kernel=self.context_kernel)
+                                         kernel=self.context_kernel, halo=self.context_halo)
             out = run_over_context(local, (q, k, v), segment_ids=segment_ids)
         else:
             out = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)

@@ -1,0 +1,228 @@
+"""Sliding-window attention across context shards as two kernel calls merged by log-sum-exp.
+
+Call inside ``jax.shard_map`` over the context axis, contiguous layout, no segment ids. Each device
+holds ``T`` local positions; with window ``W`` (keys per query, itself included) a query needs the
+``h = W - 1`` last keys of the left neighbour (the halo). :func:`parallel.fused_attention.
+halo_window_attention` computes that as ONE equal-length kernel call over ``[halo | local]`` keys
+with ``h`` zero query rows prepended: simple, but those rows cost ``h / T`` extra attention (12.5%
+at T = 32k, W = 4k), and the call waits for the halo to arrive.
+
+Here instead:
+
+* **local block**: the local queries against the local keys, causal with window ``W`` -- one call,
+  which needs nothing from the neighbour, so the halo ``ppermute`` can overlap it;
+* **halo block**: the first ``h`` local queries against the ``h`` halo keys. Query ``i`` (global
+  position ``g + i``) sees halo key ``j`` (global ``g - h + j``) iff ``(g + i) - (g - h + j) <= h``,
+  i.e. ``j >= i``: an upper-triangular mask, which a causal kernel computes after reversing both
+  sequences (``j' = h-1-j <= i' = h-1-i``). The reversed block is padded at its end to the kernel's
+  length multiple; padded keys sit after every real query (invisible under the causal mask) and
+  padded query rows are dropped;
+* the two partial results of the first ``h`` rows are merged by their log-sum-exps, as ring
+  attention merges blocks. Device 0 has no left neighbour: its halo block's log-sum-exp is set to
+  ``-1e30`` (weight 0), so no halo key is ever visible there.
+
+Backward (custom VJP): each block's backward kernel is called with the *merged* output and
+log-sum-exp, which gives exactly the gradients of the global softmax restricted to that block
+(:mod:`parallel.fused_attention`); the halo keys' gradients go back to the left neighbour by the
+reverse ``ppermute``. Extra work over the local block: one ``h x h`` causal block, half the zero
+rows' cost of the single call.
+
+Kernels (``blocks``): ``"cudnn"`` (:mod:`parallel.cudnn_blocks`, GPU), ``"pallas"`` /
+``"interpret"`` (:mod:`parallel.flash`), or ``"dense"`` (plain ``jnp``, any backend: the
+reference the CPU tests run the merge, reversal, padding and gradients with).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from parallel.cudnn_blocks import cudnn_block_bwd, cudnn_block_fwd
+from parallel.flash import flash_block_bwd, flash_block_fwd, flash_delta
+from parallel.attention import _NEG
+from parallel.fused_attention import _merge   # the ring's log-sum-exp merge
+
+HALO_BLOCKS = ("cudnn", "pallas", "interpret", "dense")
+
+
+class _Kernels(NamedTuple):
+    """``local_*``: causal + window; ``block_*``: causal. ``fwd(q, k, v) -> (out, lse)``,
+    ``bwd(q, k, v, do, out, lse, delta) -> (dq, dk, dv)`` with the *global* ``out``/``lse``/``delta``.
+    ``multiple``: the length multiple the kernels need (the halo block is padded to it)."""
+
+    local_fwd: Callable
+    local_bwd: Callable
+    block_fwd: Callable
+    block_bwd: Callable
+    multiple: int
+
+
+def _dense_fwd(q, k, v, *, scale, window):
+    """Reference causal (+ window) attention with its log-sum-exp, ``Tq == Tk``, GQA by repeat."""
+    rep = q.shape[2] // k.shape[2]
+    kk, vv = (jnp.repeat(x, rep, axis=2).astype(jnp.float32) for x in (k, v))
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kk) * scale
+    i, j = jnp.arange(q.shape[1])[:, None], jnp.arange(k.shape[1])[None, :]
+    mask = (j <= i) & ((i - j < window) if window else True)
+    s = jnp.where(mask, s, _NEG)
+    lse = jax.nn.logsumexp(s, axis=-1)                                   # [B, H, Tq]
+    p = jnp.exp(s - lse[..., None])
+    return jnp.einsum("bhqk,bkhd->bqhd", p, vv).astype(q.dtype), lse
+
+
+def _dense_bwd(q, k, v, do, out, lse, delta, *, scale, window):
+    """Gradients of the global softmax restricted to this block (``P = exp(S - lse)``)."""
+    rep = q.shape[2] // k.shape[2]
+    f32 = lambda x: x.astype(jnp.float32)
+    kk, vv = (jnp.repeat(f32(x), rep, axis=2) for x in (k, v))
+    s = jnp.einsum("bqhd,bkhd->bhqk", f32(q), kk) * scale
+    i, j = jnp.arange(q.shape[1])[:, None], jnp.arange(k.shape[1])[None, :]
+    mask = (j <= i) & ((i - j < window) if window else True)
+    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+    dp = jnp.einsum("bqhd,bkhd->bhqk", f32(do), vv)
+    ds = p * (dp - delta[..., None]) * scale
+    dq = jnp.einsum("bhqk,bkhd->bqhd", ds, kk)
+    fold = lambda x: x.reshape(x.shape[:2] + (k.shape[2], rep, x.shape[-1])).sum(3)  # GQA heads
+    dk = fold(jnp.einsum("bhqk,bqhd->bkhd", ds, f32(q)))
+    dv = fold(jnp.einsum("bhqk,bqhd->bkhd", p, f32(do)))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def halo_kernels(blocks: str, scale: float, window: int) -> _Kernels:
+    """The local (causal + ``window``) and halo (causal) kernels of ``blocks`` (:data:`HALO_BLOCKS`)."""
+    if blocks == "cudnn":
+        return _Kernels(
+            lambda q, k, v: cudnn_block_fwd(q, k, v, causal=True, scale=scale, window=window),
+            lambda q, k, v, do, o, l, d: cudnn_block_bwd(q, k, v, do, o, l, causal=True, scale=scale,
+                                                         window=window),
+            lambda q, k, v: cudnn_block_fwd(q, k, v, causal=True, scale=scale),
+            lambda q, k, v, do, o, l, d: cudnn_block_bwd(q, k, v, do, o, l, causal=True, scale=scale),
+            2)   # cuDNN's backward needs even lengths
+    if blocks in ("pallas", "interpret"):
+        it = blocks == "interpret"
+        return _Kernels(
+            lambda q, k, v: flash_block_fwd(q, k, v, causal=True, scale=scale, window=window, interpret=it),
+            lambda q, k, v, do, o, l, d: flash_block_bwd(q, k, v, do, l, d, causal=True, scale=scale,
+                                                         window=window, interpret=it),
+            lambda q, k, v: flash_block_fwd(q, k, v, causal=True, scale=scale, interpret=it),
+            lambda q, k, v, do, o, l, d: flash_block_bwd(q, k, v, do, l, d, causal=True, scale=scale,
+                                                         interpret=it),
+            16)  # the Pallas kernels' tile multiple
+    if blocks == "dense":
+        return _Kernels(
+            functools.partial(_dense_fwd, scale=scale, window=window),
+            functools.partial(_dense_bwd, scale=scale, window=window),
+            functools.partial(_dense_fwd, scale=scale, window=0),
+            functools.partial(_dense_bwd, scale=scale, window=0),
+            1)
+    raise ValueError(f"halo attention kernels: {blocks!r} is not one of {HALO_BLOCKS}")
+
+
+def _to_block(x, h: int, multiple: int):
+    """``[B, h, ...]`` -> reversed along time and zero-padded at the end to a multiple."""
+    pad = -h % multiple
+    x = jnp.flip(x, axis=1)
+    return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+
+
+def _from_block(x, h: int):
+    """Inverse of :func:`_to_block` for ``[B, T, ...]`` results."""
+    return jnp.flip(x[:, :h], axis=1)
+
+
+def _lse_to_block(lse, h: int, multiple: int, fill: float):
+    """``[B, H, h]`` -> reversed and padded with ``fill`` (``+1e30`` zeroes the padded rows' P)."""
+    pad = -h % multiple
+    lse = jnp.flip(lse, axis=2)
+    return jnp.pad(lse, [(0, 0), (0, 0), (0, pad)], constant_values=fill) if pad else lse
+
+
+def _exchange(k, v, h: int, axis_name: str):
+    """The left neighbour's last ``h`` keys/values (zeros on device 0)."""
+    n = lax.axis_size(axis_name)
+    t = k.shape[1]
+    send = (k[:, t - h:], v[:, t - h:])
+    if n == 1:
+        return jax.tree.map(jnp.zeros_like, send)
+    return lax.ppermute(send, axis_name, [(j, j + 1) for j in range(n - 1)])
+
+
+def _fwd_impl(q, k, v, axis_name, window, scale, blocks):
+    h = window - 1
+    kern = halo_kernels(blocks, scale, window)
+    hk, hv = _exchange(k, v, h, axis_name)          # issued first: overlaps the local block
+    out, lse = kern.local_fwd(q, k, v)
+    m = kern.multiple
+    o_h, l_h = kern.block_fwd(_to_block(q[:, :h], h, m), _to_block(hk, h, m), _to_block(hv, h, m))
+    o_h, l_h = _from_block(o_h, h), jnp.flip(l_h[:, :, :h], axis=2)
+    l_h = jnp.where(lax.axis_index(axis_name) > 0, l_h, _NEG)   # device 0: no halo
+    o_top, l_top = _merge(out[:, :h].astype(jnp.float32), lse[:, :, :h], o_h.astype(jnp.float32), l_h)
+    out = out.at[:, :h].set(o_top.astype(out.dtype))
+    lse = lse.at[:, :, :h].set(l_top)
+    return out, lse, hk, hv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _halo_split(q, k, v, axis_name, window, scale, blocks):
+    return _fwd_impl(q, k, v, axis_name, window, scale, blocks)[0]
+
+
+def _halo_split_fwd(q, k, v, axis_name, window, scale, blocks):
+    out, lse, hk, hv = _fwd_impl(q, k, v, axis_name, window, scale, blocks)
+    return out, (q, k, v, hk, hv, out, lse)
+
+
+def _halo_split_bwd(axis_name, window, scale, blocks, res, dout):
+    q, k, v, hk, hv, out, lse = res
+    h = window - 1
+    n = lax.axis_size(axis_name)
+    kern = halo_kernels(blocks, scale, window)
+    m = kern.multiple
+    do = dout.astype(q.dtype)
+    delta = flash_delta(out, dout)                  # [B, H, T]; cuDNN forms it itself
+    dq, dk, dv = kern.local_bwd(q, k, v, do, out, lse, delta)
+    blk = lambda x: _to_block(x[:, :h], h, m)
+    dq_h, dhk, dhv = kern.block_bwd(blk(q), _to_block(hk, h, m), _to_block(hv, h, m), blk(do), blk(out),
+                                    _lse_to_block(lse[:, :, :h], h, m, -_NEG),
+                                    _lse_to_block(delta[:, :, :h], h, m, 0.0))
+    # Device 0's halo keys are zeros: its dq_h is zero already; masked for clarity and safety.
+    has_left = (lax.axis_index(axis_name) > 0).astype(jnp.float32)
+    dq = dq.astype(jnp.float32).at[:, :h].add(_from_block(dq_h, h).astype(jnp.float32) * has_left)
+    dhk, dhv = _from_block(dhk, h), _from_block(dhv, h)
+    if n > 1:   # the halo's gradients return to the left neighbour's last h keys
+        dhk, dhv = lax.ppermute((dhk, dhv), axis_name, [(j + 1, j) for j in range(n - 1)])
+        t = k.shape[1]
+        dk = dk.astype(jnp.float32).at[:, t - h:].add(dhk.astype(jnp.float32))
+        dv = dv.astype(jnp.float32).at[:, t - h:].add(dhv.astype(jnp.float32))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_halo_split.defvjp(_halo_split_fwd, _halo_split_bwd)
+
+
+def halo_split_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, *, window: int,
+                         scale: float, blocks: str) -> jax.Array:
+    """Causal sliding-window attention across context shards (inside ``jax.shard_map``).
+
+    Args:
+      q: ``[B, T_local, H, Dh]``; k, v: ``[B, T_local, KV, Dh]`` (contiguous layout).
+      axis_name: the context mesh axis.
+      window: keys per query including itself, ``2 <= window <= T_local + 1``.
+      scale: logit scale.
+      blocks: kernels, one of :data:`HALO_BLOCKS`.
+
+    Returns:
+      ``[B, T_local, H, Dh]`` in ``q.dtype``; differentiable (custom VJP).
+    """
+    t = q.shape[1]
+    if not 2 <= window <= t + 1:
+        raise ValueError(f"halo_split_attention: window {window} must be in [2, T_local + 1 = {t + 1}]")
+    multiple = halo_kernels(blocks, 1.0, window).multiple
+    if t % multiple:
+        raise ValueError(f"halo_split_attention: T_local = {t} must be a multiple of {multiple} "
+                         f"for the {blocks!r} kernels")
+    return _halo_split(q, k, v, axis_name, int(window), float(scale), blocks)
