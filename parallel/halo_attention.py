@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from parallel.attention import _NEG
 from parallel.cudnn_blocks import cudnn_block_bwd, cudnn_block_fwd
 from parallel.flash import flash_block_bwd, flash_block_fwd, flash_delta
-from parallel.attention import _NEG
 from parallel.fused_attention import _merge   # the ring's log-sum-exp merge
 
 HALO_BLOCKS = ("cudnn", "pallas", "interpret", "dense")

@@ -6,6 +6,9 @@
 question needs, per device:
 
 * ``busy_ms``: the union of the device's event intervals (time anything ran on it);
+* ``compute_ms``: the union of its non-collective kernels' intervals, and
+  ``exposed_collective_ms = busy_ms - compute_ms``: time in which only collectives ran (the part
+  of the communication that no computation hid);
 * ``span_ms``: first event start to last event end (the step as the device saw it), so
   ``span_ms - busy_ms`` is time the device sat idle (waiting on the host or on a peer);
 * ``categories``: summed event time by kind (``collective``, ``attention``, ``matmul``, ``other``);
@@ -121,7 +124,8 @@ def summarize_trace(path: Union[str, Path], *, top: int = 25,
     keep = re.compile(thread_filter) if thread_filter else None
     acc: dict = defaultdict(lambda: {"intervals": [], "categories": defaultdict(float),
                                      "scopes": defaultdict(float), "threads": defaultdict(float),
-                                     "events": defaultdict(lambda: [0, 0.0]), "sample_args": []})
+                                     "events": defaultdict(lambda: [0, 0.0]), "sample_args": [],
+                                     "compute": []})
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in device_pids or "dur" not in e:
             continue
@@ -132,7 +136,10 @@ def summarize_trace(path: Union[str, Path], *, top: int = 25,
         ts, dur = float(e["ts"]), float(e["dur"])
         name = e.get("name", "?")
         d["intervals"].append((ts, ts + dur))
-        d["categories"][category(name + " " + str((e.get("args") or {}).get("hlo_op", "")))] += dur / 1e3
+        cat = category(name + " " + str((e.get("args") or {}).get("hlo_op", "")))
+        if cat != "collective":
+            d["compute"].append((ts, ts + dur))
+        d["categories"][cat] += dur / 1e3
         d["scopes"][scope(e)] += dur / 1e3
         d["threads"][tname] += dur / 1e3
         if e.get("args") and len(d["sample_args"]) < 3:  # what this trace's events carry
@@ -144,8 +151,11 @@ def summarize_trace(path: Union[str, Path], *, top: int = 25,
     for dev, d in sorted(acc.items()):
         iv = d["intervals"]
         ranked = sorted(d["events"].items(), key=lambda kv: -kv[1][1])[:top]
+        busy, compute = _union_ms(iv), _union_ms(d["compute"])
         out[dev] = {
-            "busy_ms": round(_union_ms(iv), 3),
+            "busy_ms": round(busy, 3),
+            "compute_ms": round(compute, 3),
+            "exposed_collective_ms": round(busy - compute, 3),
             "span_ms": round((max(b for _, b in iv) - min(a for a, _ in iv)) / 1e3, 3),
             "categories": {k: round(v, 3) for k, v in sorted(d["categories"].items(), key=lambda kv: -kv[1])},
             "scopes": {k: round(v, 3) for k, v in sorted(d["scopes"].items(), key=lambda kv: -kv[1])},
@@ -163,7 +173,8 @@ def format_summary(summary: dict, *, device: Optional[str] = None) -> str:
         return "trace: no device events"
     name = device or next(iter(devices))
     d = devices[name]
-    lines = [f"{name}: busy {d['busy_ms']:.1f} ms of a {d['span_ms']:.1f} ms span",
+    lines = [f"{name}: busy {d['busy_ms']:.1f} ms of a {d['span_ms']:.1f} ms span "
+             f"(compute {d['compute_ms']:.1f}, collectives alone {d['exposed_collective_ms']:.1f})",
              "  by kind:  " + ", ".join(f"{k} {v:.1f}" for k, v in d["categories"].items()),
              "  by scope: " + ", ".join(f"{k} {v:.1f}" for k, v in d["scopes"].items())]
     return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""The profile summary of ``ttt-jax bench model --profile`` (ttt_jax.bench.trace): a synthetic
+device trace with known intervals, and a real (CPU) jax.profiler trace."""
+
+import gzip
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ttt_jax.bench import trace as T
+
+
+def _write(path, events):
+    with gzip.open(path, "wt") as f:
+        json.dump({"displayTimeUnit": "ns", "traceEvents": events}, f)
+    return path
+
+
+def _device_trace(tmp_path):
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 1, "tid": 10, "name": "thread_name", "args": {"name": "Stream #10(Compute)"}},
+        {"ph": "M", "pid": 1, "tid": 11, "name": "thread_name", "args": {"name": "Stream #11(Compute)"}},
+        {"ph": "M", "pid": 1, "tid": 12, "name": "thread_name", "args": {"name": "XLA Modules"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+    ]
+    x = lambda tid, ts, dur, name, op="": {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur,
+                                          "name": name, "args": {"tf_op": op}}
+    # Times in microseconds. Compute on stream 10: [0, 100) gemm, [100, 150) cuDNN, [300, 400)
+    # fusion. NCCL on stream 11: [120, 220) overlaps compute for 30 us, then runs alone for 70.
+    events = meta + [
+        x(10, 0, 100, "sm90_xmma_gemm_bf16", "jit(step)/jvp(mlp)/ttt_scan/dot_general"),
+        x(10, 100, 50, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "jit(step)/attention/custom-call"),
+        x(10, 300, 100, "loop_add_fusion", "jit(step)/transpose(jvp(loss))/add"),
+        x(11, 120, 100, "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "jit(step)/optimizer/all-reduce"),
+        x(12, 0, 400, "jit_step", ""),                            # a whole-module line: ignored
+        {"ph": "X", "pid": 2, "tid": 1, "ts": 0, "dur": 999, "name": "host work"},  # host: ignored
+    ]
+    return _write(tmp_path / "perfetto_trace.json.gz", events)
+
+
+def test_summary_of_a_known_device_trace(tmp_path):
+    s = T.summarize_trace(_device_trace(tmp_path))
+    assert list(s["devices"]) == ["/device:GPU:0"]
+    d = s["devices"]["/device:GPU:0"]
+    assert d["span_ms"] == pytest.approx(0.4)
+    assert d["busy_ms"] == pytest.approx(0.32)                 # [0, 220) and [300, 400)
+    assert d["compute_ms"] == pytest.approx(0.25)
+    assert d["exposed_collective_ms"] == pytest.approx(0.07)   # NCCL alone in [150, 220)
+    assert d["categories"] == pytest.approx({"matmul": 0.1, "attention": 0.05, "other": 0.1,
+                                             "collective": 0.1})
+    # The innermost named scope wins: ttt_scan inside mlp.
+    assert d["scopes"] == pytest.approx({"ttt_scan": 0.1, "attention": 0.05, "loss": 0.1,
+                                         "optimizer": 0.1})
+    top = [(e["name"], e["count"], e["ms"]) for e in d["top"]]
+    assert len(top) == 4 and top[-1] == ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 1, 0.05)
+    assert "XLA Modules" not in d["threads"]
+    text = T.format_summary(s)
+    assert "collectives alone 0.1" in text and "ttt_scan 0.1" in text
+
+
+def test_directory_lookup_and_missing_trace(tmp_path):
+    _device_trace(tmp_path)
+    assert T.summarize_trace(tmp_path)["devices"]
+    with pytest.raises(FileNotFoundError, match="create_perfetto_trace"):
+        T.find_trace(tmp_path / "nothing_here")
+
+
+def test_a_real_cpu_profile(tmp_path):
+    """jax.profiler's own output parses; on CPU the host process is summarised (never empty)."""
+    f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+    x = jnp.ones((128, 128))
+    f(x).block_until_ready()
+    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+        f(x).block_until_ready()
+    s = T.summarize_trace(tmp_path)
+    assert s["trace"].endswith("perfetto_trace.json.gz")
+    (dev,) = s["devices"].values()
+    assert dev["busy_ms"] > 0 and dev["span_ms"] >= dev["busy_ms"] - 1e-6
+    assert dev["top"]
