@@ -4,8 +4,9 @@ Call inside ``jax.shard_map`` over the context axis, contiguous layout, no segme
 holds ``T`` local positions; with window ``W`` (keys per query, itself included) a query needs the
 ``h = W - 1`` last keys of the left neighbour (the halo). :func:`parallel.fused_attention.
 halo_window_attention` computes that as ONE equal-length kernel call over ``[halo | local]`` keys
-with ``h`` zero query rows prepended: simple, but those rows cost ``h / T`` extra attention (12.5%
-at T = 32k, W = 4k), and the call waits for the halo to arrive.
+with ``h`` zero query rows prepended: simple, but under the causal mask those rows compute
+``h^2 / 2`` query-key pairs for nothing (``h / 2T`` of the layer's ``T * W`` pairs: 6.25% at
+T = 32k, W = 4k), and the call waits for the halo to arrive.
 
 Here instead:
 
@@ -24,8 +25,8 @@ Here instead:
 Backward (custom VJP): each block's backward kernel is called with the *merged* output and
 log-sum-exp, which gives exactly the gradients of the global softmax restricted to that block
 (:mod:`parallel.fused_attention`); the halo keys' gradients go back to the left neighbour by the
-reverse ``ppermute``. Extra work over the local block: one ``h x h`` causal block, half the zero
-rows' cost of the single call.
+reverse ``ppermute``. Work: exactly the pairs the window needs (the local block skips the
+``h^2 / 2`` pairs the halo block computes), plus the merge of ``h`` rows.
 
 Kernels (``blocks``): ``"cudnn"`` (:mod:`parallel.cudnn_blocks`, GPU), ``"pallas"`` /
 ``"interpret"`` (:mod:`parallel.flash`), or ``"dense"`` (plain ``jnp``, any backend: the
