@@ -79,3 +79,24 @@ def test_a_real_cpu_profile(tmp_path):
     (dev,) = s["devices"].values()
     assert dev["busy_ms"] > 0 and dev["span_ms"] >= dev["busy_ms"] - 1e-6
     assert dev["top"]
+
+
+def test_bench_model_profile_end_to_end(tmp_path, capsys, monkeypatch):
+    """``ttt-jax bench model --profile``: the variant's subprocess traces a step, the JSON row
+    carries the summary and the table is preceded by its digest."""
+    from ttt_jax.cli import main
+
+    # The variant's subprocess sees one CPU device (the test session emulates 8).
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+    out = tmp_path / "model.json"
+    assert main(["bench", "model", "--preset", "tiny", "--seq-len", "128", "--iters", "1", "--warmup", "1",
+                 "--variants", "ttt", "--mesh", "data=1", "--set", "model.ttt.chunk_size=64",
+                 "--profile", str(tmp_path / "prof"), "--out", str(out)]) in (0, None)
+    (row,) = json.loads(out.read_text())
+    assert row["step_s"] > 0 and row["profile"]["traced_step_s"] > 0
+    (dev,) = row["profile"]["devices"].values()
+    assert dev["busy_ms"] > 0 and dev["top"]
+    assert list((tmp_path / "prof").rglob("perfetto_trace.json.gz"))
+    printed = capsys.readouterr().out
+    assert "busy" in printed and "by kind" in printed and "'profile'" not in printed

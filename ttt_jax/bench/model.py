@@ -243,7 +243,11 @@ def main(argv=None):
             row = run_variant_process(child, v, env)
             row.setdefault("seq_len", length)
             rows.append(row)
-            print(rows[-1], flush=True)
+            print({k: v for k, v in row.items() if k != "profile"}, flush=True)
+            if "profile" in row:  # the per-device detail is in --out; a digest here
+                from ttt_jax.bench.trace import format_summary
+
+                print(format_summary(row["profile"]), flush=True)
             if args.out:  # partial results survive a time limit
                 _write(rows, args.out)
     print(f"\n{'variant':>8} {'T':>7} {'step s':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} "
