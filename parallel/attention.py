@@ -702,8 +702,9 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     ``block_size`` is passed on to the XLA paths (``None``: their default). ``halo`` picks the
     fused sliding-window computation: ``"single"`` (:func:`parallel.fused_attention.
     halo_window_attention`, one call with zero query rows) or ``"split"``
-    (:func:`parallel.halo_attention.halo_split_attention`, a local call plus a halo block; needs an
-    even ``T_local``, else the single call runs).
+    (:func:`parallel.halo_attention.halo_split_attention`, a local call plus a halo block; with
+    cuDNN blocks it needs an even ``T_local``, with the Pallas ones a multiple of 16, else the
+    single call runs).
     """
     if halo not in CONTEXT_HALOS:
         raise ValueError(f"context_attention: halo={halo!r} is not one of {CONTEXT_HALOS}")

@@ -62,13 +62,19 @@ class _Kernels(NamedTuple):
     multiple: int
 
 
-def _dense_fwd(q, k, v, *, scale, window):
-    """Reference causal (+ window) attention with its log-sum-exp, ``Tq == Tk``, GQA by repeat."""
+def _dense_scores(q, k, v, *, scale, window):
+    """fp32 ``(S, mask, K, V)`` of a causal (+ window) block, ``Tq == Tk``, K/V repeated for GQA."""
     rep = q.shape[2] // k.shape[2]
-    kk, vv = (jnp.repeat(x, rep, axis=2).astype(jnp.float32) for x in (k, v))
+    kk, vv = (jnp.repeat(x.astype(jnp.float32), rep, axis=2) for x in (k, v))
     s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kk) * scale
     i, j = jnp.arange(q.shape[1])[:, None], jnp.arange(k.shape[1])[None, :]
     mask = (j <= i) & ((i - j < window) if window else True)
+    return s, mask, kk, vv
+
+
+def _dense_fwd(q, k, v, *, scale, window):
+    """Reference causal (+ window) attention with its log-sum-exp."""
+    s, mask, _, vv = _dense_scores(q, k, v, scale=scale, window=window)
     s = jnp.where(mask, s, _NEG)
     lse = jax.nn.logsumexp(s, axis=-1)                                   # [B, H, Tq]
     p = jnp.exp(s - lse[..., None])
@@ -77,19 +83,15 @@ def _dense_fwd(q, k, v, *, scale, window):
 
 def _dense_bwd(q, k, v, do, out, lse, delta, *, scale, window):
     """Gradients of the global softmax restricted to this block (``P = exp(S - lse)``)."""
-    rep = q.shape[2] // k.shape[2]
-    f32 = lambda x: x.astype(jnp.float32)
-    kk, vv = (jnp.repeat(f32(x), rep, axis=2) for x in (k, v))
-    s = jnp.einsum("bqhd,bkhd->bhqk", f32(q), kk) * scale
-    i, j = jnp.arange(q.shape[1])[:, None], jnp.arange(k.shape[1])[None, :]
-    mask = (j <= i) & ((i - j < window) if window else True)
+    s, mask, kk, vv = _dense_scores(q, k, v, scale=scale, window=window)
     p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
-    dp = jnp.einsum("bqhd,bkhd->bhqk", f32(do), vv)
-    ds = p * (dp - delta[..., None]) * scale
+    do = do.astype(jnp.float32)
+    ds = p * (jnp.einsum("bqhd,bkhd->bhqk", do, vv) - delta[..., None]) * scale
     dq = jnp.einsum("bhqk,bkhd->bqhd", ds, kk)
+    rep = q.shape[2] // k.shape[2]
     fold = lambda x: x.reshape(x.shape[:2] + (k.shape[2], rep, x.shape[-1])).sum(3)  # GQA heads
-    dk = fold(jnp.einsum("bhqk,bqhd->bkhd", ds, f32(q)))
-    dv = fold(jnp.einsum("bhqk,bqhd->bkhd", p, f32(do)))
+    dk = fold(jnp.einsum("bhqk,bqhd->bkhd", ds, q.astype(jnp.float32)))
+    dv = fold(jnp.einsum("bhqk,bqhd->bkhd", p, do))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -184,12 +186,13 @@ def _halo_split_bwd(axis_name, window, scale, blocks, res, dout):
     kern = halo_kernels(blocks, scale, window)
     m = kern.multiple
     do = dout.astype(q.dtype)
-    delta = flash_delta(out, dout)                  # [B, H, T]; cuDNN forms it itself
+    # rowsum(dO * O), [B, H, T]: the Pallas and dense kernels take it; cuDNN forms it itself.
+    delta = None if blocks == "cudnn" else flash_delta(out, dout)
     dq, dk, dv = kern.local_bwd(q, k, v, do, out, lse, delta)
     blk = lambda x: _to_block(x[:, :h], h, m)
     dq_h, dhk, dhv = kern.block_bwd(blk(q), _to_block(hk, h, m), _to_block(hv, h, m), blk(do), blk(out),
                                     _lse_to_block(lse[:, :, :h], h, m, -_NEG),
-                                    _lse_to_block(delta[:, :, :h], h, m, 0.0))
+                                    None if delta is None else _lse_to_block(delta[:, :, :h], h, m, 0.0))
     # Device 0's halo keys are zeros: its dq_h is zero already; masked for clarity and safety.
     has_left = (lax.axis_index(axis_name) > 0).astype(jnp.float32)
     dq = dq.astype(jnp.float32).at[:, :h].add(_from_block(dq_h, h).astype(jnp.float32) * has_left)

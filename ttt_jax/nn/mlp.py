@@ -27,10 +27,10 @@ from flax import nnx
 
 from ttt_jax.config import ModelConfig
 from ttt_jax.nn.params import dense, make_param, normal_init, zeros_init
-from ttt_jax.ops.precision import matmul_f32_out
 from ttt_jax.nn.context import AXIS, context_size, run_over_context
 from ttt_jax.ops import inplace_ttt, inplace_ttt_target
 from ttt_jax.ops.inplace_ttt_cp import inplace_ttt_sharded
+from ttt_jax.ops.precision import matmul_f32_out
 
 
 def _mlp_keys(rngs: nnx.Rngs) -> jax.Array:

@@ -95,4 +95,3 @@ def dense(x: jax.Array, kernel: jax.Array, eq: str, dtype) -> jax.Array:
     PyTorch.
     """
     return jnp.einsum(eq, x.astype(dtype), kernel.astype(dtype), preferred_element_type=dtype)
-
