@@ -25,14 +25,15 @@ def _device_trace(tmp_path):
         {"ph": "M", "pid": 1, "tid": 12, "name": "thread_name", "args": {"name": "XLA Modules"}},
         {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
     ]
-    x = lambda tid, ts, dur, name, op="": {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur,
-                                          "name": name, "args": {"tf_op": op}}
+    x = lambda tid, ts, dur, name, op="", hlo="": {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur,
+                                                  "name": name, "args": {"tf_op": op, "hlo_op": hlo}}
     # Times in microseconds. Compute on stream 10: [0, 100) gemm, [100, 150) cuDNN, [300, 400)
     # fusion. NCCL on stream 11: [120, 220) overlaps compute for 30 us, then runs alone for 70.
     events = meta + [
-        x(10, 0, 100, "sm90_xmma_gemm_bf16", "jit(step)/jvp(mlp)/ttt_scan/dot_general"),
+        x(10, 0, 60, "sm90_xmma_gemm_bf16", "jit(step)/jvp(mlp)/ttt_scan/dot_general", "dot.7"),
+        x(10, 60, 40, "sm90_xmma_gemm_bf16", "jit(step)/jvp(mlp)/ttt_scan/dot_general", "dot.7"),
         x(10, 100, 50, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "jit(step)/attention/custom-call"),
-        x(10, 300, 100, "loop_add_fusion", "jit(step)/transpose(jvp(loss))/add"),
+        x(10, 300, 100, "loop_add_fusion", "jit(step)/transpose(jvp(loss))/add", "add_fusion.3"),
         x(11, 120, 100, "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "jit(step)/optimizer/all-reduce"),
         x(12, 0, 400, "jit_step", ""),                            # a whole-module line: ignored
         {"ph": "X", "pid": 2, "tid": 1, "ts": 0, "dur": 999, "name": "host work"},  # host: ignored
@@ -53,6 +54,13 @@ def test_summary_of_a_known_device_trace(tmp_path):
     # The innermost named scope wins: ttt_scan inside mlp.
     assert d["scopes"] == pytest.approx({"ttt_scan": 0.1, "attention": 0.05, "loss": 0.1,
                                          "optimizer": 0.1})
+    assert d["scope_categories"]["ttt_scan"] == pytest.approx({"matmul": 0.1})
+    assert d["scope_categories"]["optimizer"] == pytest.approx({"collective": 0.1})
+    ops = {o["hlo_op"]: o for o in d["top_ops"]}
+    assert set(ops) == {"dot.7", "add_fusion.3"}           # events without an hlo_op are not ops
+    assert (ops["dot.7"]["count"], ops["dot.7"]["ms"], ops["dot.7"]["kind"], ops["dot.7"]["scope"]) == (
+        2, pytest.approx(0.1), "matmul", "ttt_scan")
+    assert ops["add_fusion.3"]["tf_op"].endswith("jvp(loss))/add")
     top = [(e["name"], e["count"], e["ms"]) for e in d["top"]]
     assert len(top) == 4 and top[-1] == ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 1, 0.05)
     assert "XLA Modules" not in d["threads"]

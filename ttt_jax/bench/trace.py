@@ -15,7 +15,11 @@ question needs, per device:
 * ``scopes``: summed event time by model region, read from the op's name stack (``tf_op`` /
   ``long_name`` arguments) for the named scopes the model sets (``attention``, ``mlp``,
   ``ttt_target``, ``ttt_scan``, ``loss``, ``optimizer``) -- the innermost one wins;
-* ``top``: the events of largest summed time, with their counts.
+* ``scope_categories``: the same time split by scope *and* kind (which region's matmuls, ...);
+* ``top``: the events of largest summed time, with their counts;
+* ``top_ops``: the HLO ops (``hlo_op`` argument) of largest summed time, each with its kind, scope
+  and one ``tf_op`` name stack -- present when the trace names ops (on GPU, with command buffers
+  off: ``XLA_FLAGS=--xla_gpu_enable_command_buffer=``).
 
 Events on several streams of one device can overlap, so category sums may exceed ``busy_ms``.
 """
@@ -124,7 +128,8 @@ def summarize_trace(path: Union[str, Path], *, top: int = 25,
     keep = re.compile(thread_filter) if thread_filter else None
     acc: dict = defaultdict(lambda: {"intervals": [], "categories": defaultdict(float),
                                      "scopes": defaultdict(float), "threads": defaultdict(float),
-                                     "events": defaultdict(lambda: [0, 0.0]), "sample_args": [],
+                                     "scope_categories": defaultdict(lambda: defaultdict(float)),
+                                     "ops": {}, "events": defaultdict(lambda: [0, 0.0]), "sample_args": [],
                                      "compute": []})
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in device_pids or "dur" not in e:
@@ -140,7 +145,15 @@ def summarize_trace(path: Union[str, Path], *, top: int = 25,
         if cat != "collective":
             d["compute"].append((ts, ts + dur))
         d["categories"][cat] += dur / 1e3
-        d["scopes"][scope(e)] += dur / 1e3
+        sc = scope(e)
+        d["scopes"][sc] += dur / 1e3
+        d["scope_categories"][sc][cat] += dur / 1e3
+        hlo = str((e.get("args") or {}).get("hlo_op", ""))
+        if hlo:
+            op = d["ops"].setdefault(hlo, {"count": 0, "ms": 0.0, "kind": cat, "scope": sc,
+                                           "tf_op": str(e["args"].get("tf_op", ""))[:200]})
+            op["count"] += 1
+            op["ms"] += dur / 1e3
         d["threads"][tname] += dur / 1e3
         if e.get("args") and len(d["sample_args"]) < 3:  # what this trace's events carry
             d["sample_args"].append({k: str(v)[:200] for k, v in e["args"].items()} | {"name": name[:80]})
@@ -159,8 +172,12 @@ def summarize_trace(path: Union[str, Path], *, top: int = 25,
             "span_ms": round((max(b for _, b in iv) - min(a for a, _ in iv)) / 1e3, 3),
             "categories": {k: round(v, 3) for k, v in sorted(d["categories"].items(), key=lambda kv: -kv[1])},
             "scopes": {k: round(v, 3) for k, v in sorted(d["scopes"].items(), key=lambda kv: -kv[1])},
+            "scope_categories": {s: {k: round(v, 3) for k, v in sorted(c.items(), key=lambda kv: -kv[1])}
+                                 for s, c in d["scope_categories"].items()},
             "threads": {k: round(v, 3) for k, v in sorted(d["threads"].items(), key=lambda kv: -kv[1])},
             "top": [{"name": n[:160], "count": c, "ms": round(ms, 3)} for n, (c, ms) in ranked],
+            "top_ops": [{"hlo_op": n[:120], **{k: (round(v, 3) if k == "ms" else v) for k, v in o.items()}}
+                        for n, o in sorted(d["ops"].items(), key=lambda kv: -kv[1]["ms"])[:top]],
             "sample_args": d["sample_args"],
         }
     return {"trace": str(path), "devices": out}
