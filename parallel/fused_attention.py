@@ -382,14 +382,17 @@ def halo_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: s
         return local_attention(q, k, v)
     n = lax.axis_size(axis_name)
     t = q.shape[1]
-    send = (k[:, t - halo:], v[:, t - halo:])
-    perm = [(j, j + 1) for j in range(n - 1)]
-    hk, hv = lax.ppermute(send, axis_name, perm) if n > 1 else jax.tree.map(jnp.zeros_like, send)
+    with jax.named_scope("attention_halo"):
+        send = (k[:, t - halo:], v[:, t - halo:])
+        perm = [(j, j + 1) for j in range(n - 1)]
+        hk, hv = lax.ppermute(send, axis_name, perm) if n > 1 else jax.tree.map(jnp.zeros_like, send)
 
     def with_halo(q, k, v, hk, hv):
         # [halo dummy queries | local]: equal lengths, so top-left causal + window is the global mask.
-        qp = jnp.concatenate([jnp.zeros((q.shape[0], halo) + q.shape[2:], q.dtype), q], axis=1)
-        out = local_attention(qp, jnp.concatenate([hk, k], axis=1), jnp.concatenate([hv, v], axis=1))
+        with jax.named_scope("attention_halo"):
+            qp = jnp.concatenate([jnp.zeros((q.shape[0], halo) + q.shape[2:], q.dtype), q], axis=1)
+            kp, vp = jnp.concatenate([hk, k], axis=1), jnp.concatenate([hv, v], axis=1)
+        out = local_attention(qp, kp, vp)
         return out[:, halo:]
 
     def local_only(q, k, v, hk, hv):  # device 0: no left neighbour, the halo is not there

@@ -157,15 +157,17 @@ def _exchange(k, v, h: int, axis_name: str):
 def _fwd_impl(q, k, v, axis_name, window, scale, blocks):
     h = window - 1
     kern = halo_kernels(blocks, scale, window)
-    hk, hv = _exchange(k, v, h, axis_name)          # issued first: overlaps the local block
+    with jax.named_scope("attention_halo"):
+        hk, hv = _exchange(k, v, h, axis_name)      # issued first: overlaps the local block
     out, lse = kern.local_fwd(q, k, v)
     m = kern.multiple
-    o_h, l_h = kern.block_fwd(_to_block(q[:, :h], h, m), _to_block(hk, h, m), _to_block(hv, h, m))
-    o_h, l_h = _from_block(o_h, h), jnp.flip(l_h[:, :, :h], axis=2)
-    l_h = jnp.where(lax.axis_index(axis_name) > 0, l_h, _NEG)   # device 0: no halo
-    o_top, l_top = _merge(out[:, :h].astype(jnp.float32), lse[:, :, :h], o_h.astype(jnp.float32), l_h)
-    out = out.at[:, :h].set(o_top.astype(out.dtype))
-    lse = lse.at[:, :, :h].set(l_top)
+    with jax.named_scope("attention_halo"):
+        o_h, l_h = kern.block_fwd(_to_block(q[:, :h], h, m), _to_block(hk, h, m), _to_block(hv, h, m))
+        o_h, l_h = _from_block(o_h, h), jnp.flip(l_h[:, :, :h], axis=2)
+        l_h = jnp.where(lax.axis_index(axis_name) > 0, l_h, _NEG)   # device 0: no halo
+        o_top, l_top = _merge(out[:, :h].astype(jnp.float32), lse[:, :, :h], o_h.astype(jnp.float32), l_h)
+        out = out.at[:, :h].set(o_top.astype(out.dtype))
+        lse = lse.at[:, :, :h].set(l_top)
     return out, lse, hk, hv
 
 
@@ -189,20 +191,28 @@ def _halo_split_bwd(axis_name, window, scale, blocks, res, dout):
     # rowsum(dO * O), [B, H, T]: the Pallas and dense kernels take it; cuDNN forms it itself.
     delta = None if blocks == "cudnn" else flash_delta(out, dout)
     dq, dk, dv = kern.local_bwd(q, k, v, do, out, lse, delta)
-    blk = lambda x: _to_block(x[:, :h], h, m)
-    dq_h, dhk, dhv = kern.block_bwd(blk(q), _to_block(hk, h, m), _to_block(hv, h, m), blk(do), blk(out),
-                                    _lse_to_block(lse[:, :, :h], h, m, -_NEG),
-                                    None if delta is None else _lse_to_block(delta[:, :, :h], h, m, 0.0))
-    # Device 0's halo keys are zeros: its dq_h is zero already; masked for clarity and safety.
-    has_left = (lax.axis_index(axis_name) > 0).astype(jnp.float32)
-    dq = dq.astype(jnp.float32).at[:, :h].add(_from_block(dq_h, h).astype(jnp.float32) * has_left)
-    dhk, dhv = _from_block(dhk, h), _from_block(dhv, h)
-    if n > 1:   # the halo's gradients return to the left neighbour's last h keys
-        dhk, dhv = lax.ppermute((dhk, dhv), axis_name, [(j + 1, j) for j in range(n - 1)])
-        t = k.shape[1]
-        dk = dk.astype(jnp.float32).at[:, t - h:].add(dhk.astype(jnp.float32))
-        dv = dv.astype(jnp.float32).at[:, t - h:].add(dhv.astype(jnp.float32))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    with jax.named_scope("attention_halo"):  # the halo block and its gradients' return
+        blk = lambda x: _to_block(x[:, :h], h, m)
+        dq_h, dhk, dhv = kern.block_bwd(blk(q), _to_block(hk, h, m), _to_block(hv, h, m), blk(do), blk(out),
+                                        _lse_to_block(lse[:, :, :h], h, m, -_NEG),
+                                        None if delta is None else _lse_to_block(delta[:, :, :h], h, m, 0.0))
+        # Device 0's halo keys are zeros: its dq_h is zero already; masked for clarity and safety.
+        has_left = (lax.axis_index(axis_name) > 0).astype(jnp.float32)
+        # Sums in fp32 on the h rows only, written back in place (no full-length fp32 copies).
+        dq = _add_rows(dq, slice(0, h), _from_block(dq_h, h).astype(jnp.float32) * has_left, q.dtype)
+        dhk, dhv = _from_block(dhk, h), _from_block(dhv, h)
+        if n > 1:   # the halo's gradients return to the left neighbour's last h keys
+            dhk, dhv = lax.ppermute((dhk, dhv), axis_name, [(j + 1, j) for j in range(n - 1)])
+            t = k.shape[1]
+            dk = _add_rows(dk, slice(t - h, t), dhk, k.dtype)
+            dv = _add_rows(dv, slice(t - h, t), dhv, v.dtype)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _add_rows(x, rows: slice, y, dtype):
+    """``x`` with ``y`` added to ``x[:, rows]`` (summed in fp32), in ``dtype``."""
+    x = x.astype(dtype)
+    return x.at[:, rows].set((x[:, rows].astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype))
 
 
 _halo_split.defvjp(_halo_split_fwd, _halo_split_bwd)

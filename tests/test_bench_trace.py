@@ -102,9 +102,42 @@ def test_bench_model_profile_end_to_end(tmp_path, capsys, monkeypatch):
                  "--variants", "ttt", "--mesh", "data=1", "--set", "model.ttt.chunk_size=64",
                  "--profile", str(tmp_path / "prof"), "--out", str(out)]) in (0, None)
     (row,) = json.loads(out.read_text())
-    assert row["step_s"] > 0 and row["profile"]["traced_step_s"] > 0
+    assert row["step_s"] > 0 and row["step_pipelined_s"] > 0 and row["profile"]["traced_step_s"] > 0
     (dev,) = row["profile"]["devices"].values()
     assert dev["busy_ms"] > 0 and dev["top"]
     assert list((tmp_path / "prof").rglob("perfetto_trace.json.gz"))
+    assert list((tmp_path / "prof").rglob("step.hlo.txt"))
     printed = capsys.readouterr().out
     assert "busy" in printed and "by kind" in printed and "'profile'" not in printed
+
+
+def test_op_names_from_compiled_text_give_scopes(tmp_path):
+    """The compiled module's metadata names each instruction's scope; a trace event is matched by
+    its ``hlo_op`` argument or, failing that, by its kernel name (``fusion_3`` -> ``fusion.3``)."""
+    def f(x, w):
+        with jax.named_scope("ttt_scan"):
+            y = jnp.tanh(x @ w)
+        with jax.named_scope("loss"):
+            return (y * 2).sum()
+
+    text = jax.jit(jax.grad(f)).lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
+    names = T.op_names_from_hlo(text)
+    assert any("ttt_scan" in v for v in names.values()) and any("loss" in v for v in names.values())
+    assert all(not k.startswith("%") for k in names)
+    hlo = ('ENTRY %main {\n'
+           '  %fusion.3 = f32[8]{0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name="jit(step)/jvp(mlp)/ttt_cp_exchange/add" source_line=3}\n'
+           '  ROOT %dot.7 = f32[8]{0} dot(%a, %b), metadata={op_name="jit(step)/attention_halo/dot_general"}\n'
+           '}\n')
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 1, "tid": 10, "name": "thread_name", "args": {"name": "Stream #10(Compute)"}}]
+    ev = lambda ts, name, hlo_op: {"ph": "X", "pid": 1, "tid": 10, "ts": ts, "dur": 10, "name": name,
+                                   "args": {"tf_op": "XlaModule:", "hlo_op": hlo_op}}
+    path = _write(tmp_path / "perfetto_trace.json.gz", meta + [
+        ev(0, "fusion_3", "command_buffer_9"),     # inside a command buffer: matched by kernel name
+        ev(20, "sm90_gemm", "dot.7"),              # matched by hlo_op
+        ev(40, "loop_mul_fusion", "mul.1")])       # not in the module text: unscoped
+    d = T.summarize_trace(path, hlo_text=hlo)["devices"]["/device:GPU:0"]
+    assert d["scopes"] == pytest.approx({"ttt_cp_exchange": 0.01, "attention_halo": 0.01, "unscoped": 0.01})
+    assert {o["hlo_op"]: o["tf_op"] for o in d["top_ops"]}["dot.7"] == "jit(step)/attention_halo/dot_general"
+    # Without the module text the same trace has no scopes.
+    assert T.summarize_trace(path)["devices"]["/device:GPU:0"]["scopes"] == pytest.approx({"unscoped": 0.03})

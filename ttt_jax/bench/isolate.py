@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from typing import Optional, Sequence
 
 
@@ -34,10 +35,25 @@ def run_variant_process(args: Sequence[str], variant: str, env: Optional[dict] =
       such a child print its Python stack).
     """
     cmd = [sys.executable, "-X", "faulthandler", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ) if env is None else env)
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ) if env is None else env)
+    # The child's stderr (its progress lines: compiled, step times) is passed through as it comes,
+    # so a long compile or a hang is visible, and kept for the error record.
+    err_lines: list = []
+
+    def pump():
+        for text in proc.stderr:
+            err_lines.append(text.rstrip("\n"))
+            print(text, end="", file=sys.stderr, flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    stdout = proc.stdout.read()
+    proc.wait()
+    reader.join()
+    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not line:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        lines = err_lines if err_lines else stdout.strip().splitlines()
         # The exception's own line sits above JAX's traceback notes; keep it with the last lines.
         exc = [x for x in lines if _EXCEPTION_LINE.match(x)][-1:]
         err = exc + [x for x in lines[-3:] if x not in exc]

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 # Innermost first: an op inside the TTT scan of an MLP is counted as ``ttt_scan``.
-SCOPES = ("ttt_scan", "ttt_target", "attention", "mlp", "loss", "optimizer")
+SCOPES = ("ttt_cp_exchange", "ttt_cp_correction", "attention_halo", "ttt_scan", "ttt_target",
+          "attention", "mlp", "loss", "optimizer")
 
 _CATEGORIES = (
     ("collective", re.compile(r"nccl|all-?reduce|all-?gather|reduce-?scatter|collective-?permute|"
@@ -70,11 +71,37 @@ def category(name: str) -> str:
     return "other"
 
 
-def scope(event: dict) -> str:
-    """The innermost model scope named in the event's op-name arguments (``"unscoped"`` if none)."""
+_HLO_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*?op_name="([^"]*)"', re.M)
+
+
+def op_names_from_hlo(hlo_text: str) -> dict:
+    """``{instruction name: op_name}`` from a compiled module's text (``compiled.as_text()``).
+
+    The op name is the JAX name stack of the operation an instruction came from, so it carries
+    the model's named scopes even where the trace's own arguments do not (GPU command buffers).
+    """
+    return {m.group(1): m.group(2) for m in _HLO_INSTR.finditer(hlo_text)}
+
+
+def _op_name(event: dict, op_names: dict) -> str:
+    """The event's op name stack: from ``op_names`` by its ``hlo_op`` argument, else by its kernel
+    name (XLA names a fusion's kernel ``loop_add_fusion_3`` for instruction ``loop_add_fusion.3``)."""
+    if not op_names:
+        return ""
+    args = event.get("args") or {}
+    name = event.get("name", "")
+    for key in (str(args.get("hlo_op", "")), name, re.sub(r"_(\d+)$", r".\1", name)):
+        if key in op_names:
+            return op_names[key]
+    return ""
+
+
+def scope(event: dict, op_name: str = "") -> str:
+    """The innermost model scope named in the event's op-name arguments or in ``op_name``
+    (``"unscoped"`` if none)."""
     args = event.get("args") or {}
     text = " ".join(str(args.get(k, "")) for k in ("tf_op", "long_name", "hlo_op", "name_stack"))
-    text += " " + event.get("name", "")
+    text += " " + event.get("name", "") + " " + op_name
     for s in SCOPES:
         if re.search(rf"(^|[/\s(]){s}([/\s)]|$)", text):
             return s
@@ -96,7 +123,7 @@ def _is_device(process_name: str) -> bool:
 
 
 def summarize_trace(path: Union[str, Path], *, top: int = 25,
-                    thread_filter: Optional[str] = None) -> dict:
+                    thread_filter: Optional[str] = None, hlo_text: Optional[str] = None) -> dict:
     """Per-device time summary of a trace (see the module docstring).
 
     Args:
@@ -105,6 +132,8 @@ def summarize_trace(path: Union[str, Path], *, top: int = 25,
       thread_filter: a regex over thread (stream / line) names; only matching threads count.
         Default: every thread of the device except the ``XLA Modules`` / ``Steps`` lines, which
         span whole executions rather than individual ops.
+      hlo_text: the traced executable's compiled module text; when given, each event's scope and
+        ``tf_op`` come from its instruction's ``op_name`` metadata (:func:`op_names_from_hlo`).
 
     Returns:
       ``{"trace": str, "devices": {name: {...}}}``; with no device processes in the trace (a CPU
@@ -115,6 +144,7 @@ def summarize_trace(path: Union[str, Path], *, top: int = 25,
     if path.is_dir():
         path = find_trace(path)
     events = load_events(path)
+    op_names = op_names_from_hlo(hlo_text) if hlo_text else {}
     procs, threads = {}, {}
     for e in events:
         if e.get("ph") == "M" and e.get("name") == "process_name":
@@ -145,13 +175,14 @@ def summarize_trace(path: Union[str, Path], *, top: int = 25,
         if cat != "collective":
             d["compute"].append((ts, ts + dur))
         d["categories"][cat] += dur / 1e3
-        sc = scope(e)
+        op_name = _op_name(e, op_names)
+        sc = scope(e, op_name)
         d["scopes"][sc] += dur / 1e3
         d["scope_categories"][sc][cat] += dur / 1e3
         hlo = str((e.get("args") or {}).get("hlo_op", ""))
         if hlo:
             op = d["ops"].setdefault(hlo, {"count": 0, "ms": 0.0, "kind": cat, "scope": sc,
-                                           "tf_op": str(e["args"].get("tf_op", ""))[:200]})
+                                           "tf_op": (op_name or str(e["args"].get("tf_op", "")))[:200]})
             op["count"] += 1
             op["ms"] += dur / 1e3
         d["threads"][tname] += dur / 1e3

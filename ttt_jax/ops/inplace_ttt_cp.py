@@ -118,20 +118,22 @@ def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float,
         conts = _continues(segs, axis_name, layout)
     results = [_segment_pass(z[:, p], v[:, p], w0, s, c, lr=float(lr), chunk_size=chunk_size,
                              clip_tau=clip_tau) for p, s, c in zip(pieces, segs, conts)]
-    if layout == "contiguous":
-        (_, (a_sum, b_sum), _), = results
-        _, state_in = exclusive_device_scan(a_sum, b_sum, axis_name, mode=mode)
-        states = [state_in]
-    else:
-        a2 = jnp.stack([r[1][0] for r in results])
-        b2 = jnp.stack([r[1][1] for r in results])
-        _, state_in = exclusive_device_scan_zigzag(a2, b2, axis_name, mode=mode)
-        states = [state_in[0], state_in[1]]
+    with jax.named_scope("ttt_cp_exchange"):
+        if layout == "contiguous":
+            (_, (a_sum, b_sum), _), = results
+            _, state_in = exclusive_device_scan(a_sum, b_sum, axis_name, mode=mode)
+            states = [state_in]
+        else:
+            a2 = jnp.stack([r[1][0] for r in results])
+            b2 = jnp.stack([r[1][1] for r in results])
+            _, state_in = exclusive_device_scan_zigzag(a2, b2, axis_name, mode=mode)
+            states = [state_in[0], state_in[1]]
     outs = []
     for (out0, _, corr), p, s_in in zip(results, pieces, states):
         zp = z[:, p]
-        # In z.dtype (fp32 accumulation inside the matmul): an fp32 result would give the
-        # backward pass an fp32 cotangent and fp32 (TF32) gradient matmuls.
-        carried = jnp.einsum("btf,bfd->btd", zp, s_in.astype(zp.dtype), preferred_element_type=zp.dtype)
-        outs.append((out0.astype(jnp.float32) + corr[..., None] * carried.astype(jnp.float32)).astype(z.dtype))
+        with jax.named_scope("ttt_cp_correction"):
+            # In z.dtype (fp32 accumulation inside the matmul): an fp32 result would give the
+            # backward pass an fp32 cotangent and fp32 (TF32) gradient matmuls.
+            carried = jnp.einsum("btf,bfd->btd", zp, s_in.astype(zp.dtype), preferred_element_type=zp.dtype)
+            outs.append((out0.astype(jnp.float32) + corr[..., None] * carried.astype(jnp.float32)).astype(z.dtype))
     return outs[0] if parts == 1 else jnp.concatenate(outs, axis=1)
