@@ -82,6 +82,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 Layout = Literal["contiguous", "zigzag"]
 LAYOUTS = ("contiguous", "zigzag")
@@ -617,7 +618,8 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name
     if halo:
         send = (k[:, t - halo:], v[:, t - halo:], None if segment_ids is None else segment_ids[:, t - halo:])
         perm = [(j, j + 1) for j in range(n - 1)]
-        hk, hv, hseg = lax.ppermute(send, axis_name, perm) if n > 1 else jax.tree.map(jnp.zeros_like, send)
+        hk, hv, hseg = (checkpoint_name(lax.ppermute(send, axis_name, perm), "context_exchange") if n > 1
+                        else jax.tree.map(jnp.zeros_like, send))
         k = jnp.concatenate([hk, k], axis=1)
         v = jnp.concatenate([hv, v], axis=1)
         k_seg = None if segment_ids is None else jnp.concatenate([hseg, segment_ids], axis=1)

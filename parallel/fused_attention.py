@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from parallel.attention import _NEG, _check_layout, _ring_meta, _source
 from parallel.cudnn_blocks import (cudnn_attention, cudnn_block_bwd, cudnn_block_fwd,
@@ -385,7 +386,8 @@ def halo_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: s
     with jax.named_scope("attention_halo"):
         send = (k[:, t - halo:], v[:, t - halo:])
         perm = [(j, j + 1) for j in range(n - 1)]
-        hk, hv = lax.ppermute(send, axis_name, perm) if n > 1 else jax.tree.map(jnp.zeros_like, send)
+        hk, hv = (checkpoint_name(lax.ppermute(send, axis_name, perm), "context_exchange") if n > 1
+                  else jax.tree.map(jnp.zeros_like, send))
 
     def with_halo(q, k, v, hk, hv):
         # [halo dummy queries | local]: equal lengths, so top-left causal + window is the global mask.

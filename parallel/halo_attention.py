@@ -22,10 +22,12 @@ Here instead:
   attention merges blocks. Device 0 has no left neighbour: its halo block's log-sum-exp is set to
   ``-1e30`` (weight 0), so no halo key is ever visible there.
 
-Backward (custom VJP): each block's backward kernel is called with the *merged* output and
-log-sum-exp, which gives exactly the gradients of the global softmax restricted to that block
-(:mod:`parallel.fused_attention`); the halo keys' gradients go back to the left neighbour by the
-reverse ``ppermute``. Work: exactly the pairs the window needs (the local block skips the
+Backward (custom VJP of the two blocks, given the received halo): each block's backward kernel is
+called with the *merged* output and log-sum-exp, which gives exactly the gradients of the global
+softmax restricted to that block (:mod:`parallel.fused_attention`). The halo exchange itself is an
+ordinary ``ppermute`` outside the custom VJP, so autodiff sends the halo keys' gradients back to
+the left neighbour, and its result is named ``"context_exchange"`` for remat policies
+(``model.remat_policy``). Work: exactly the pairs the window needs (the local block skips the
 ``h^2 / 2`` pairs the halo block computes), plus the merge of ``h`` rows.
 
 Kernels (``blocks``): ``"cudnn"`` (:mod:`parallel.cudnn_blocks`, GPU), ``"pallas"`` /
@@ -41,6 +43,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from parallel.attention import _NEG
 from parallel.cudnn_blocks import cudnn_block_bwd, cudnn_block_fwd
@@ -151,14 +154,13 @@ def _exchange(k, v, h: int, axis_name: str):
     send = (k[:, t - h:], v[:, t - h:])
     if n == 1:
         return jax.tree.map(jnp.zeros_like, send)
-    return lax.ppermute(send, axis_name, [(j, j + 1) for j in range(n - 1)])
+    return checkpoint_name(lax.ppermute(send, axis_name, [(j, j + 1) for j in range(n - 1)]),
+                           "context_exchange")
 
 
-def _fwd_impl(q, k, v, axis_name, window, scale, blocks):
+def _fwd_impl(q, k, v, hk, hv, axis_name, window, scale, blocks):
     h = window - 1
     kern = halo_kernels(blocks, scale, window)
-    with jax.named_scope("attention_halo"):
-        hk, hv = _exchange(k, v, h, axis_name)      # issued first: overlaps the local block
     out, lse = kern.local_fwd(q, k, v)
     m = kern.multiple
     with jax.named_scope("attention_halo"):
@@ -168,30 +170,29 @@ def _fwd_impl(q, k, v, axis_name, window, scale, blocks):
         o_top, l_top = _merge(out[:, :h].astype(jnp.float32), lse[:, :, :h], o_h.astype(jnp.float32), l_h)
         out = out.at[:, :h].set(o_top.astype(out.dtype))
         lse = lse.at[:, :, :h].set(l_top)
-    return out, lse, hk, hv
+    return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _halo_split(q, k, v, axis_name, window, scale, blocks):
-    return _fwd_impl(q, k, v, axis_name, window, scale, blocks)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _halo_split(q, k, v, hk, hv, axis_name, window, scale, blocks):
+    return _fwd_impl(q, k, v, hk, hv, axis_name, window, scale, blocks)[0]
 
 
-def _halo_split_fwd(q, k, v, axis_name, window, scale, blocks):
-    out, lse, hk, hv = _fwd_impl(q, k, v, axis_name, window, scale, blocks)
+def _halo_split_fwd(q, k, v, hk, hv, axis_name, window, scale, blocks):
+    out, lse = _fwd_impl(q, k, v, hk, hv, axis_name, window, scale, blocks)
     return out, (q, k, v, hk, hv, out, lse)
 
 
 def _halo_split_bwd(axis_name, window, scale, blocks, res, dout):
     q, k, v, hk, hv, out, lse = res
     h = window - 1
-    n = lax.axis_size(axis_name)
     kern = halo_kernels(blocks, scale, window)
     m = kern.multiple
     do = dout.astype(q.dtype)
     # rowsum(dO * O), [B, H, T]: the Pallas and dense kernels take it; cuDNN forms it itself.
     delta = None if blocks == "cudnn" else flash_delta(out, dout)
     dq, dk, dv = kern.local_bwd(q, k, v, do, out, lse, delta)
-    with jax.named_scope("attention_halo"):  # the halo block and its gradients' return
+    with jax.named_scope("attention_halo"):  # the halo block's backward
         blk = lambda x: _to_block(x[:, :h], h, m)
         dq_h, dhk, dhv = kern.block_bwd(blk(q), _to_block(hk, h, m), _to_block(hv, h, m), blk(do), blk(out),
                                         _lse_to_block(lse[:, :, :h], h, m, -_NEG),
@@ -200,13 +201,10 @@ def _halo_split_bwd(axis_name, window, scale, blocks, res, dout):
         has_left = (lax.axis_index(axis_name) > 0).astype(jnp.float32)
         # Sums in fp32 on the h rows only, written back in place (no full-length fp32 copies).
         dq = _add_rows(dq, slice(0, h), _from_block(dq_h, h).astype(jnp.float32) * has_left, q.dtype)
-        dhk, dhv = _from_block(dhk, h), _from_block(dhv, h)
-        if n > 1:   # the halo's gradients return to the left neighbour's last h keys
-            dhk, dhv = lax.ppermute((dhk, dhv), axis_name, [(j + 1, j) for j in range(n - 1)])
-            t = k.shape[1]
-            dk = _add_rows(dk, slice(t - h, t), dhk, k.dtype)
-            dv = _add_rows(dv, slice(t - h, t), dhv, v.dtype)
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+        # The halo's gradients: autodiff of the exchange returns them to the left neighbour.
+        dhk, dhv = _from_block(dhk, h) * has_left, _from_block(dhv, h) * has_left
+        return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dhk.astype(hk.dtype),
+                dhv.astype(hv.dtype))
 
 
 def _add_rows(x, rows: slice, y, dtype):
@@ -239,4 +237,6 @@ def halo_split_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: st
     if t % multiple:
         raise ValueError(f"halo_split_attention: T_local = {t} must be a multiple of {multiple} "
                          f"for the {blocks!r} kernels")
-    return _halo_split(q, k, v, axis_name, int(window), float(scale), blocks)
+    with jax.named_scope("attention_halo"):
+        hk, hv = _exchange(k, v, window - 1, axis_name)   # issued first: overlaps the local block
+    return _halo_split(q, k, v, hk, hv, axis_name, int(window), float(scale), blocks)

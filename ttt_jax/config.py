@@ -274,6 +274,12 @@ class ModelConfig:
     over ``[halo | local]`` keys with ``window - 1`` zero query rows) or ``"split"`` (a local call
     and a small halo block merged by log-sum-exp, ``parallel/halo_attention.py``: no zero rows, and
     the halo exchange can overlap the local call). Same results (tested).
+
+    ``remat_policy`` (with ``remat``): ``"full"`` keeps only each block's input and recomputes the
+    rest in the backward pass; ``"save_exchanges"`` also keeps the results of the block's
+    cross-device exchanges under context parallelism (the In-Place TTT carried-in state,
+    ``[B, F, D]`` fp32 per TTT layer, and the sliding-window halo keys/values, ``2 x [B, window - 1,
+    KV, Dh]`` per layer), so the recomputation repeats no collective. Same results (tested).
     """
 
     vocab_size: int = 259
@@ -296,6 +302,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     remat: bool = False
+    remat_policy: Literal["full", "save_exchanges"] = "full"
     scan_layers: bool = False
     context_layout: Literal["contiguous", "zigzag"] = "contiguous"
     context_attention: Literal["ring", "allgather"] = "ring"

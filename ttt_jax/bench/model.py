@@ -62,7 +62,7 @@ def context_comm(mcfg, mesh_shape, batch: int, seq_len: int) -> dict:
         ttt_layers=len(mcfg.ttt.layer_ids(mcfg.n_layers)) if mcfg.ttt.enabled else 0,
         ttt_shape=(mcfg.d_ff // tp, mcfg.d_model), act_bytes=jnp.dtype(mcfg.compute_dtype).itemsize,
         attention=mcfg.context_attention, scan=mcfg.context_scan, layout=mcfg.context_layout,
-        remat=mcfg.remat)
+        remat=mcfg.remat and mcfg.remat_policy == "full")  # saved exchanges are not repeated
 
 
 def benchmark_step(mcfg, mesh, loss_groups: Optional[int] = None):
@@ -193,6 +193,7 @@ def run_variant(args) -> dict:
                 compile_s=compile_s, loss=float(loss), ttt_layers=list(mcfg.ttt.layer_ids(mcfg.n_layers)),
                 context_attention=mcfg.context_attention, context_scan=mcfg.context_scan,
                 context_kernel=mcfg.context_kernel, context_halo=mcfg.context_halo,
+                remat=mcfg.remat, remat_policy=mcfg.remat_policy,
                 comm_bytes_per_device=comm,
                 **({"profile": profile} if profile is not None else {}))
 

@@ -388,7 +388,9 @@ class CausalLM(nnx.Module):
             return block(x, x0=x0, positions=positions, segment_ids=segment_ids)
 
         if cfg.remat:
-            run_block = nnx.remat(run_block)
+            policy = (jax.checkpoint_policies.save_only_these_names("context_exchange")
+                      if cfg.remat_policy == "save_exchanges" else None)
+            run_block = nnx.remat(run_block, policy=policy)
 
         if cfg.e2e.enabled:
             # TTT-E2E: the first blocks once over the sequence, the last ones chunk by chunk with

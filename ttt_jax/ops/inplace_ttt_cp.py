@@ -26,6 +26,7 @@ from typing import Literal, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from parallel.scan import exclusive_device_scan, exclusive_device_scan_zigzag
 from ttt_jax.ops.inplace_ttt_layout import chunk_layout, pad_to_chunks, unchunk
@@ -128,6 +129,9 @@ def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float,
             b2 = jnp.stack([r[1][1] for r in results])
             _, state_in = exclusive_device_scan_zigzag(a2, b2, axis_name, mode=mode)
             states = [state_in[0], state_in[1]]
+        # Named for remat policies (model.remat_policy="save_exchanges"): the backward pass's
+        # recomputation of the block can then skip the all-gather and the local combine.
+        states = [checkpoint_name(s, "context_exchange") for s in states]
     outs = []
     for (out0, _, corr), p, s_in in zip(results, pieces, states):
         zp = z[:, p]

@@ -101,7 +101,7 @@ _DATA_KEYS_TIED_TO_ITERATOR = ("source", "paths", "field", "column", "tokenizer"
 
 # Model fields that choose how the same parameters are computed, not what they are: a run may
 # resume with other values (e.g. moving from CPU to GPU, turning on remat to save memory).
-_MODEL_RUNTIME_KEYS = ("attention_impl", "ttt.impl", "remat", "compute_dtype", "max_seq_len",
+_MODEL_RUNTIME_KEYS = ("attention_impl", "ttt.impl", "remat", "remat_policy", "compute_dtype", "max_seq_len",
                        "context_layout", "context_attention", "context_scan", "context_kernel",
                        "context_halo")
 
