@@ -61,6 +61,14 @@ def test_summary_of_a_known_device_trace(tmp_path):
     assert (ops["dot.7"]["count"], ops["dot.7"]["ms"], ops["dot.7"]["kind"], ops["dot.7"]["scope"]) == (
         2, pytest.approx(0.1), "matmul", "ttt_scan")
     assert ops["add_fusion.3"]["tf_op"].endswith("jvp(loss))/add")
+    # The all-reduce ran 100 us, 30 of them beside the cuDNN kernel: 70 exposed.
+    (coll,) = d["top_exposed"]
+    assert coll["op"].startswith("ncclDevKernel_AllReduce") and coll["count"] == 1
+    assert (coll["ms"], coll["exposed_ms"]) == (pytest.approx(0.1), pytest.approx(0.07))
+    # Nothing ran in [220, 300): one idle gap of 80 us, after the all-reduce, before the fusion.
+    (gap,) = d["idle_gaps"]
+    assert (gap["ms"], gap["at_ms"]) == (pytest.approx(0.08), pytest.approx(0.22))
+    assert gap["after"].startswith("ncclDevKernel") and gap["before"] == "add_fusion.3"
     top = [(e["name"], e["count"], e["ms"]) for e in d["top"]]
     assert len(top) == 4 and top[-1] == ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 1, 0.05)
     assert "XLA Modules" not in d["threads"]

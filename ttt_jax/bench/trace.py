@@ -19,7 +19,11 @@ question needs, per device:
 * ``top``: the events of largest summed time, with their counts;
 * ``top_ops``: the HLO ops (``hlo_op`` argument) of largest summed time, each with its kind, scope
   and one ``tf_op`` name stack -- present when the trace names ops (on GPU, with command buffers
-  off: ``XLA_FLAGS=--xla_gpu_enable_command_buffer=``).
+  off: ``XLA_FLAGS=--xla_gpu_enable_command_buffer=``);
+* ``top_exposed``: the collectives whose time overlapped no computation on their device, ranked by
+  that exposed time (what communication actually cost the step), with their op names;
+* ``idle_gaps``: the longest stretches inside the span in which nothing ran on the device, with
+  the events just before and after (a device waiting for a peer or for the host).
 
 Events on several streams of one device can overlap, so category sums may exceed ``busy_ms``.
 """
@@ -160,7 +164,7 @@ def summarize_trace(path: Union[str, Path], *, top: int = 25,
                                      "scopes": defaultdict(float), "threads": defaultdict(float),
                                      "scope_categories": defaultdict(lambda: defaultdict(float)),
                                      "ops": {}, "events": defaultdict(lambda: [0, 0.0]), "sample_args": [],
-                                     "compute": []})
+                                     "compute": [], "collectives": [], "labelled": []})
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in device_pids or "dur" not in e:
             continue
@@ -172,14 +176,18 @@ def summarize_trace(path: Union[str, Path], *, top: int = 25,
         name = e.get("name", "?")
         d["intervals"].append((ts, ts + dur))
         cat = category(name + " " + str((e.get("args") or {}).get("hlo_op", "")))
+        op_name = _op_name(e, op_names)
+        hlo = str((e.get("args") or {}).get("hlo_op", ""))
+        label = hlo or name
         if cat != "collective":
             d["compute"].append((ts, ts + dur))
+        else:
+            d["collectives"].append((ts, ts + dur, label, op_name))
+        d["labelled"].append((ts, ts + dur, label))
         d["categories"][cat] += dur / 1e3
-        op_name = _op_name(e, op_names)
         sc = scope(e, op_name)
         d["scopes"][sc] += dur / 1e3
         d["scope_categories"][sc][cat] += dur / 1e3
-        hlo = str((e.get("args") or {}).get("hlo_op", ""))
         if hlo:
             op = d["ops"].setdefault(hlo, {"count": 0, "ms": 0.0, "kind": cat, "scope": sc,
                                            "tf_op": (op_name or str(e["args"].get("tf_op", "")))[:200]})
@@ -209,9 +217,61 @@ def summarize_trace(path: Union[str, Path], *, top: int = 25,
             "top": [{"name": n[:160], "count": c, "ms": round(ms, 3)} for n, (c, ms) in ranked],
             "top_ops": [{"hlo_op": n[:120], **{k: (round(v, 3) if k == "ms" else v) for k, v in o.items()}}
                         for n, o in sorted(d["ops"].items(), key=lambda kv: -kv[1]["ms"])[:top]],
+            "top_exposed": _exposed(d["collectives"], d["compute"], top),
+            "idle_gaps": _idle_gaps(d["labelled"], top),
             "sample_args": d["sample_args"],
         }
     return {"trace": str(path), "devices": out}
+
+
+def _merged(intervals: list) -> list:
+    """Sorted, disjoint union of ``(start, end)`` intervals."""
+    out: list = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _exposed(collectives: list, compute: list, top: int) -> list:
+    """Per collective op: summed time and the part of it that overlapped no compute interval."""
+    import bisect
+
+    merged = _merged(compute)
+    starts = [a for a, _ in merged]
+    acc: dict = {}
+    for a, b, label, op_name in collectives:
+        covered = 0.0
+        i = max(bisect.bisect_right(starts, a) - 1, 0)
+        while i < len(merged) and merged[i][0] < b:
+            covered += max(0.0, min(b, merged[i][1]) - max(a, merged[i][0]))
+            i += 1
+        r = acc.setdefault(label, {"count": 0, "ms": 0.0, "exposed_ms": 0.0, "op_name": op_name[:200]})
+        r["count"] += 1
+        r["ms"] += (b - a) / 1e3
+        r["exposed_ms"] += (b - a - covered) / 1e3
+    ranked = sorted(acc.items(), key=lambda kv: -kv[1]["exposed_ms"])[:top]
+    return [{"op": k[:120], "count": r["count"], "ms": round(r["ms"], 3),
+             "exposed_ms": round(r["exposed_ms"], 3), "op_name": r["op_name"]} for k, r in ranked]
+
+
+def _idle_gaps(labelled: list, top: int) -> list:
+    """The longest stretches with no event on the device: ``at_ms`` from the first event's start."""
+    if not labelled:
+        return []
+    events = sorted(labelled)
+    t0 = events[0][0]
+    gaps, end, last = [], events[0][1], events[0][2]
+    for a, b, label in events[1:]:
+        if a > end:
+            gaps.append(((a - end) / 1e3, (end - t0) / 1e3, last, label))
+        if b >= end:
+            end, last = b, label
+    gaps.sort(reverse=True)
+    return [{"ms": round(g, 3), "at_ms": round(at, 3), "after": before[:120], "before": after[:120]}
+            for g, at, before, after in gaps[:top]]
 
 
 def format_summary(summary: dict, *, device: Optional[str] = None) -> str:
