@@ -39,13 +39,13 @@ def _segments(batch, length, seed):
     return jnp.asarray(np.stack(rows), jnp.int32)
 
 
-def _sharded(n, layout, mode, seg):
+def _sharded(n, layout, mode, seg, impl="auto", clip_tau=None):
     mesh = _mesh(n)
     spec = P(None, "context")
 
     def local(z, v, w0, s):
         return inplace_ttt_sharded(z, v, w0, lr=0.3, chunk_size=C, axis_name="context",
-                                   segment_ids=s, layout=layout, mode=mode)
+                                   segment_ids=s, layout=layout, mode=mode, impl=impl, clip_tau=clip_tau)
 
     in_specs = (spec, spec, P(), spec if seg is not None else None)
     fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=spec)
@@ -61,14 +61,17 @@ def _sharded(n, layout, mode, seg):
     return run
 
 
-CASES = [  # (devices, layout, scan mode, packed documents)
-    (2, "contiguous", "allgather", False),
-    (4, "contiguous", "allgather", True),
-    (4, "contiguous", "ppermute", True),
-    (8, "contiguous", "ppermute", True),
-    (2, "zigzag", "allgather", False),
-    (4, "zigzag", "allgather", True),
-    (4, "zigzag", "ppermute", True),
+CASES = [  # (devices, layout, scan mode, packed documents, implementation)
+    (2, "contiguous", "allgather", False, "fused"),
+    (4, "contiguous", "allgather", True, "fused"),
+    (4, "contiguous", "ppermute", True, "fused"),
+    (8, "contiguous", "ppermute", True, "fused"),
+    (2, "zigzag", "allgather", False, "fused"),
+    (4, "zigzag", "allgather", True, "fused"),
+    (4, "zigzag", "ppermute", True, "fused"),
+    (4, "contiguous", "allgather", True, "correction"),
+    (8, "contiguous", "ppermute", False, "correction"),
+    (4, "zigzag", "ppermute", True, "correction"),
 ]
 
 
@@ -81,14 +84,14 @@ def _value_and_grads(fn, cot):
     return run
 
 
-@pytest.mark.parametrize("n, layout, mode, segs", CASES)
-def test_sharded_equals_unsharded(n, layout, mode, segs):
+@pytest.mark.parametrize("n, layout, mode, segs, impl", CASES)
+def test_sharded_equals_unsharded(n, layout, mode, segs, impl):
     parts = 2 if layout == "zigzag" else 1
     length = n * parts * C * 2
     z, v, w0 = _inputs(3, length, seed=n)
     seg = _segments(3, length, seed=n + 10) if segs else None
     cot = jax.random.normal(jax.random.key(1), (3, length, D))
-    got, g_got = _value_and_grads(_sharded(n, layout, mode, seg), cot)(z, v, w0)
+    got, g_got = _value_and_grads(_sharded(n, layout, mode, seg, impl), cot)(z, v, w0)
     want, g_want = _value_and_grads(
         lambda z, v, w0: inplace_ttt(z, v, w0, lr=0.3, chunk_size=C, segment_ids=seg, impl="attention"),
         cot)(z, v, w0)
@@ -114,3 +117,46 @@ def test_local_length_must_be_whole_chunks():
     z, v, w0 = _inputs(1, n * (C + 2))
     with pytest.raises(ValueError, match="multiple of the TTT chunk size"):
         _sharded(n, "contiguous", "allgather", None)(z, v, w0)
+
+
+def test_clipped_updates_take_the_correction_path():
+    """``clip_tau``: ``auto`` uses the correction implementation (equal to the unsharded op);
+    ``fused`` refuses it, since a clipped update is not linear in its chunk's tokens."""
+    n, length, tau = 4, 4 * C * 2, 0.5
+    z, v, w0 = _inputs(2, length, seed=3)
+    seg = _segments(2, length, seed=4)
+    cot = jax.random.normal(jax.random.key(2), (2, length, D))
+    got, g_got = _value_and_grads(_sharded(n, "contiguous", "allgather", seg, "auto", tau), cot)(z, v, w0)
+    want, g_want = _value_and_grads(
+        lambda z, v, w0: inplace_ttt(z, v, w0, lr=0.3, chunk_size=C, segment_ids=seg, clip_tau=tau,
+                                     impl="reference"), cot)(z, v, w0)
+    unclipped = inplace_ttt(z, v, w0, lr=0.3, chunk_size=C, segment_ids=seg, impl="reference")
+    assert float(jnp.abs(want - unclipped).max()) > 1e-2      # the bound is active
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+    for name, a, b in zip("z v w0".split(), g_got, g_want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-4, err_msg=name)
+    with pytest.raises(ValueError, match="cannot clip"):
+        _sharded(n, "contiguous", "allgather", seg, "fused", tau)(z, v, w0)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        _sharded(n, "contiguous", "allgather", seg, "fast")(z, v, w0)
+
+
+def test_fused_backward_needs_one_matmul_less():
+    """Per token, in units of ``F x D`` matmuls: the correction implementation does 3 forward
+    (apply, update, correction) and 7 backward; the fused one 3 forward (summary, apply, update)
+    and 6 backward (dL/dS_in, then one state-recomputing backward scan of 5)."""
+    mesh = _mesh(2)
+
+    def dots(impl):
+        def local(z, v, w0):
+            return inplace_ttt_sharded(z, v, w0, lr=0.3, chunk_size=C, axis_name="context", impl=impl)
+
+        fn = jax.shard_map(local, mesh=mesh, in_specs=(P(None, "context"),) * 2 + (P(),),
+                           out_specs=P(None, "context"))
+        z, v, w0 = _inputs(1, 4 * C)
+        fwd = str(jax.make_jaxpr(fn)(z, v, w0))
+        both = str(jax.make_jaxpr(jax.grad(lambda *a: (fn(*a) ** 2).sum(), argnums=(0, 1, 2)))(z, v, w0))
+        return fwd.count("dot_general["), both.count("dot_general[")
+
+    assert dots("correction") == (3, 10)
+    assert dots("fused") == (3, 9)

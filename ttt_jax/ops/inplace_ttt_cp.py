@@ -12,15 +12,28 @@ two parts: segment ``i`` and segment ``2n - 1 - i`` of ``2n``). For each of its 
 3. adds the carried state's contribution ``use * A_prefix * (z @ S_in)`` to the tokens of the
    document that was open when the segment began.
 
-The segment's outputs equal those of the unsharded op exactly (up to float rounding), and gradients
-flow through the cross-device scan by autodiff. Communication: one ``[B, F, D]`` fp32 summary per
-segment (plus a ``[B]`` int gather of boundary segment ids), independent of sequence length.
-Cost: the correction is one more ``[T, F] x [F, D]`` matmul forward and two backward than the
-single-device op (10 instead of 7 per token, in units of ``F x D``).
+The segment's outputs equal those of the unsharded op exactly (up to float rounding).
+Communication: one ``[B, F, D]`` fp32 summary per segment (plus a ``[B]`` int gather of boundary
+segment ids), independent of sequence length. Two implementations (``impl``):
+
+* ``"correction"``: steps 1-3 as written, gradients by autodiff through the cross-device scan.
+  Cost: the correction is one more ``[T, F] x [F, D]`` matmul forward and two backward than the
+  single-device op (10 instead of 7 per token, in units of ``F x D``). The only one with
+  ``clip_tau`` (a clipped update is not linear in the chunk's tokens).
+* ``"fused"`` (default without clipping; a custom VJP): the summary is one matmul,
+  ``B = lr * Z^T (w * VM)`` with ``w`` the product of the later chunks' carry factors; the
+  carried-in state then enters the chunk scan as its initial state, so the outputs need no
+  correction. Backward: ``dL/dS_in = Z^T (corr * G)`` (one matmul), the cross-device scan's
+  transpose gives ``dL/dB``, and ONE backward chunk scan, whose states start from the carried-in
+  state and whose final-state gradient is ``dL/dB``, yields every gradient: its apply-gradient
+  covers what the correction's ``dZ`` was, its update gradients what the summary's were.
+  9 instead of 10 units per token; the carried-in state is named ``"context_exchange"`` for remat
+  policies in both.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, Optional
 
 import jax
@@ -30,9 +43,12 @@ from jax.ad_checkpoint import checkpoint_name
 
 from parallel.scan import exclusive_device_scan, exclusive_device_scan_zigzag
 from ttt_jax.ops.inplace_ttt_layout import chunk_layout, pad_to_chunks, unchunk
+from ttt_jax.ops.inplace_ttt_scan import _forward as scan_forward
+from ttt_jax.ops.inplace_ttt_scan import _scan_bwd as scan_backward
 from ttt_jax.ops.inplace_ttt_scan import scan_chunks
 
 Layout = Literal["contiguous", "zigzag"]
+IMPLS = ("auto", "fused", "correction")
 
 
 def _segment_pass(z, v, w0, seg, continues, *, lr, chunk_size, clip_tau):
@@ -78,7 +94,7 @@ def _continues(seg_parts, axis_name: str, layout: Layout):
 def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float, chunk_size: int,
                         axis_name: str, segment_ids: Optional[jax.Array] = None,
                         layout: Layout = "contiguous", mode: str = "allgather",
-                        clip_tau: Optional[float] = None) -> jax.Array:
+                        clip_tau: Optional[float] = None, impl: str = "auto") -> jax.Array:
     """``inplace_ttt`` on a sequence sharded along ``axis_name`` (call inside ``jax.shard_map``).
 
     Args:
@@ -91,6 +107,8 @@ def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float,
       layout: ``"contiguous"`` (device ``i`` holds part ``i``) or ``"zigzag"`` (device ``i`` holds
         parts ``i`` and ``2n - 1 - i`` of ``2n``, concatenated; see ``parallel.attention.to_zigzag``).
       mode: cross-device scan mode, ``"allgather"`` or ``"ppermute"`` (``parallel.scan``).
+      impl: ``"fused"``, ``"correction"`` (module docstring) or ``"auto"`` (``fused``, and
+        ``correction`` with ``clip_tau``).
 
     Returns:
       ``[B, T_local, D]`` in ``z.dtype``: exactly this device's part of the unsharded result.
@@ -117,6 +135,17 @@ def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float,
     else:
         segs = [segment_ids[:, p] for p in pieces]
         conts = _continues(segs, axis_name, layout)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "correction" if clip_tau is not None else "fused"
+    if impl == "fused":
+        if clip_tau is not None:
+            raise ValueError("impl='fused' cannot clip updates (clip_tau); use impl='correction'")
+        lays = tuple(chunk_layout(b, t_seg, chunk_size, s, c) for s, c in zip(segs, conts))
+        arrays = tuple((lay.use, lay.upd, lay.a) for lay in lays)
+        return _fused(z, v, w0, arrays, float(lr), chunk_size, axis_name, layout, mode,
+                      segment_ids is not None)
     results = [_segment_pass(z[:, p], v[:, p], w0, s, c, lr=float(lr), chunk_size=chunk_size,
                              clip_tau=clip_tau) for p, s, c in zip(pieces, segs, conts)]
     with jax.named_scope("ttt_cp_exchange"):
@@ -141,3 +170,107 @@ def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float,
             carried = jnp.einsum("btf,bfd->btd", zp, s_in.astype(zp.dtype), preferred_element_type=zp.dtype)
             outs.append((out0.astype(jnp.float32) + corr[..., None] * carried.astype(jnp.float32)).astype(z.dtype))
     return outs[0] if parts == 1 else jnp.concatenate(outs, axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# impl="fused": the carried-in state enters the chunk scan; one backward scan gives every gradient.
+# --------------------------------------------------------------------------------------------------
+
+
+def _exchange(a_parts, b_parts, axis_name: str, layout: Layout, mode: str):
+    """States carried into this device's segments: ``[S_in [B, F, D]]`` (one per segment),
+    linear in ``b_parts`` for fixed ``a_parts``."""
+    if layout == "contiguous":
+        (a,), (b,) = a_parts, b_parts
+        return [exclusive_device_scan(a, b, axis_name, mode=mode)[1]]
+    _, state_in = exclusive_device_scan_zigzag(jnp.stack(a_parts), jnp.stack(b_parts), axis_name, mode=mode)
+    return [state_in[0], state_in[1]]
+
+
+def _later_product(a):
+    """``[B, N]`` -> ``w[:, c] = prod(a[:, c + 1:])``: how much of chunk ``c``'s update survives
+    to the segment's end."""
+    incl = jnp.flip(jnp.cumprod(jnp.flip(a, axis=1), axis=1), axis=1)
+    return jnp.concatenate([incl[:, 1:], jnp.ones_like(a[:, :1])], axis=1)
+
+
+def _earlier_product(a):
+    """``[B, N]`` -> ``prod(a[:, :c])``: how much of the carried-in state chunk ``c`` sees."""
+    return jnp.cumprod(jnp.concatenate([jnp.ones_like(a[:, :1]), a[:, :-1]], axis=1), axis=1)
+
+
+def _pieces(t_local: int, parts: int):
+    t_seg = t_local // parts
+    return [slice(i * t_seg, (i + 1) * t_seg) for i in range(parts)], t_seg
+
+
+def _fused_forward(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, segmented):
+    pieces, t_seg = _pieces(z.shape[1], len(arrays))
+    zcs, vms, a_sums, b_sums = [], [], [], []
+    for p, (use, upd, a) in zip(pieces, arrays):
+        zc = pad_to_chunks(z[:, p], chunk_size)
+        vm = pad_to_chunks(v[:, p], chunk_size) * upd[..., None].astype(v.dtype)
+        w = _later_product(a)
+        # The segment's summary from a zero state: sum_c prod(a_{c'>c}) * lr * z_c^T vm_c, one matmul
+        # (w is 0/1 from document boundaries, exact in any dtype).
+        b_sum = lr * jnp.einsum("bncf,bncd->bfd", zc, vm * w[:, :, None, None].astype(vm.dtype),
+                                preferred_element_type=jnp.float32)
+        zcs.append(zc)
+        vms.append(vm)
+        a_sums.append(jnp.prod(a, axis=1))
+        b_sums.append(b_sum)
+    with jax.named_scope("ttt_cp_exchange"):
+        states = [checkpoint_name(st, "context_exchange")
+                  for st in _exchange(a_sums, b_sums, axis_name, layout, mode)]
+    outs = []
+    for zc, vm, (use, _, a), s_in in zip(zcs, vms, arrays, states):
+        out, _ = scan_forward(zc, vm, w0, use, a, s_in, lr, None, segmented)
+        outs.append(unchunk(out, t_seg))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return out, (a_sums, b_sums, states)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _fused(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, segmented):
+    return _fused_forward(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, segmented)[0]
+
+
+def _fused_fwd(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, segmented):
+    out, (a_sums, b_sums, states) = _fused_forward(z, v, w0, arrays, lr, chunk_size, axis_name,
+                                                   layout, mode, segmented)
+    return out, (z, v, w0, arrays, a_sums, b_sums, states)
+
+
+def _fused_bwd(lr, chunk_size, axis_name, layout, mode, segmented, res, dout):
+    z, v, w0, arrays, a_sums, b_sums, states = res
+    pieces, t_seg = _pieces(z.shape[1], len(arrays))
+    gs, d_states = [], []
+    for p, (use, _, a) in zip(pieces, arrays):
+        g = pad_to_chunks(dout[:, p].astype(z.dtype), chunk_size)
+        corr = (use * _earlier_product(a)[:, :, None]).astype(g.dtype)
+        # dL/dS_in through this segment's outputs: sum_i corr_i z_i^T g_i, one matmul.
+        d_states.append(jnp.einsum("bncf,bncd->bfd", pad_to_chunks(z[:, p], chunk_size), g * corr[..., None],
+                                   preferred_element_type=jnp.float32))
+        gs.append(g)
+    with jax.named_scope("ttt_cp_exchange"):
+        # The cross-device scan is linear in the summaries: its transpose sends each segment's
+        # dL/dS_in back to the summaries of the segments before it.
+        transpose = jax.linear_transpose(lambda bs: _exchange(a_sums, bs, axis_name, layout, mode),
+                                         list(b_sums))
+        (d_sums,) = transpose(d_states)
+    dzs, dvs, dw0 = [], [], None
+    for p, (use, upd, a), g, s_in, d_sum in zip(pieces, arrays, gs, states, d_sums):
+        zc = pad_to_chunks(z[:, p], chunk_size)
+        vm = pad_to_chunks(v[:, p], chunk_size) * upd[..., None].astype(v.dtype)
+        # One backward chunk scan from the carried-in state, with dL/d(final state) = dL/dB: the
+        # final state is A * S_in + B, so its gradient w.r.t. z and vm is the summary's.
+        dz, dvm, dw, *_ = scan_backward(lr, None, segmented, (zc, vm, w0, use, a, s_in), (g, d_sum))
+        dzs.append(unchunk(dz, t_seg))
+        dvs.append(unchunk(dvm * upd[..., None].astype(dvm.dtype), t_seg))
+        dw0 = dw if dw0 is None else dw0 + dw
+    cat = (lambda xs: xs[0]) if len(dzs) == 1 else (lambda xs: jnp.concatenate(xs, axis=1))
+    zeros = jax.tree.map(jnp.zeros_like, arrays)
+    return cat(dzs).astype(z.dtype), cat(dvs).astype(v.dtype), dw0.astype(w0.dtype), zeros
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
