@@ -9,8 +9,8 @@ manual (the other mesh axes stay automatic, so FSDP/TP sharding of weights and b
 
 * attention: ring attention with online softmax (full causal) or a halo exchange of the left
   neighbour's last ``window - 1`` keys/values (sliding window) -- :mod:`parallel.attention`;
-* In-Place TTT: per-device chunk scan, one cross-device exclusive scan of ``(a, B)`` summaries and
-  a local correction -- :mod:`ttt_jax.ops.inplace_ttt_cp`.
+* In-Place TTT: a per-device ``(a, B)`` summary, one cross-device exclusive scan of the summaries,
+  and the chunk scan from the carried-in state -- :mod:`ttt_jax.ops.inplace_ttt_cp`.
 """
 
 from __future__ import annotations

@@ -43,9 +43,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from parallel.scan import exclusive_device_scan, exclusive_device_scan_zigzag
 from ttt_jax.ops.inplace_ttt_layout import chunk_layout, pad_to_chunks, unchunk
-from ttt_jax.ops.inplace_ttt_scan import _forward as scan_forward
-from ttt_jax.ops.inplace_ttt_scan import _scan_bwd as scan_backward
-from ttt_jax.ops.inplace_ttt_scan import scan_chunks
+from ttt_jax.ops.inplace_ttt_scan import scan_backward, scan_chunks, scan_forward
 
 Layout = Literal["contiguous", "zigzag"]
 IMPLS = ("auto", "fused", "correction")

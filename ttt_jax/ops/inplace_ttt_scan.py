@@ -242,3 +242,10 @@ def _scan_bwd(lr, clip_tau, segmented, res, cotangents):
 
 
 scan_chunks.defvjp(_scan_fwd, _scan_bwd)
+
+# The two halves as plain functions, for ops that build a larger custom VJP around the chunk scan
+# (``ttt_jax.ops.inplace_ttt_cp``, impl="fused"): ``scan_forward(z, vm, w0, use, a, s0, lr,
+# clip_tau, segmented) -> (out, s_final)`` and ``scan_backward(lr, clip_tau, segmented,
+# (z, vm, w0, use, a, s0), (d_out, d_s_final)) -> (dz, dvm, dw0, 0, 0, ds0)``.
+scan_forward = _forward
+scan_backward = _scan_bwd
