@@ -61,6 +61,8 @@ def test_summary_of_a_known_device_trace(tmp_path):
     assert (ops["dot.7"]["count"], ops["dot.7"]["ms"], ops["dot.7"]["kind"], ops["dot.7"]["scope"]) == (
         2, pytest.approx(0.1), "matmul", "ttt_scan")
     assert ops["add_fusion.3"]["tf_op"].endswith("jvp(loss))/add")
+    assert [o["hlo_op"] for o in d["top_ops_by_scope"]["ttt_scan"]] == ["dot.7"]
+    assert [o["hlo_op"] for o in d["top_ops_by_scope"]["loss"]] == ["add_fusion.3"]
     # The all-reduce ran 100 us, 30 of them beside the cuDNN kernel: 70 exposed.
     (coll,) = d["top_exposed"]
     assert coll["op"].startswith("ncclDevKernel_AllReduce") and coll["count"] == 1

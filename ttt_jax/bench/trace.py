@@ -20,6 +20,7 @@ question needs, per device:
 * ``top_ops``: the HLO ops (``hlo_op`` argument) of largest summed time, each with its kind, scope
   and one ``tf_op`` name stack -- present when the trace names ops (on GPU, with command buffers
   off: ``XLA_FLAGS=--xla_gpu_enable_command_buffer=``);
+* ``top_ops_by_scope``: the same, the largest few of each scope;
 * ``top_exposed``: the collectives whose time overlapped no computation on their device, ranked by
   that exposed time (what communication actually cost the step), with their op names;
 * ``idle_gaps``: the longest stretches inside the span in which nothing ran on the device, with
@@ -217,11 +218,22 @@ def summarize_trace(path: Union[str, Path], *, top: int = 25,
             "top": [{"name": n[:160], "count": c, "ms": round(ms, 3)} for n, (c, ms) in ranked],
             "top_ops": [{"hlo_op": n[:120], **{k: (round(v, 3) if k == "ms" else v) for k, v in o.items()}}
                         for n, o in sorted(d["ops"].items(), key=lambda kv: -kv[1]["ms"])[:top]],
+            "top_ops_by_scope": _top_by_scope(d["ops"], per_scope=8),
             "top_exposed": _exposed(d["collectives"], d["compute"], top),
             "idle_gaps": _idle_gaps(d["labelled"], top),
             "sample_args": d["sample_args"],
         }
     return {"trace": str(path), "devices": out}
+
+
+def _top_by_scope(ops: dict, per_scope: int) -> dict:
+    """``{scope: [op, ...]}``: each scope's HLO ops of largest summed time (kind, count, ms, name)."""
+    by: dict = defaultdict(list)
+    for name, o in ops.items():
+        by[o["scope"]].append((o["ms"], name, o))
+    return {sc: [{"hlo_op": n[:120], "kind": o["kind"], "count": o["count"], "ms": round(ms, 3),
+                  "tf_op": o["tf_op"]} for ms, n, o in sorted(rows, key=lambda r: -r[0])[:per_scope]]
+            for sc, rows in by.items()}
 
 
 def _merged(intervals: list) -> list:
