@@ -225,7 +225,7 @@ def _fused_forward(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, se
         out, _ = scan_forward(zc, vm, w0, use, a, s_in, lr, None, segmented)
         outs.append(unchunk(out, t_seg))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-    return out, (a_sums, b_sums, states)
+    return out, (a_sums, states)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
@@ -234,13 +234,13 @@ def _fused(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, segmented)
 
 
 def _fused_fwd(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, segmented):
-    out, (a_sums, b_sums, states) = _fused_forward(z, v, w0, arrays, lr, chunk_size, axis_name,
-                                                   layout, mode, segmented)
-    return out, (z, v, w0, arrays, a_sums, b_sums, states)
+    out, (a_sums, states) = _fused_forward(z, v, w0, arrays, lr, chunk_size, axis_name, layout,
+                                           mode, segmented)
+    return out, (z, v, w0, arrays, a_sums, states)
 
 
 def _fused_bwd(lr, chunk_size, axis_name, layout, mode, segmented, res, dout):
-    z, v, w0, arrays, a_sums, b_sums, states = res
+    z, v, w0, arrays, a_sums, states = res
     pieces, t_seg = _pieces(z.shape[1], len(arrays))
     gs, d_states = [], []
     for p, (use, _, a) in zip(pieces, arrays):
@@ -252,9 +252,10 @@ def _fused_bwd(lr, chunk_size, axis_name, layout, mode, segmented, res, dout):
         gs.append(g)
     with jax.named_scope("ttt_cp_exchange"):
         # The cross-device scan is linear in the summaries: its transpose sends each segment's
-        # dL/dS_in back to the summaries of the segments before it.
+        # dL/dS_in back to the summaries of the segments before it. (The states stand in for the
+        # summaries' shapes and types, which are the same; their values are not used.)
         transpose = jax.linear_transpose(lambda bs: _exchange(a_sums, bs, axis_name, layout, mode),
-                                         list(b_sums))
+                                         list(states))
         (d_sums,) = transpose(d_states)
     dzs, dvs, dw0 = [], [], None
     for p, (use, upd, a), g, s_in, d_sum in zip(pieces, arrays, gs, states, d_sums):
