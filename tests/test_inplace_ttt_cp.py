@@ -105,10 +105,11 @@ def test_carried_state_is_used():
     that the real result differs from that (the test above therefore exercises the carry)."""
     n, length = 4, 4 * C * 2
     z, v, w0 = _inputs(1, length)
-    got = _sharded(n, "contiguous", "allgather", None)(z, v, w0)
+    got = jax.jit(_sharded(n, "contiguous", "allgather", None))(z, v, w0)
     t = length // n
-    independent = jnp.concatenate([inplace_ttt(z[:, i * t:(i + 1) * t], v[:, i * t:(i + 1) * t], w0,
-                                               lr=0.3, chunk_size=C) for i in range(n)], axis=1)
+    independent = jax.jit(lambda z, v, w0: jnp.concatenate(
+        [inplace_ttt(z[:, i * t:(i + 1) * t], v[:, i * t:(i + 1) * t], w0, lr=0.3, chunk_size=C)
+         for i in range(n)], axis=1))(z, v, w0)
     assert float(jnp.abs(got[:, t:] - independent[:, t:]).max()) > 1e-2
 
 
