@@ -281,7 +281,7 @@ class ModelConfig:
     ``[B, F, D]`` fp32 per TTT layer, and the sliding-window halo keys/values, ``2 x [B, window - 1,
     KV, Dh]`` per layer), so the recomputation repeats no collective, and the TTT layers' forward
     chunk scan is not rerun for its summary. Same results (tested); without context parallelism the
-    two are the same. On 4 x H100 (m1b, SWA + TTT, 4 x 32k) it made the step 2.5-3% faster for
+    two are the same. On 4 x H100 (m1b, SWA + TTT, 4 x 32k) it made the step 2.5% faster for
     1-1.7 GiB more peak memory (benchmarks/README.md).
     """
 
