@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ttt_jax.config import ConfigError, load_config
@@ -63,6 +63,8 @@ _INT_KEYS = ["model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_hea
 
 
 @settings(max_examples=60, deadline=None)
+@example("model.d_model", 4)     # head_dim = 4 / 4 heads = 1: the error names d_model and n_heads
+@example("model.n_heads", 256)   # head_dim = 1 again, from the other side
 @given(st.sampled_from(_INT_KEYS),
        st.one_of(st.integers(-5, 5000), st.floats(allow_nan=True), st.text(max_size=6), st.booleans()))
 def test_config_overrides_validate_or_name_the_key(key, value):

@@ -339,7 +339,10 @@ class ModelConfig:
                    f"set explicitly, since model.d_model={self.d_model} is not a multiple of "
                    f"model.n_heads={self.n_heads}")
         _check(self.resolved_head_dim % 2 == 0, "model.head_dim", self.resolved_head_dim,
-               "an even integer (RoPE rotates pairs)")
+               "an even integer (RoPE rotates pairs)" + (
+                   "" if self.head_dim is not None else
+                   f"; it is model.d_model={self.d_model} / model.n_heads={self.n_heads}: change "
+                   "those or set model.head_dim"))
         _check(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "a positive float")
         if self.rope_scaling is not None:
             self.rope_scaling.validate()
