@@ -61,8 +61,7 @@ def _segment_pass(z, v, w0, seg, continues, *, lr, chunk_size, clip_tau):
     vm = pad_to_chunks(v, chunk_size) * lay.upd[..., None].astype(v.dtype)
     s0 = jnp.zeros((b,) + w0.shape, jnp.float32)
     out0, s_final = scan_chunks(zc, vm, w0, lay.use, lay.a, s0, lr, clip_tau, lay.segmented)
-    a_prefix = jnp.cumprod(jnp.concatenate([jnp.ones_like(lay.a[:, :1]), lay.a[:, :-1]], axis=1), axis=1)
-    corr = unchunk(lay.use * a_prefix[:, :, None], t)
+    corr = unchunk(lay.use * _earlier_product(lay.a)[:, :, None], t)
     return unchunk(out0, t), (jnp.prod(lay.a, axis=1), s_final), corr
 
 
@@ -125,8 +124,7 @@ def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float,
             f"{', in 2 segments' if parts == 2 else ''}) to be a multiple of the TTT chunk size "
             f"({chunk_size}) so chunk boundaries match the unsharded sequence; choose "
             f"seq_len divisible by {parts} x context x chunk_size")
-    t_seg = t_local // parts
-    pieces = [slice(i * t_seg, (i + 1) * t_seg) for i in range(parts)]
+    pieces, t_seg = _pieces(t_local, parts)
     if segment_ids is None:
         segs = [None] * parts
         conts = [jnp.ones((b,), bool)] * parts
@@ -147,15 +145,8 @@ def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float,
     results = [_segment_pass(z[:, p], v[:, p], w0, s, c, lr=float(lr), chunk_size=chunk_size,
                              clip_tau=clip_tau) for p, s, c in zip(pieces, segs, conts)]
     with jax.named_scope("ttt_cp_exchange"):
-        if layout == "contiguous":
-            (_, (a_sum, b_sum), _), = results
-            _, state_in = exclusive_device_scan(a_sum, b_sum, axis_name, mode=mode)
-            states = [state_in]
-        else:
-            a2 = jnp.stack([r[1][0] for r in results])
-            b2 = jnp.stack([r[1][1] for r in results])
-            _, state_in = exclusive_device_scan_zigzag(a2, b2, axis_name, mode=mode)
-            states = [state_in[0], state_in[1]]
+        states = _exchange([r[1][0] for r in results], [r[1][1] for r in results], axis_name, layout,
+                           mode)
         # Named for remat policies (model.remat_policy="save_exchanges"): the backward pass's
         # recomputation of the block can then skip the all-gather and the local combine.
         states = [checkpoint_name(s, "context_exchange") for s in states]
@@ -242,14 +233,16 @@ def _fused_fwd(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, segmen
 def _fused_bwd(lr, chunk_size, axis_name, layout, mode, segmented, res, dout):
     z, v, w0, arrays, a_sums, states = res
     pieces, t_seg = _pieces(z.shape[1], len(arrays))
-    gs, d_states = [], []
-    for p, (use, _, a) in zip(pieces, arrays):
+    chunked, d_states = [], []
+    for p, (use, upd, a) in zip(pieces, arrays):
+        zc = pad_to_chunks(z[:, p], chunk_size)
+        vm = pad_to_chunks(v[:, p], chunk_size) * upd[..., None].astype(v.dtype)
         g = pad_to_chunks(dout[:, p].astype(z.dtype), chunk_size)
         corr = (use * _earlier_product(a)[:, :, None]).astype(g.dtype)
         # dL/dS_in through this segment's outputs: sum_i corr_i z_i^T g_i, one matmul.
-        d_states.append(jnp.einsum("bncf,bncd->bfd", pad_to_chunks(z[:, p], chunk_size), g * corr[..., None],
+        d_states.append(jnp.einsum("bncf,bncd->bfd", zc, g * corr[..., None],
                                    preferred_element_type=jnp.float32))
-        gs.append(g)
+        chunked.append((zc, vm, g))
     with jax.named_scope("ttt_cp_exchange"):
         # The cross-device scan is linear in the summaries: its transpose sends each segment's
         # dL/dS_in back to the summaries of the segments before it. (The states stand in for the
@@ -258,9 +251,7 @@ def _fused_bwd(lr, chunk_size, axis_name, layout, mode, segmented, res, dout):
                                          list(states))
         (d_sums,) = transpose(d_states)
     dzs, dvs, dw0 = [], [], None
-    for p, (use, upd, a), g, s_in, d_sum in zip(pieces, arrays, gs, states, d_sums):
-        zc = pad_to_chunks(z[:, p], chunk_size)
-        vm = pad_to_chunks(v[:, p], chunk_size) * upd[..., None].astype(v.dtype)
+    for (use, upd, a), (zc, vm, g), s_in, d_sum in zip(arrays, chunked, states, d_sums):
         # One backward chunk scan from the carried-in state, with dL/d(final state) = dL/dB: the
         # final state is A * S_in + B, so its gradient w.r.t. z and vm is the summary's.
         dz, dvm, dw, *_ = scan_backward(lr, None, segmented, (zc, vm, w0, use, a, s_in), (g, d_sum))
