@@ -39,6 +39,18 @@ def records(path, kind):
     return [r for r in map(json.loads, open(path)) if r["kind"] == kind]
 
 
+@pytest.fixture(scope="module")
+def straight_30(tmp_path_factory):
+    """Final parameters of an uninterrupted 30-step toy run (validation every 15 steps): the
+    reference of the resume tests. Logging and checkpoint cadence do not change the numbers, so one
+    run serves them all."""
+    tmp = tmp_path_factory.mktemp("straight")
+    res = train(toy(tmp, "train.steps=30", "train.checkpoint_every=1000", "train.eval_every=15",
+                    "train.log_every=10", name="straight"))
+    assert res.step == 30
+    return params_of(res.model)
+
+
 # Most tests share this exact setup (model, seed, optimizer, mesh), so the trainer's compiled
 # functions are reused across them instead of recompiled.
 
@@ -192,7 +204,7 @@ def test_throughput_and_mfu():
     assert peak_tflops_per_device("cpu", override=1.5) == 1.5
 
 
-def test_killed_process_resumes_to_identical_parameters(tmp_path):
+def test_killed_process_resumes_to_identical_parameters(tmp_path, straight_30):
     """SIGKILL a `ttt-jax train` process mid-run, start it again: the final parameters equal those of
     an uninterrupted run, bitwise (CPU)."""
     import signal
@@ -203,8 +215,6 @@ def test_killed_process_resumes_to_identical_parameters(tmp_path):
     if jax.default_backend() != "cpu":
         pytest.skip("bitwise reproducibility is a CPU guarantee (see README)")
     extra = ["train.steps=30", "train.checkpoint_every=2", "train.eval_every=15", "train.log_every=10"]
-    # The uninterrupted reference needs no checkpoints (checkpointing does not change the numbers).
-    straight = train(toy(tmp_path, *extra, "train.checkpoint_every=1000", name="straight"))
     run_dir = tmp_path / "killed"
     import yaml
 
@@ -222,12 +232,12 @@ def test_killed_process_resumes_to_identical_parameters(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = train(toy(tmp_path, *extra, name="killed"))   # restores the final checkpoint
     assert resumed.step == 30
-    for a, b in zip(params_of(straight.model), params_of(resumed.model)):
+    for a, b in zip(straight_30, params_of(resumed.model), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
-def test_signal_checkpoints_current_step_and_resume_is_exact(tmp_path, signame):
+def test_signal_checkpoints_current_step_and_resume_is_exact(tmp_path, signame, straight_30):
     """SIGTERM/SIGINT mid-run: the step in flight is checkpointed, the process exits with status 4,
     and the same command resumes to bitwise the parameters of an uninterrupted run (CPU)."""
     import signal
@@ -241,7 +251,6 @@ def test_signal_checkpoints_current_step_and_resume_is_exact(tmp_path, signame):
         pytest.skip("bitwise reproducibility is a CPU guarantee (see README)")
     # No periodic checkpoints: only the signal's checkpoint (and the final one) can exist.
     extra = ["train.steps=30", "train.checkpoint_every=1000", "train.eval_every=15", "train.log_every=1"]
-    straight = train(toy(tmp_path, *extra, name="straight"))
     run_dir = tmp_path / "signalled"
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy(tmp_path, *extra, name="signalled").to_dict()))
     cmd = [sys.executable, "-m", "ttt_jax.cli", "train", str(tmp_path / "toy.yaml")]
@@ -264,5 +273,5 @@ def test_signal_checkpoints_current_step_and_resume_is_exact(tmp_path, signame):
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = train(toy(tmp_path, *extra, name="signalled"))   # restores the final checkpoint
     assert resumed.step == 30
-    for a, b in zip(params_of(straight.model), params_of(resumed.model)):
+    for a, b in zip(straight_30, params_of(resumed.model), strict=True):
         np.testing.assert_array_equal(a, b)

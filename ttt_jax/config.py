@@ -273,7 +273,10 @@ class ModelConfig:
     the fused path computes a sliding-window layer across devices: ``"single"`` (one cuDNN call
     over ``[halo | local]`` keys with ``window - 1`` zero query rows) or ``"split"`` (a local call
     and a small halo block merged by log-sum-exp, ``parallel/halo_attention.py``: no zero rows, and
-    the halo exchange can overlap the local call). Same results (tested).
+    the halo exchange can overlap the local call). Same results (tested). On 4 x H100 (m1b,
+    SWA + TTT, 4 x 32k) ``split`` was about 2% faster but raised peak memory from ~17 to ~30 GiB:
+    XLA then schedules the backward pass with four or five layers' recomputed activations live at
+    once (benchmarks/README.md). That grows with the local length, so ``single`` is the default.
 
     ``remat_policy`` (with ``remat``): ``"full"`` keeps only each block's input and recomputes the
     rest in the backward pass; ``"save_exchanges"`` (default) also keeps the results of the block's
