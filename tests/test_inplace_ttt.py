@@ -105,8 +105,8 @@ def test_clipping_matches_reference(impl, segs):
     got = inplace_ttt(z, v, w0, impl=impl, **kw)
     assert float(jnp.abs(want - unclipped).max()) > 1e-2, "tau too large: clipping is not exercised"
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    f = lambda impl: jax.grad(
-        lambda z, v, w0: jnp.sum(jnp.sin(inplace_ttt(z, v, w0, impl=impl, **kw))), argnums=(0, 1, 2))(z, v, w0)
+    f = lambda impl: jax.jit(jax.grad(
+        lambda z, v, w0: jnp.sum(jnp.sin(inplace_ttt(z, v, w0, impl=impl, **kw))), argnums=(0, 1, 2)))(z, v, w0)
     for a, b in zip(f(impl), f("reference")):
         assert np.isfinite(np.asarray(a)).all()
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
@@ -344,10 +344,11 @@ def test_state_carry_splits_sequence(impl, segs):
         out2 = inplace_ttt(z[:, split:], v[:, split:], w0, segment_ids=s2, initial_state=state, **kw)
         return jnp.concatenate([out1, out2], axis=1)
 
-    np.testing.assert_allclose(split_run(z, v, w0), whole(z, v, w0), atol=1e-4, rtol=1e-4)
+    # Jitted (one compile each; op by op this test took ~10 s on a CI core).
+    np.testing.assert_allclose(jax.jit(split_run)(z, v, w0), jax.jit(whole)(z, v, w0), atol=1e-4, rtol=1e-4)
     cot = jax.random.normal(jax.random.key(2), (2, length, D))
-    ga = jax.grad(lambda *a: jnp.sum(split_run(*a) * cot), argnums=(0, 1, 2))(z, v, w0)
-    gb = jax.grad(lambda *a: jnp.sum(whole(*a) * cot), argnums=(0, 1, 2))(z, v, w0)
+    ga = jax.jit(jax.grad(lambda *a: jnp.sum(split_run(*a) * cot), argnums=(0, 1, 2)))(z, v, w0)
+    gb = jax.jit(jax.grad(lambda *a: jnp.sum(whole(*a) * cot), argnums=(0, 1, 2)))(z, v, w0)
     for a, b in zip(ga, gb):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
 
