@@ -44,7 +44,9 @@ def _segments(batch, length):
     (2, 12, True, ()), (8, 0, False, ("model.context_scan=ppermute",)),
     # Remat that keeps the exchanges' results (TTT carried-in state, halo K/V): same values.
     (4, 12, False, ("model.remat=true", "model.remat_policy=save_exchanges")),
-    (2, 12, True, ("model.remat=true", "model.remat_policy=save_exchanges"))])
+    (2, 12, True, ("model.remat=true", "model.remat_policy=save_exchanges")),
+    # ... and with each block's recomputation pinned behind its output's gradient.
+    (4, 12, True, ("model.remat=true", "model.remat_pinned=true"))])
 def test_context_parallel_logits_and_grads(context, window, segs, impls):
     model = _model([f"model.attention_window={window}", *impls])
     tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, 64)

@@ -286,6 +286,12 @@ class ModelConfig:
     chunk scan is not rerun for its summary. Same results (tested); without context parallelism the
     two are the same. On 4 x H100 (m1b, SWA + TTT, 4 x 32k) it made the step 2.5% faster for
     1-1.7 GiB more peak memory (benchmarks/README.md).
+
+    ``remat_pinned`` (with ``remat``): each block's recomputation in the backward pass waits for the
+    gradient of the block's output (an optimization barrier), so the compiler cannot recompute
+    several blocks ahead of the backward pass and hold their activations at once. Same results
+    (tested); meant for the GPU schedules where that happened (the split halo's peak memory,
+    benchmarks/README.md). Not yet measured on GPUs.
     """
 
     vocab_size: int = 259
@@ -309,6 +315,7 @@ class ModelConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     remat: bool = False
     remat_policy: Literal["full", "save_exchanges"] = "save_exchanges"
+    remat_pinned: bool = False
     scan_layers: bool = False
     context_layout: Literal["contiguous", "zigzag"] = "contiguous"
     context_attention: Literal["ring", "allgather"] = "ring"

@@ -193,7 +193,7 @@ def run_variant(args) -> dict:
                 compile_s=compile_s, loss=float(loss), ttt_layers=list(mcfg.ttt.layer_ids(mcfg.n_layers)),
                 context_attention=mcfg.context_attention, context_scan=mcfg.context_scan,
                 context_kernel=mcfg.context_kernel, context_halo=mcfg.context_halo,
-                remat=mcfg.remat, remat_policy=mcfg.remat_policy,
+                remat=mcfg.remat, remat_policy=mcfg.remat_policy, remat_pinned=mcfg.remat_pinned,
                 comm_bytes_per_device=comm,
                 **({"profile": profile} if profile is not None else {}))
 

@@ -46,6 +46,7 @@ the two layouts (weights of an unrolled model into a scanned one, checkpoints, H
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Optional
 
 import jax
@@ -390,7 +391,8 @@ class CausalLM(nnx.Module):
         if cfg.remat:
             policy = (jax.checkpoint_policies.save_only_these_names("context_exchange")
                       if cfg.remat_policy == "save_exchanges" else None)
-            run_block = nnx.remat(run_block, policy=policy)
+            run_block = (pinned_remat(run_block, policy) if cfg.remat_pinned
+                         else nnx.remat(run_block, policy=policy))
 
         if cfg.e2e.enabled:
             # TTT-E2E: the first blocks once over the sequence, the last ones chunk by chunk with
@@ -420,6 +422,50 @@ class CausalLM(nnx.Module):
             for block in self.layers:
                 x = run_block(block, x, x0_arg, positions, segment_ids)
         return self.final_norm(x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pinned_call(f, *args):
+    return f(*args)
+
+
+def _pinned_fwd(f, *args):
+    return jax.vjp(f, *args)   # the VJP closure is a pytree of f's saved residuals
+
+
+def _pinned_bwd(f, vjp_fn, dy):
+    # The barrier makes the residuals -- and so the recomputation that starts from them -- depend
+    # on the output cotangent: the recomputation cannot be scheduled before the block above has
+    # finished its backward pass.
+    leaves, tree = jax.tree.flatten(vjp_fn)
+    leaves, dy = jax.lax.optimization_barrier((leaves, dy))
+    return jax.tree.unflatten(tree, leaves)(dy)
+
+
+_pinned_call.defvjp(_pinned_fwd, _pinned_bwd)
+
+
+def pinned_remat(run_block, policy):
+    """``nnx.remat(run_block, policy=policy)`` whose backward pass recomputes the block only once
+    the gradient of its output is there (``model.remat_pinned``).
+
+    Plain remat lets the compiler recompute a block as soon as its saved input exists, which is
+    before the backward pass reaches it; XLA's GPU scheduler may then run several blocks'
+    recomputations early, and their activations are live together (benchmarks/README.md: the split
+    halo's extra memory). Same values and gradients as plain remat (tested).
+
+    ``run_block(block, x, x0, positions, segment_ids) -> y``; the block's parameters and the float
+    inputs get gradients, ``positions`` / ``segment_ids`` (integers) none.
+    """
+    def run(block, x, x0, positions, segment_ids):
+        graphdef, state = nnx.split(block)
+
+        def f(state, x, x0, positions, segment_ids):
+            return run_block(nnx.merge(graphdef, state), x, x0, positions, segment_ids)
+
+        return _pinned_call(jax.checkpoint(f, policy=policy), state, x, x0, positions, segment_ids)
+
+    return run
 
 
 def count_params(model: nnx.Module) -> int:
