@@ -262,7 +262,10 @@ class ModelConfig:
     picks the cross-device exclusive scan of the fast-weight summaries: ``"allgather"`` (one
     all-gather of the ``n`` summaries, combined locally) or ``"ppermute"`` (``log2 n`` rounds of
     neighbour exchanges; for many devices). Results are the same (tested); only speed and memory
-    differ. ``context_kernel`` picks the per-device attention compute under context parallelism:
+    differ. ``context_exchange_dtype``: the dtype the summaries (``[B, F, D]`` per TTT layer and
+    device) travel in; ``"bfloat16"`` halves the bytes, combined in float32 on arrival, at the cost
+    of bf16 rounding of the carried-in state (close to, not equal to, the unsharded result;
+    tested); ``"float32"`` (default) is exact. ``context_kernel`` picks the per-device attention compute under context parallelism:
     ``"fused"`` (one cuDNN flash-attention call per ring block -- the Pallas kernels where this
     JAX's private cuDNN functions are not as expected, see ``parallel/cudnn_blocks.py`` -- and one
     cuDNN call per device for sliding-window layers after the halo exchange; NVIDIA GPU, bf16/fp16;
@@ -320,6 +323,7 @@ class ModelConfig:
     context_layout: Literal["contiguous", "zigzag"] = "contiguous"
     context_attention: Literal["ring", "allgather"] = "ring"
     context_scan: Literal["allgather", "ppermute"] = "allgather"
+    context_exchange_dtype: Literal["float32", "bfloat16"] = "float32"
     context_kernel: Literal["auto", "xla", "fused", "pallas"] = "auto"
     context_halo: Literal["single", "split"] = "single"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
