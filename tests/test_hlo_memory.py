@@ -40,3 +40,14 @@ def test_walk_finds_the_live_intermediates(tmp_path):
 def test_rejects_text_without_entry():
     with pytest.raises(ValueError, match="ENTRY"):
         analyse("HloModule m\n")
+
+
+def test_cli_names_a_missing_or_wrong_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "absent.txt")])
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.txt"
+    bad.write_text("HloModule m\n")
+    with pytest.raises(SystemExit):
+        main([str(bad)])
+    assert "no ENTRY computation" in capsys.readouterr().err

@@ -173,7 +173,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--top", type=int, default=30, help="values to list (largest first)")
     p.add_argument("--groups", type=int, default=20, help="op-name groups to list")
     args = p.parse_args(argv)
-    print(format_report(analyse(args.hlo.read_text()), args.top, args.groups))
+    if not args.hlo.is_file():
+        p.error(f"no such file: {args.hlo}")
+    try:
+        report = analyse(args.hlo.read_text())
+    except ValueError as e:
+        p.error(f"{args.hlo}: {e}")
+    print(format_report(report, args.top, args.groups))
 
 
 if __name__ == "__main__":

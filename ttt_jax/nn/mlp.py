@@ -32,6 +32,7 @@ from ttt_jax.nn.params import dense, make_param, normal_init, zeros_init
 from ttt_jax.nn.context import AXIS, context_size, run_over_context
 from ttt_jax.ops import inplace_ttt, inplace_ttt_target
 from ttt_jax.ops.inplace_ttt_cp import inplace_ttt_sharded
+from ttt_jax.ops.precision import matmul_f32_out
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ def _exchange_dtype(requested: Optional[str]) -> Optional[str]:
 def _warn_cpu_exchange(requested: str) -> None:   # once per process, not once per layer
     logger.warning("model.context_exchange_dtype=%s: not used on the CPU backend (XLA's CPU "
                    "compiler aborts on it); the TTT summaries are exchanged in float32", requested)
-from ttt_jax.ops.precision import matmul_f32_out
 
 
 def _mlp_keys(rngs: nnx.Rngs) -> jax.Array:
