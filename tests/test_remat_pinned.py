@@ -39,9 +39,10 @@ def test_pinned_remat_equals_no_remat(scan_layers):
     np.testing.assert_allclose(v1, v0, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
-    # The pinned backward carries one more optimization barrier per block than plain remat.
+    # The pinned backward carries two more optimization barriers per block than plain remat (one
+    # on the recomputation's inputs, one on the block's gradients).
     f_plain, _ = _grad_fn(common + ["model.remat=true", "model.remat_pinned=false"])
     count = {name: str(jax.make_jaxpr(f)(state, tokens, seg)).count("optimization_barrier")
              for name, f in (("plain", f_plain), ("pinned", f1))}
     blocks = 2                # unrolled: 2 blocks; scanned: one traced group of 2 blocks
-    assert count["pinned"] >= count["plain"] + blocks, count
+    assert count["pinned"] >= count["plain"] + 2 * blocks, count

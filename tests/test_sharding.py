@@ -118,13 +118,43 @@ def test_indivisible_mesh_names_parameter_and_fix(tmp_path):
 
 def test_context_parallel_training_matches_data_parallel(runs, tmp_path):
     """mesh.context=2 (each row split into two 16-token halves = one TTT chunk per device, with ring
-    attention and the cross-device fast-weight scan) trains like data parallelism."""
+    attention and the cross-device fast-weight scan), with the optimizer sharded (ZeRO-1,
+    train.shard_optimizer), trains like data parallelism."""
+    from ttt_jax.train.optim import optimizer_fields
+    from ttt_jax.train.trainer import _program
+
     _, rep, _ = runs
-    cp = train(cfg(tmp_path / "cp", "mesh.data=2", "mesh.fsdp=2", "mesh.context=2"))
+    c = cfg(tmp_path / "cp", "mesh.data=2", "mesh.fsdp=2", "mesh.context=2", "train.shard_optimizer=true")
+    cp = train(c)
     assert cp.step == rep.step == 4
     np.testing.assert_allclose(train_losses(cp), train_losses(rep), rtol=LOSS_RTOL)
     np.testing.assert_allclose([v for _, v in cp.val_losses], [v for _, v in rep.val_losses], rtol=LOSS_RTOL)
     assert_params_close(params(cp.model), params(rep.model))
+    # The run's compiled program (cached per setup) kept the moments split over data and context
+    # as well as fsdp: the down-projection's [F=64, D=32] moment is 64 / 2 x 32 / 4 per device.
+    prog = _program(c.model, c.train.seed, optimizer_fields(c.train), mesh_lib.make_mesh(c.mesh))
+    flat = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(prog.opt_sh)[0]}
+    down = [s for k, s in flat.items() if "'mu'" in k and "['layers'][0]['mlp']['down']" in k]
+    assert [s.spec for s in down] == [P(("data", "context"), "fsdp")]
+    assert down[0].shard_shape((64, 32)) == (16, 16)
+
+
+def test_split_further_places_zero_axes():
+    """ZeRO-1's layout rule: the free replicating axes go to the largest dimension they divide."""
+    from parallel.mesh import make_mesh
+
+    mesh = make_mesh(data=2, fsdp=1, tensor=2, context=2)
+    ns = lambda *spec: jax.sharding.NamedSharding(mesh, P(*spec))
+    axes = mesh_lib.ZERO_AXES
+    # [F, D] with F over tensor: F / 2 = 32 >= D = 16, so F takes data x context.
+    assert mesh_lib.split_further(ns("tensor", None), (64, 16), axes).spec == P(("tensor", "data", "context"), None)
+    assert mesh_lib.split_further(ns("tensor", None), (16, 64), axes).spec == P("tensor", ("data", "context"))
+    # A dimension the axes do not divide is skipped; none at all: unchanged.
+    assert mesh_lib.split_further(ns(None, None), (6, 8), axes).spec == P(None, ("data", "context"))
+    assert mesh_lib.split_further(ns(None,), (6,), axes).spec == P(None,)
+    # Axes of size 1 and axes already used do not count.
+    assert mesh_lib.split_further(ns("context", None), (8, 8), ("fsdp", "context")).spec == P("context", None)
+    assert mesh_lib.split_further(ns(None,), (8,), ("context",)).spec == P("context",)
 
 
 def test_zigzag_training_matches_contiguous(tmp_path):

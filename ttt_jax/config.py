@@ -439,6 +439,12 @@ class TrainConfig:
     ``loss_chunk`` positions at a time (rematerialised), so the ``[B, T, V]`` fp32 logits never
     exist at once (at 32k tokens and a 152k vocabulary they alone are 20 GB); ``0`` computes them
     whole. The value is the same either way.
+    ``shard_optimizer``: ZeRO-1. The Adam moments are split further over every mesh axis of size
+    > 1 that replicates their parameter (``data``, ``context``), on the largest dimension those
+    axes divide (a moment no dimension of which they divide keeps its parameter's sharding). Each
+    device then updates only its share of the parameters: XLA reduce-scatters the gradients and
+    all-gathers the updated parameters, the same bytes as the all-reduce it replaces, and the
+    moments take 1/n of the memory. Same values up to reduction order.
     """
 
     steps: int = 1000
@@ -466,8 +472,11 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     init_from: Optional[str] = None
     loss_chunk: int = 4096
+    shard_optimizer: bool = False
 
     def validate(self) -> None:
+        _check(isinstance(self.shard_optimizer, bool), "train.shard_optimizer", self.shard_optimizer,
+               "true or false")
         _check(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
         _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0, "train.loss_chunk",
                self.loss_chunk, "an integer >= 0 (0: whole-sequence logits)")

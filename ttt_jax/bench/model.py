@@ -65,12 +65,14 @@ def context_comm(mcfg, mesh_shape, batch: int, seq_len: int) -> dict:
         remat=mcfg.remat and mcfg.remat_policy == "full")  # saved exchanges are not repeated
 
 
-def benchmark_step(mcfg, mesh, loss_groups: Optional[int] = None):
+def benchmark_step(mcfg, mesh, loss_groups: Optional[int] = None, shard_optimizer: bool = False):
     """The benchmarked train step of model config ``mcfg`` on ``mesh``: forward, chunked loss,
     backward and an AdamW update, jitted with the state's shardings and donation.
 
     ``loss_groups`` defaults to the context size, as in the trainer: every device computes the loss
     of its own positions (with 1 the loss scan gathers the hidden states to all devices).
+    ``shard_optimizer``: ZeRO-1, the Adam moments split over the axes that replicate parameters
+    (``train.shard_optimizer``, :func:`ttt_jax.train.mesh.split_further`).
 
     Returns ``(step, graphdef, abstract_state, state_shardings, build)``:
     ``step(state, inputs, targets, positions) -> (state, loss)`` with ``[B, T]`` int inputs, and
@@ -93,7 +95,8 @@ def benchmark_step(mcfg, mesh, loss_groups: Optional[int] = None):
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     graphdef, abs_state = nnx.split(nnx.eval_shape(build))
-    shardings = mesh_lib.state_shardings(abs_state, mesh)
+    shardings = mesh_lib.state_shardings(abs_state, mesh,
+                                         zero_axes=mesh_lib.ZERO_AXES if shard_optimizer else ())
 
     def step(state, inputs, targets, positions):
         model, opt = nnx.merge(graphdef, state)
@@ -110,7 +113,9 @@ def benchmark_step(mcfg, mesh, loss_groups: Optional[int] = None):
         return nnx.state((model, opt)), loss
 
     batch_sh = mesh_lib.batch_sharding(mesh)
-    jitted = jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch_sh, batch_sh, batch_sh))
+    # Explicit out_shardings, as in the trainer: the updated state keeps its (ZeRO-1) layout.
+    jitted = jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch_sh, batch_sh, batch_sh),
+                     out_shardings=(shardings, mesh_lib.replicated(mesh)))
     return jitted, graphdef, abs_state, shardings, build
 
 
@@ -134,7 +139,8 @@ def run_variant(args) -> dict:
     mesh = mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_supported(mesh, args.seq_len, mcfg.ttt.chunk_size if mcfg.ttt.layer_ids(mcfg.n_layers) else None,
                              mcfg.context_layout)
-    step, graphdef, abs_state, shardings, build = benchmark_step(mcfg, mesh)
+    step, graphdef, abs_state, shardings, build = benchmark_step(mcfg, mesh,
+                                                                 shard_optimizer=cfg.train.shard_optimizer)
     # Created directly in its sharding: a large model is never whole on one device.
     state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
     n_params = count_params(nnx.merge(graphdef, state)[0])
@@ -194,6 +200,7 @@ def run_variant(args) -> dict:
                 context_attention=mcfg.context_attention, context_scan=mcfg.context_scan,
                 context_kernel=mcfg.context_kernel, context_halo=mcfg.context_halo,
                 remat=mcfg.remat, remat_policy=mcfg.remat_policy, remat_pinned=mcfg.remat_pinned,
+                shard_optimizer=cfg.train.shard_optimizer,
                 comm_bytes_per_device=comm,
                 **({"profile": profile} if profile is not None else {}))
 

@@ -434,25 +434,37 @@ def _pinned_fwd(f, *args):
 
 
 def _pinned_bwd(f, vjp_fn, dy):
-    # The barrier makes the residuals -- and so the recomputation that starts from them -- depend
-    # on the output cotangent: the recomputation cannot be scheduled before the block above has
-    # finished its backward pass.
+    # The first barrier makes the residuals -- and so the recomputation that starts from them --
+    # depend on the output cotangent: the recomputation cannot be scheduled before the block above
+    # has finished its backward pass.
     leaves, tree = jax.tree.flatten(vjp_fn)
     leaves, dy = jax.lax.optimization_barrier((leaves, dy))
-    return jax.tree.unflatten(tree, leaves)(dy)
+    grads = jax.tree.unflatten(tree, leaves)(dy)
+    # The second ties the block's gradients together: the input cotangent (which the block below
+    # waits for) is released only with the parameter gradients. Without it XLA may postpone the
+    # weight-gradient matmuls, keeping the recomputed activations they read live across several
+    # blocks (benchmarks/README.md: the 4-GPU strong row's memory). Integer inputs' float0
+    # cotangents stay outside the barrier.
+    flat, gtree = jax.tree.flatten(grads)
+    floats = [i for i, g in enumerate(flat) if jnp.issubdtype(g.dtype, jnp.inexact)]
+    pinned = jax.lax.optimization_barrier([flat[i] for i in floats])
+    for i, g in zip(floats, pinned):
+        flat[i] = g
+    return jax.tree.unflatten(gtree, flat)
 
 
 _pinned_call.defvjp(_pinned_fwd, _pinned_bwd)
 
 
 def pinned_remat(run_block, policy):
-    """``nnx.remat(run_block, policy=policy)`` whose backward pass recomputes the block only once
-    the gradient of its output is there (``model.remat_pinned``).
+    """``nnx.remat(run_block, policy=policy)`` whose backward pass runs block by block
+    (``model.remat_pinned``): a block is recomputed only once the gradient of its output is there,
+    and the gradient of its input is released only together with its parameter gradients.
 
-    Plain remat lets the compiler recompute a block as soon as its saved input exists, which is
-    before the backward pass reaches it; XLA's GPU scheduler may then run several blocks'
-    recomputations early, and their activations are live together (benchmarks/README.md: the split
-    halo's extra memory). Same values and gradients as plain remat (tested).
+    Plain remat lets the compiler recompute a block as soon as its saved input exists, and finish
+    its weight gradients whenever it likes; XLA's GPU scheduler then keeps several blocks'
+    recomputed activations live together (benchmarks/README.md: the split halo's and the 4-GPU
+    strong row's extra memory). Same values and gradients as plain remat (tested).
 
     ``run_block(block, x, x0, positions, segment_ids) -> y``; the block's parameters and the float
     inputs get gradients, ``positions`` / ``segment_ids`` (integers) none.

@@ -14,6 +14,9 @@ The mesh has the four axes ``("data", "fsdp", "tensor", "context")`` of :mod:`pa
   names (step counters, RNG keys, Adam's ``count``) are replicated.
 * A dimension its mesh axes do not divide is a ``ValueError`` naming the parameter and the mesh
   sizes that would fit (:func:`state_shardings`), raised before anything is computed.
+* ZeRO-1 (``train.shard_optimizer``): ``state_shardings(..., zero_axes=ZERO_AXES)`` splits every
+  named variable that is not a parameter (the Adam moments) further over the mesh axes that
+  replicate it, see :func:`split_further`.
 * Activations are left to XLA's sharding propagation (``Auto`` axes).
 
 With ``mesh.context > 1``, :func:`check_supported` requires every device's part of a row to be a
@@ -42,6 +45,9 @@ BATCH_AXES = ("data", "fsdp")
 # scanned layer groups) is never split; the entry is a no-op when DEFAULT_RULES already has it
 # (the first rule for a name wins).
 RULES: tuple[tuple[str, Any], ...] = tuple(parallel_rules.DEFAULT_RULES) + (("layers", None),)
+
+# Mesh axes that replicate parameters; ZeRO-1 splits the optimizer moments over them.
+ZERO_AXES = ("data", "context")
 
 # The mesh setting to change, per mesh axis, in error messages.
 _AXIS_HINT = {"fsdp": "mesh.fsdp must divide model.d_model (the 'embed' dimension)",
@@ -151,13 +157,44 @@ def logical_sharding(names: Optional[Sequence[Optional[str]]], shape: Sequence[i
     return NamedSharding(mesh, spec)
 
 
-def state_shardings(state: Any, mesh: Mesh, rules: Any = RULES) -> Any:
+def split_further(sharding: NamedSharding, shape: Sequence[int], axes: Sequence[str]) -> NamedSharding:
+    """``sharding`` with one dimension of an array of ``shape`` also split over ``axes``.
+
+    Only the axes of size > 1 that ``sharding`` does not use already count. They are appended to
+    the largest dimension whose size stays divisible (ties: the first such dimension); if no
+    dimension is, ``sharding`` is returned unchanged.
+
+    Example: on a mesh ``data=1, fsdp=2, context=4``, ``P("fsdp", None)`` of a ``[2048, 8192]``
+    moment becomes ``P("fsdp", "context")``.
+    """
+    mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    as_tuple = lambda a: () if a is None else (a,) if isinstance(a, str) else tuple(a)
+    used = {a for entry in spec for a in as_tuple(entry)}
+    extra = tuple(a for a in axes if mesh.shape.get(a, 1) > 1 and a not in used)
+    n = math.prod(mesh.shape[a] for a in extra)
+    if n == 1:
+        return sharding
+    split = [math.prod(mesh.shape[a] for a in as_tuple(entry)) for entry in spec]
+    fits = [d for d in range(len(shape)) if shape[d] % (split[d] * n) == 0]
+    if not fits:
+        return sharding
+    d = max(fits, key=lambda i: (shape[i] // split[i], -i))
+    new = list(spec)
+    new[d] = as_tuple(spec[d]) + extra
+    new[d] = new[d][0] if len(new[d]) == 1 else new[d]
+    return NamedSharding(mesh, P(*new))
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Any = RULES, *, zero_axes: Sequence[str] = ()) -> Any:
     """Shardings for a model/optimizer ``nnx.State`` (abstract or concrete), leaf for leaf.
 
     Each ``nnx.Variable`` with logical axis names (``out_sharding`` metadata: parameters and the
     optimizer moments of a parameter) gets :func:`logical_sharding` of its names; every other
     array (step counters, RNG keys, ``count``) is replicated. The result has the structure of
     ``state`` (use it as ``jax.jit`` ``in_shardings`` / ``out_shardings``).
+
+    ``zero_axes`` (ZeRO-1, e.g. :data:`ZERO_AXES`): named variables that are not ``nnx.Param``
+    (the optimizer moments) are further split over these mesh axes (:func:`split_further`).
 
     Raises:
       ValueError: a parameter whose shape the mesh does not divide (see :func:`logical_sharding`).
@@ -167,6 +204,8 @@ def state_shardings(state: Any, mesh: Mesh, rules: Any = RULES) -> Any:
             names = leaf.get_metadata().get("out_sharding")
             kind = "parameter" if isinstance(leaf, nnx.Param) else "variable"
             sh = logical_sharding(names, leaf.shape, mesh, f"{kind} {_dotted(path)}", rules)
+            if zero_axes and names is not None and not isinstance(leaf, nnx.Param):
+                sh = split_further(sh, leaf.shape, zero_axes)
         else:
             sh = replicated(mesh)
         return jax.tree.map(lambda _: sh, leaf)

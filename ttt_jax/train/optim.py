@@ -26,7 +26,7 @@ NO_DECAY_KEYWORDS = ("norm", "bias", "scale", "conv")
 
 # The TrainConfig fields that define the optimizer and its schedule.
 OPTIMIZER_FIELDS = ("steps", "learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay",
-                    "b1", "b2", "eps", "grad_clip")
+                    "b1", "b2", "eps", "grad_clip", "shard_optimizer")
 
 
 def optimizer_fields(cfg: TrainConfig) -> tuple[tuple[str, Any], ...]:

@@ -203,7 +203,8 @@ def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sha
     # by the logical rules (embed -> fsdp; vocab/heads/kv_heads/mlp -> tensor); counters, RNG keys
     # replicated. Model first, so that a mesh that does not divide a shape names the parameter.
     model_sh = mesh_lib.state_shardings(abs_model_state, mesh)
-    opt_sh = mesh_lib.state_shardings(abs_opt_state, mesh)
+    opt_sh = mesh_lib.state_shardings(abs_opt_state, mesh,
+                                      zero_axes=mesh_lib.ZERO_AXES if tcfg.shard_optimizer else ())
     batch_sh, scalar_sh = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
 
     def init():
