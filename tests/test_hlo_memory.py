@@ -31,6 +31,14 @@ def test_walk_finds_the_live_intermediates(tmp_path):
     assert report.live and report.live[0].bytes >= mib
     assert [v.bytes for v in report.live] == sorted((v.bytes for v in report.live), reverse=True)
     assert sum(b for _, b in report.by_op_name) == sum(v.bytes for v in report.live)
+    assert sum(b for _, b in report.by_last_user) == sum(v.bytes for v in report.live)
+    # Every value's last user is the instruction at its death.
+    lines = [ln for ln in text[text.find("\nENTRY "):].split("\n")[1:] if " = " in ln]
+    for v in report.live:
+        if v.dies > v.born:
+            user = lines[v.dies]
+            assert v.last_user and (v.last_user in user or v.last_user.strip("<>") in user), (v, user)
+    assert "what keeps them live" in format_report(report)
     assert "peak of live values" in format_report(report)
     path = tmp_path / "m.txt"
     path.write_text(text)

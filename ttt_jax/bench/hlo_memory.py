@@ -12,7 +12,9 @@ of the operation it came from (``metadata={op_name=...}``). This module walks th
   ``bitcast`` and ``tuple`` are views of their operand, not new buffers);
 * the live total after each instruction gives the peak and the instruction at it;
 * the values live there are listed by size, and summed per JAX op name (digits folded), which says
-  e.g. "five layers' recomputed MLP activations are live at once".
+  e.g. "five layers' recomputed MLP activations are live at once";
+* and summed by the op name of their *last user*: what keeps them live. A value live long after it
+  was made is either made early or used late; its last user says which consumer is late.
 
 It is an approximation of XLA's buffer assignment: parameters are not counted, in-place updates
 and buffer sharing are not modelled, and nested computations (fusions, loops) count as their
@@ -67,6 +69,7 @@ class Value:
     bytes: int
     born: int           # index of its instruction in the schedule
     dies: int           # index of its last user (== born when unused)
+    last_user: str = ""  # op name (else opcode) of that last user; "" when unused
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class LiveReport:
     n_instructions: int
     live: tuple[Value, ...]          # live at the peak, largest first
     by_op_name: tuple[tuple[str, int], ...]   # bytes per op name pattern, largest first
+    by_last_user: tuple[tuple[str, int], ...] = ()   # bytes per last user's op name pattern
 
 
 def _entry_lines(hlo_text: str) -> list[str]:
@@ -130,8 +134,10 @@ def analyse(hlo_text: str) -> LiveReport:
     for i, (name, shape, opcode, _ops, meta) in enumerate(instrs):
         if name in alias or opcode == "parameter":
             continue
+        user = last_use.get(name)
+        user_name = "" if user is None else (instrs[user][4] or f"<{instrs[user][2]}>")
         values.append(Value(name, shape.split("{")[0] if not shape.startswith("(") else shape, opcode,
-                            meta, shape_bytes(shape), i, max(i, last_use.get(name, i))))
+                            meta, shape_bytes(shape), i, max(i, i if user is None else user), user_name))
     dying = collections.defaultdict(list)
     born = collections.defaultdict(list)
     for v in values:
@@ -146,10 +152,12 @@ def analyse(hlo_text: str) -> LiveReport:
     at_peak = sorted((v for v in values if v.born <= peak_at <= v.dies and v.bytes),
                      key=lambda v: -v.bytes)
     groups: collections.Counter = collections.Counter()
+    users: collections.Counter = collections.Counter()
     for v in at_peak:
         groups[re.sub(r"\d+", "#", v.op_name) or f"<{v.opcode}>"] += v.bytes
+        users[re.sub(r"\d+", "#", v.last_user) or "<unused>"] += v.bytes
     return LiveReport(peak, peak_at, instrs[peak_at][0], len(instrs), tuple(at_peak),
-                      tuple(groups.most_common()))
+                      tuple(groups.most_common()), tuple(users.most_common()))
 
 
 def format_report(report: LiveReport, top: int = 30, groups: int = 20) -> str:
@@ -162,6 +170,9 @@ def format_report(report: LiveReport, top: int = 30, groups: int = 20) -> str:
                    f"{v.op_name[-140:]}")
     out.append("-- live at the peak, per op name (digits folded):")
     for name, b in report.by_op_name[:groups]:
+        out.append(f"{b / gib:7.2f} GiB  {name[-160:]}")
+    out.append("-- live at the peak, per op name of the last user (what keeps them live):")
+    for name, b in report.by_last_user[:groups]:
         out.append(f"{b / gib:7.2f} GiB  {name[-160:]}")
     return "\n".join(out)
 
