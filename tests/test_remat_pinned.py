@@ -1,5 +1,6 @@
-"""``model.remat_pinned``: remat whose recomputation waits for the output cotangent. Same values and
-gradients as no remat and as plain remat; the barrier is in the backward pass."""
+"""``model.remat_pinned``: remat whose recomputation waits for the output cotangent and whose input
+cotangent is released only with the parameter gradients. Same values and gradients as no remat and
+as plain remat; the barriers are in the backward pass."""
 
 import jax
 import jax.numpy as jnp

@@ -290,11 +290,13 @@ class ModelConfig:
     two are the same. On 4 x H100 (m1b, SWA + TTT, 4 x 32k) it made the step 2.5% faster for
     1-1.7 GiB more peak memory (benchmarks/README.md).
 
-    ``remat_pinned`` (with ``remat``): each block's recomputation in the backward pass waits for the
-    gradient of the block's output (an optimization barrier), so the compiler cannot recompute
-    several blocks ahead of the backward pass and hold their activations at once. Same results
-    (tested); meant for the GPU schedules where that happened (the split halo's peak memory,
-    benchmarks/README.md). Not yet measured on GPUs.
+    ``remat_pinned`` (with ``remat``): the backward pass runs block by block. Two optimization
+    barriers per block: its recomputation waits for the gradient of its output, and the gradient
+    of its input is released only together with its parameter gradients. So the compiler cannot
+    keep several blocks' recomputed activations live at once. Same results (tested). Meant for the
+    GPU schedules where that happened (the split halo's and the 4-GPU strong row's peak memory,
+    benchmarks/README.md: consumers run late). The first barrier alone was measured there and
+    changed nothing; the second is not yet measured.
     """
 
     vocab_size: int = 259
