@@ -1,0 +1,48 @@
+"""benchmarks/cp_scaling.py: variant parsing, the ratio arithmetic and the commands it would run
+(the runs themselves need GPUs; benchmarks/README.md has their results)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "cp_scaling.py"
+spec = importlib.util.spec_from_file_location("cp_scaling", _PATH)
+cp_scaling = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cp_scaling)
+
+
+def test_parse_variant():
+    assert cp_scaling.parse_variant("split=model.context_halo=split,model.remat_pinned=true") == (
+        "split", ["model.context_halo=split", "model.remat_pinned=true"])
+    assert cp_scaling.parse_variant("plain=") == ("plain", [])
+    for bad in ("nothing", "=a=b", "x=model.remat"):
+        with pytest.raises(ValueError, match="--variant"):
+            cp_scaling.parse_variant(bad)
+
+
+def test_ratios_pair_each_row_with_its_repeats_baseline():
+    rows = [{"name": "1 device", "repeat": 0, "time_s": 0.75}, {"name": "a", "repeat": 0, "time_s": 0.825},
+            {"name": "1 device", "repeat": 1, "time_s": 0.74}, {"name": "a", "repeat": 1, "time_s": 0.814},
+            {"name": "b", "repeat": 1, "time_s": 0.74}]
+    weak = cp_scaling.ratios(rows, "weak")
+    assert weak["a"]["ratios"] == pytest.approx([1.1, 1.1])
+    assert weak["a"]["mean"] == pytest.approx(1.1)
+    assert weak["b"] == {"ratios": [1.0], "mean": 1.0, "min": 1.0, "max": 1.0}
+    strong = cp_scaling.ratios([{"name": "1 device", "repeat": 0, "time_s": 12.0},
+                                {"name": "x", "repeat": 0, "time_s": 3.0}], "strong")
+    assert strong["x"]["mean"] == pytest.approx(4.0)
+
+
+def test_dry_run_prints_interleaved_commands(capsys):
+    assert cp_scaling.main(["--dry-run", "--repeat", "2", "--variant", "split=model.context_halo=split",
+                            "--variant", "single="]) == {}
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("$ ")]
+    assert len(lines) == 6                                   # (base, split, single) x 2
+    assert lines[0].startswith("$ CUDA_VISIBLE_DEVICES=0 ") and "--mesh data=1" in lines[0]
+    assert "--seq-len 32768" in lines[0] and "--seq-len 131072" in lines[1]
+    assert "--mesh context=4" in lines[1] and lines[1].endswith("model.context_halo=split")
+    assert lines[3].startswith("$ CUDA_VISIBLE_DEVICES=0 ")
+    strong = cp_scaling.main(["--dry-run", "--mode", "strong", "--length", "131072"])
+    out = capsys.readouterr().out
+    assert strong == {} and out.count("--seq-len 131072") == 2 and "model.context_layout=zigzag" in out
