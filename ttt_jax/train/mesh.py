@@ -111,6 +111,11 @@ def _dotted(path: tuple[Any, ...]) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
+def _axes_of(entry: Any) -> tuple[str, ...]:
+    """The mesh axes of one ``PartitionSpec`` entry (``None``, a name, or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -140,7 +145,7 @@ def logical_sharding(names: Optional[Sequence[Optional[str]]], shape: Sequence[i
     if len(names) != len(shape):
         raise ValueError(f"{what}: logical axis names {names} do not match its shape {shape}")
     for dim, (name, axes) in enumerate(zip(names, spec)):
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        axes = _axes_of(axes)
         split = math.prod(mesh.shape[a] for a in axes)
         if shape[dim] % split:
             sizes = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
@@ -168,19 +173,18 @@ def split_further(sharding: NamedSharding, shape: Sequence[int], axes: Sequence[
     moment becomes ``P("fsdp", "context")``.
     """
     mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-    as_tuple = lambda a: () if a is None else (a,) if isinstance(a, str) else tuple(a)
-    used = {a for entry in spec for a in as_tuple(entry)}
+    used = {a for entry in spec for a in _axes_of(entry)}
     extra = tuple(a for a in axes if mesh.shape.get(a, 1) > 1 and a not in used)
     n = math.prod(mesh.shape[a] for a in extra)
     if n == 1:
         return sharding
-    split = [math.prod(mesh.shape[a] for a in as_tuple(entry)) for entry in spec]
+    split = [math.prod(mesh.shape[a] for a in _axes_of(entry)) for entry in spec]
     fits = [d for d in range(len(shape)) if shape[d] % (split[d] * n) == 0]
     if not fits:
         return sharding
     d = max(fits, key=lambda i: (shape[i] // split[i], -i))
     new = list(spec)
-    new[d] = as_tuple(spec[d]) + extra
+    new[d] = _axes_of(spec[d]) + extra
     new[d] = new[d][0] if len(new[d]) == 1 else new[d]
     return NamedSharding(mesh, P(*new))
 
