@@ -17,6 +17,11 @@ Example (the weak-scaling rows of benchmarks/README.md, 4 x H100)::
         --variant split=model.context_halo=split --variant pinned=model.context_halo=split,model.remat_pinned=true \\
         --repeat 2 --out benchmarks/results/cp_weak.json
 
+A variant's entry ``env:NAME=VALUE`` sets an environment variable for its rows instead of a config
+override, e.g. ``--variant olap=model.context_halo=split,env:XLA_FLAGS=--xla_gpu_foo=2``.
+``--compile-cache DIR`` shares JAX's persistent compilation cache between the rows, so a repeat
+of a row (same program, same flags) skips most of its compile time.
+
 ``--dry-run`` prints the commands instead of running them.
 """
 
@@ -36,16 +41,22 @@ from typing import Optional, Sequence
 DEFAULT_SET = ["model.param_dtype=bfloat16", "model.remat=true"]
 
 
-def parse_variant(spec: str) -> tuple[str, list[str]]:
-    """``"NAME=KEY=VALUE,KEY=VALUE"`` -> ``(NAME, ["KEY=VALUE", ...])``; ``"NAME="`` has no overrides."""
+def parse_variant(spec: str) -> tuple[str, list[str], dict[str, str]]:
+    """``"NAME=KEY=VALUE,env:VAR=VALUE,..."`` -> ``(NAME, ["KEY=VALUE", ...], {"VAR": "VALUE"})``;
+    ``"NAME="`` has no overrides."""
     name, sep, rest = spec.partition("=")
     if not sep or not name:
         raise ValueError(f"--variant {spec!r}: expected NAME=KEY=VALUE[,KEY=VALUE...] (or NAME=)")
-    overrides = [o for o in rest.split(",") if o]
-    for o in overrides:
-        if "=" not in o:
-            raise ValueError(f"--variant {spec!r}: override {o!r} is not KEY=VALUE")
-    return name, overrides
+    overrides, env = [], {}
+    for o in (o for o in rest.split(",") if o):
+        key, eq, value = o.removeprefix("env:").partition("=")
+        if not eq or not key:
+            raise ValueError(f"--variant {spec!r}: entry {o!r} is not KEY=VALUE or env:NAME=VALUE")
+        if o.startswith("env:"):
+            env[key] = value
+        else:
+            overrides.append(o)
+    return name, overrides, env
 
 
 def row_command(args, devices: int, length: int, overrides: Sequence[str], out: Path) -> list[str]:
@@ -92,20 +103,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    help="NAME=KEY=VALUE,... (repeatable); default: one plain variant")
     p.add_argument("--timing", choices=("step_pipelined_s", "step_s"), default="step_pipelined_s")
     p.add_argument("--out", type=Path)
+    p.add_argument("--compile-cache", type=Path,
+                   help="JAX persistent compilation cache shared by the rows (repeats compile faster)")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
-    variants = [parse_variant(v) for v in args.variant] or [("plain", [])]
+    variants = [parse_variant(v) for v in args.variant] or [("plain", [], {})]
     total = args.length * args.devices if args.mode == "weak" else args.length
     rows, tmp = [], Path(tempfile.mkdtemp(prefix="cp_scaling_"))
-    one_device = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
+    base_env = dict(os.environ)
+    if args.compile_cache:
+        base_env["JAX_COMPILATION_CACHE_DIR"] = str(args.compile_cache)
+    one_device = dict(base_env, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
     for rep in range(args.repeat):
-        plan = [("1 device", 1, args.length, [], one_device)]
-        plan += [(name, args.devices, total, ov, os.environ) for name, ov in variants]
-        for name, devices, length, overrides, env in plan:
+        plan = [("1 device", 1, args.length, [], one_device, {})]
+        plan += [(name, args.devices, total, ov, dict(base_env, **extra), extra)
+                 for name, ov, extra in variants]
+        for name, devices, length, overrides, env, extra in plan:
             out = tmp / f"{len(rows)}.json"
             cmd = row_command(args, devices, length, overrides, out)
             print(("$ " if args.dry_run else f"[{name}, repeat {rep}] ")
                   + (f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} " if devices == 1 else "")
+                  + "".join(f"{k}={shlex.quote(v)} " for k, v in extra.items())
                   + shlex.join(cmd), flush=True)
             if args.dry_run:
                 continue
@@ -115,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 print(f"  failed: {result['error']}", flush=True)
                 continue
             row = {"name": name, "repeat": rep, "devices": devices, "seq_len": length,
-                   "overrides": list(overrides), "time_s": result[args.timing],
+                   "overrides": list(overrides), "env": extra, "time_s": result[args.timing],
                    "peak_gib": result["peak_gib"], "result": result}
             rows.append(row)
             print(f"  {args.timing} {row['time_s']:.4f}, peak {row['peak_gib']:.2f} GiB", flush=True)

@@ -15,10 +15,12 @@ own, i.e. the state entering its segment when the sequence starts from ``W = 0``
 chunks from there. Communication is one ``[..., F, D]`` summary per device, independent of sequence
 length. Two modes:
 
-* ``"allgather"`` -- one ``all_gather`` of all summaries, then a local exclusive scan (an
-  unrolled loop up to 16 devices, ``lax.associative_scan`` beyond; every device computes every
-  prefix, then picks its own). One collective; receive volume
-  ``n * |B|``. Best for few devices (the usual ``context`` sizes 2-8).
+* ``"allgather"`` -- one ``all_gather`` of all summaries, then each device forms only its own
+  prefix as one weighted sum ``b_in = sum_j w_j B_j`` with scalar weights ``w_j = [j < p] *
+  prod_{j<k<p} a_k`` (``p``: its position). That reads the gathered terms once, and its
+  transpose is one broadcast multiply (a sequential combine of all prefixes, stacked and indexed,
+  cost several ``[F, D]`` passes each way). One collective; receive volume ``n * |B|``. Best for
+  few devices (the usual ``context`` sizes 2-8).
 * ``"ppermute"`` -- Hillis-Steele: ``ceil(log2 n) + 1`` rounds of ``lax.ppermute`` (one shift for
   exclusivity, then shifts by 1, 2, 4, ...), each moving one summary. Receive volume
   ``(log2 n + 1) * |B|``: for many devices.
@@ -102,24 +104,6 @@ def exclusive_scan_reference(a: jax.Array, b: jax.Array) -> Pair:
     return out
 
 
-# Up to this many elements the local exclusive scan is an unrolled loop of n - 1 combines (cheapest
-# to compile and run for the usual context sizes); beyond, ``lax.associative_scan`` (log depth).
-_UNROLL_MAX = 16
-
-
-def _exclusive_local(a: jax.Array, b: jax.Array) -> Pair:
-    """Exclusive scan over the (static, small) leading axis: ``[N, ...]`` -> ``[N, ...]``."""
-    n = a.shape[0]
-    if n <= _UNROLL_MAX:
-        outs = [identity_like(a[0], b[0])]
-        for i in range(n - 1):
-            outs.append(combine(outs[-1], (a[i], b[i])))
-        return jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
-    inc_a, inc_b = lax.associative_scan(combine, (a, b), axis=0)
-    one, zero = identity_like(a[:1], b[:1])
-    return (jnp.concatenate([one, inc_a[:-1]], axis=0), jnp.concatenate([zero, inc_b[:-1]], axis=0))
-
-
 def _check_order(order: Optional[Sequence[int]], n: int) -> np.ndarray:
     if order is None:
         return np.arange(n)
@@ -128,10 +112,6 @@ def _check_order(order: Optional[Sequence[int]], n: int) -> np.ndarray:
         raise ValueError(f"order must be a permutation of range({n}) (the position rank of each "
                          f"device's segment along the axis), got {list(order)}")
     return order_np
-
-
-def _take(pair: Pair, i: jax.Array) -> Pair:
-    return tuple(lax.dynamic_index_in_dim(x, i, axis=0, keepdims=False) for x in pair)
 
 
 def _where(cond: jax.Array, x: Pair, y: Pair) -> Pair:
@@ -186,14 +166,44 @@ def _ppermute_exclusive(a: jax.Array, b: jax.Array, axis_name: str, order: np.nd
     return x
 
 
+def prefix_weights(a_seq: jax.Array, pos: jax.Array) -> Pair:
+    """The exclusive prefix at position ``pos`` as weights on the summaries.
+
+    Args:
+      a_seq: ``[N, ...]`` summary decays in position order.
+      pos: int scalar (may be traced), the position whose carried-in state is wanted.
+
+    Returns:
+      ``(a_in [...], w [N, ...])``: ``a_in = prod_{j<pos} a_j`` and ``w_j = [j < pos] *
+      prod_{j<k<pos} a_k``, so that the carried-in additive term is ``sum_j w_j B_j`` -- the same
+      as ``combine``-ing elements ``0 .. pos-1`` in order. ``N^2`` scalar products: nothing next to
+      one ``[F, D]`` pass.
+    """
+    n = a_seq.shape[0]
+    j = np.arange(n)
+    ex = (1,) * (a_seq.ndim - 1)
+    before = (j < pos).reshape((n,) + ex)                                   # [N, 1...]
+    between = ((j[None, :] > j[:, None]) & (j[None, :] < pos)).reshape((n, n) + ex)  # [j, k, 1...]
+    w = jnp.prod(jnp.where(between, a_seq[None], 1.0), axis=1) * before.astype(a_seq.dtype)
+    a_in = jnp.prod(jnp.where(before, a_seq, 1.0), axis=0)
+    return a_in, w
+
+
+def _weighted(w: jax.Array, gb: jax.Array) -> jax.Array:
+    """``sum_i w_i B_i``: ``w [M, ...]``, ``gb [M, ..., F, D]`` -> ``[..., F, D]`` (one fused
+    reduction; its transpose is one broadcast multiply)."""
+    return jnp.sum(w[..., None, None] * gb, axis=0)
+
+
 def _allgather_exclusive(a: jax.Array, b: jax.Array, axis_name: str, order: np.ndarray,
                          wire: Optional[np.dtype] = None) -> Pair:
     inv = np.argsort(order)
     # [n, ...], [n, ..., F, D] in device order; combined in float32 whatever the wire dtype.
     ga, gb = _received(lax.all_gather(_send((a, b), wire), axis_name), b.dtype)
-    excl = _exclusive_local(ga[inv], gb[inv])   # position order
     pos = jnp.asarray(order, jnp.int32)[lax.axis_index(axis_name)]
-    return _take(excl, pos)
+    a_in, w_pos = prefix_weights(ga[inv], pos)      # position order (scalars only)
+    # Device i's summary sits at position order[i]: weight the gathered terms where they lie.
+    return a_in, _weighted(w_pos[order], gb)
 
 
 def exclusive_device_scan(a: jax.Array, b: jax.Array, axis_name: str, mode: ScanMode = "allgather",
@@ -268,9 +278,15 @@ def exclusive_device_scan_zigzag(a2: jax.Array, b2: jax.Array, axis_name: str,
     if mode == "allgather":
         ga, gb = _received(lax.all_gather(_send((a2, b2), wire), axis_name), b2.dtype)  # [n, 2, ...]
         seq_a = jnp.concatenate([ga[:, 0], ga[::-1, 1]], axis=0)  # [2n, ...] position order
-        seq_b = jnp.concatenate([gb[:, 0], gb[::-1, 1]], axis=0)
-        excl = _exclusive_local(seq_a, seq_b)
-        e_in, l_in = _take(excl, idx), _take(excl, 2 * n - 1 - idx)
+        # Position p < n is device p's early segment, p >= n device 2n-1-p's late one: the
+        # weights go back to the gathered [n, 2] layout, so the [F, D] terms are never reordered.
+        to_gathered = lambda w: jnp.stack([w[:n], w[n:][::-1]], axis=1)   # [2n, ...] -> [n, 2, ...]
+        pairs = []
+        for p in (idx, 2 * n - 1 - idx):
+            a_in, w = prefix_weights(seq_a, p)
+            pairs.append((a_in, _weighted(to_gathered(w).reshape((2 * n,) + w.shape[1:]),
+                                          gb.reshape((2 * n,) + gb.shape[2:]))))
+        e_in, l_in = pairs
     else:
         e_in = _ppermute_exclusive(*early, axis_name, np.arange(n), wire)
         last = idx == n - 1

@@ -14,9 +14,11 @@ spec.loader.exec_module(cp_scaling)
 
 def test_parse_variant():
     assert cp_scaling.parse_variant("split=model.context_halo=split,model.remat_pinned=true") == (
-        "split", ["model.context_halo=split", "model.remat_pinned=true"])
-    assert cp_scaling.parse_variant("plain=") == ("plain", [])
-    for bad in ("nothing", "=a=b", "x=model.remat"):
+        "split", ["model.context_halo=split", "model.remat_pinned=true"], {})
+    assert cp_scaling.parse_variant("plain=") == ("plain", [], {})
+    assert cp_scaling.parse_variant("o=model.context_halo=split,env:XLA_FLAGS=--xla_a=2 --xla_b=true") == (
+        "o", ["model.context_halo=split"], {"XLA_FLAGS": "--xla_a=2 --xla_b=true"})
+    for bad in ("nothing", "=a=b", "x=model.remat", "x=env:FOO", "x=env:=1"):
         with pytest.raises(ValueError, match="--variant"):
             cp_scaling.parse_variant(bad)
 
@@ -43,6 +45,9 @@ def test_dry_run_prints_interleaved_commands(capsys):
     assert "--seq-len 32768" in lines[0] and "--seq-len 131072" in lines[1]
     assert "--mesh context=4" in lines[1] and lines[1].endswith("model.context_halo=split")
     assert lines[3].startswith("$ CUDA_VISIBLE_DEVICES=0 ")
+    cp_scaling.main(["--dry-run", "--variant", "o=env:XLA_FLAGS=--xla_a=2 --xla_b=1"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("$ ")]
+    assert "XLA_FLAGS" not in lines[0] and lines[1].startswith("$ XLA_FLAGS='--xla_a=2 --xla_b=1' ")
     strong = cp_scaling.main(["--dry-run", "--mode", "strong", "--length", "131072"])
     out = capsys.readouterr().out
     assert strong == {} and out.count("--seq-len 131072") == 2 and "model.context_layout=zigzag" in out

@@ -136,7 +136,11 @@ def run_variant(args) -> dict:
                                                         f"model.max_seq_len={max(args.seq_len, 8)}"]
     cfg = load_config(args.preset, overrides)
     mcfg = cfg.model
-    mesh = mesh_lib.make_mesh(cfg.mesh)
+    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.context]
+    # A mesh of explicit sizes smaller than the machine (e.g. --mesh data=1 beside emulated CPU
+    # devices) runs on the first devices; on GPUs CUDA_VISIBLE_DEVICES does the same.
+    used = int(np.prod(sizes)) if min(sizes) > 0 else len(jax.devices())
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices=jax.devices()[:used])
     mesh_lib.check_supported(mesh, args.seq_len, mcfg.ttt.chunk_size if mcfg.ttt.layer_ids(mcfg.n_layers) else None,
                              mcfg.context_layout)
     step, graphdef, abs_state, shardings, build = benchmark_step(mcfg, mesh,
