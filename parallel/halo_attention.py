@@ -27,8 +27,10 @@ called with the *merged* output and log-sum-exp, which gives exactly the gradien
 softmax restricted to that block (:mod:`parallel.fused_attention`). The halo exchange itself is an
 ordinary ``ppermute`` outside the custom VJP, so autodiff sends the halo keys' gradients back to
 the left neighbour, and its result is named ``"context_exchange"`` for remat policies
-(``model.remat_policy``). Work: exactly the pairs the window needs (the local block skips the
-``h^2 / 2`` pairs the halo block computes), plus the merge of ``h`` rows.
+(``model.remat_policy``); so is the halo block's forward result (:data:`HALO_BLOCK_NAME`), which
+``save_exchanges`` keeps: the backward pass's recomputation then reruns only the local call.
+Work: exactly the pairs the window needs (the local block skips the ``h^2 / 2`` pairs the halo block
+computes), plus the merge of ``h`` rows.
 
 Kernels (``blocks``): ``"cudnn"`` (:mod:`parallel.cudnn_blocks`, GPU), ``"pallas"`` /
 ``"interpret"`` (:mod:`parallel.flash`), or ``"dense"`` (plain ``jnp``, any backend: the
@@ -51,6 +53,8 @@ from parallel.flash import flash_block_bwd, flash_block_fwd, flash_delta
 from parallel.fused_attention import _merge   # the ring's log-sum-exp merge
 
 HALO_BLOCKS = ("cudnn", "pallas", "interpret", "dense")
+# The checkpoint name of the halo block's forward result (output and log-sum-exp, before the merge).
+HALO_BLOCK_NAME = "context_halo_block"
 
 
 class _Kernels(NamedTuple):
@@ -147,11 +151,13 @@ def _lse_to_block(lse, h: int, multiple: int, fill: float):
     return jnp.pad(lse, [(0, 0), (0, 0), (0, pad)], constant_values=fill) if pad else lse
 
 
-def _exchange(k, v, h: int, axis_name: str):
-    """The left neighbour's last ``h`` keys/values (zeros on device 0)."""
+def _exchange(k, v, h: int, multiple: int, axis_name: str):
+    """The left neighbour's last ``h`` keys/values (zeros on device 0), already in the halo block's
+    form (:func:`_to_block`: reversed, padded): the reversal rides on the copy the send needs
+    anyway, and the block's gradients go back in that form (the sender's transpose undoes it)."""
     n = lax.axis_size(axis_name)
     t = k.shape[1]
-    send = (k[:, t - h:], v[:, t - h:])
+    send = (_to_block(k[:, t - h:], h, multiple), _to_block(v[:, t - h:], h, multiple))
     if n == 1:
         return jax.tree.map(jnp.zeros_like, send)
     return checkpoint_name(lax.ppermute(send, axis_name, [(j, j + 1) for j in range(n - 1)]),
@@ -164,7 +170,11 @@ def _fwd_impl(q, k, v, hk, hv, axis_name, window, scale, blocks):
     out, lse = kern.local_fwd(q, k, v)
     m = kern.multiple
     with jax.named_scope("attention_halo"):
-        o_h, l_h = kern.block_fwd(_to_block(q[:, :h], h, m), _to_block(hk, h, m), _to_block(hv, h, m))
+        o_h, l_h = kern.block_fwd(_to_block(q[:, :h], h, m), hk, hv)   # hk, hv: block form
+        # Named for remat policies (model.remat_policy="save_exchanges"): [B, h, H, Dh] + [B, H, h]
+        # per layer, so the backward pass's recomputation of the layer reruns only the local call
+        # (the part a single device runs too), not this block, its reversals and padding.
+        o_h, l_h = checkpoint_name((o_h, l_h), HALO_BLOCK_NAME)
         o_h, l_h = _from_block(o_h, h), jnp.flip(l_h[:, :, :h], axis=2)
         l_h = jnp.where(lax.axis_index(axis_name) > 0, l_h, _NEG)   # device 0: no halo
         o_top, l_top = _merge(out[:, :h].astype(jnp.float32), lse[:, :, :h], o_h.astype(jnp.float32), l_h)
@@ -194,15 +204,16 @@ def _halo_split_bwd(axis_name, window, scale, blocks, res, dout):
     dq, dk, dv = kern.local_bwd(q, k, v, do, out, lse, delta)
     with jax.named_scope("attention_halo"):  # the halo block's backward
         blk = lambda x: _to_block(x[:, :h], h, m)
-        dq_h, dhk, dhv = kern.block_bwd(blk(q), _to_block(hk, h, m), _to_block(hv, h, m), blk(do), blk(out),
+        dq_h, dhk, dhv = kern.block_bwd(blk(q), hk, hv, blk(do), blk(out),
                                         _lse_to_block(lse[:, :, :h], h, m, -_NEG),
                                         None if delta is None else _lse_to_block(delta[:, :, :h], h, m, 0.0))
         # Device 0's halo keys are zeros: its dq_h is zero already; masked for clarity and safety.
         has_left = (lax.axis_index(axis_name) > 0).astype(jnp.float32)
         # Sums in fp32 on the h rows only, written back in place (no full-length fp32 copies).
         dq = _add_rows(dq, slice(0, h), _from_block(dq_h, h).astype(jnp.float32) * has_left, q.dtype)
-        # The halo's gradients: autodiff of the exchange returns them to the left neighbour.
-        dhk, dhv = _from_block(dhk, h) * has_left, _from_block(dhv, h) * has_left
+        # The halo's gradients, in block form like the halo itself: autodiff of the exchange
+        # returns them to the left neighbour.
+        dhk, dhv = dhk * has_left, dhv * has_left
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dhk.astype(hk.dtype),
                 dhv.astype(hv.dtype))
 
@@ -238,5 +249,5 @@ def halo_split_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: st
         raise ValueError(f"halo_split_attention: T_local = {t} must be a multiple of {multiple} "
                          f"for the {blocks!r} kernels")
     with jax.named_scope("attention_halo"):
-        hk, hv = _exchange(k, v, window - 1, axis_name)   # issued first: overlaps the local block
+        hk, hv = _exchange(k, v, window - 1, multiple, axis_name)   # first: overlaps the local call
     return _halo_split(q, k, v, hk, hv, axis_name, int(window), float(scale), blocks)

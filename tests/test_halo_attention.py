@@ -128,3 +128,25 @@ def test_config_context_halo():
     assert load_config(None, ["model.context_halo=split"]).model.context_halo == "split"
     with pytest.raises(ValueError, match="context_halo"):
         load_config(None, ["model.context_halo=zeros"])
+
+
+def test_save_exchanges_keeps_the_halo_block():
+    """Under the model's ``save_exchanges`` remat policy the backward pass recomputes the local
+    call but not the halo block (two dense einsums fewer than plain remat); same values/grads."""
+    from ttt_jax.models.lm import SAVE_EXCHANGES_NAMES
+
+    n, t_local, window = 4, 8, 5
+    q, k, v, ct = _rand(3, n * t_local)
+    inner = lambda q, k, v: HA.halo_split_attention(q, k, v, "context", window=window, scale=0.25,
+                                                    blocks="dense")
+    policies = {"full": None,
+                "saved": jax.checkpoint_policies.save_only_these_names(*SAVE_EXCHANGES_NAMES)}
+    fns = {name: _sharded(jax.checkpoint(lambda q, k, v: inner(jnp.tanh(q), k, v), policy=pol), n)
+           for name, pol in policies.items()}
+
+    def dots(fn):
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v) * ct)
+        return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)).count("dot_general")
+
+    assert dots(fns["full"]) - dots(fns["saved"]) == 2
+    _close(_value_and_grads(fns["saved"], q, k, v, ct), _value_and_grads(fns["full"], q, k, v, ct), 1e-6)
