@@ -277,7 +277,7 @@ class ModelConfig:
     over ``[halo | local]`` keys with ``window - 1`` zero query rows) or ``"split"`` (a local call
     and a small halo block merged by log-sum-exp, ``parallel/halo_attention.py``: no zero rows, and
     the halo exchange can overlap the local call). Same results (tested). On 4 x H100 (m1b,
-    SWA + TTT, 4 x 32k) ``split`` was 2-3% faster but raised peak memory from ~17 to 27-30 GiB:
+    SWA + TTT, 4 x 32k) ``split`` was about 2% faster but raised peak memory from ~17 to 27-30 GiB:
     XLA then schedules the backward pass with four or five layers' recomputed activations live at
     once (benchmarks/README.md; ``remat_pinned`` removes that). That grows with the local length,
     so ``single`` is the default.
@@ -289,8 +289,8 @@ class ModelConfig:
     KV, Dh]`` per layer) and, with ``context_halo="split"``, the halo block's output and
     log-sum-exp (``[B, window - 1, H, Dh]`` + ``[B, H, window - 1]`` per layer), so the
     recomputation repeats no collective and only work a single device has too: the TTT layers'
-    forward chunk scan is not rerun for its summary, the halo block not at all. Same results (tested); without context parallelism the
-    two are the same. On 4 x H100 (m1b, SWA + TTT, 4 x 32k) it made the step 2.5% faster for
+    forward chunk scan is not rerun for its summary, the halo block not at all. Same results
+    (tested); without context parallelism the two are the same. On 4 x H100 (m1b, SWA + TTT, 4 x 32k) it made the step 2.5% faster for
     1-1.7 GiB more peak memory (benchmarks/README.md).
 
     ``remat_pinned`` (with ``remat``): the backward pass runs block by block. Two optimization
@@ -299,7 +299,8 @@ class ModelConfig:
     keep several blocks' recomputed activations live at once. Same results (tested). Meant for the
     GPU schedules where that happened (the split halo's and the 4-GPU strong row's peak memory,
     benchmarks/README.md: consumers run late). Measured there (m1b, 4 x 32k, split halo): peak
-    memory 29.3 -> 14.6 GiB, step time +0.7%; the first barrier alone had changed nothing.
+    memory 29.3 -> 14.6 GiB, step time +0.7% (before the saved halo block); the first barrier
+    alone had changed nothing.
     """
 
     vocab_size: int = 259
