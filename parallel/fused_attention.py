@@ -42,6 +42,8 @@ from parallel.cudnn_blocks import (cudnn_attention, cudnn_block_bwd, cudnn_block
                                     private_api_problem)
 from parallel.flash import flash_block_bwd, flash_block_fwd, flash_delta
 
+from ttt_jax.platform import target_platform
+
 LocalAttention = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 RING_BLOCKS = ("cudnn", "pallas", "interpret")
 
@@ -342,10 +344,10 @@ def cudnn_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: 
 def cudnn_unsupported_reason(q: jax.Array, backend: Optional[str] = None) -> Optional[str]:
     """Why cuDNN flash attention (:func:`cudnn_window_attention`, and the single-device
     ``impl="cudnn"`` of ``ttt_jax.ops.attention``) cannot run on ``q`` here (``None`` when it can).
-    ``backend`` defaults to ``jax.default_backend()``."""
-    backend = jax.default_backend() if backend is None else backend
+    ``backend`` defaults to the target platform (:func:`ttt_jax.platform.target_platform`)."""
+    backend = target_platform() if backend is None else backend
     if backend != "gpu":
-        return f"cuDNN attention needs an NVIDIA GPU (default backend is {backend!r})"
+        return f"cuDNN attention needs an NVIDIA GPU (the target platform is {backend!r})"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN flash attention needs bfloat16/float16 inputs, got {q.dtype}"
     d = q.shape[-1]

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from parallel.fused_attention import cudnn_unsupported_reason as _kernel_cudnn_reason
+from ttt_jax.platform import target_platform
 
 AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "pallas", "flash"]
 IMPLS = ("auto", "reference", "xla", "cudnn", "pallas", "flash")
@@ -191,8 +192,9 @@ def cudnn_unsupported_reason(q: jax.Array, segment_ids: Optional[jax.Array] = No
 
 
 def _default_backend() -> str:
-    """``jax.default_backend()``, one name for the tests to substitute."""
-    return jax.default_backend()
+    """The target platform of the computation being traced (:func:`ttt_jax.platform.target_platform`:
+    the mesh's devices, not the host's backend), one name for the tests to substitute."""
+    return target_platform()
 
 
 def _auto_impl(q: jax.Array, segment_ids: Optional[jax.Array]) -> str:
@@ -447,7 +449,7 @@ def _attention_pallas(q, k, v, segment_ids, *, window: int, scale: float,
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     b, t, h, d = q.shape
-    on_tpu = jax.default_backend() == "tpu"
+    on_tpu = _default_backend() == "tpu"   # the target's platform: Mosaic when compiling for TPU
     blk = int(block_size) if block_size else (512 if t >= 512 else 128)
     tp = -(-t // blk) * blk
     pad = tp - t

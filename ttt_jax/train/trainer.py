@@ -221,6 +221,13 @@ def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sha
     return _Program(model_def, opt_def, model_sh, opt_sh, batch_sh, scalar_sh, init, step, eval_)
 
 
+def train_program(cfg: Config, mesh: jax.sharding.Mesh) -> _Program:
+    """The jitted init/train/eval functions :func:`train` runs for ``cfg`` on ``mesh``. Nothing is
+    traced or compiled yet: ``ttt-jax compile`` lowers ``.step`` with ``jax.ShapeDtypeStruct``
+    arguments (``jax.eval_shape(.init)``) for a mesh of TPU devices described on any host."""
+    return _program(cfg.model, cfg.train.seed, optimizer_fields(cfg.train), mesh)
+
+
 def _eval(eval_fn, model_state, batches, batch_sh, layout: str = "contiguous") -> float:
     """Mean NLL per token over ``batches`` (token-weighted across batches)."""
     total, count = 0.0, 0.0
@@ -282,7 +289,7 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     mesh_lib.check_batch_divisible(global_batch, mesh)
     # Shape-only: the parameter shardings are checked against the mesh (ValueError naming the
     # parameter) before any data is read or anything is computed.
-    prog = _program(cfg.model, tcfg.seed, optimizer_fields(tcfg), mesh)
+    prog = train_program(cfg, mesh)
     is_main = jax.process_index() == 0
 
     run_dir = Path(tcfg.run_dir)
