@@ -63,6 +63,9 @@ def topology_devices(topo: Topology) -> list:
     """The devices of ``topo`` (``TpuDevice`` descriptions, no hardware needed)."""
     from jax.experimental import topologies
 
+    # libtpu takes a machine-wide lock file when it loads, meant to keep two processes off one TPU;
+    # a compile touches no chip, so several compiles (or a compile beside a run) may load it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kwargs = {"num_slices": topo.num_slices} if topo.num_slices > 1 else {}
     with quiet_stderr():
         desc = topologies.get_topology_desc(topology_name=topo.topology_name, platform="tpu", **kwargs)

@@ -34,7 +34,7 @@ def _computations(text: str) -> dict[str, list[str]]:
     for line in text.split("\n"):
         if name is None:
             m = _COMP.match(line)
-            if m and "=" not in line.split("{")[0]:
+            if m and not line[:1].isspace():   # headers start at column 0, instructions are indented
                 name = m.group(1)
                 comps[name] = []
                 if line.startswith("ENTRY"):

@@ -1,0 +1,107 @@
+"""``ttt-jax compile CONFIG --topology NAME [key=value ...]``: will this run fit a TPU slice, and what
+will its step cost? Answered on any host (a laptop, a CPU VM) by compiling the real program for the
+slice with libtpu's compiler (``pip install 'ttt-jax[tpu]'``); see docs/tpu.md.
+
+Exit status: 0 when the program fits (peak estimate <= 90% of HBM per chip), 2 when it does not (one
+line names the largest live buffers and the ops that made them) or the config / topology is wrong.
+``--topology`` takes TPU slices only; GPU targets are not supported by this command (compile on the
+GPU host itself with ``ttt-jax bench model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG", help="YAML file or preset name (e.g. m1b_v5p32)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--topology", required=True,
+                   help="TPU slice: v5p-128, v6e-256, v5e-16, v4-32, or a chip grid such as v5p:4x4x4")
+    p.add_argument("--num-slices", type=int, default=1,
+                   help="multi-slice: this many slices joined over DCN (mesh.data spans them)")
+    p.add_argument("--what", choices=("train",), default="train",
+                   help="the program to compile: the train step of `ttt-jax train`")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--top", type=int, default=3, help="largest live buffers named when it does not fit")
+
+
+class _Progress:
+    """An elapsed-time line on stderr while a compile runs (a single line that is rewritten on a
+    terminal; one line at the start and one at the end otherwise)."""
+
+    def __init__(self, what: str):
+        self.what, self.stop = what, threading.Event()
+        self.tty = sys.stderr.isatty()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        spin, t0, i = "|/-\\", time.perf_counter(), 0
+        while not self.stop.wait(0.5):
+            i += 1
+            sys.stderr.write(f"\r{spin[i % 4]} compiling {self.what}: {time.perf_counter() - t0:5.0f} s")
+            sys.stderr.flush()
+
+    def __enter__(self):
+        if self.tty:
+            self.thread.start()
+        else:
+            print(f"compiling {self.what} (this can take minutes) ...", file=sys.stderr, flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.tty:
+            self.thread.join()
+            sys.stderr.write("\r" + " " * 60 + "\r")
+            sys.stderr.flush()
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    from ttt_jax.compile.chips import parse_topology
+    from ttt_jax.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    topo = parse_topology(args.topology, args.num_slices)
+    from ttt_jax.compile import aot   # imports JAX
+
+    devices = aot.topology_devices(topo)
+    mesh = aot.build_mesh(cfg, devices, topo.num_slices)
+    with _Progress(f"the {args.what} step for {topo.slice_name}"):
+        compiled = aot.compile_train(cfg, mesh, aot.processes_of(devices))
+    report = aot.analyse(cfg, compiled, topo, mesh)
+    if not report.fits:
+        report.largest_live = [{"bytes": b, "shape": s, "op": o}
+                               for b, s, o in aot.largest_live(compiled.compiled.as_text(), args.top)]
+    print(aot.format_report(report))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"command": "ttt-jax compile " + " ".join(_argv(args)), **report.to_json()}
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"report written to {path}")
+    if not report.fits:
+        live = "; ".join(f"{b / 2 ** 30:.2f} GiB {s} from {o}" for b, s, o in
+                         ((x["bytes"], x["shape"], x["op"]) for x in report.largest_live))
+        print(f"error: does not fit: peak {report.peak_bytes / 2 ** 30:.2f} GiB > "
+              f"{aot.FIT_FRACTION:.0%} of {report.hbm_bytes / 2 ** 30:.0f} GiB per chip; largest live "
+              f"buffers: {live}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    out = [args.config, *args.overrides, "--topology", args.topology]
+    if args.num_slices != 1:
+        out += ["--num-slices", str(args.num_slices)]
+    if args.what != "train":
+        out += ["--what", args.what]
+    return out
