@@ -44,9 +44,11 @@ def normalise(platform: str) -> str:
 
 def mesh_platform(mesh) -> Optional[str]:
     """Platform of a ``Mesh`` or ``AbstractMesh`` (``None`` for an empty abstract mesh)."""
-    devices = getattr(mesh, "devices", None)
-    if devices is not None and getattr(devices, "size", 0):
-        return normalise(devices.flat[0].platform)
+    if not isinstance(mesh, jax.sharding.AbstractMesh):   # its .devices raises
+        devices = getattr(mesh, "devices", None)
+        if devices is not None and getattr(devices, "size", 0):
+            return normalise(devices.flat[0].platform)
+        mesh = getattr(mesh, "abstract_mesh", None)
     dev = getattr(mesh, "abstract_device", None)
     if dev is not None and getattr(dev, "platform", None):
         return normalise(dev.platform)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import sys
 import tempfile
 import time
@@ -123,9 +124,31 @@ def compile_train(cfg: Config, mesh: Mesh, processes: int) -> Compiled:
     abs_model, abs_opt = jax.eval_shape(prog.init)
     batch = {k: jax.ShapeDtypeStruct((global_batch, cfg.data.seq_len), dt) for k, dt in BATCH_FIELDS.items()}
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)), quiet_stderr():
-        compiled = prog.step.lower(abs_model, abs_opt, batch).compile()
+    try:
+        with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)), quiet_stderr():
+            compiled = prog.step.lower(abs_model, abs_opt, batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+        m = re.search(r"RESOURCE_EXHAUSTED: .*?temporaries \(([\d.]+)([KMGT])\)", str(e))
+        if m is None:
+            raise
+        temp = int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
+        args = sum(_shard_bytes(x) for x in jax.tree.leaves((abs_model, abs_opt)))
+        raise DoesNotFit(str(e).splitlines()[0], temp, args, time.perf_counter() - t0) from None
     return Compiled("train", compiled, time.perf_counter() - t0, global_batch, cfg.data.seq_len)
+
+
+class DoesNotFit(RuntimeError):
+    """The TPU compiler refused the program: its temporaries alone exceed HBM."""
+
+    def __init__(self, message: str, temp_bytes: int, state_bytes: int, compile_s: float):
+        super().__init__(message)
+        self.temp_bytes, self.state_bytes, self.compile_s = temp_bytes, state_bytes, compile_s
+
+
+def _shard_bytes(x) -> int:
+    """Bytes of one device's shard of an abstract array (its sharding's shard shape)."""
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+    return int(np.prod(shape)) * jnp.dtype(x.dtype).itemsize
 
 
 @dataclasses.dataclass
@@ -149,6 +172,8 @@ class Report:
     collectives: dict
     mosaic_calls: int
     mosaic_ops: list
+    attention_mosaic_fwd: int
+    attention_mosaic_bwd: int
     attention_fallback: list
     compile_s: float
     est_compute_s: float
@@ -163,19 +188,23 @@ class Report:
         return dataclasses.asdict(self)
 
 
-def _attention_fallback(text: str, kernels: list[str], n_attention_layers: int) -> list[str]:
-    """Attention scopes that compiled to XLA ops instead of a Mosaic kernel.
+def _attention_fallback(text: str) -> list[str]:
+    """Attention scopes whose softmax XLA computes (a Mosaic kernel keeps its ``exp`` inside).
 
-    An attention module's softmax is the tell-tale of XLA attention (a Mosaic kernel hides its own):
-    the op names of ``exp`` / ``reduce`` instructions under an ``attn`` scope that no kernel has."""
+    The tell-tale: ``exp`` of a logits block under an attention scope, i.e. of rank >= 4 with its
+    last two dimensions (``Tq``, ``Tk``) both >= 64. A ring's online merge of kernel outputs only
+    exponentiates ``[B, (KV, G,) T]`` log-sum-exps. Op names with digits folded."""
     import re
 
     names = set()
     for line in text.split("\n"):
-        if (" exponential(" in line or " exponential-minus-one(" in line) and "op_name=" in line:
-            m = re.search(r'op_name="([^"]*)"', line)
-            if m and re.search(r"attn|attention", m.group(1)) and "ttt" not in m.group(1).lower():
-                names.add(re.sub(r"\d+", "#", m.group(1).split("/exp")[0]))
+        m = re.match(r"\s*(?:ROOT )?%?\S+ = (\w+)\[([\d,]*)\]\S* exponential\(", line)
+        dims = [int(d) for d in m.group(2).split(",") if d] if m else []
+        if len(dims) < 4 or min(dims[-2:]) < 64:
+            continue
+        op = re.search(r'op_name="([^"]*)"', line)
+        if op and hlo.is_attention_op(op.group(1)):
+            names.add(re.sub(r"\d+", "#", op.group(1).split("/exp")[0]))
     return sorted(names)
 
 
@@ -189,8 +218,8 @@ def analyse(cfg: Config, c: Compiled, topo: Topology, mesh: Mesh) -> Report:
     slice_of = [getattr(d, "slice_index", 0) or 0 for d in devices] if topo.num_slices > 1 else None
     coll = hlo.collective_bytes(text, slice_of)
     kernels = hlo.kernel_calls(text)
-    n_attn = cfg.model.n_layers
-    fallback = _attention_fallback(text, kernels, n_attn)
+    fallback = _attention_fallback(text)
+    attn_fwd, attn_bwd = hlo.attention_kernel_calls(text)
     # One chip per device on v5e/v5p/v6e (megacore); v4 topologies list each TensorCore.
     per_chip = max(1, len(devices) // topo.chips)
     hbm = topo.chip.hbm_bytes // per_chip
@@ -215,7 +244,8 @@ def analyse(cfg: Config, c: Compiled, topo: Topology, mesh: Mesh) -> Report:
         global_batch=c.global_batch, seq_len=c.seq_len, argument_bytes=args, output_bytes=outs,
         alias_bytes=alias, temp_bytes=temp, peak_bytes=peak, hbm_bytes=hbm,
         fits=peak <= FIT_FRACTION * hbm, model_flops_per_step=flops, collectives=coll,
-        mosaic_calls=len(kernels), mosaic_ops=sorted(set(kernels)), attention_fallback=fallback,
+        mosaic_calls=len(kernels), mosaic_ops=sorted(set(kernels)), attention_mosaic_fwd=attn_fwd,
+        attention_mosaic_bwd=attn_bwd, attention_fallback=fallback,
         compile_s=c.compile_s, est_compute_s=compute_s, est_memory_s=memory_s, est_ici_s=ici_s,
         est_dcn_s=dcn_s, est_step_s=step_s, est_mfu=mfu)
 
@@ -249,7 +279,8 @@ def format_report(r: Report) -> str:
     fb = ("none" if not r.attention_fallback else
           "YES, XLA attention in: " + ", ".join(r.attention_fallback[:4]))
     lines += [
-        f"kernels: {r.mosaic_calls} Mosaic (Pallas TPU) call sites; attention fallen back to XLA: {fb}",
+        f"kernels: {r.mosaic_calls} Mosaic (Pallas TPU) call sites, {r.attention_mosaic_fwd} in attention "
+        f"forward and {r.attention_mosaic_bwd} in its backward; attention fallen back to XLA: {fb}",
         f"compile time: {r.compile_s:.1f} s",
         f"estimate (roofline from chip peaks, not a measurement): step {r.est_step_s:.3f} s "
         f"(compute {r.est_compute_s:.3f}, HBM {r.est_memory_s:.3f}, ICI {r.est_ici_s:.3f}, DCN "

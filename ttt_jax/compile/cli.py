@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the program to compile: the train step of `ttt-jax train`")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--top", type=int, default=3, help="largest live buffers named when it does not fit")
+    # Internal: the second compile that names the largest buffers of a program the compiler refused
+    # (libtpu's flags are fixed when it loads, hence a separate process).
+    p.add_argument("--oom-diagnosis", metavar="PATH", help=argparse.SUPPRESS)
 
 
 class _Progress:
@@ -65,6 +68,24 @@ class _Progress:
         return False
 
 
+def _diagnose_oom(args: argparse.Namespace) -> list[dict]:
+    """Largest live buffers of the refused program: the same compile in a child process with
+    libtpu's ``--xla_tpu_no_crash_on_oom`` (its memory figures are then not trusted, only the
+    schedule is read: :func:`ttt_jax.compile.aot.largest_live`)."""
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "live.json"
+        env = dict(os.environ)
+        env["LIBTPU_INIT_ARGS"] = (env.get("LIBTPU_INIT_ARGS", "") + " --xla_tpu_no_crash_on_oom=true").strip()
+        cmd = [sys.executable, "-m", "ttt_jax.cli", "compile", *_argv(args), "--top", str(args.top),
+               "--oom-diagnosis", str(out)]
+        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        return json.loads(out.read_text()) if out.is_file() else []
+
+
 def run(args: argparse.Namespace) -> int:
     from ttt_jax.compile.chips import parse_topology
     from ttt_jax.config import load_config
@@ -75,8 +96,17 @@ def run(args: argparse.Namespace) -> int:
 
     devices = aot.topology_devices(topo)
     mesh = aot.build_mesh(cfg, devices, topo.num_slices)
-    with _Progress(f"the {args.what} step for {topo.slice_name}"):
-        compiled = aot.compile_train(cfg, mesh, aot.processes_of(devices))
+    try:
+        with _Progress(f"the {args.what} step for {topo.slice_name}"):
+            compiled = aot.compile_train(cfg, mesh, aot.processes_of(devices))
+    except aot.DoesNotFit as e:
+        if args.oom_diagnosis:
+            raise
+        return _refused(args, topo, mesh, e)
+    if args.oom_diagnosis:
+        live = aot.largest_live(compiled.compiled.as_text(), args.top)
+        Path(args.oom_diagnosis).write_text(json.dumps([{"bytes": b, "shape": s, "op": o} for b, s, o in live]))
+        return 0
     report = aot.analyse(cfg, compiled, topo, mesh)
     if not report.fits:
         report.largest_live = [{"bytes": b, "shape": s, "op": o}
@@ -89,13 +119,37 @@ def run(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"report written to {path}")
     if not report.fits:
-        live = "; ".join(f"{b / 2 ** 30:.2f} GiB {s} from {o}" for b, s, o in
-                         ((x["bytes"], x["shape"], x["op"]) for x in report.largest_live))
+        live = _live_line(report.largest_live)
         print(f"error: does not fit: peak {report.peak_bytes / 2 ** 30:.2f} GiB > "
               f"{aot.FIT_FRACTION:.0%} of {report.hbm_bytes / 2 ** 30:.0f} GiB per chip; largest live "
               f"buffers: {live}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _live_line(live: list[dict]) -> str:
+    return "; ".join(f"{x['bytes'] / 2 ** 30:.2f} GiB {x['shape']} from {x['op']}" for x in live) or "(unknown)"
+
+
+def _refused(args, topo, mesh, e) -> int:
+    """The compiler's own out-of-memory refusal: one line with the largest live buffers, exit 2."""
+    hbm = topo.chip.hbm_bytes
+    print(f"compiling ... the TPU compiler refused the program: {e}", file=sys.stderr)
+    with _Progress("again to find the largest buffers (libtpu --xla_tpu_no_crash_on_oom)"):
+        live = _diagnose_oom(args)
+    peak = e.temp_bytes + e.state_bytes
+    if args.json:
+        doc = {"command": "ttt-jax compile " + " ".join(_argv(args)), "what": args.what,
+               "topology": topo.slice_name, "chips": topo.chips, "mesh": dict(mesh.shape),
+               "fits": False, "temp_bytes": e.temp_bytes, "state_bytes": e.state_bytes,
+               "peak_bytes": peak, "hbm_bytes": hbm, "compile_s": e.compile_s, "largest_live": live,
+               "compiler_message": str(e)}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"error: does not fit: temporaries {e.temp_bytes / 2 ** 30:.1f} GiB + parameters and optimizer "
+          f"state {e.state_bytes / 2 ** 30:.1f} GiB per chip > {hbm / 2 ** 30:.0f} GiB HBM; largest live "
+          f"buffers: {_live_line(live)}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _argv(args: argparse.Namespace) -> list[str]:

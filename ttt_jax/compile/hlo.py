@@ -132,3 +132,17 @@ def kernel_calls(text: str) -> list[str]:
             m = _OP_NAME.search(line)
             names.append(m.group(1) if m else "")
     return names
+
+
+def is_attention_op(op_name: str) -> bool:
+    """An op under an attention module's name scope (``attention`` / ``attn``), not the TTT op's."""
+    low = op_name.lower()
+    return ("attention" in low or "attn" in low) and "ttt" not in low
+
+
+def attention_kernel_calls(text: str) -> tuple[int, int]:
+    """``(forward, backward)`` Mosaic call sites under attention scopes (backward: under
+    ``transpose(...)``, the gradient pass)."""
+    names = [n for n in kernel_calls(text) if is_attention_op(n)]
+    bwd = sum("transpose(" in n for n in names)
+    return len(names) - bwd, bwd

@@ -58,6 +58,7 @@ from typing import Literal, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from parallel.fused_attention import cudnn_unsupported_reason as _kernel_cudnn_reason
 from ttt_jax.platform import target_platform
@@ -151,8 +152,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if impl == "flash":
         return _attention_flash(q, k, v, segment_ids, window=window, scale=scale)
     if impl == "pallas":
-        return _attention_pallas(q, k, v, segment_ids, window=window, scale=scale,
-                                 block_size=block_size)
+        fn = functools.partial(_attention_pallas, window=window, scale=scale, block_size=block_size)
+        return _per_device(fn, q, k, v, segment_ids)
     raise AssertionError(impl)
 
 
@@ -442,6 +443,41 @@ def _attention_flash(q, k, v, segment_ids, *, window: int, scale: float) -> jax.
 # --------------------------------------------------------------------------------------------------
 # Pallas (TPU splash attention)
 # --------------------------------------------------------------------------------------------------
+
+
+# Mesh axes that split the batch and the heads of attention's operands (the trainer's layout,
+# ttt_jax.train.mesh).
+_BATCH_AXES, _HEAD_AXIS = ("data", "fsdp"), "tensor"
+
+
+def _per_device(fn, q, k, v, segment_ids) -> jax.Array:
+    """``fn(q, k, v, segment_ids)`` once per device when the trace runs under a mesh with automatic
+    axes of size > 1. XLA cannot partition a Mosaic kernel ("wrap the call in a shard_map"), and
+    attention is independent per (row, head): rows are split over ``data`` x ``fsdp`` and heads over
+    ``tensor`` where they divide, any other axis sees whole operands (XLA reshards at the boundary
+    if the operands are laid out otherwise)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(q, k, v, segment_ids)
+    manual = set(getattr(mesh, "manual_axes", ()))
+    auto = [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in manual]
+    if not auto:
+        return fn(q, k, v, segment_ids)
+    batch = tuple(a for a in _BATCH_AXES if a in auto)
+    if q.shape[0] % math.prod(mesh.shape[a] for a in batch):
+        batch = ()
+    heads = _HEAD_AXIS if _HEAD_AXIS in auto else None
+    if heads and (q.shape[2] % mesh.shape[heads] or k.shape[2] % mesh.shape[heads]):
+        heads = None
+    spec = P(batch or None, None, heads, None)
+    seg_spec = P(batch or None, None)
+    if segment_ids is None:
+        mapped = jax.shard_map(lambda q_, k_, v_: fn(q_, k_, v_, None), in_specs=(spec,) * 3,
+                               out_specs=spec, axis_names=frozenset(auto))
+        return mapped(q, k, v)
+    mapped = jax.shard_map(fn, in_specs=(spec,) * 3 + (seg_spec,), out_specs=spec,
+                           axis_names=frozenset(auto))
+    return mapped(q, k, v, segment_ids)
 
 
 def _attention_pallas(q, k, v, segment_ids, *, window: int, scale: float,
