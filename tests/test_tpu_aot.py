@@ -121,7 +121,9 @@ def test_auto_attention_compiles_to_mosaic_for_tpu(aot):
     sh = NamedSharding(mesh, P("data"))
     q = jax.ShapeDtypeStruct((4, 256, 2, 128), jnp.bfloat16, sharding=sh)
     kv = jax.ShapeDtypeStruct((4, 256, 1, 128), jnp.bfloat16, sharding=sh)
-    with jax.set_mesh(mesh):
+    # The suite's "highest" default matmul precision (conftest) would ask Mosaic for fp32-precision
+    # bf16 matmuls, which it rejects; a run uses the default precision.
+    with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
         text = jax.jit(lambda q, k, v: attention(q, k, v, window=64)).lower(q, kv, kv).compile().as_text()
     assert hlo.kernel_calls(text), "no tpu_custom_call: attention fell back to XLA"
 
@@ -152,7 +154,8 @@ def compiled_forms(aot):
             topo = chips.parse_topology("v5p:2x2x1")
             devices = aot.topology_devices(topo)
             mesh = aot.build_mesh(cfg, devices)
-            c = aot.compile_train(cfg, mesh, aot.processes_of(devices))
+            with jax.default_matmul_precision("default"):   # as a run (see above)
+                c = aot.compile_train(cfg, mesh, aot.processes_of(devices))
             out[form] = (cfg, aot.analyse(cfg, c, topo, mesh))
         return out[form]
 

@@ -473,10 +473,11 @@ def _per_device(fn, q, k, v, segment_ids) -> jax.Array:
     seg_spec = P(batch or None, None)
     if segment_ids is None:
         mapped = jax.shard_map(lambda q_, k_, v_: fn(q_, k_, v_, None), in_specs=(spec,) * 3,
-                               out_specs=spec, axis_names=frozenset(auto))
+                               out_specs=spec, axis_names=frozenset(auto), check_vma=False)
         return mapped(q, k, v)
+    # check_vma=False: splash's pallas_call declares plain output shapes (no varying-axes info).
     mapped = jax.shard_map(fn, in_specs=(spec,) * 3 + (seg_spec,), out_specs=spec,
-                           axis_names=frozenset(auto))
+                           axis_names=frozenset(auto), check_vma=False)
     return mapped(q, k, v, segment_ids)
 
 
