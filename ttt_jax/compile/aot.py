@@ -137,6 +137,58 @@ def compile_train(cfg: Config, mesh: Mesh, processes: int) -> Compiled:
     return Compiled("train", compiled, time.perf_counter() - t0, global_batch, cfg.data.seq_len)
 
 
+def compile_generate(cfg: Config, mesh: Mesh, processes: int, *, prompt_len: int,
+                     prefill_block: int = 1024) -> list[Compiled]:
+    """AOT-compile the inference engine's prefill step (one ``prefill_block`` of prompt tokens) and
+    its one-token decode step (:mod:`ttt_jax.infer.engine`), over a KV cache for ``prompt_len``
+    tokens. ``data.batch_size`` sequences per host; the batch and the cache's batch dimension are
+    split over ``data`` x ``fsdp``; parameters are placed as in training. ``mesh.context`` must be 1
+    (cached inference does not split a sequence over devices)."""
+    import dataclasses as dc
+
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from ttt_jax.infer.cache import init_cache
+    from ttt_jax.infer.engine import _decode_jit, _extend_jit, _Static, check_supported
+    from ttt_jax.models.lm import CausalLM
+    from ttt_jax.train import mesh as mesh_lib
+
+    if mesh.shape["context"] > 1:
+        raise ValueError("--what generate: cached inference does not split a sequence over devices; "
+                         "set mesh.context=1 (give the devices to mesh.data / mesh.fsdp / mesh.tensor)")
+    model_cfg = dc.replace(cfg.model, scan_layers=False)   # the engine walks the layers one by one
+    check_supported(model_cfg)
+    batch = cfg.data.batch_size * processes
+    mesh_lib.check_batch_divisible(batch, mesh)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(model_cfg, rngs=nnx.Rngs(0))))
+    state_sh = mesh_lib.state_shardings(state, mesh)
+    abs_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
+    rows = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+    cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows if x.ndim else None),
+                         jax.eval_shape(lambda: init_cache(model_cfg, batch, prompt_len + 1)))
+    static = _Static(graphdef)
+    sds = jax.ShapeDtypeStruct
+    out = []
+    for what in ("prefill", "decode"):
+        t0 = time.perf_counter()
+        with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)), quiet_stderr():
+            if what == "prefill":
+                lowered = _extend_jit.lower(static, abs_state, cache, sds((batch, prefill_block), jnp.int32, sharding=rows),
+                                            sds((batch,), jnp.int32, sharding=rows), {}, logits="last",
+                                            attn_impl="auto", attn_block=512)
+            else:
+                lowered = _decode_jit.lower(static, abs_state, cache, sds((batch,), jnp.int32, sharding=rows),
+                                            sds((batch,), jnp.bool_, sharding=rows), {},
+                                            jax.eval_shape(lambda: jax.random.key(0)), sds((), jnp.float32),
+                                            sds((), jnp.int32), sds((), jnp.float32), attn_impl="auto",
+                                            attn_block=512)
+            compiled = lowered.compile()
+        out.append(Compiled(what, compiled, time.perf_counter() - t0, batch,
+                            prefill_block if what == "prefill" else 1))
+    return out
+
+
 class DoesNotFit(RuntimeError):
     """The TPU compiler refused the program: its temporaries alone exceed HBM."""
 
@@ -224,7 +276,10 @@ def analyse(cfg: Config, c: Compiled, topo: Topology, mesh: Mesh) -> Report:
     per_chip = max(1, len(devices) // topo.chips)
     hbm = topo.chip.hbm_bytes // per_chip
     tokens = c.global_batch * c.seq_len
-    flops = flops_per_token(cfg.model, c.seq_len) * tokens if c.what == "train" else 0.0
+    if c.what == "train":
+        flops = flops_per_token(cfg.model, c.seq_len) * tokens
+    else:   # forward only; a query sees about the whole cache (data.seq_len keys), window-capped
+        flops = _forward_flops_per_token(cfg.model, cfg.data.seq_len) * tokens
     chip = topo.chip
     compute_s = flops / (topo.chips * chip.peak_bf16_tflops * 1e12)
     try:
@@ -248,6 +303,20 @@ def analyse(cfg: Config, c: Compiled, topo: Topology, mesh: Mesh) -> Report:
         attention_mosaic_bwd=attn_bwd, attention_fallback=fallback,
         compile_s=c.compile_s, est_compute_s=compute_s, est_memory_s=memory_s, est_ici_s=ici_s,
         est_dcn_s=dcn_s, est_step_s=step_s, est_mfu=mfu)
+
+
+def _forward_flops_per_token(m, keys: int) -> float:
+    """Inference FLOPs per token with ``keys`` cached keys (``ttt_jax.models.flops`` conventions:
+    ``2 N_matmul`` + ``4 keys H Dh`` per layer + the TTT layers' forward share)."""
+    from ttt_jax.models.flops import matmul_params
+
+    h, dh, d, f = m.n_heads, m.resolved_head_dim, m.d_model, m.d_ff
+    total = 2.0 * matmul_params(m)
+    for layer in range(m.n_layers):
+        w = m.layer_window(layer)
+        total += 4.0 * (min(keys, w) if w else keys) * h * dh
+    total += len(m.ttt.layer_ids(m.n_layers)) * (2 * d * d + 2 * m.ttt.conv_kernel * d + 4 * f * d)
+    return total
 
 
 def largest_live(text: str, top: int = 3) -> list[tuple[int, str, str]]:

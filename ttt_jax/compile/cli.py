@@ -27,8 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TPU slice: v5p-128, v6e-256, v5e-16, v4-32, or a chip grid such as v5p:4x4x4")
     p.add_argument("--num-slices", type=int, default=1,
                    help="multi-slice: this many slices joined over DCN (mesh.data spans them)")
-    p.add_argument("--what", choices=("train",), default="train",
-                   help="the program to compile: the train step of `ttt-jax train`")
+    p.add_argument("--what", choices=("train", "generate"), default="train",
+                   help="train: the train step of `ttt-jax train`; generate: the inference engine's "
+                        "prefill (one --prefill-block of prompt) and decode steps, KV cache for "
+                        "data.seq_len tokens, data.batch_size sequences per host")
+    p.add_argument("--prefill-block", type=int, default=1024, help="prompt tokens per prefill call")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--top", type=int, default=3, help="largest live buffers named when it does not fit")
     # Internal: the second compile that names the largest buffers of a program the compiler refused
@@ -96,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
     devices = aot.topology_devices(topo)
     mesh = aot.build_mesh(cfg, devices, topo.num_slices)
+    if args.what == "generate":
+        return _generate(args, cfg, topo, mesh, devices, aot)
     try:
         with _Progress(f"the {args.what} step for {topo.slice_name}"):
             compiled = aot.compile_train(cfg, mesh, aot.processes_of(devices))
@@ -125,6 +130,24 @@ def run(args: argparse.Namespace) -> int:
               f"buffers: {live}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _generate(args, cfg, topo, mesh, devices, aot) -> int:
+    with _Progress(f"the prefill and decode steps for {topo.slice_name}"):
+        steps = aot.compile_generate(cfg, mesh, aot.processes_of(devices), prompt_len=cfg.data.seq_len,
+                                     prefill_block=args.prefill_block)
+    reports = [aot.analyse(cfg, c, topo, mesh) for c in steps]
+    for r in reports:
+        print(aot.format_report(r))
+    if args.json:
+        doc = {"command": "ttt-jax compile " + " ".join(_argv(args)), "steps": [r.to_json() for r in reports]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    bad = [r for r in reports if not r.fits]
+    for r in bad:
+        print(f"error: the {r.what} step does not fit: peak {r.peak_bytes / 2 ** 30:.2f} GiB > "
+              f"{aot.FIT_FRACTION:.0%} of {r.hbm_bytes / 2 ** 30:.0f} GiB per chip", file=sys.stderr)
+    return EXIT_USAGE if bad else 0
 
 
 def _live_line(live: list[dict]) -> str:
