@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from parallel import mesh as parallel_mesh
 from parallel import rules as parallel_rules
-from parallel.attention import to_zigzag
+from parallel.layout import to_zigzag
 from ttt_jax.config import MeshConfig
 
 # Mesh axes the batch dimension is split over.
@@ -221,7 +221,7 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
               layout: str = "contiguous") -> dict[str, jax.Array]:
     """Place a host batch (numpy ``[B, T]`` arrays, the process-local rows of the global batch) on
     the mesh. With ``layout="zigzag"`` and a ``context`` axis of size ``n > 1`` every array is first
-    permuted along ``T`` into the load-balanced order (:func:`parallel.attention.to_zigzag`: device
+    permuted along ``T`` into the load-balanced order (:func:`parallel.layout.to_zigzag`: device
     ``i`` receives segments ``i`` and ``2n - 1 - i``); the batch's ``positions`` travel with their
     tokens, so the model sees each token at its true position."""
     n = sharding.mesh.shape.get("context", 1)
