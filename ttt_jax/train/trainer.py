@@ -48,6 +48,7 @@ from flax import nnx
 
 from ttt_jax.config import Config, ModelConfig, TrainConfig
 from ttt_jax.data import load_tokenizer, make_batches
+from ttt_jax.fs import ensure_writable
 from ttt_jax.models.flops import flops_per_token
 from ttt_jax.models.lm import CausalLM, check_tokens, count_params
 from ttt_jax.train import mesh as mesh_lib
@@ -274,6 +275,10 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     tcfg = cfg.train
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     preflight(cfg, tokenizer)
+    # Every output location can be written (one line naming the path otherwise), before the
+    # checkpoint directory is opened and before any data is read or anything is computed.
+    ensure_writable(tcfg.run_dir, "run directory (train.run_dir)")
+    ensure_writable(Path(tcfg.run_dir) / "checkpoints", "checkpoint directory")
     mesh = mesh_lib.make_mesh(cfg.mesh)
     ttt_on = bool(cfg.model.ttt.layer_ids(cfg.model.n_layers))
     mesh_lib.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
