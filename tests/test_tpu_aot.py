@@ -189,7 +189,7 @@ def test_tpu_train_step_attention_is_mosaic(compiled_forms, form):
 def test_train_step_on_4_cpu_devices_matches_unsharded(form):
     """The step `ttt-jax compile` compiled for the slice, jitted for 4 emulated CPU devices with the
     same mesh, computes what one device computes (loss, gradient norm, updated parameters)."""
-    from ttt_jax.train import mesh as mesh_lib
+    from ttt_jax import sharding as mesh_lib
     from ttt_jax.train.trainer import train_program
 
     cfg = load_config("tiny", _TINY + FORMS[form])

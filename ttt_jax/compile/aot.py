@@ -78,7 +78,7 @@ def build_mesh(cfg: Config, devices: list, num_slices: int = 1) -> Mesh:
     spans the slices (its gradient all-reduce is the only traffic over DCN); it must be a multiple
     of ``num_slices``."""
     from parallel import mesh as parallel_mesh
-    from ttt_jax.train import mesh as mesh_lib
+    from ttt_jax import sharding as mesh_lib
 
     if num_slices == 1:
         return mesh_lib.make_mesh(cfg.mesh, devices=devices)
@@ -111,15 +111,15 @@ class Compiled:
 def compile_train(cfg: Config, mesh: Mesh, processes: int) -> Compiled:
     """AOT-compile ``ttt-jax train``'s step of ``cfg`` on ``mesh``; ``processes`` hosts each feed
     ``data.batch_size`` rows (so the global batch is their product, as in a live run)."""
-    from ttt_jax.train import mesh as mesh_lib
-    from ttt_jax.train.trainer import train_program
+    from ttt_jax import sharding as mesh_lib
+    from ttt_jax.train.trainer import check_batch_divisible, train_program
 
     cfg.validate()
     ttt_on = bool(cfg.model.ttt.layer_ids(cfg.model.n_layers))
     mesh_lib.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
                              cfg.model.context_layout)
     global_batch = cfg.data.batch_size * processes
-    mesh_lib.check_batch_divisible(global_batch, mesh)
+    check_batch_divisible(global_batch, mesh)
     prog = train_program(cfg, mesh)
     abs_model, abs_opt = jax.eval_shape(prog.init)
     batch = {k: jax.ShapeDtypeStruct((global_batch, cfg.data.seq_len), dt) for k, dt in BATCH_FIELDS.items()}
@@ -151,8 +151,9 @@ def compile_generate(cfg: Config, mesh: Mesh, processes: int, *, prompt_len: int
 
     from ttt_jax.infer.cache import init_cache
     from ttt_jax.infer.engine import _decode_jit, _extend_jit, _Static, check_supported
+    from ttt_jax import sharding as mesh_lib
     from ttt_jax.models.lm import CausalLM
-    from ttt_jax.train import mesh as mesh_lib
+    from ttt_jax.train.trainer import check_batch_divisible
 
     if mesh.shape["context"] > 1:
         raise ValueError("--what generate: cached inference does not split a sequence over devices; "
@@ -160,7 +161,7 @@ def compile_generate(cfg: Config, mesh: Mesh, processes: int, *, prompt_len: int
     model_cfg = dc.replace(cfg.model, scan_layers=False)   # the engine walks the layers one by one
     check_supported(model_cfg)
     batch = cfg.data.batch_size * processes
-    mesh_lib.check_batch_divisible(batch, mesh)
+    check_batch_divisible(batch, mesh)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(model_cfg, rngs=nnx.Rngs(0))))
     state_sh = mesh_lib.state_shardings(state, mesh)
     abs_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
