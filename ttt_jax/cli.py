@@ -126,7 +126,14 @@ def _cmd_train(cfg: Config) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``ttt-jax`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # `ttt-jax compile CONFIG --topology v5p-32 key=value ...`: overrides may follow the options.
+    if extra and getattr(args, "overrides", None) is not None and all(
+            "=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in _SUBCOMMANDS:
         module = _subcommand_module(args.command)
         if module is None:
