@@ -214,3 +214,26 @@ def test_train_step_on_4_cpu_devices_matches_unsharded(form):
     np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-4)
     for a, b_ in zip(p4, p1):
         np.testing.assert_allclose(a, b_, atol=1e-5, rtol=1e-5)
+
+
+def test_mesh_on_a_torus_splits_physical_axes(aot):
+    """fsdp=64 x context=4 on a 16x16 v6e slice: no one-to-one match of logical to physical axes;
+    the mesh splits a physical axis and keeps each context group on neighbouring chips."""
+    cfg = load_config("llama31_8b_v6e256")
+    devices = aot.topology_devices(chips.parse_topology("v6e-256"))
+    mesh = aot.build_mesh(cfg, devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 64, "tensor": 1, "context": 4}
+    assert aot.processes_of(devices) == 64
+    group = [d.coords for d in mesh.devices[0, 0, 0, :]]
+    assert all(sum(abs(a - b) for a, b in zip(p, q)) == 1 for p, q in zip(group, group[1:]))
+
+
+def test_compile_cli_errors_are_one_line(capsys):
+    from ttt_jax.cli import main
+
+    # overrides may follow the options; a GPU "topology" is refused with the accepted forms
+    assert main(["compile", "tiny", "--topology", "h100-8", "mesh.data=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GPU platforms are not supported" in err[0]
+    assert main(["compile", "tiny", "--topology", "v5p-8", "mesh.nope=2"]) == 2
+    assert "mesh.nope" in capsys.readouterr().err
