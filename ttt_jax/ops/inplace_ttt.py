@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from ttt_jax.ops import inplace_ttt_reference as reference
 from ttt_jax.ops.inplace_ttt_layout import ChunkLayout, chunk_layout, clip_update, pad_to_chunks, unchunk
 from ttt_jax.ops.inplace_ttt_scan import scan_chunks
+from ttt_jax.ops.precision import matmul_f32_out
 
 IMPLS = ("auto", "reference", "attention", "associative", "scan")
 
@@ -46,9 +47,8 @@ def _associative(zc: jax.Array, vm: jax.Array, w0: jax.Array, lay: ChunkLayout, 
 
     ``zc [B,N,C,F]``, ``vm [B,N,C,D]`` (pre-masked), ``s0 [B,F,D]`` -> (``[B,N,C,D]``, ``[B,F,D]``).
     """
-    f32 = jnp.float32
-    deltas = clip_update(lr * jnp.einsum("bncf,bncd->bnfd", zc, vm.astype(zc.dtype),
-                                         preferred_element_type=f32), clip_tau)
+    # fp32-result matmuls whose backward matmuls keep the inputs' dtype (no fp32 operands).
+    deltas = clip_update(lr * matmul_f32_out("bncf,bncd->bnfd", zc, vm), clip_tau)
     a_incl, b_incl = jax.lax.associative_scan(affine_combine, (lay.a, deltas), axis=1)
     # State before chunk i: the composition of chunks < i applied to s0 (exclusive scan).
     a_excl = jnp.concatenate([jnp.ones_like(a_incl[:, :1]), a_incl[:, :-1]], axis=1)
@@ -56,9 +56,8 @@ def _associative(zc: jax.Array, vm: jax.Array, w0: jax.Array, lay: ChunkLayout, 
     state = a_excl[..., None, None] * s0[:, None] + b_excl
     final = a_incl[:, -1, None, None] * s0 + b_incl[:, -1]
     cdt = zc.dtype
-    out = jnp.einsum("bncf,fd->bncd", zc, w0.astype(cdt), preferred_element_type=f32)
-    out = out + lay.use[..., None] * jnp.einsum("bncf,bnfd->bncd", zc, state.astype(cdt),
-                                                preferred_element_type=f32)
+    out = matmul_f32_out("bncf,fd->bncd", zc, w0)
+    out = out + lay.use[..., None] * matmul_f32_out("bncf,bnfd->bncd", zc, state.astype(cdt))
     return out.astype(zc.dtype), final
 
 
