@@ -12,7 +12,11 @@ impl               how                                                          
 ``attention``      per-token block-causal linear attention (quadratic; test oracle)     O(T^2)
 ``associative``    chunk deltas through ``lax.associative_scan`` of the affine monoid   O(N F D)
 ``scan``           ``lax.scan`` with a state-recomputing custom VJP (memory-lean)       O(F D)
-``auto``           ``scan``
+``pallas``         the same recursion as fused Pallas (Triton) kernels: the fp32 state   O(F D)
+                   enters the matmul prologue, the update its epilogue (GPU; interpret
+                   mode elsewhere); no ``clip_tau``, dims multiples of 16
+``auto``           ``pallas`` on a GPU where :func:`inplace_ttt_pallas.auto_prefers_kernel`
+                   says it is faster and the kernel supports the call, else ``scan``
 =================  ==================================================================  ===========
 """
 
@@ -23,12 +27,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from ttt_jax.ops import inplace_ttt_pallas as pallas
 from ttt_jax.ops import inplace_ttt_reference as reference
 from ttt_jax.ops.inplace_ttt_layout import ChunkLayout, chunk_layout, clip_update, pad_to_chunks, unchunk
 from ttt_jax.ops.inplace_ttt_scan import scan_chunks
 from ttt_jax.ops.precision import matmul_f32_out
 
-IMPLS = ("auto", "reference", "attention", "associative", "scan")
+IMPLS = ("auto", "reference", "attention", "associative", "scan", "pallas")
 
 
 def affine_combine(first: tuple[jax.Array, jax.Array], second: tuple[jax.Array, jax.Array]):
@@ -83,6 +88,18 @@ def _check_args(z, v, w0, lr, chunk_size, impl, clip_tau, initial_state, return_
         raise ValueError("impl='attention' has no fast-weight state; use 'scan' or 'reference'")
     if initial_state is not None and initial_state.shape != (b, f, v.shape[-1]):
         raise ValueError(f"initial_state must be [B, F, D] = {(b, f, v.shape[-1])}, got {initial_state.shape}")
+    if impl == "pallas":
+        why = pallas.supports(f, v.shape[-1], chunk_size, clip_tau)
+        if why is not None:
+            raise ValueError(f"impl='pallas' does not support this call: {why}; use impl='scan' (or 'auto')")
+
+
+def _resolve_auto(f: int, d: int, chunk_size: int, segmented: bool, clip_tau) -> str:
+    """``impl="auto"``: the kernel on a GPU where it is supported and measured faster, else the scan."""
+    if (jax.default_backend() == "gpu" and pallas.supports(f, d, chunk_size, clip_tau) is None
+            and pallas.auto_prefers_kernel(f, d, chunk_size, segmented)):
+        return "pallas"
+    return "scan"
 
 
 def inplace_ttt(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float, chunk_size: int,
@@ -101,7 +118,8 @@ def inplace_ttt(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float, chunk_s
       segment_ids: optional ``[B, T]`` int packed-document ids, 0 = padding. A token only sees
         updates from earlier chunks of its own document; chunk boundaries stay those of the
         packed row.
-      impl: ``"auto" | "reference" | "attention" | "associative" | "scan"`` (module docstring).
+      impl: ``"auto" | "reference" | "attention" | "associative" | "scan" | "pallas"`` (module
+        docstring).
       clip_tau: if set, each chunk's update ``lr * dW_i`` is rescaled to Frobenius norm <= clip_tau.
       initial_state: optional ``[B, F, D]`` fp32 accumulated delta ``S`` (``W = W0 + S``) carried in
         from earlier tokens of the document open at position 0; zeros by default.
@@ -129,9 +147,13 @@ def inplace_ttt(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float, chunk_s
     lay = chunk_layout(b, t, chunk_size, segment_ids, continues)
     zc = pad_to_chunks(z, chunk_size)
     vm = pad_to_chunks(v, chunk_size) * lay.upd[..., None].astype(v.dtype)
+    if impl == "auto":
+        impl = _resolve_auto(f, v.shape[-1], chunk_size, lay.segmented, clip_tau)
     if impl == "associative":
         out, final = _associative(zc, vm, w0, lay, lr, clip_tau, s0)
-    else:  # "scan" and "auto"
+    elif impl == "pallas":
+        out, final = pallas.pallas_chunks(zc, vm, w0, lay.use, lay.a, s0, lr, lay.segmented)
+    else:
         out, final = scan_chunks(zc, vm, w0, lay.use, lay.a, s0, lr, clip_tau, lay.segmented)
     out = unchunk(out, t)
     return (out, final) if return_state else out

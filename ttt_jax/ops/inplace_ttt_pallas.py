@@ -1,0 +1,338 @@
+"""In-Place TTT as fused Pallas (Triton) kernels: the fp32 state enters the matmuls in their prologue
+and the chunk update is accumulated into it in the epilogue.
+
+The recursion and the backward pass are those of :mod:`ttt_jax.ops.inplace_ttt_scan` (forward 2,
+backward 5 matmuls of ``F x D`` per token, no stored per-chunk states); what changes is how each
+chunk's work touches memory. Per chunk ``i`` (``S`` fp32 ``[F, D]``, chunk rows ``Z_i [C, F]``,
+``V_i [C, D]``):
+
+* **apply** ``O_i = Z_i bf16(W0 + S_i)``: a matmul whose B operand is built tile by tile in its
+  prologue from the fp32 ``S`` tile and the ``W0`` tile, so ``W0 + S_i`` never exists in HBM.
+* **update** ``S_{i+1} = a_i S_i + lr Z_i^T V_i``: a matmul over the chunk's rows whose epilogue
+  reads the ``S`` tile, adds and writes it back in place (aliased): ``S`` is read and written once,
+  and the ``[F, D]`` update itself never exists in HBM.
+* backward, pass 1 (forward order): ``dz_i = g_i bf16(W0 + S_i)^T`` (same prologue) and the update
+  again to recompute ``S``; pass 2 (reverse order) with the fp32 state gradient ``G``:
+  ``dz_i += V_i bf16(lr G_{i+1})^T``, ``dv_i = Z_i bf16(lr G_{i+1})`` (prologue casts) and
+  ``G_i = a_i G_{i+1} + Z_i^T (use_i g_i)`` (epilogue accumulation, in place).
+
+Every kernel reads its chunk's rows straight from the whole ``[B, N*C, .]`` arrays (the chunk index
+is a kernel operand), and the chunk outputs (``out``, ``dz``, ``dv``) are written in place into
+whole-sequence buffers carried by the loop, so the loop slices and stacks nothing. ``dW0`` is the
+state gradient before chunk 0 when the sequence is one document (minus the incoming final-state
+cotangent), else one dense ``Z^T g``.
+
+Packed documents: tokens of a document that starts inside a chunk (``use = 0``) see ``W0`` only; a
+row block holding such tokens runs a second matmul against ``W0`` (skipped by a branch in blocks
+without them). Not supported (``supports`` says why; ``impl="auto"`` then takes the scan): update
+clipping, and dims that are not multiples of 16.
+
+On a non-GPU backend the kernels run in Pallas interpret mode (tests). Block sizes and launch
+parameters are in :class:`KernelConfig`; whether ``impl="auto"`` takes this kernel is decided in
+:func:`auto_prefers_kernel` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from ttt_jax.ops.inplace_ttt_scan import _tie, _zeros_tied
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes (upper bounds: each is halved until it divides its dim, down to 16) and Triton
+    launch parameters of the two kernel kinds.
+
+    ``mm_*``: the apply-style matmuls ``[rows, K] @ [K, cols]``, ``mm_m`` rows of the chunk,
+    ``mm_n`` output columns, ``mm_k`` contraction step. ``up_*``: the state update, an
+    ``up_f x up_d`` tile of the state per program, ``up_k`` chunk rows per step.
+    """
+
+    mm_m: int = 128
+    mm_n: int = 128
+    mm_k: int = 32
+    mm_warps: int = 8
+    mm_stages: int = 3
+    up_f: int = 128
+    up_d: int = 128
+    up_k: int = 32
+    up_warps: int = 8
+    up_stages: int = 3
+
+
+DEFAULT_CONFIG = KernelConfig()
+_MIN_BLOCK = 16   # Triton's smallest dot tile
+
+
+def _block(n: int, cap: int) -> Optional[int]:
+    """Largest power-of-two block <= cap dividing n (>= 16), or None."""
+    b = cap
+    while b >= _MIN_BLOCK:
+        if n % b == 0:
+            return b
+        b //= 2
+    return None
+
+
+def supports(f: int, d: int, chunk_size: int, clip_tau: Optional[float]) -> Optional[str]:
+    """``None`` when the kernel can run this configuration, else the reason it cannot."""
+    if clip_tau is not None:
+        return "update clipping (clip_tau) needs each chunk's whole update before it is added"
+    for name, n in (("d_ff (F)", f), ("d_model (D)", d), ("chunk_size", chunk_size)):
+        if _block(n, 1 << 30) is None:
+            return f"{name} = {n} is not a multiple of {_MIN_BLOCK}"
+    return None
+
+
+def auto_prefers_kernel(f: int, d: int, chunk_size: int, segmented: bool) -> bool:
+    """Where ``impl="auto"`` takes the kernel (on a GPU, when :func:`supports` allows it).
+
+    The one switch point: the kernel is taken only where it has been measured faster than the
+    scan on the GPU (benchmarks/README.md); until then, nowhere.
+    """
+    del f, d, chunk_size, segmented
+    return False
+
+
+def _interpret() -> bool:
+    return jax.default_backend() != "gpu"
+
+
+def _compiler_params(warps: int, stages: int):
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+def _dot(x, w, transpose: bool):
+    prec = jax.lax.Precision.HIGHEST if x.dtype == _F32 else None
+    dims = (((1,), (1 if transpose else 0,)), ((), ()))
+    return jax.lax.dot_general(x, w, dims, precision=prec, preferred_element_type=_F32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+def _mm_kernel(i_ref, x_ref, s_ref, *refs, chunk, bm, bn, bk, kdim, transpose, scale, has_w0,
+               segmented, accumulate):
+    """``out[rows, cols] (+)= x[rows] @ bf16(w0 + scale * s)`` for one ``[bm, bn]`` output tile.
+
+    ``x_ref [B, N*C, K]``; ``s_ref [B, K, Nc]`` (``[B, Nc, K]`` when ``transpose``); ``w0_ref`` like
+    ``s_ref`` without the batch; ``u_ref [B, N*C]`` use mask (segmented: rows with ``use = 0`` get
+    ``x @ w0``); ``acc_ref`` the aliased input of ``o_ref`` when accumulating.
+    """
+    refs = list(refs)
+    w0_ref = refs.pop(0) if has_w0 else None
+    u_ref = refs.pop(0) if segmented else None
+    acc_ref = refs.pop(0) if accumulate else None
+    (o_ref,) = refs
+    b, m, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = pl.ds(pl.multiple_of(i_ref[0] * chunk + m * bm, bm), bm)
+    cols = pl.ds(pl.multiple_of(n * bn, bn), bn)
+    cdt = x_ref.dtype
+
+    def tile(ref, k, batched):
+        ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+        idx = (cols, ks) if transpose else (ks, cols)
+        return ref[(b,) + idx] if batched else ref[idx]
+
+    def step(k, accs, with_w0_only):
+        x = x_ref[b, rows, pl.ds(pl.multiple_of(k * bk, bk), bk)]
+        s = tile(s_ref, k, True).astype(_F32)
+        w = s if scale == 1.0 else scale * s
+        if has_w0:
+            w0 = tile(w0_ref, k, False)
+            w = w + w0.astype(_F32)
+        out = (accs[0] + _dot(x, w.astype(cdt), transpose),)
+        if with_w0_only:
+            out += (accs[1] + _dot(x, w0.astype(cdt), transpose),)
+        return out
+
+    zero = jnp.zeros((bm, bn), _F32)
+    nk = kdim // bk
+    if segmented:
+        use = u_ref[b, rows]
+        # A second matmul against W0 only for row blocks holding tokens that do not read the state.
+        acc, acc0 = jax.lax.cond(
+            jnp.min(use) < 1.0,
+            lambda: jax.lax.fori_loop(0, nk, lambda k, a: step(k, a, True), (zero, zero)),
+            lambda: (jax.lax.fori_loop(0, nk, lambda k, a: step(k, a, False), (zero,))[0], zero))
+        acc = jnp.where(use[:, None] > 0, acc, acc0)
+    else:
+        (acc,) = jax.lax.fori_loop(0, nk, lambda k, a: step(k, a, False), (zero,))
+    if accumulate:
+        acc = acc + acc_ref[b, rows, cols].astype(_F32)
+    o_ref[b, rows, cols] = acc.astype(o_ref.dtype)
+
+
+def _update_kernel(i_ref, a_ref, x_ref, y_ref, s_ref, *refs, chunk, bf, bd, bk, scale, segmented):
+    """``s[fs, ds] = a_i * s[fs, ds] + scale * x[chunk]^T (use * y[chunk])`` for one state tile,
+    written in place (``o_ref`` aliases ``s_ref``)."""
+    refs = list(refs)
+    u_ref = refs.pop(0) if segmented else None
+    (o_ref,) = refs
+    b, fi, di = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    i = i_ref[0]
+    fs = pl.ds(pl.multiple_of(fi * bf, bf), bf)
+    ds = pl.ds(pl.multiple_of(di * bd, bd), bd)
+
+    def step(k, acc):
+        rows = pl.ds(pl.multiple_of(i * chunk + k * bk, bk), bk)
+        x = x_ref[b, rows, fs]
+        y = y_ref[b, rows, ds]
+        if segmented:
+            y = (y.astype(_F32) * u_ref[b, rows][:, None]).astype(y.dtype)
+        prec = jax.lax.Precision.HIGHEST if x.dtype == _F32 else None
+        return acc + jax.lax.dot_general(x, y.astype(x.dtype), (((0,), (0,)), ((), ())), precision=prec,
+                                         preferred_element_type=_F32)
+
+    acc = jax.lax.fori_loop(0, chunk // bk, step, jnp.zeros((bf, bd), _F32))
+    if scale != 1.0:
+        acc = scale * acc
+    o_ref[b, fs, ds] = a_ref[b, i] * s_ref[b, fs, ds] + acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers (one chunk each)
+# ---------------------------------------------------------------------------------------------
+
+
+def _mm(i, x, s, w0, use, buf, *, chunk, scale, transpose, cfg, accumulate=False):
+    """Write chunk ``i``'s rows of ``buf [B, N*C, Nc]`` (in place): ``x @ bf16(w0 + scale s)``
+    (``^T`` when ``transpose``), plus the rows' old value when ``accumulate``."""
+    bsz, _, kdim = x.shape
+    ncols = buf.shape[-1]
+    bm, bn, bk = _block(chunk, cfg.mm_m), _block(ncols, cfg.mm_n), _block(kdim, cfg.mm_k)
+    has_w0, segmented = w0 is not None, use is not None
+    kernel = functools.partial(_mm_kernel, chunk=chunk, bm=bm, bn=bn, bk=bk, kdim=kdim, transpose=transpose,
+                               scale=float(scale), has_w0=has_w0, segmented=segmented, accumulate=accumulate)
+    args = [i, x, s] + ([w0] if has_w0 else []) + ([use] if segmented else []) + [buf]
+    if not accumulate:
+        kernel = _drop_last_ref(kernel, len(args))
+    interpret = _interpret()
+    return pl.pallas_call(
+        kernel, grid=(bsz, chunk // bm, ncols // bn),
+        out_shape=jax.ShapeDtypeStruct(buf.shape, buf.dtype),
+        input_output_aliases={len(args) - 1: 0}, interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(cfg.mm_warps, cfg.mm_stages),
+        name="ttt_apply_t" if transpose else "ttt_apply",
+    )(*args)
+
+
+def _drop_last_ref(kernel, n_in):
+    """The kernel without the aliased output buffer's input ref (operand ``n_in - 1``): it is only
+    passed so that the untouched rows of the buffer keep their values."""
+    def wrapped(*refs):
+        return kernel(*refs[:n_in - 1], *refs[n_in:])
+    return wrapped
+
+
+def _update(i, a, x, y, s, use, *, chunk, scale, cfg):
+    """``s [B, F, D] <- a[:, i] s + scale x_i^T (use_i y_i)`` in place."""
+    bsz, fdim, ddim = s.shape
+    bf, bd, bk = _block(fdim, cfg.up_f), _block(ddim, cfg.up_d), _block(chunk, cfg.up_k)
+    segmented = use is not None
+    kernel = functools.partial(_update_kernel, chunk=chunk, bf=bf, bd=bd, bk=bk, scale=float(scale),
+                               segmented=segmented)
+    args = [i, a, x, y, s] + ([use] if segmented else [])
+    interpret = _interpret()
+    return pl.pallas_call(
+        kernel, grid=(bsz, fdim // bf, ddim // bd),
+        out_shape=jax.ShapeDtypeStruct(s.shape, _F32),
+        input_output_aliases={4: 0}, interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(cfg.up_warps, cfg.up_stages),
+        name="ttt_update",
+    )(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunk loops and their custom VJP
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat(x):
+    """``[B, N, C, ...]`` -> ``[B, N*C, ...]`` (a free reshape)."""
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _forward(z, vm, w0, use, a, s0, lr, segmented, cfg):
+    bsz, n, c, _ = z.shape
+    zf, vf = _flat(z), _flat(vm)
+    uf = _flat(use) if segmented else None
+    out0 = _zeros_tied((bsz, n * c, vm.shape[-1]), z.dtype, z, ())
+
+    def step(i, carry):
+        s, out = carry
+        ii = i.reshape(1)
+        out = _mm(ii, zf, s, w0, uf, out, chunk=c, scale=1.0, transpose=False, cfg=cfg)
+        s = _update(ii, a, zf, vf, s, None, chunk=c, scale=lr, cfg=cfg)
+        return s, out
+
+    s, out = jax.lax.fori_loop(0, n, step, (_tie(s0.astype(_F32), z), out0))
+    return out.reshape(bsz, n, c, -1), s
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def pallas_chunks(z, vm, w0, use, a, s0, lr, segmented, cfg=DEFAULT_CONFIG):
+    """In-Place TTT over chunks with the fused kernels; arguments and results as
+    :func:`ttt_jax.ops.inplace_ttt_scan.scan_chunks` (no ``clip_tau``), plus ``cfg``
+    (:class:`KernelConfig`). ``C``, ``F`` and ``D`` must be multiples of 16 (:func:`supports`)."""
+    return _forward(z, vm, w0, use, a, s0, lr, segmented, cfg)
+
+
+def _pallas_fwd(z, vm, w0, use, a, s0, lr, segmented, cfg):
+    return _forward(z, vm, w0, use, a, s0, lr, segmented, cfg), (z, vm, w0, use, a, s0)
+
+
+def _pallas_bwd(lr, segmented, cfg, res, cotangents):
+    z, vm, w0, use, a, s0 = res
+    g, g_state = cotangents
+    bsz, n, c, _ = z.shape
+    zf, vf, gf = _flat(z), _flat(vm), _flat(g.astype(z.dtype))
+    uf = _flat(use) if segmented else None
+
+    # Pass 1 (forward order): recompute S_i; dz_i = g_i bf16(W0 + S_i)^T (use-masked when packed).
+    def fwd_step(i, carry):
+        s, dz = carry
+        ii = i.reshape(1)
+        dz = _mm(ii, gf, s, w0, uf, dz, chunk=c, scale=1.0, transpose=True, cfg=cfg)
+        s = _update(ii, a, zf, vf, s, None, chunk=c, scale=lr, cfg=cfg)
+        return s, dz
+
+    dz0 = _zeros_tied(zf.shape, z.dtype, g, ())
+    _, dz = jax.lax.fori_loop(0, n, fwd_step, (_tie(s0.astype(_F32), g), dz0))
+
+    # Pass 2 (reverse order): G = dL/dS_{i+1}; dK_i = lr G_{i+1} enters the matmuls as bf16.
+    def bwd_step(j, carry):
+        grad, dz, dv = carry
+        ii = (n - 1 - j).reshape(1)
+        dz = _mm(ii, vf, grad, None, None, dz, chunk=c, scale=lr, transpose=True, cfg=cfg, accumulate=True)
+        dv = _mm(ii, zf, grad, None, None, dv, chunk=c, scale=lr, transpose=False, cfg=cfg)
+        grad = _update(ii, a, zf, gf, grad, uf, chunk=c, scale=1.0, cfg=cfg)
+        return grad, dz, dv
+
+    dv0 = _zeros_tied(vf.shape, vm.dtype, g, ())
+    g_in = _tie(g_state.astype(_F32), g)
+    ds0, dz, dv = jax.lax.fori_loop(0, n, bwd_step, (g_in, dz, dv0))
+    if segmented:
+        dw0 = jnp.einsum("btf,btd->fd", zf, gf, preferred_element_type=_F32)
+    else:
+        # One document: G_0 = sum_i Z_i^T g_i + a_{N-1} G_N, and the sum is dW0.
+        dw0 = jnp.sum(ds0 - a[:, -1, None, None] * g_in, axis=0)
+    shape = lambda x, like: x.reshape(like.shape)  # noqa: E731
+    zeros = jnp.zeros_like
+    return (shape(dz, z), shape(dv, vm), dw0.astype(w0.dtype), zeros(use), zeros(a), ds0.astype(s0.dtype))
+
+
+pallas_chunks.defvjp(_pallas_fwd, _pallas_bwd)
