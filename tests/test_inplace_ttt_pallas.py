@@ -133,3 +133,25 @@ def test_unsupported_calls_refused_or_routed_to_scan(monkeypatch):
     assert op_module._resolve_auto(F, D, 12, False, None) == "scan"
     monkeypatch.setattr(pallas, "auto_prefers_kernel", lambda *a: False)
     assert op_module._resolve_auto(F, D, C, False, None) == "scan"
+
+
+def test_epilogue_apply_matches_scan():
+    """``KernelConfig(apply="epilogue")`` (the update kernel emits the bf16 weight, the applies are
+    XLA matmuls): one document with state in and out, values and gradients against the scan."""
+    from ttt_jax.ops.inplace_ttt_layout import chunk_layout, pad_to_chunks
+    from ttt_jax.ops.inplace_ttt_scan import scan_chunks
+
+    length = 48
+    z, v, w0, cot, s0 = _inputs(length, seed=4)
+    cot_s = jax.random.normal(jax.random.key(8), (B, F, D))
+    lay = chunk_layout(B, length, C, None, jnp.ones((B,), bool))
+    zc, cotc = pad_to_chunks(z, C), pad_to_chunks(cot, C)
+    vm = pad_to_chunks(v, C) * lay.upd[..., None]
+    cfg = pallas.KernelConfig(apply="epilogue")
+    kern = lambda zc, vm, w0, s0: pallas.pallas_chunks(zc, vm, w0, lay.use, lay.a, s0, LR, False, cfg)
+    scan = lambda zc, vm, w0, s0: scan_chunks(zc, vm, w0, lay.use, lay.a, s0, LR, None, False)
+    (out, st), grads = _vg(kern, zc, vm, w0, s0, cots=(cotc, cot_s))
+    (want, st_want), gwant = _vg(scan, zc, vm, w0, s0, cots=(cotc, cot_s))
+    assert _rel(out, want) < 1e-5 and _rel(st, st_want) < 1e-5
+    for name, a, b in zip(("z", "vm", "w0", "s0"), grads, gwant):
+        assert _rel(a, b) < 1e-4, name

@@ -55,6 +55,11 @@ class KernelConfig:
     ``mm_*``: the apply-style matmuls ``[rows, K] @ [K, cols]``, ``mm_m`` rows of the chunk,
     ``mm_n`` output columns, ``mm_k`` contraction step. ``up_*``: the state update, an
     ``up_f x up_d`` tile of the state per program, ``up_k`` chunk rows per step.
+
+    ``apply``: ``"prologue"`` builds ``bf16(W0 + S)`` (and ``bf16(lr G)``) tile by tile in the
+    apply matmuls' prologue (Pallas kernels); ``"epilogue"`` has the update kernel's epilogue also
+    write that bf16 matrix (``[F, D]`` bf16, one per batch row) for the next chunk, and the applies
+    are XLA's bf16 matmuls (cuBLAS). Packed documents always use ``"prologue"``.
     """
 
     mm_m: int = 128
@@ -67,6 +72,7 @@ class KernelConfig:
     up_k: int = 32
     up_warps: int = 8
     up_stages: int = 3
+    apply: str = "prologue"
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -176,12 +182,16 @@ def _mm_kernel(i_ref, x_ref, s_ref, *refs, chunk, bm, bn, bk, kdim, transpose, s
     o_ref[b, rows, cols] = acc.astype(o_ref.dtype)
 
 
-def _update_kernel(i_ref, a_ref, x_ref, y_ref, s_ref, *refs, chunk, bf, bd, bk, scale, segmented):
+def _update_kernel(i_ref, a_ref, x_ref, y_ref, s_ref, *refs, chunk, bf, bd, bk, scale, segmented, emit,
+                   has_w0):
     """``s[fs, ds] = a_i * s[fs, ds] + scale * x[chunk]^T (use * y[chunk])`` for one state tile,
-    written in place (``o_ref`` aliases ``s_ref``)."""
+    written in place (``o_ref`` aliases ``s_ref``). With ``emit`` (a float), also
+    ``w[fs, ds] = bf16(w0 + emit * s_new)`` (``w0`` only when ``has_w0``) into ``w_ref``."""
     refs = list(refs)
     u_ref = refs.pop(0) if segmented else None
-    (o_ref,) = refs
+    w0_ref = refs.pop(0) if has_w0 else None
+    o_ref = refs.pop(0)
+    w_ref = refs.pop(0) if emit is not None else None
     b, fi, di = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     i = i_ref[0]
     fs = pl.ds(pl.multiple_of(fi * bf, bf), bf)
@@ -200,7 +210,13 @@ def _update_kernel(i_ref, a_ref, x_ref, y_ref, s_ref, *refs, chunk, bf, bd, bk, 
     acc = jax.lax.fori_loop(0, chunk // bk, step, jnp.zeros((bf, bd), _F32))
     if scale != 1.0:
         acc = scale * acc
-    o_ref[b, fs, ds] = a_ref[b, i] * s_ref[b, fs, ds] + acc
+    s_new = a_ref[b, i] * s_ref[b, fs, ds] + acc
+    o_ref[b, fs, ds] = s_new
+    if emit is not None:
+        w = s_new if emit == 1.0 else emit * s_new
+        if has_w0:
+            w = w + w0_ref[fs, ds].astype(_F32)
+        w_ref[b, fs, ds] = w.astype(w_ref.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,18 +254,23 @@ def _drop_last_ref(kernel, n_in):
     return wrapped
 
 
-def _update(i, a, x, y, s, use, *, chunk, scale, cfg):
-    """``s [B, F, D] <- a[:, i] s + scale x_i^T (use_i y_i)`` in place."""
+def _update(i, a, x, y, s, use, *, chunk, scale, cfg, emit=None, w0=None):
+    """``s [B, F, D] <- a[:, i] s + scale x_i^T (use_i y_i)`` in place; with ``emit`` (a float) returns
+    ``(s, bf16(w0 + emit * s))`` (in ``x.dtype``; ``w0`` optional)."""
     bsz, fdim, ddim = s.shape
     bf, bd, bk = _block(fdim, cfg.up_f), _block(ddim, cfg.up_d), _block(chunk, cfg.up_k)
     segmented = use is not None
     kernel = functools.partial(_update_kernel, chunk=chunk, bf=bf, bd=bd, bk=bk, scale=float(scale),
-                               segmented=segmented)
-    args = [i, a, x, y, s] + ([use] if segmented else [])
+                               segmented=segmented, emit=None if emit is None else float(emit),
+                               has_w0=w0 is not None)
+    args = [i, a, x, y, s] + ([use] if segmented else []) + ([w0] if w0 is not None else [])
+    out_shape = jax.ShapeDtypeStruct(s.shape, _F32)
+    if emit is not None:
+        out_shape = (out_shape, jax.ShapeDtypeStruct(s.shape, x.dtype))
     interpret = _interpret()
     return pl.pallas_call(
         kernel, grid=(bsz, fdim // bf, ddim // bd),
-        out_shape=jax.ShapeDtypeStruct(s.shape, _F32),
+        out_shape=out_shape,
         input_output_aliases={4: 0}, interpret=interpret,
         compiler_params=None if interpret else _compiler_params(cfg.up_warps, cfg.up_stages),
         name="ttt_update",
@@ -266,11 +287,43 @@ def _flat(x):
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
+def _rows(x, i, c):
+    """Chunk ``i`` of ``[B, N*C, K]``."""
+    return jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
+
+
+def _put(buf, i, c, val):
+    return jax.lax.dynamic_update_slice_in_dim(buf, val.astype(buf.dtype), i * c, axis=1)
+
+
+def _xla_mm(eq, x, w):
+    """An XLA matmul on the (low-precision) operands, fp32 accumulation and result."""
+    return jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=_F32)
+
+
+def _epilogue_mode(cfg, segmented: bool) -> bool:
+    if cfg.apply not in ("prologue", "epilogue"):
+        raise ValueError(f"KernelConfig.apply must be 'prologue' or 'epilogue', got {cfg.apply!r}")
+    return cfg.apply == "epilogue" and not segmented
+
+
 def _forward(z, vm, w0, use, a, s0, lr, segmented, cfg):
     bsz, n, c, _ = z.shape
     zf, vf = _flat(z), _flat(vm)
     uf = _flat(use) if segmented else None
     out0 = _zeros_tied((bsz, n * c, vm.shape[-1]), z.dtype, z, ())
+    if _epilogue_mode(cfg, segmented):
+        s_init = _tie(s0.astype(_F32), z)
+        wb0 = (w0.astype(_F32)[None] + s_init).astype(z.dtype)
+
+        def estep(i, carry):
+            s, wb, out = carry
+            out = _put(out, i, c, _xla_mm("bcf,bfd->bcd", _rows(zf, i, c), wb))
+            s, wb = _update(i.reshape(1), a, zf, vf, s, None, chunk=c, scale=lr, cfg=cfg, emit=1.0, w0=w0)
+            return s, wb, out
+
+        s, _, out = jax.lax.fori_loop(0, n, estep, (s_init, wb0, out0))
+        return out.reshape(bsz, n, c, -1), s
 
     def step(i, carry):
         s, out = carry
@@ -301,6 +354,9 @@ def _pallas_bwd(lr, segmented, cfg, res, cotangents):
     bsz, n, c, _ = z.shape
     zf, vf, gf = _flat(z), _flat(vm), _flat(g.astype(z.dtype))
     uf = _flat(use) if segmented else None
+
+    if _epilogue_mode(cfg, segmented):
+        return _bwd_epilogue(lr, cfg, z, vm, w0, use, a, s0, g, g_state)
 
     # Pass 1 (forward order): recompute S_i; dz_i = g_i bf16(W0 + S_i)^T (use-masked when packed).
     def fwd_step(i, carry):
@@ -333,6 +389,39 @@ def _pallas_bwd(lr, segmented, cfg, res, cotangents):
     shape = lambda x, like: x.reshape(like.shape)  # noqa: E731
     zeros = jnp.zeros_like
     return (shape(dz, z), shape(dv, vm), dw0.astype(w0.dtype), zeros(use), zeros(a), ds0.astype(s0.dtype))
+
+
+def _bwd_epilogue(lr, cfg, z, vm, w0, use, a, s0, g, g_state):
+    """The backward pass of one document with ``apply="epilogue"``: the update kernels emit
+    ``bf16(W0 + S_{i+1})`` and ``bf16(lr G_i)``, the applies are XLA matmuls."""
+    bsz, n, c, _ = z.shape
+    zf, vf, gf = _flat(z), _flat(vm), _flat(g.astype(z.dtype))
+    s_init = _tie(s0.astype(_F32), g)
+    wb0 = (w0.astype(_F32)[None] + s_init).astype(z.dtype)
+
+    def fwd_step(i, carry):
+        s, wb, dz = carry
+        dz = _put(dz, i, c, _xla_mm("bcd,bfd->bcf", _rows(gf, i, c), wb))
+        s, wb = _update(i.reshape(1), a, zf, vf, s, None, chunk=c, scale=lr, cfg=cfg, emit=1.0, w0=w0)
+        return s, wb, dz
+
+    _, _, dz = jax.lax.fori_loop(0, n, fwd_step, (s_init, wb0, _zeros_tied(zf.shape, z.dtype, g, ())))
+
+    def bwd_step(j, carry):
+        grad, gb, dz, dv = carry
+        i = n - 1 - j
+        vi, zi = _rows(vf, i, c), _rows(zf, i, c)
+        dz = _put(dz, i, c, _rows(dz, i, c).astype(_F32) + _xla_mm("bcd,bfd->bcf", vi, gb))
+        dv = _put(dv, i, c, _xla_mm("bcf,bfd->bcd", zi, gb))
+        grad, gb = _update(i.reshape(1), a, zf, gf, grad, None, chunk=c, scale=1.0, cfg=cfg, emit=lr)
+        return grad, gb, dz, dv
+
+    g_in = _tie(g_state.astype(_F32), g)
+    carry = (g_in, (lr * g_in).astype(z.dtype), dz, _zeros_tied(vf.shape, vm.dtype, g, ()))
+    ds0, _, dz, dv = jax.lax.fori_loop(0, n, bwd_step, carry)
+    dw0 = jnp.sum(ds0 - a[:, -1, None, None] * g_in, axis=0)
+    return (dz.reshape(z.shape), dv.reshape(vm.shape), dw0.astype(w0.dtype), jnp.zeros_like(use),
+            jnp.zeros_like(a), ds0.astype(s0.dtype))
 
 
 pallas_chunks.defvjp(_pallas_fwd, _pallas_bwd)
