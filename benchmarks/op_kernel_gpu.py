@@ -9,8 +9,11 @@ neither pass can be dropped (tested in tests/test_honest_baselines.py). Rows:
 * ``plain``: ``z @ w0`` in bf16 (bf16 operands forward and backward, fp32 accumulation); its
   lowered program is checked once for exactly three matmuls, none with an fp32 operand.
 * ``scan``: ``inplace_ttt(impl="scan")``.
-* ``pallas``: ``inplace_ttt(impl="pallas")``; its output and gradients are compared with the scan's
-  of the same inputs (relative error at bf16 tolerance; ``match`` in the row).
+* ``pallas``: ``inplace_ttt(impl="pallas")`` (``KernelConfig.apply="prologue"``: the state enters
+  the Pallas matmuls' prologue); ``pallas_epilogue``: the same kernel with ``apply="epilogue"``
+  (the update kernel also writes the bf16 weight, the applies are XLA matmuls). Their outputs and
+  gradients are compared with the scan's of the same inputs (relative error at bf16 tolerance;
+  ``match`` in the row).
 * ``torch_plain``, ``torch_official``: PyTorch, autograd, bf16: the dense layer, and the official
   scheme of ByteDance-Seed/In-Place-TTT (``hf_models/hf_qwen3/modeling_qwen3.py``, ``Qwen3MLP``):
   per-chunk deltas ``v_i^T z_i`` for all chunks but the last, ``lr``-scaled and concatenated after
@@ -235,7 +238,9 @@ def bench(args) -> list:
             checked = True
         base, scan_result = None, None
         for name in args.impls:
-            fn = {"plain": op_bench.plain}.get(name) or (
+            fn = {"plain": op_bench.plain,
+                  "pallas_epilogue": _pallas_with(dataclasses.replace(kernel.DEFAULT_CONFIG, apply="epilogue")),
+                  }.get(name) or (
                 lambda z, v, w0, lr, chunk_size, _i=name: inplace_ttt(z, v, w0, lr=lr, chunk_size=chunk_size,
                                                                       impl=_i))
             try:
@@ -252,7 +257,7 @@ def bench(args) -> list:
                     row["extra_gib"] = row["temp_gib"] - base["temp_gib"]
             if name == "scan":
                 scan_result = result
-            elif name == "pallas" and scan_result is not None:
+            elif name.startswith("pallas") and scan_result is not None:
                 errs = {"out": _rel(result[0], scan_result[0])}
                 errs.update({f"d{k}": _rel(a, b) for k, a, b in zip(("z", "v", "w0"), result[1], scan_result[1])})
                 row["rel_err_vs_scan"] = errs
@@ -271,17 +276,22 @@ def bench(args) -> list:
 
 
 def sweep(args) -> list:
-    """The kernel's tile configurations at the first length and chunk."""
+    """The kernel's tile configurations at the first length and chunk (one document, bf16); prints
+    the fastest."""
     rows = []
     t, c, d, f = args.lengths[0], args.chunks[0], args.d_model, args.d_ff
     z, v, w0, cot = _inputs(t, d, f)
     base, _ = _jax_row("plain", op_bench.plain, (z, v, w0, cot), t, c, d, f, args.warmup, args.iters)
     _emit(base, rows)
+    kc = kernel.KernelConfig
     cfgs = [kernel.DEFAULT_CONFIG,
-            kernel.KernelConfig(mm_k=64, up_k=64, mm_stages=3, up_stages=3),
-            kernel.KernelConfig(mm_m=128, mm_n=256, mm_k=32, up_f=128, up_d=256, up_k=32),
-            kernel.KernelConfig(mm_m=64, mm_n=128, mm_k=64, mm_warps=4, up_f=64, up_d=128, up_k=64, up_warps=4),
-            kernel.KernelConfig(mm_stages=4, up_stages=4, mm_k=32, up_k=32)]
+            kc(mm_m=64, mm_n=128, mm_k=64, mm_warps=4),
+            kc(mm_m=128, mm_n=256, mm_k=32),
+            kc(mm_k=64, up_k=64, mm_stages=3, up_stages=3),
+            kc(apply="epilogue"),
+            kc(apply="epilogue", up_f=64, up_d=128, up_k=64, up_warps=4),
+            kc(apply="epilogue", up_f=128, up_d=256, up_k=32, up_stages=4),
+            kc(apply="epilogue", up_k=64, up_stages=2)]
     for cfg in cfgs:
         try:
             row, _ = _jax_row("pallas", _pallas_with(cfg), (z, v, w0, cot), t, c, d, f, args.warmup, args.iters)
@@ -289,6 +299,10 @@ def sweep(args) -> list:
         except Exception as e:
             row = dict(impl="pallas", config=dataclasses.asdict(cfg), error=f"{type(e).__name__}: {str(e)[:300]}")
         _emit(row, rows)
+    ok = [r for r in rows[1:] if "ms" in r]
+    if ok:
+        best = min(ok, key=lambda r: r["ms"])
+        print("BEST " + json.dumps(dict(ms=best["ms"], ratio=best["ratio"], config=best["config"])), flush=True)
     return rows
 
 
@@ -381,7 +395,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="kernel tile configurations at the first T and chunk")
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--chunks", type=int, nargs="+", default=[1024, 4096])
-    p.add_argument("--impls", nargs="+", default=["plain", "scan", "pallas"])
+    p.add_argument("--impls", nargs="+", default=["plain", "scan", "pallas", "pallas_epilogue"])
     p.add_argument("--d-model", type=int, default=2560)
     p.add_argument("--d-ff", type=int, default=9728)
     p.add_argument("--warmup", type=int, default=2)
