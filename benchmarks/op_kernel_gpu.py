@@ -95,9 +95,9 @@ def _pallas_with(cfg):
     def fn(z, v, w0, *, lr, chunk_size):
         b, t, f = z.shape
         lay = chunk_layout(b, t, chunk_size)
-        vm = pad_to_chunks(v, chunk_size) * lay.upd[..., None].astype(v.dtype)
         s0 = jnp.zeros((b, f, v.shape[-1]), jnp.float32)
-        out, _ = kernel.pallas_chunks(pad_to_chunks(z, chunk_size), vm, w0, lay.use, lay.a, s0, lr, False, cfg)
+        out, _ = kernel.pallas_chunks(pad_to_chunks(z, chunk_size), pad_to_chunks(v, chunk_size), w0, lay.use,
+                                      lay.upd, lay.a, s0, lr, False, cfg)
         return unchunk(out, t)
     return fn
 

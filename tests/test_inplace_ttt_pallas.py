@@ -137,21 +137,22 @@ def test_unsupported_calls_refused_or_routed_to_scan(monkeypatch):
 
 def test_epilogue_apply_matches_scan():
     """``KernelConfig(apply="epilogue")`` (the update kernel emits the bf16 weight, the applies are
-    XLA matmuls): one document with state in and out, values and gradients against the scan."""
+    XLA matmuls): one document (odd T, the last chunk's update masked) with an initial state and the
+    final state's cotangent, values and gradients against the scan."""
     from ttt_jax.ops.inplace_ttt_layout import chunk_layout, pad_to_chunks
     from ttt_jax.ops.inplace_ttt_scan import scan_chunks
 
-    length = 48
+    length = 45
     z, v, w0, cot, s0 = _inputs(length, seed=4)
     cot_s = jax.random.normal(jax.random.key(8), (B, F, D))
-    lay = chunk_layout(B, length, C, None, jnp.ones((B,), bool))
-    zc, cotc = pad_to_chunks(z, C), pad_to_chunks(cot, C)
-    vm = pad_to_chunks(v, C) * lay.upd[..., None]
+    lay = chunk_layout(B, length, C)
+    zc, vc, cotc = pad_to_chunks(z, C), pad_to_chunks(v, C), pad_to_chunks(cot, C)
     cfg = pallas.KernelConfig(apply="epilogue")
-    kern = lambda zc, vm, w0, s0: pallas.pallas_chunks(zc, vm, w0, lay.use, lay.a, s0, LR, False, cfg)
-    scan = lambda zc, vm, w0, s0: scan_chunks(zc, vm, w0, lay.use, lay.a, s0, LR, None, False)
-    (out, st), grads = _vg(kern, zc, vm, w0, s0, cots=(cotc, cot_s))
-    (want, st_want), gwant = _vg(scan, zc, vm, w0, s0, cots=(cotc, cot_s))
+    kern = lambda zc, vc, w0, s0: pallas.pallas_chunks(zc, vc, w0, lay.use, lay.upd, lay.a, s0, LR, False, cfg)
+    scan = lambda zc, vc, w0, s0: scan_chunks(zc, vc * lay.upd[..., None], w0, lay.use, lay.a, s0, LR, None,
+                                              False)
+    (out, st), grads = _vg(kern, zc, vc, w0, s0, cots=(cotc, cot_s))
+    (want, st_want), gwant = _vg(scan, zc, vc, w0, s0, cots=(cotc, cot_s))
     assert _rel(out, want) < 1e-5 and _rel(st, st_want) < 1e-5
-    for name, a, b in zip(("z", "vm", "w0", "s0"), grads, gwant):
+    for name, a, b in zip(("z", "v", "w0", "s0"), grads, gwant):
         assert _rel(a, b) < 1e-4, name

@@ -146,13 +146,16 @@ def inplace_ttt(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float, chunk_s
         return (out, final) if return_state else out
     lay = chunk_layout(b, t, chunk_size, segment_ids, continues)
     zc = pad_to_chunks(z, chunk_size)
-    vm = pad_to_chunks(v, chunk_size) * lay.upd[..., None].astype(v.dtype)
     if impl == "auto":
         impl = _resolve_auto(f, v.shape[-1], chunk_size, lay.segmented, clip_tau)
+    if impl == "pallas":  # masks v inside its kernels (no masked copy of v)
+        out, final = pallas.pallas_chunks(zc, pad_to_chunks(v, chunk_size), w0, lay.use, lay.upd, lay.a, s0, lr,
+                                          lay.segmented)
+        out = unchunk(out, t)
+        return (out, final) if return_state else out
+    vm = pad_to_chunks(v, chunk_size) * lay.upd[..., None].astype(v.dtype)
     if impl == "associative":
         out, final = _associative(zc, vm, w0, lay, lr, clip_tau, s0)
-    elif impl == "pallas":
-        out, final = pallas.pallas_chunks(zc, vm, w0, lay.use, lay.a, s0, lr, lay.segmented)
     else:
         out, final = scan_chunks(zc, vm, w0, lay.use, lay.a, s0, lr, clip_tau, lay.segmented)
     out = unchunk(out, t)

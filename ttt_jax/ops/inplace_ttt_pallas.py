@@ -131,16 +131,18 @@ def _dot(x, w, transpose: bool):
 
 
 def _mm_kernel(i_ref, x_ref, s_ref, *refs, chunk, bm, bn, bk, kdim, transpose, scale, has_w0,
-               segmented, accumulate):
+               segmented, row_mask, accumulate):
     """``out[rows, cols] (+)= x[rows] @ bf16(w0 + scale * s)`` for one ``[bm, bn]`` output tile.
 
     ``x_ref [B, N*C, K]``; ``s_ref [B, K, Nc]`` (``[B, Nc, K]`` when ``transpose``); ``w0_ref`` like
     ``s_ref`` without the batch; ``u_ref [B, N*C]`` use mask (segmented: rows with ``use = 0`` get
-    ``x @ w0``); ``acc_ref`` the aliased input of ``o_ref`` when accumulating.
+    ``x @ w0``); ``m_ref [B, N*C]`` a row mask applied to the product (``row_mask``); ``acc_ref`` the
+    aliased input of ``o_ref`` when accumulating.
     """
     refs = list(refs)
     w0_ref = refs.pop(0) if has_w0 else None
     u_ref = refs.pop(0) if segmented else None
+    m_ref = refs.pop(0) if row_mask else None
     acc_ref = refs.pop(0) if accumulate else None
     (o_ref,) = refs
     b, m, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -177,18 +179,20 @@ def _mm_kernel(i_ref, x_ref, s_ref, *refs, chunk, bm, bn, bk, kdim, transpose, s
         acc = jnp.where(use[:, None] > 0, acc, acc0)
     else:
         (acc,) = jax.lax.fori_loop(0, nk, lambda k, a: step(k, a, False), (zero,))
+    if row_mask:
+        acc = acc * m_ref[b, rows][:, None]
     if accumulate:
         acc = acc + acc_ref[b, rows, cols].astype(_F32)
     o_ref[b, rows, cols] = acc.astype(o_ref.dtype)
 
 
-def _update_kernel(i_ref, a_ref, x_ref, y_ref, s_ref, *refs, chunk, bf, bd, bk, scale, segmented, emit,
+def _update_kernel(i_ref, a_ref, x_ref, y_ref, s_ref, *refs, chunk, bf, bd, bk, scale, masked, emit,
                    has_w0):
-    """``s[fs, ds] = a_i * s[fs, ds] + scale * x[chunk]^T (use * y[chunk])`` for one state tile,
+    """``s[fs, ds] = a_i * s[fs, ds] + scale * x[chunk]^T (mask * y[chunk])`` for one state tile,
     written in place (``o_ref`` aliases ``s_ref``). With ``emit`` (a float), also
     ``w[fs, ds] = bf16(w0 + emit * s_new)`` (``w0`` only when ``has_w0``) into ``w_ref``."""
     refs = list(refs)
-    u_ref = refs.pop(0) if segmented else None
+    m_ref = refs.pop(0) if masked else None
     w0_ref = refs.pop(0) if has_w0 else None
     o_ref = refs.pop(0)
     w_ref = refs.pop(0) if emit is not None else None
@@ -201,8 +205,8 @@ def _update_kernel(i_ref, a_ref, x_ref, y_ref, s_ref, *refs, chunk, bf, bd, bk, 
         rows = pl.ds(pl.multiple_of(i * chunk + k * bk, bk), bk)
         x = x_ref[b, rows, fs]
         y = y_ref[b, rows, ds]
-        if segmented:
-            y = (y.astype(_F32) * u_ref[b, rows][:, None]).astype(y.dtype)
+        if masked:
+            y = (y.astype(_F32) * m_ref[b, rows][:, None]).astype(y.dtype)
         prec = jax.lax.Precision.HIGHEST if x.dtype == _F32 else None
         return acc + jax.lax.dot_general(x, y.astype(x.dtype), (((0,), (0,)), ((), ())), precision=prec,
                                          preferred_element_type=_F32)
@@ -224,16 +228,19 @@ def _update_kernel(i_ref, a_ref, x_ref, y_ref, s_ref, *refs, chunk, bf, bd, bk, 
 # ---------------------------------------------------------------------------------------------
 
 
-def _mm(i, x, s, w0, use, buf, *, chunk, scale, transpose, cfg, accumulate=False):
+def _mm(i, x, s, w0, use, buf, *, chunk, scale, transpose, cfg, accumulate=False, mask=None):
     """Write chunk ``i``'s rows of ``buf [B, N*C, Nc]`` (in place): ``x @ bf16(w0 + scale s)``
-    (``^T`` when ``transpose``), plus the rows' old value when ``accumulate``."""
+    (``^T`` when ``transpose``; rows times ``mask [B, N*C]`` when given), plus the rows' old value
+    when ``accumulate``."""
     bsz, _, kdim = x.shape
     ncols = buf.shape[-1]
     bm, bn, bk = _block(chunk, cfg.mm_m), _block(ncols, cfg.mm_n), _block(kdim, cfg.mm_k)
     has_w0, segmented = w0 is not None, use is not None
     kernel = functools.partial(_mm_kernel, chunk=chunk, bm=bm, bn=bn, bk=bk, kdim=kdim, transpose=transpose,
-                               scale=float(scale), has_w0=has_w0, segmented=segmented, accumulate=accumulate)
-    args = [i, x, s] + ([w0] if has_w0 else []) + ([use] if segmented else []) + [buf]
+                               scale=float(scale), has_w0=has_w0, segmented=segmented, row_mask=mask is not None,
+                               accumulate=accumulate)
+    args = ([i, x, s] + ([w0] if has_w0 else []) + ([use] if segmented else []) + ([mask] if mask is not None else [])
+            + [buf])
     if not accumulate:
         kernel = _drop_last_ref(kernel, len(args))
     interpret = _interpret()
@@ -254,16 +261,15 @@ def _drop_last_ref(kernel, n_in):
     return wrapped
 
 
-def _update(i, a, x, y, s, use, *, chunk, scale, cfg, emit=None, w0=None):
-    """``s [B, F, D] <- a[:, i] s + scale x_i^T (use_i y_i)`` in place; with ``emit`` (a float) returns
+def _update(i, a, x, y, s, mask, *, chunk, scale, cfg, emit=None, w0=None):
+    """``s [B, F, D] <- a[:, i] s + scale x_i^T (mask_i y_i)`` in place; with ``emit`` (a float) returns
     ``(s, bf16(w0 + emit * s))`` (in ``x.dtype``; ``w0`` optional)."""
     bsz, fdim, ddim = s.shape
     bf, bd, bk = _block(fdim, cfg.up_f), _block(ddim, cfg.up_d), _block(chunk, cfg.up_k)
-    segmented = use is not None
     kernel = functools.partial(_update_kernel, chunk=chunk, bf=bf, bd=bd, bk=bk, scale=float(scale),
-                               segmented=segmented, emit=None if emit is None else float(emit),
+                               masked=mask is not None, emit=None if emit is None else float(emit),
                                has_w0=w0 is not None)
-    args = [i, a, x, y, s] + ([use] if segmented else []) + ([w0] if w0 is not None else [])
+    args = [i, a, x, y, s] + ([mask] if mask is not None else []) + ([w0] if w0 is not None else [])
     out_shape = jax.ShapeDtypeStruct(s.shape, _F32)
     if emit is not None:
         out_shape = (out_shape, jax.ShapeDtypeStruct(s.shape, x.dtype))
@@ -307,11 +313,11 @@ def _epilogue_mode(cfg, segmented: bool) -> bool:
     return cfg.apply == "epilogue" and not segmented
 
 
-def _forward(z, vm, w0, use, a, s0, lr, segmented, cfg):
+def _forward(z, v, w0, use, upd, a, s0, lr, segmented, cfg):
     bsz, n, c, _ = z.shape
-    zf, vf = _flat(z), _flat(vm)
+    zf, vf, pf = _flat(z), _flat(v), _flat(upd)
     uf = _flat(use) if segmented else None
-    out0 = _zeros_tied((bsz, n * c, vm.shape[-1]), z.dtype, z, ())
+    out0 = _zeros_tied((bsz, n * c, v.shape[-1]), z.dtype, z, ())
     if _epilogue_mode(cfg, segmented):
         s_init = _tie(s0.astype(_F32), z)
         wb0 = (w0.astype(_F32)[None] + s_init).astype(z.dtype)
@@ -319,7 +325,7 @@ def _forward(z, vm, w0, use, a, s0, lr, segmented, cfg):
         def estep(i, carry):
             s, wb, out = carry
             out = _put(out, i, c, _xla_mm("bcf,bfd->bcd", _rows(zf, i, c), wb))
-            s, wb = _update(i.reshape(1), a, zf, vf, s, None, chunk=c, scale=lr, cfg=cfg, emit=1.0, w0=w0)
+            s, wb = _update(i.reshape(1), a, zf, vf, s, pf, chunk=c, scale=lr, cfg=cfg, emit=1.0, w0=w0)
             return s, wb, out
 
         s, _, out = jax.lax.fori_loop(0, n, estep, (s_init, wb0, out0))
@@ -329,41 +335,46 @@ def _forward(z, vm, w0, use, a, s0, lr, segmented, cfg):
         s, out = carry
         ii = i.reshape(1)
         out = _mm(ii, zf, s, w0, uf, out, chunk=c, scale=1.0, transpose=False, cfg=cfg)
-        s = _update(ii, a, zf, vf, s, None, chunk=c, scale=lr, cfg=cfg)
+        s = _update(ii, a, zf, vf, s, pf, chunk=c, scale=lr, cfg=cfg)
         return s, out
 
     s, out = jax.lax.fori_loop(0, n, step, (_tie(s0.astype(_F32), z), out0))
     return out.reshape(bsz, n, c, -1), s
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def pallas_chunks(z, vm, w0, use, a, s0, lr, segmented, cfg=DEFAULT_CONFIG):
-    """In-Place TTT over chunks with the fused kernels; arguments and results as
-    :func:`ttt_jax.ops.inplace_ttt_scan.scan_chunks` (no ``clip_tau``), plus ``cfg``
-    (:class:`KernelConfig`). ``C``, ``F`` and ``D`` must be multiples of 16 (:func:`supports`)."""
-    return _forward(z, vm, w0, use, a, s0, lr, segmented, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def pallas_chunks(z, v, w0, use, upd, a, s0, lr, segmented, cfg=DEFAULT_CONFIG):
+    """In-Place TTT over chunks with the fused kernels.
+
+    As :func:`ttt_jax.ops.inplace_ttt_scan.scan_chunks` (no ``clip_tau``), except that the targets
+    ``v [B, N, C, D]`` come unmasked with their mask ``upd [B, N, C]`` (float 0/1; applied inside the
+    kernels, so no masked copy of ``v`` is made, and the gradient is w.r.t. ``v``), plus ``cfg``
+    (:class:`KernelConfig`). ``C``, ``F`` and ``D`` must be multiples of 16 (:func:`supports`).
+    Returns ``(out [B, N, C, D], s_final [B, F, D])``.
+    """
+    return _forward(z, v, w0, use, upd, a, s0, lr, segmented, cfg)
 
 
-def _pallas_fwd(z, vm, w0, use, a, s0, lr, segmented, cfg):
-    return _forward(z, vm, w0, use, a, s0, lr, segmented, cfg), (z, vm, w0, use, a, s0)
+def _pallas_fwd(z, v, w0, use, upd, a, s0, lr, segmented, cfg):
+    return _forward(z, v, w0, use, upd, a, s0, lr, segmented, cfg), (z, v, w0, use, upd, a, s0)
 
 
 def _pallas_bwd(lr, segmented, cfg, res, cotangents):
-    z, vm, w0, use, a, s0 = res
+    z, v, w0, use, upd, a, s0 = res
     g, g_state = cotangents
     bsz, n, c, _ = z.shape
-    zf, vf, gf = _flat(z), _flat(vm), _flat(g.astype(z.dtype))
+    zf, vf, gf, pf = _flat(z), _flat(v), _flat(g.astype(z.dtype)), _flat(upd)
     uf = _flat(use) if segmented else None
 
     if _epilogue_mode(cfg, segmented):
-        return _bwd_epilogue(lr, cfg, z, vm, w0, use, a, s0, g, g_state)
+        return _bwd_epilogue(lr, cfg, z, v, w0, use, upd, a, s0, g, g_state)
 
     # Pass 1 (forward order): recompute S_i; dz_i = g_i bf16(W0 + S_i)^T (use-masked when packed).
     def fwd_step(i, carry):
         s, dz = carry
         ii = i.reshape(1)
         dz = _mm(ii, gf, s, w0, uf, dz, chunk=c, scale=1.0, transpose=True, cfg=cfg)
-        s = _update(ii, a, zf, vf, s, None, chunk=c, scale=lr, cfg=cfg)
+        s = _update(ii, a, zf, vf, s, pf, chunk=c, scale=lr, cfg=cfg)
         return s, dz
 
     dz0 = _zeros_tied(zf.shape, z.dtype, g, ())
@@ -373,12 +384,14 @@ def _pallas_bwd(lr, segmented, cfg, res, cotangents):
     def bwd_step(j, carry):
         grad, dz, dv = carry
         ii = (n - 1 - j).reshape(1)
-        dz = _mm(ii, vf, grad, None, None, dz, chunk=c, scale=lr, transpose=True, cfg=cfg, accumulate=True)
-        dv = _mm(ii, zf, grad, None, None, dv, chunk=c, scale=lr, transpose=False, cfg=cfg)
+        # (upd v) dK^T and upd (z dK): the mask of a row scales that row of the product.
+        dz = _mm(ii, vf, grad, None, None, dz, chunk=c, scale=lr, transpose=True, cfg=cfg, accumulate=True,
+                 mask=pf)
+        dv = _mm(ii, zf, grad, None, None, dv, chunk=c, scale=lr, transpose=False, cfg=cfg, mask=pf)
         grad = _update(ii, a, zf, gf, grad, uf, chunk=c, scale=1.0, cfg=cfg)
         return grad, dz, dv
 
-    dv0 = _zeros_tied(vf.shape, vm.dtype, g, ())
+    dv0 = _zeros_tied(vf.shape, v.dtype, g, ())
     g_in = _tie(g_state.astype(_F32), g)
     ds0, dz, dv = jax.lax.fori_loop(0, n, bwd_step, (g_in, dz, dv0))
     if segmented:
@@ -388,21 +401,22 @@ def _pallas_bwd(lr, segmented, cfg, res, cotangents):
         dw0 = jnp.sum(ds0 - a[:, -1, None, None] * g_in, axis=0)
     shape = lambda x, like: x.reshape(like.shape)  # noqa: E731
     zeros = jnp.zeros_like
-    return (shape(dz, z), shape(dv, vm), dw0.astype(w0.dtype), zeros(use), zeros(a), ds0.astype(s0.dtype))
+    return (shape(dz, z), shape(dv, v), dw0.astype(w0.dtype), zeros(use), zeros(upd), zeros(a),
+            ds0.astype(s0.dtype))
 
 
-def _bwd_epilogue(lr, cfg, z, vm, w0, use, a, s0, g, g_state):
+def _bwd_epilogue(lr, cfg, z, v, w0, use, upd, a, s0, g, g_state):
     """The backward pass of one document with ``apply="epilogue"``: the update kernels emit
     ``bf16(W0 + S_{i+1})`` and ``bf16(lr G_i)``, the applies are XLA matmuls."""
     bsz, n, c, _ = z.shape
-    zf, vf, gf = _flat(z), _flat(vm), _flat(g.astype(z.dtype))
+    zf, vf, gf, pf = _flat(z), _flat(v), _flat(g.astype(z.dtype)), _flat(upd)
     s_init = _tie(s0.astype(_F32), g)
     wb0 = (w0.astype(_F32)[None] + s_init).astype(z.dtype)
 
     def fwd_step(i, carry):
         s, wb, dz = carry
         dz = _put(dz, i, c, _xla_mm("bcd,bfd->bcf", _rows(gf, i, c), wb))
-        s, wb = _update(i.reshape(1), a, zf, vf, s, None, chunk=c, scale=lr, cfg=cfg, emit=1.0, w0=w0)
+        s, wb = _update(i.reshape(1), a, zf, vf, s, pf, chunk=c, scale=lr, cfg=cfg, emit=1.0, w0=w0)
         return s, wb, dz
 
     _, _, dz = jax.lax.fori_loop(0, n, fwd_step, (s_init, wb0, _zeros_tied(zf.shape, z.dtype, g, ())))
@@ -410,18 +424,18 @@ def _bwd_epilogue(lr, cfg, z, vm, w0, use, a, s0, g, g_state):
     def bwd_step(j, carry):
         grad, gb, dz, dv = carry
         i = n - 1 - j
-        vi, zi = _rows(vf, i, c), _rows(zf, i, c)
-        dz = _put(dz, i, c, _rows(dz, i, c).astype(_F32) + _xla_mm("bcd,bfd->bcf", vi, gb))
-        dv = _put(dv, i, c, _xla_mm("bcf,bfd->bcd", zi, gb))
+        vi, zi, pi = _rows(vf, i, c), _rows(zf, i, c), _rows(pf, i, c)[..., None]
+        dz = _put(dz, i, c, _rows(dz, i, c).astype(_F32) + pi * _xla_mm("bcd,bfd->bcf", vi, gb))
+        dv = _put(dv, i, c, pi * _xla_mm("bcf,bfd->bcd", zi, gb))
         grad, gb = _update(i.reshape(1), a, zf, gf, grad, None, chunk=c, scale=1.0, cfg=cfg, emit=lr)
         return grad, gb, dz, dv
 
     g_in = _tie(g_state.astype(_F32), g)
-    carry = (g_in, (lr * g_in).astype(z.dtype), dz, _zeros_tied(vf.shape, vm.dtype, g, ()))
+    carry = (g_in, (lr * g_in).astype(z.dtype), dz, _zeros_tied(vf.shape, v.dtype, g, ()))
     ds0, _, dz, dv = jax.lax.fori_loop(0, n, bwd_step, carry)
     dw0 = jnp.sum(ds0 - a[:, -1, None, None] * g_in, axis=0)
-    return (dz.reshape(z.shape), dv.reshape(vm.shape), dw0.astype(w0.dtype), jnp.zeros_like(use),
-            jnp.zeros_like(a), ds0.astype(s0.dtype))
+    return (dz.reshape(z.shape), dv.reshape(v.shape), dw0.astype(w0.dtype), jnp.zeros_like(use),
+            jnp.zeros_like(upd), jnp.zeros_like(a), ds0.astype(s0.dtype))
 
 
 pallas_chunks.defvjp(_pallas_fwd, _pallas_bwd)
