@@ -322,13 +322,13 @@ def check(args) -> list:
             return out, vjp(cots)
         return run(*args_)
 
-    b, t, f, d, c = 2, 4096 - 77, 512, 256, 256
+    b, t, f, d, c = (2, 45, 32, 16, 16) if args.tiny else (2, 4096 - 77, 512, 256, 256)
     rng = np.random.default_rng(0)
     seg = []
     for _ in range(b):
         row, sid = [], 1
         while len(row) < t:
-            row += [sid] * int(rng.integers(100, 1500))
+            row += [sid] * int(rng.integers(c // 2, 6 * c))
             sid += 1
         seg.append(row[:t])
     seg = jnp.asarray(seg, jnp.int32)
@@ -372,7 +372,7 @@ def check(args) -> list:
                   rows)
             traceback.print_exc()
     # Full width, bf16, the benchmark's layout: kernel against scan.
-    t, c = 8192, 1024
+    t, c = (64, 16) if args.tiny else (8192, 1024)
     z, v, w0, cot = _inputs(t, args.d_model, args.d_ff)
     try:
         outs = {}
@@ -401,6 +401,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--no-torch", action="store_true", help="leave out the PyTorch anchor rows")
+    p.add_argument("--tiny", action="store_true", help="--check at toy sizes (a CPU smoke run of this script)")
     p.add_argument("--budget-s", type=float, default=330.0,
                    help="skip the remaining JAX shapes once this many seconds have passed")
     args = p.parse_args(argv)
