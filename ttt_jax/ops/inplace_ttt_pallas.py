@@ -30,6 +30,9 @@ clipping, and dims that are not multiples of 16.
 On a non-GPU backend the kernels run in Pallas interpret mode (tests). Block sizes and launch
 parameters are in :class:`KernelConfig`; whether ``impl="auto"`` takes this kernel is decided in
 :func:`auto_prefers_kernel` only.
+
+(Over the ~400-line guide: the two kernels, their launchers and the loops of both apply modes share
+their conventions and are kept in one module.)
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ttt_jax.ops.inplace_ttt_scan import _tie, _zeros_tied
+from ttt_jax.ops.inplace_ttt_scan import tie as _tie
+from ttt_jax.ops.inplace_ttt_scan import zeros_tied as _zeros_tied
 
 _F32 = jnp.float32
 
