@@ -42,7 +42,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, step: Optional[int] = None,
     model's ``param_dtype``). Tokenizer files found next to the checkpoint (or at the config's
     ``data.tokenizer``) are copied. Returns ``out``.
     """
-    from ttt_jax.models.lm import unstack_layer_params
+    from ttt_jax.models.layers import unstack_layer_params
     from ttt_jax.train.checkpoint import load_model
 
     ckpt, out = Path(ckpt).expanduser(), Path(out).expanduser()
