@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from ttt_jax.convert import (SafetensorsCheckpoint, convert_hf, export_hf, load_hf,  # noqa: E402
                              model_config_from_hf, ttt_config)
-from ttt_jax.train.checkpoint import load_model, save_model  # noqa: E402
+from ttt_jax.checkpoint import load_model, save_model  # noqa: E402
 
 V, PROMPT, NEW = 96, 16, 32
 SMALL = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=3,

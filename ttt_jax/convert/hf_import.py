@@ -187,7 +187,7 @@ def convert_hf(src: str | Path, out: str | Path, **kwargs: Any) -> Path:
     it and ``data.tokenizer`` pointing at ``out/tokenizer.json``; the source ``config.json`` is kept
     as ``out/hf_config.json`` for :func:`~ttt_jax.convert.hf_export.export_hf`. Returns ``out``."""
     from ttt_jax.config import replace
-    from ttt_jax.train.checkpoint import save_model
+    from ttt_jax.checkpoint import save_model
 
     src, out = Path(src).expanduser(), Path(out).expanduser().absolute()
     if (out / "checkpoints").exists():

@@ -16,7 +16,7 @@ non-deterministic). ``train.stop_after`` stops a run early without changing its 
 
 Faults (README "Guarantees"): SIGTERM/SIGINT finish and checkpoint the step in flight
 (:class:`TrainingInterrupted`); on resume, unfinished saves are removed and corrupt checkpoints
-moved aside with a warning, and the newest intact one is restored (:mod:`ttt_jax.train.checkpoint`);
+moved aside with a warning, and the newest intact one is restored (:mod:`ttt_jax.checkpoint`);
 too little disk space is an error before training and before every save; a step with a non-finite
 loss or gradient norm is not applied by the jitted step and handled by ``train.on_nonfinite``
 (skip, counted, up to ``train.max_nonfinite_steps``; or stop), and no checkpoint is written right
@@ -49,9 +49,10 @@ from flax import nnx
 from ttt_jax import sharding
 from ttt_jax.config import Config, ModelConfig, TrainConfig
 from ttt_jax.data import load_tokenizer, make_batches
+from ttt_jax.fs import ensure_writable
 from ttt_jax.models.flops import flops_per_token
 from ttt_jax.models.lm import CausalLM, check_tokens, count_params
-from ttt_jax.train.checkpoint import Checkpointer, CheckpointCorruptError, NonFiniteStateError, state_nbytes
+from ttt_jax.checkpoint import Checkpointer, CheckpointCorruptError, NonFiniteStateError, state_nbytes
 from ttt_jax.train.metrics import MetricsWriter, peak_device_memory_gib, peak_tflops_per_device, throughput
 from ttt_jax.train.optim import learning_rate_schedule, make_optimizer, optimizer_fields
 from ttt_jax.train.warm_start import restore_model_params
@@ -285,6 +286,10 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     tcfg = cfg.train
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     preflight(cfg, tokenizer)
+    # Every output location can be written (one line naming the path otherwise), before the
+    # checkpoint directory is opened and before any data is read or anything is computed.
+    ensure_writable(tcfg.run_dir, "run directory (train.run_dir)")
+    ensure_writable(Path(tcfg.run_dir) / "checkpoints", "checkpoint directory")
     mesh = sharding.make_mesh(cfg.mesh)
     ttt_on = bool(cfg.model.ttt.layer_ids(cfg.model.n_layers))
     sharding.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
