@@ -158,9 +158,9 @@ def test_full_disk_stops_before_training_with_a_clear_error(tmp_path, monkeypatc
     import shutil
 
     monkeypatch.setattr(shutil, "disk_usage",
-                        lambda p: shutil._ntuple_diskusage(total=1 << 30, used=(1 << 30) - (1 << 20), free=1 << 20))
+                        lambda p: shutil._ntuple_diskusage(total=1 << 30, used=(1 << 30) - (256 << 10), free=256 << 10))
     with pytest.raises(CheckpointWriteError, match=rf"not enough free disk space for a checkpoint in "
-                                                   rf"{tmp_path / 'run' / 'checkpoints'}: 1.0 MiB free"):
+                                                   rf"{tmp_path / 'run' / 'checkpoints'}: 256.0 KiB free"):
         trainer.train(toy(tmp_path), log=lambda m: None)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()   # nothing was computed
 
@@ -226,7 +226,7 @@ def test_disk_filling_up_mid_run_is_a_clear_error_and_keeps_checkpoints(tmp_path
     def usage(path):
         if (tmp_path / "run" / "checkpoints" / "2").is_dir():
             saves.append(path)
-            return shutil._ntuple_diskusage(total=1 << 30, used=(1 << 30) - (5 << 20), free=5 << 20)
+            return shutil._ntuple_diskusage(total=1 << 30, used=(1 << 30) - (256 << 10), free=256 << 10)
         return real(path)
 
     monkeypatch.setattr(shutil, "disk_usage", usage)
@@ -241,6 +241,6 @@ def test_disk_filling_up_mid_run_is_a_clear_error_and_keeps_checkpoints(tmp_path
     # latest, so the save of step 4 or 6 is the one refused.
     assert steps in ([2], [2, 4]), steps
     assert f"error: not enough free disk space for a checkpoint in {tmp_path / 'run' / 'checkpoints'}: " \
-           f"5.0 MiB free, a checkpoint needs about" in err, err
+           f"256.0 KiB free, a checkpoint needs about" in err, err
     assert f"the checkpoint of step {steps[-1]} in it is intact" in err, err
     assert run(monkeypatch, toy(tmp_path, "train.checkpoint_every=2")).step == 12
