@@ -122,8 +122,26 @@ def _cmd_train(cfg: Config) -> int:
     return 0
 
 
+def _one_line_warnings() -> None:
+    """Print the project's own warnings (a checkpoint skipped, ...) as one ``warning: ...`` line."""
+    import warnings
+
+    previous = warnings.formatwarning
+    if getattr(previous, "_ttt_jax", False):
+        return
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if category.__module__.startswith("ttt_jax."):
+            return f"warning: {message}\n"
+        return previous(message, category, filename, lineno, line)
+
+    formatwarning._ttt_jax = True
+    warnings.formatwarning = formatwarning
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``ttt-jax`` console script; returns the exit status."""
+    _one_line_warnings()
     args = _parser().parse_args(argv)
     if args.command in _SUBCOMMANDS:
         module = _subcommand_module(args.command)
