@@ -13,6 +13,8 @@ from parallel.mesh import make_mesh
 
 from test_parallel_fused_attention import _rand as _rand_qkv
 
+pytestmark = pytest.mark.unit
+
 DH = 16
 
 

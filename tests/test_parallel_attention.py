@@ -13,6 +13,8 @@ from jax.sharding import PartitionSpec as P
 from parallel import attention as A
 from parallel.mesh import make_mesh
 
+pytestmark = pytest.mark.unit
+
 B, T, H, KV, DH = 2, 32, 4, 2, 8
 
 

@@ -22,6 +22,8 @@ from parallel import flash as F
 from parallel import fused_attention as FA
 from parallel.mesh import make_mesh
 
+pytestmark = pytest.mark.unit
+
 B, H, KV, DH = 1, 4, 2, 12  # DH = 12: the kernels zero-pad the head dim to 16
 
 

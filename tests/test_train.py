@@ -15,6 +15,8 @@ from ttt_jax.train.checkpoint import Checkpointer
 from ttt_jax.train.metrics import peak_tflops_per_device, throughput
 from ttt_jax.train.optim import decay_mask, is_decayed, learning_rate_schedule
 
+pytestmark = pytest.mark.integration
+
 # A 2-layer In-Place TTT model (TTT on layer 0) on a slice of the byte-level stdlib corpus; batch 8
 # so that it splits over the 8 emulated CPU devices of the test session.
 TOY = [
