@@ -206,6 +206,7 @@ def test_throughput_and_mfu():
     assert peak_tflops_per_device("cpu", override=1.5) == 1.5
 
 
+@pytest.mark.slow   # two CLI subprocesses, each importing JAX and compiling the step: ~70 s
 def test_killed_process_resumes_to_identical_parameters(tmp_path, straight_30):
     """SIGKILL a `ttt-jax train` process mid-run, start it again: the final parameters equal those of
     an uninterrupted run, bitwise (CPU)."""
@@ -238,6 +239,7 @@ def test_killed_process_resumes_to_identical_parameters(tmp_path, straight_30):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow   # two CLI subprocesses per signal, as the killed-process test
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_signal_checkpoints_current_step_and_resume_is_exact(tmp_path, signame, straight_30):
     """SIGTERM/SIGINT mid-run: the step in flight is checkpointed, the process exits with status 4,
