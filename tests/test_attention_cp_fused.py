@@ -1,4 +1,4 @@
-"""Fused context-parallel attention (parallel/flash.py, parallel/fused_attention.py).
+"""Fused context-parallel attention (ttt_jax.ops.kernels, ttt_jax.ops.attention_cp_fused).
 
 On CPU the Pallas flash kernels run in interpret mode at tiny shapes: the block kernels (out, lse
 and the backward with given lse/delta) against a dense reference, and the fused ring inside
@@ -16,11 +16,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from parallel import attention as A
-from parallel import cudnn_blocks as C
-from parallel import flash as F
-from parallel import fused_attention as FA
+from parallel import layout as L
 from parallel.mesh import make_mesh
+from ttt_jax.ops import attention_cp as A
+from ttt_jax.ops import attention_cp_fused as FA
+from ttt_jax.ops import attention_cp_window as W
+from ttt_jax.ops import attention_reference as R
+from ttt_jax.ops.kernels import cudnn_blocks as C
+from ttt_jax.ops.kernels import flash as F
 
 pytestmark = pytest.mark.unit
 
@@ -101,7 +104,7 @@ def test_flash_attention_matches_reference():
     q, k, v, ct = _rand(3, 32)
     f = lambda q, k, v: F.flash_attention(q, k, v, True, None, True)
     got = jax.jit(lambda *a: (lambda o, pb: (o, pb(ct)))(*jax.vjp(f, *a)))(q, k, v)
-    want = jax.jit(lambda *a: (lambda o, pb: (o, pb(ct)))(*jax.vjp(A.reference_attention, *a)))(q, k, v)
+    want = jax.jit(lambda *a: (lambda o, pb: (o, pb(ct)))(*jax.vjp(R.attention_reference, *a)))(q, k, v)
     _close(got, want, 1e-4)
 
 
@@ -109,8 +112,8 @@ def _sharded(inner, n, layout, check_vma=True):
     mesh = make_mesh(data=1, context=n, devices=jax.devices()[:n])
     spec = P(None, "context")
     fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=check_vma)
-    to = (lambda x: A.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
-    back = (lambda x: A.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+    to = (lambda x: L.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+    back = (lambda x: L.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
     return lambda q, k, v: back(fn(to(q), to(k), to(v)))
 
 
@@ -129,9 +132,9 @@ def test_ring_flash_matches_reference(layout, n):
     inner = lambda q, k, v: FA.ring_flash_attention(q, k, v, "context", layout=layout, scale=scale,
                                                     interpret=True)
     # Pallas's interpreter trips over shard_map's axis-variance checks (JAX 0.10); compiled kernels
-    # declare their outputs' variance (parallel.flash._out).
+    # declare their outputs' variance (ttt_jax.ops.kernels.flash._out).
     got = _value_and_grads(_sharded(inner, n, layout, check_vma=False), q, k, v, ct)
-    want = _value_and_grads(A.reference_attention, q, k, v, ct)
+    want = _value_and_grads(R.attention_reference, q, k, v, ct)
     _close(got, want, 1e-4)
 
 
@@ -158,10 +161,10 @@ def test_ring_flash_with_segment_ids_matches_reference(layout, n):
     inner = lambda q, k, v, s: FA.ring_flash_attention(q, k, v, "context", layout=layout, scale=scale,
                                                        interpret=True, segment_ids=s)
     fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)
-    to = (lambda x: A.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
-    back = (lambda x: A.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+    to = (lambda x: L.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+    back = (lambda x: L.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
     sharded = lambda q, k, v: back(fn(to(q), to(k), to(v), to(jnp.asarray(seg))))
-    ref = lambda q, k, v: A.reference_attention(q, k, v, segment_ids=jnp.asarray(seg))
+    ref = lambda q, k, v: R.attention_reference(q, k, v, segment_ids=jnp.asarray(seg))
     got = _value_and_grads(sharded, q, k, v, ct)
     want = _value_and_grads(ref, q, k, v, ct)
     _close(got, want, 1e-4)
@@ -199,11 +202,11 @@ def test_halo_window_single_call_matches_reference(n, window):
     """Equal-length padding + device-0 handling, with a dense local attention standing in for cuDNN."""
     t = 8 * n
     q, k, v, ct = _rand(5, t)
-    local = functools.partial(A.reference_attention, window=window)
-    inner = lambda q, k, v: FA.halo_window_attention(q, k, v, "context", window=window,
+    local = functools.partial(R.attention_reference, window=window)
+    inner = lambda q, k, v: W.halo_window_attention(q, k, v, "context", window=window,
                                                      local_attention=local)
     got = _value_and_grads(_sharded(inner, n, "contiguous"), q, k, v, ct)
-    ref = lambda q, k, v: A.reference_attention(q, k, v, window=window)
+    ref = lambda q, k, v: R.attention_reference(q, k, v, window=window)
     want = _value_and_grads(ref, q, k, v, ct)
     _close(got, want, 1e-4)
 
@@ -249,7 +252,7 @@ def test_block_kernels_compiled_on_gpu(dh):
         _close((out, lse), (want_out, want_lse), 2e-2)
     f = lambda q, k, v: F.flash_attention(q, k, v, True, None, False)
     got = _value_and_grads(f, bf(q), bf(k), bf(v), ct)
-    want = _value_and_grads(A.reference_attention, q, k, v, ct)
+    want = _value_and_grads(R.attention_reference, q, k, v, ct)
     _close(got, want, 1e-1)
 
 
@@ -298,10 +301,10 @@ def test_fused_context_attention_on_gpus():
         inner = lambda q, k, v: A.context_attention(q, k, v, "context", window=window, layout=layout,
                                                     kernel=kernel)
         fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
-        to = (lambda x: A.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
-        back = (lambda x: A.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+        to = (lambda x: L.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+        back = (lambda x: L.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
         sharded = lambda q, k, v: back(fn(to(q), to(k), to(v)))
-        ref = lambda q, k, v: A.reference_attention(q, k, v, window=window)
+        ref = lambda q, k, v: R.attention_reference(q, k, v, window=window)
         want = _value_and_grads(ref, q, k, v, ct)
         got = _value_and_grads(sharded, bf(q), bf(k), bf(v), ct)
         _close(got, want, 1e-1)
@@ -345,16 +348,16 @@ def test_segmented_ring_on_gpus(layout):
     inner = lambda q, k, v, s: A.context_attention(q, k, v, "context", segment_ids=s, layout=layout,
                                                    kernel="fused")
     fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec)
-    to = (lambda x: A.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
-    back = (lambda x: A.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+    to = (lambda x: L.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+    back = (lambda x: L.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
     sharded = lambda q, k, v: back(fn(to(q), to(k), to(v), to(seg)))
-    ref = lambda q, k, v: A.reference_attention(q, k, v, segment_ids=seg)
+    ref = lambda q, k, v: R.attention_reference(q, k, v, segment_ids=seg)
     _close(_value_and_grads(sharded, bf(q), bf(k), bf(v), ct), _value_and_grads(ref, q, k, v, ct), 1e-1)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 def test_cudnn_ring_lowers_for_gpu(layout):
-    """JAX's private cuDNN attention functions have the signatures parallel.cudnn_blocks was
+    """JAX's private cuDNN attention functions have the signatures ttt_jax.ops.kernels.cudnn_blocks was
     written against, and the ring with cuDNN blocks cross-lowers for CUDA on CPU: cuDNN forward and
     backward calls, no Triton kernel, and no custom partitioning (which fails inside the model's
     partially manual shard_map)."""

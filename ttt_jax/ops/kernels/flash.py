@@ -1,6 +1,10 @@
 """Flash-attention block kernels in Pallas (Triton lowering on NVIDIA GPUs).
 
-Two users: ring attention (:mod:`parallel.fused_attention`, one call per (query block, key block)
+Over 400 lines because the three kernels (forward, dQ, dK/dV) share their tiling, masking and
+tile-skipping helpers, which must agree exactly; splitting them would spread one kernel set over
+several files.
+
+Two users: ring attention (:mod:`ttt_jax.ops.attention_cp_fused`, one call per (query block, key block)
 pair) and single-device attention over packed documents (``attention(impl="flash")`` in
 ``ttt_jax.ops.attention``, through :func:`flash_attention`), where cuDNN's public API would need a
 dense ``[B, 1, T, T]`` mask for the segment ids.
@@ -532,7 +536,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = Tru
     ``segment_ids``: optional ``[B, T]`` int (0 = padding: output 0, zero gradient); a query sees
     a key only with the same non-zero id. ``window``: 0 or a causal sliding window. Lengths must be
     multiples of 16 (``ttt_jax.ops.attention`` pads). Used by ``attention(impl="flash")`` and as the
-    kernels' test harness and op benchmark; the ring in :mod:`parallel.fused_attention` calls
+    kernels' test harness and op benchmark; the ring in :mod:`ttt_jax.ops.attention_cp_fused` calls
     :func:`flash_block_fwd` / :func:`flash_block_bwd` directly.
     """
     return _flash_attention(q, k, v, segment_ids, causal, int(window), scale, interpret)

@@ -1,4 +1,4 @@
-"""Context-parallel attention (parallel/attention.py) against the unsharded reference.
+"""Context-parallel attention (ttt_jax.ops.attention_cp*) against the unsharded reference.
 
 Values and gradients w.r.t. q, k, v on 2 / 4 / 8 emulated devices, contiguous and zigzag layouts,
 GQA, segment ids whose documents span device boundaries (and reuse ids, and contain padding).
@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from parallel import attention as A
+from parallel import layout as L
 from parallel.mesh import make_mesh
+from ttt_jax.ops import attention_cp as A
+from ttt_jax.ops import attention_cp_ring as RING
+from ttt_jax.ops import attention_cp_window as W
+from ttt_jax.ops import attention_reference as R
 
 pytestmark = pytest.mark.unit
 
@@ -41,8 +45,8 @@ def _sharded(inner, n, layout, with_seg, data=1):
     spec = P("data" if data > 1 else None, "context")
     fn = jax.shard_map(inner, mesh=_mesh(n, data), in_specs=(spec, spec, spec, spec if with_seg else None),
                        out_specs=spec)
-    to = (lambda x: A.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
-    back = (lambda x: A.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+    to = (lambda x: L.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+    back = (lambda x: L.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
 
     def run(q, k, v, seg):
         return back(fn(to(q), to(k), to(v), None if seg is None else to(seg)))
@@ -62,7 +66,7 @@ def _value_and_grads(fn, q, k, v, seg, ct):
 @jax.jit(static_argnames="window")
 def _reference_value_and_grads(q, k, v, seg, ct, window=0):
     """The same for the unsharded reference (jitted once per window / segment-ids case)."""
-    ref = lambda q, k, v, seg: A.reference_attention(q, k, v, segment_ids=seg, window=window)
+    ref = lambda q, k, v, seg: R.attention_reference(q, k, v, segment_ids=seg, window=window)
     return _vjp(ref, q, k, v, seg, ct)
 
 
@@ -94,7 +98,7 @@ def test_full_causal_matches_reference(impl, layout, n, with_seg, block_size):
 def test_ring_on_data_x_context_mesh():
     """Batch over ``data`` and sequence over ``context`` on all 8 devices."""
     q, k, v, seg, ct = _inputs(0)
-    inner = lambda q, k, v, s: A.ring_attention(q, k, v, "context", segment_ids=s, layout="zigzag")
+    inner = lambda q, k, v, s: RING.ring_attention(q, k, v, "context", segment_ids=s, layout="zigzag")
     got = _value_and_grads(_sharded(inner, 4, "zigzag", True, data=2), q, k, v, seg, ct)
     want = _reference_value_and_grads(q, k, v, seg, ct)
     _assert_close(got, want, 2e-5)
@@ -104,7 +108,7 @@ def test_ring_bf16_and_causality():
     n = 4
     q, k, v, seg, ct = _inputs(1)
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)
-    inner = lambda q, k, v, s: A.ring_attention(q, k, v, "context", segment_ids=s)
+    inner = lambda q, k, v, s: RING.ring_attention(q, k, v, "context", segment_ids=s)
     fn = _sharded(inner, n, "contiguous", True)
     got = _value_and_grads(fn, bf(q), bf(k), bf(v), seg, ct)
     assert got[0].dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in got[1])
@@ -130,7 +134,7 @@ def test_ring_bf16_and_causality():
 def test_sliding_window_matches_reference(n, window, with_seg, block_size):
     q, k, v, seg, ct = _inputs(10 + window)
     seg = seg if with_seg else None
-    inner = lambda q, k, v, s: A.sliding_window_attention(q, k, v, "context", window=window,
+    inner = lambda q, k, v, s: W.sliding_window_attention(q, k, v, "context", window=window,
                                                           segment_ids=s, block_size=block_size)
     got = _value_and_grads(_sharded(inner, n, "contiguous", with_seg), q, k, v, seg, ct)
     want = _reference_value_and_grads(q, k, v, seg, ct, window=window)
@@ -140,21 +144,21 @@ def test_sliding_window_matches_reference(n, window, with_seg, block_size):
 def test_zigzag_layout():
     n = 4
     x = np.arange(T)[None, :, None]  # [1, T, 1] positions
-    z = np.asarray(A.to_zigzag(x, n))
+    z = np.asarray(L.to_zigzag(x, n))
     seg = T // (2 * n)
     shards = z[0, :, 0].reshape(n, 2 * seg)
     for i in range(n):  # device i holds segments i and 2n-1-i
         want = np.concatenate([np.arange(i * seg, (i + 1) * seg),
                                np.arange((2 * n - 1 - i) * seg, (2 * n - i) * seg)])
         np.testing.assert_array_equal(shards[i], want)
-    np.testing.assert_array_equal(np.asarray(A.from_zigzag(z, n)), x)
+    np.testing.assert_array_equal(np.asarray(L.from_zigzag(z, n)), x)
     # local_positions agrees with the permutation
     for layout, ref in (("zigzag", shards), ("contiguous", np.arange(T).reshape(n, -1))):
-        fn = jax.shard_map(lambda: A.local_positions("context", T // n, layout)[None], mesh=_mesh(n),
+        fn = jax.shard_map(lambda: L.local_positions("context", T // n, layout)[None], mesh=_mesh(n),
                            in_specs=(), out_specs=P("context"))
         np.testing.assert_array_equal(np.asarray(fn()), ref)
     with pytest.raises(ValueError, match="divisible by 2 \\* n"):
-        A.to_zigzag(np.zeros((1, 12)), 4)
+        L.to_zigzag(np.zeros((1, 12)), 4)
 
 
 def test_errors():
@@ -166,11 +170,11 @@ def test_errors():
         return jax.shard_map(inner, mesh=_mesh(n), in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
 
     with pytest.raises(ValueError, match="exceeds the 8 tokens per device"):
-        call(lambda q, k, v: A.sliding_window_attention(q, k, v, "context", window=10))
+        call(lambda q, k, v: W.sliding_window_attention(q, k, v, "context", window=10))
     with pytest.raises(ValueError, match="even number of tokens"):
-        call(lambda q, k, v: A.ring_attention(q[:, :3], k[:, :3], v[:, :3], "context", layout="zigzag"))
+        call(lambda q, k, v: RING.ring_attention(q[:, :3], k[:, :3], v[:, :3], "context", layout="zigzag"))
     with pytest.raises(ValueError, match="multiple of kv heads"):
-        call(lambda q, k, v: A.ring_attention(q[:, :, :3], k, v, "context"))
+        call(lambda q, k, v: RING.ring_attention(q[:, :, :3], k, v, "context"))
     with pytest.raises(ValueError, match="impl"):
         call(lambda q, k, v: A.context_attention(q, k, v, "context", impl="flash"))
     with pytest.raises(ValueError, match="contiguous layout"):
@@ -197,8 +201,8 @@ def test_context_attention_on_gpus():
         inner = lambda q, k, v, s: A.context_attention(q, k, v, "context", segment_ids=s, impl=impl,
                                                        layout=layout, window=window, block_size=32)
         fn = jax.shard_map(inner, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec)
-        to = (lambda x: A.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
-        back = (lambda x: A.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+        to = (lambda x: L.to_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
+        back = (lambda x: L.from_zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
         sharded = lambda q, k, v, s: back(fn(to(q), to(k), to(v), to(s)))
         want = _reference_value_and_grads(q, k, v, seg, ct, window=window)
         got = _value_and_grads(sharded, q, k, v, seg, ct)

@@ -1,4 +1,4 @@
-"""The two-call sliding-window halo (parallel.halo_attention): values and gradients against the
+"""The two-call sliding-window halo (ttt_jax.ops.attention_cp_halo): values and gradients against the
 unsharded reference, with dense and Pallas (interpret) kernels on CPU, and compiled cuDNN on GPU."""
 
 import jax
@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from parallel import attention as A
-from parallel import halo_attention as HA
 from parallel.mesh import make_mesh
+from ttt_jax.ops import attention_cp as A
+from ttt_jax.ops import attention_cp_halo as HA
+from ttt_jax.ops import attention_cp_window as W
+from ttt_jax.ops import attention_reference as R
 
-from test_parallel_fused_attention import _rand as _rand_qkv
+from test_attention_cp_fused import _rand as _rand_qkv
 
 pytestmark = pytest.mark.unit
 
@@ -55,7 +57,7 @@ def test_halo_split_matches_reference_dense_kernels(n, t_local, window):
     inner = lambda q, k, v: HA.halo_split_attention(q, k, v, "context", window=window, scale=scale,
                                                     blocks="dense")
     got = _value_and_grads(_sharded(inner, n), q, k, v, ct)
-    want = _value_and_grads(lambda q, k, v: A.reference_attention(q, k, v, window=window, scale=scale),
+    want = _value_and_grads(lambda q, k, v: R.attention_reference(q, k, v, window=window, scale=scale),
                             q, k, v, ct)
     _close(got, want, 2e-5)
 
@@ -69,7 +71,7 @@ def test_halo_split_matches_reference_pallas_interpret():
                                                     blocks="interpret")
     # Pallas's interpreter trips over shard_map's axis-variance checks; compiled kernels do not.
     got = _value_and_grads(_sharded(inner, n, check_vma=False), q, k, v, ct)
-    want = _value_and_grads(lambda q, k, v: A.reference_attention(q, k, v, window=window, scale=scale),
+    want = _value_and_grads(lambda q, k, v: R.attention_reference(q, k, v, window=window, scale=scale),
                             q, k, v, ct)
     _close(got, want, 1e-4)
 
@@ -98,7 +100,7 @@ def test_halo_split_cudnn_on_gpus(window):
     inner = lambda q, k, v: HA.halo_split_attention(q, k, v, "context", window=window, scale=scale,
                                                     blocks="cudnn")
     got = _value_and_grads(_sharded(inner, n), bf(q), bf(k), bf(v), ct)
-    want = _value_and_grads(lambda q, k, v: A.reference_attention(q, k, v, window=window, scale=scale),
+    want = _value_and_grads(lambda q, k, v: R.attention_reference(q, k, v, window=window, scale=scale),
                             q, k, v, ct)
     _close(got, want, 6e-2)
 
@@ -106,12 +108,10 @@ def test_halo_split_cudnn_on_gpus(window):
 def test_context_attention_routes_the_halo(monkeypatch):
     """``halo="split"`` sends a fused sliding window to halo_split_attention, ``"single"`` to the
     one-call path (the fused path stood in for on CPU); bad values are errors."""
-    from parallel import fused_attention as FA
-
     calls = []
     monkeypatch.setattr(A, "fused_unsupported_reason", lambda *a, **k: None)
     monkeypatch.setattr(HA, "halo_split_attention", lambda q, *a, **kw: calls.append(("split", kw)) or q)
-    monkeypatch.setattr(FA, "halo_window_attention", lambda q, *a, **kw: calls.append(("single", kw)) or q)
+    monkeypatch.setattr(W, "halo_window_attention", lambda q, *a, **kw: calls.append(("single", kw)) or q)
     q, k, v, _ = _rand(0, 32)
     run = lambda halo: jax.jit(_sharded(lambda q, k, v: A.context_attention(
         q, k, v, "context", window=5, kernel="fused", halo=halo), 2))(q, k, v)
@@ -135,7 +135,7 @@ def test_config_context_halo():
 def test_save_exchanges_keeps_the_halo_block():
     """Under the model's ``save_exchanges`` remat policy the backward pass recomputes the local
     call but not the halo block (two dense einsums fewer than plain remat); same values/grads."""
-    from ttt_jax.models.lm import SAVE_EXCHANGES_NAMES
+    from ttt_jax.ops.checkpoint_names import SAVE_EXCHANGES_NAMES
 
     n, t_local, window = 4, 8, 5
     q, k, v, ct = _rand(3, n * t_local)

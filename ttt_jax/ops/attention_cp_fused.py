@@ -1,29 +1,22 @@
-"""Fused-kernel paths of the context-parallel attention (inside ``jax.shard_map``).
+"""Full causal context-parallel attention with fused block kernels (inside ``jax.shard_map``).
 
-Same semantics, shapes and layouts as :mod:`parallel.attention` (``q [B, T_local, H, Dh]``,
-``k, v [B, T_local, KV, Dh]``). Segment ids (packed documents): the ring with the Pallas blocks only;
-the sliding window takes the XLA path there.
+Same semantics, shapes and layouts as :mod:`ttt_jax.ops.attention_cp_ring` (``q [B, T_local, H,
+Dh]``, ``k, v [B, T_local, KV, Dh]``). Segment ids (packed documents): with the Pallas blocks only.
 
-* :func:`ring_flash_attention` -- full causal attention, the ring of
-  :func:`parallel.attention.ring_attention` (K/V blocks travel by ``lax.ppermute``; a custom VJP
-  runs a second ring in which dK/dV travel with their blocks), with every (query block, key block)
-  pair computed by one fused kernel call: cuDNN's flash attention through
-  :mod:`parallel.cudnn_blocks` where it can run (GPU, bf16/fp16, JAX's private cuDNN functions
-  as expected), else the Pallas (Triton) kernels of :mod:`parallel.flash`. The forward state is the
-  merged output and log-sum-exp (``out [B, T, H, Dh]``, ``lse [B, H, T]``, float32); each block's
-  ``(out_b, lse_b)`` is merged by ``lse' = logaddexp(lse, lse_b)``,
-  ``out' = out * exp(lse - lse') + out_b * exp(lse_b - lse')``. The backward calls the block
-  backward kernel with the *merged* ``lse`` and ``delta = rowsum(dO * O)``, which is exactly the
-  gradient of the global softmax restricted to that block. Block kinds: the own block is
-  ``causal`` (local order = global order in both layouts), a block from an earlier device is
-  unmasked; in the zigzag layout those are the half blocks of ``_ring_forward_step``
-  (all queries x the early key half, the late query half x all keys).
-* :func:`halo_window_attention` -- sliding-window attention after the halo exchange as ONE call of a
-  local equal-length causal+window kernel (cuDNN on GPU): keys ``[halo | local]`` (length
-  ``halo + T_local``) and queries ``[halo zero rows | local]`` of the same length, so the kernel's
-  top-left aligned causal mask with window ``window`` is exactly the global mask; the dummy rows
-  are sliced off (zero cotangent). Device 0 has no left neighbour: it runs the local-only call
-  under ``lax.cond``, so no halo key is ever visible there.
+:func:`ring_flash_attention` is the ring of :func:`ttt_jax.ops.attention_cp_ring.ring_attention`
+(K/V blocks travel by ``lax.ppermute``; a custom VJP runs a second ring in which dK/dV travel with
+their blocks), with every (query block, key block) pair computed by one fused kernel call: cuDNN's
+flash attention through :mod:`ttt_jax.ops.kernels.cudnn_blocks` where it can run (GPU, bf16/fp16,
+JAX's private cuDNN functions as expected), else the Pallas (Triton) kernels of
+:mod:`ttt_jax.ops.kernels.flash`. The forward state is the merged output and log-sum-exp
+(``out [B, T, H, Dh]``, ``lse [B, H, T]``, float32); each block's ``(out_b, lse_b)`` is merged by
+:func:`merge_partials`: ``lse' = logaddexp(lse, lse_b)``,
+``out' = out * exp(lse - lse') + out_b * exp(lse_b - lse')``. The backward calls the block
+backward kernel with the *merged* ``lse`` and ``delta = rowsum(dO * O)``, which is exactly the
+gradient of the global softmax restricted to that block. Block kinds: the own block is ``causal``
+(local order = global order in both layouts), a block from an earlier device is unmasked; in the
+zigzag layout those are the half blocks of the XLA ring (all queries x the early key half, the late
+query half x all keys).
 """
 
 from __future__ import annotations
@@ -35,14 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 
-from parallel.attention import _NEG, _check_layout, _ring_meta, _source
-from parallel.cudnn_blocks import (cudnn_attention, cudnn_block_bwd, cudnn_block_fwd,
-                                    private_api_problem)
-from parallel.flash import flash_block_bwd, flash_block_fwd, flash_delta
-
-LocalAttention = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+from parallel.layout import check_layout
+from ttt_jax.ops.attention_cp_ring import ring_meta, ring_source
+from ttt_jax.ops.attention_reference import NEG_INF
+from ttt_jax.ops.kernels.cudnn_blocks import (cudnn_block_bwd, cudnn_block_fwd, cudnn_unsupported_reason,
+                                              private_api_problem)
+from ttt_jax.ops.kernels.flash import flash_block_bwd, flash_block_fwd, flash_delta
 RING_BLOCKS = ("cudnn", "pallas", "interpret")
 
 
@@ -51,14 +43,17 @@ RING_BLOCKS = ("cudnn", "pallas", "interpret")
 # --------------------------------------------------------------------------------------------------
 
 
-def _merge(out, lse, out_b, lse_b):
-    """Merge two normalised partial results of the same queries (see the module docstring)."""
+def merge_partials(out, lse, out_b, lse_b):
+    """Merge two normalised partial results of the same queries by their log-sum-exps.
+
+    ``out, out_b [B, Tq, H, Dh]`` float32, ``lse, lse_b [B, H, Tq]`` float32 -> ``(out', lse')``
+    (see the module docstring); a partial with ``lse_b = -1e30`` has weight 0."""
     new = jnp.logaddexp(lse, lse_b)                          # [B, H, Tq]
     w = lambda x: jnp.moveaxis(jnp.exp(x - new), 1, 2)[..., None]  # -> [B, Tq, H, 1]
     return out * w(lse) + out_b * w(lse_b), new
 
 
-class _Blocks(NamedTuple):
+class RingBlocks(NamedTuple):
     """The per-pair kernels of one ring: ``fwd(q, k, v, causal, qs, ks) -> (out, lse)`` and
     ``bwd(q, k, v, do, out, lse, delta, causal, qs, ks) -> (dq, dk, dv)`` (global
     ``out``/``lse``/``delta``; ``qs``/``ks`` the blocks' segment ids or ``None``)."""
@@ -67,9 +62,9 @@ class _Blocks(NamedTuple):
     bwd: Callable
 
 
-def _block_kernels(blocks: str, scale: float) -> _Blocks:
-    """``blocks``: ``"cudnn"`` (:mod:`parallel.cudnn_blocks`; no segment ids), ``"pallas"``
-    (:mod:`parallel.flash`) or ``"interpret"`` (the Pallas kernels in interpret mode, for CPU tests)."""
+def ring_block_kernels(blocks: str, scale: float) -> RingBlocks:
+    """``blocks``: ``"cudnn"`` (:mod:`ttt_jax.ops.kernels.cudnn_blocks`; no segment ids), ``"pallas"``
+    (:mod:`ttt_jax.ops.kernels.flash`) or ``"interpret"`` (the Pallas kernels in interpret mode, for CPU tests)."""
     if blocks == "cudnn":
         def fwd(q, k, v, causal, qs, ks):
             assert qs is None and ks is None, "the cuDNN ring blocks take no segment ids"
@@ -79,7 +74,7 @@ def _block_kernels(blocks: str, scale: float) -> _Blocks:
             assert qs is None and ks is None, "the cuDNN ring blocks take no segment ids"
             return cudnn_block_bwd(q, k, v, do, out, lse, causal=causal, scale=scale)
 
-        return _Blocks(fwd, bwd)
+        return RingBlocks(fwd, bwd)
     if blocks not in ("pallas", "interpret"):
         raise ValueError(f"ring block kernels: {blocks!r} is not one of {RING_BLOCKS}")
     interpret = blocks == "interpret"
@@ -87,13 +82,13 @@ def _block_kernels(blocks: str, scale: float) -> _Blocks:
     def fwd(q, k, v, causal, qs, ks):
         # A query may see no key of a block (another document): its lse must not count in the merge.
         return flash_block_fwd(q, k, v, causal=causal, scale=scale, interpret=interpret,
-                               q_segment_ids=qs, k_segment_ids=ks, empty_lse=_NEG)
+                               q_segment_ids=qs, k_segment_ids=ks, empty_lse=NEG_INF)
 
     def bwd(q, k, v, do, out, lse, delta, causal, qs, ks):
         return flash_block_bwd(q, k, v, do, lse, delta, causal=causal, scale=scale,
                                interpret=interpret, q_segment_ids=qs, k_segment_ids=ks)
 
-    return _Blocks(fwd, bwd)
+    return RingBlocks(fwd, bwd)
 
 
 def _cut(x, sl):
@@ -101,17 +96,17 @@ def _cut(x, sl):
     return None if x is None else x[:, sl]
 
 
-def _fwd_step(rel, state, kv, q, qs, layout, kernels: _Blocks):
+def ring_fwd_step(rel, state, kv, q, qs, layout, kernels: RingBlocks):
     """Fold one K/V block into ``(out, lse)``. ``rel``: 0 own, 1 earlier, 2 later device.
     ``kv = (k, v, ks)``; ``qs``/``ks``: segment ids of the queries / keys, or ``None``."""
     k, v, ks = kv
     fwd = kernels.fwd
 
     def own(st):
-        return _merge(*st, *fwd(q, k, v, True, qs, ks))
+        return merge_partials(*st, *fwd(q, k, v, True, qs, ks))
 
     def earlier_all(st):
-        return _merge(*st, *fwd(q, k, v, False, qs, ks))
+        return merge_partials(*st, *fwd(q, k, v, False, qs, ks))
 
     if layout == "contiguous":
         branches = [own, earlier_all, lambda st: st]
@@ -120,11 +115,11 @@ def _fwd_step(rel, state, kv, q, qs, layout, kernels: _Blocks):
         lo, hi = slice(None, half), slice(half, None)
 
         def earlier(st):  # every query sees the early half of the key block
-            return _merge(*st, *fwd(q, k[:, lo], v[:, lo], False, qs, _cut(ks, lo)))
+            return merge_partials(*st, *fwd(q, k[:, lo], v[:, lo], False, qs, _cut(ks, lo)))
 
         def later(st):  # only the late query half sees the block (all of it)
             out, lse = st
-            o_hi, l_hi = _merge(out[:, hi], lse[:, :, hi],
+            o_hi, l_hi = merge_partials(out[:, hi], lse[:, :, hi],
                                 *fwd(q[:, hi], k, v, False, _cut(qs, hi), ks))
             return out.at[:, hi].set(o_hi), lse.at[:, :, hi].set(l_hi)
 
@@ -134,9 +129,9 @@ def _fwd_step(rel, state, kv, q, qs, layout, kernels: _Blocks):
     return lax.switch(rel, branches, state)
 
 
-def _bwd_step(rel, grads, kv, q, qs, do, out, lse, delta, layout, kernels: _Blocks):
+def ring_bwd_step(rel, grads, kv, q, qs, do, out, lse, delta, layout, kernels: RingBlocks):
     """Accumulate ``(dq, dk, dv)`` (float32) of one ring step; ``rel``, ``kv`` and ``qs`` as in
-    :func:`_fwd_step`."""
+    :func:`ring_fwd_step`."""
     k, v, ks = kv
     bwd = kernels.bwd
     f32 = lambda x: x.astype(jnp.float32)
@@ -174,12 +169,12 @@ def _bwd_step(rel, grads, kv, q, qs, do, out, lse, delta, layout, kernels: _Bloc
 
 
 def _ring_flash_fwd_impl(q, k, v, seg, axis_name, layout, scale, blocks):
-    n, idx, perm = _ring_meta(axis_name)
+    n, idx, perm = ring_meta(axis_name)
     # Initial state built from q so that, inside shard_map, it varies over the same mesh axes.
     out = jnp.zeros_like(q, jnp.float32)
-    lse = jnp.moveaxis(out[..., 0], 1, 2) + _NEG
-    step = functools.partial(_fwd_step, q=q, qs=seg, layout=layout,
-                             kernels=_block_kernels(blocks, scale))
+    lse = jnp.moveaxis(out[..., 0], 1, 2) + NEG_INF
+    step = functools.partial(ring_fwd_step, q=q, qs=seg, layout=layout,
+                             kernels=ring_block_kernels(blocks, scale))
     kv = (k, v, seg)  # key segment ids travel with their block
     nxt = lax.ppermute(kv, axis_name, perm) if n > 1 else kv
     state = step(0, (out, lse), kv)
@@ -187,12 +182,12 @@ def _ring_flash_fwd_impl(q, k, v, seg, axis_name, layout, scale, blocks):
     def body(s, carry):
         state, kv = carry
         nxt = lax.ppermute(kv, axis_name, perm)  # issued before the compute: overlappable
-        state = step(_source(idx, s, n)[1], state, kv)
+        state = step(ring_source(idx, s, n)[1], state, kv)
         return state, nxt
 
     if n > 1:
         state, kv = lax.fori_loop(1, n - 1, body, (state, nxt))
-        state = step(_source(idx, n - 1, n)[1], state, kv)
+        state = step(ring_source(idx, n - 1, n)[1], state, kv)
     out, lse = state
     return out.astype(q.dtype), lse
 
@@ -209,12 +204,12 @@ def _ring_flash_fwd(q, k, v, seg, axis_name, layout, scale, blocks):
 
 def _ring_flash_bwd(axis_name, layout, scale, blocks, res, dout):
     q, k, v, seg, out, lse = res
-    n, idx, perm = _ring_meta(axis_name)
+    n, idx, perm = ring_meta(axis_name)
     do = dout.astype(q.dtype)
     # cuDNN's backward forms rowsum(dO * O) itself from ``out``; the Pallas kernels take it.
     delta = None if blocks == "cudnn" else flash_delta(out, dout)
-    step = functools.partial(_bwd_step, q=q, qs=seg, do=do, out=out, lse=lse, delta=delta,
-                             layout=layout, kernels=_block_kernels(blocks, scale))
+    step = functools.partial(ring_bwd_step, q=q, qs=seg, do=do, out=out, lse=lse, delta=delta,
+                             layout=layout, kernels=ring_block_kernels(blocks, scale))
     kv = (k, v, seg)
     grads = (jnp.zeros_like(q, jnp.float32), jnp.zeros_like(k, jnp.float32),
              jnp.zeros_like(v, jnp.float32))
@@ -225,14 +220,14 @@ def _ring_flash_bwd(axis_name, layout, scale, blocks, res, dout):
         dq, dkv, kv = carry
         dkv = lax.ppermute(dkv, axis_name, perm)  # the gradients follow their K/V block
         nxt = lax.ppermute(kv, axis_name, perm)
-        dq, dk, dv = step(_source(idx, s, n)[1], (dq,) + dkv, kv)
+        dq, dk, dv = step(ring_source(idx, s, n)[1], (dq,) + dkv, kv)
         return dq, (dk, dv), nxt
 
     dkv = (dk, dv)
     if n > 1:
         dq, dkv, kv = lax.fori_loop(1, n - 1, body, (dq, dkv, nxt))
         dkv = lax.ppermute(dkv, axis_name, perm)
-        dq, dk, dv = step(_source(idx, n - 1, n)[1], (dq,) + dkv, kv)
+        dq, dk, dv = step(ring_source(idx, n - 1, n)[1], (dq,) + dkv, kv)
         dkv = lax.ppermute((dk, dv), axis_name, perm)  # n-th hop: back to the owner
     dk, dv = dkv
     dseg = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)  # integer input
@@ -246,7 +241,7 @@ def ring_blocks_unsupported_reason(q: jax.Array, k: jax.Array, layout: str = "co
                                    ) -> Optional[str]:
     """Why the cuDNN block kernels cannot serve this ring (``None`` when they can): a GPU,
     bfloat16/float16, a head dim cuDNN takes, even block lengths (cuDNN's backward), and the private
-    JAX functions of :mod:`parallel.cudnn_blocks`."""
+    JAX functions of :mod:`ttt_jax.ops.kernels.cudnn_blocks`."""
     reason = cudnn_unsupported_reason(q)
     if reason is not None:
         return reason
@@ -277,8 +272,8 @@ def ring_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: st
       layout: ``"contiguous"`` or ``"zigzag"``.
       scale: logit scale.
       interpret: run the Pallas kernels in interpret mode (CPU tests); implies ``blocks="pallas"``.
-      blocks: the per-pair kernels, ``"cudnn"`` (:mod:`parallel.cudnn_blocks`) or ``"pallas"``
-        (:mod:`parallel.flash`); ``None`` picks cuDNN where it can run
+      blocks: the per-pair kernels, ``"cudnn"`` (:mod:`ttt_jax.ops.kernels.cudnn_blocks`) or ``"pallas"``
+        (:mod:`ttt_jax.ops.kernels.flash`); ``None`` picks cuDNN where it can run
         (:func:`choose_ring_blocks`).
       segment_ids: optional ``[B, T_local]`` int document ids of the local positions (packed
         documents; a query sees a key only when their ids are equal and non-zero). They travel with
@@ -287,7 +282,7 @@ def ring_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: st
     Returns:
       ``[B, T_local, H, Dh]`` in ``q.dtype``; differentiable (custom VJP, backward ring).
     """
-    _check_layout(layout, q.shape[1])
+    check_layout(layout, q.shape[1])
     if segment_ids is not None:
         if blocks == "cudnn":
             raise ValueError("ring_flash_attention: the cuDNN block kernels take no segment ids; "
@@ -309,98 +304,3 @@ def ring_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: st
     elif blocks != "pallas":
         raise ValueError(f"ring_flash_attention: blocks={blocks!r} is not 'cudnn' or 'pallas'")
     return _ring_flash(q, k, v, segment_ids, axis_name, layout, float(scale), blocks)
-
-
-# --------------------------------------------------------------------------------------------------
-# Sliding window: halo exchange + one equal-length local kernel call
-# --------------------------------------------------------------------------------------------------
-
-
-def cudnn_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int,
-                           scale: float) -> jax.Array:
-    """Causal sliding-window attention of equal-length ``q``/``k``/``v`` by one cuDNN call.
-
-    ``[B, T, H, Dh]`` x ``[B, T, KV, Dh]`` -> ``[B, T, H, Dh]`` (GPU; bfloat16/float16). An odd
-    length is padded by one token at the end (cuDNN's backward pass needs even lengths; the pad is
-    invisible to real queries under the causal mask and its row is dropped).
-    """
-    t = q.shape[1]
-    pad = t % 2
-    if pad:
-        q, k, v = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k, v))
-    k, v = k.astype(q.dtype), v.astype(q.dtype)
-    if private_api_problem() is None:
-        # Straight to the cuDNN primitives: the public API's custom partitioning fails inside the
-        # model's shard_map, which leaves the non-context mesh axes automatic.
-        out = cudnn_attention(q, k, v, True, window, float(scale))
-    else:
-        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                           local_window_size=(window - 1, 0), implementation="cudnn")
-    return out[:, :t]
-
-
-def cudnn_unsupported_reason(q: jax.Array, backend: Optional[str] = None) -> Optional[str]:
-    """Why cuDNN flash attention (:func:`cudnn_window_attention`, and the single-device
-    ``impl="cudnn"`` of ``ttt_jax.ops.attention``) cannot run on ``q`` here (``None`` when it can).
-    ``backend`` defaults to ``jax.default_backend()``."""
-    backend = jax.default_backend() if backend is None else backend
-    if backend != "gpu":
-        return f"cuDNN attention needs an NVIDIA GPU (default backend is {backend!r})"
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        return f"cuDNN flash attention needs bfloat16/float16 inputs, got {q.dtype}"
-    d = q.shape[-1]
-    if d % 8 or d > 256:
-        return f"cuDNN flash attention needs head_dim a multiple of 8 and <= 256 (<= 128 before " \
-               f"Hopper), got {d}"
-    if d > 128:
-        try:
-            cc = float(getattr(jax.devices()[0], "compute_capability", "0"))
-        except (TypeError, ValueError):
-            cc = 0.0
-        if cc < 9.0:
-            return f"cuDNN flash attention supports head_dim {d} > 128 only on Hopper or newer"
-    return None
-
-
-def halo_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, *, window: int,
-                          local_attention: LocalAttention) -> jax.Array:
-    """Sliding-window attention across context shards with one local kernel call per device.
-
-    Args:
-      q: ``[B, T_local, H, Dh]``; k, v: ``[B, T_local, KV, Dh]`` (contiguous layout, no segment ids).
-      axis_name: the context mesh axis.
-      window: keys per query including itself, ``1 <= window <= T_local + 1`` (checked by the caller).
-      local_attention: ``(q, k, v) -> out`` causal attention with this ``window`` (and the logit
-        scale) on equal-length, top-left aligned operands -- :func:`cudnn_window_attention` on GPU;
-        any exact implementation (e.g. the XLA one) in the CPU tests.
-
-    Returns:
-      ``[B, T_local, H, Dh]`` in ``q.dtype``. Gradients flow through the halo ``ppermute``: the
-      halo's dK/dV return to the left neighbour.
-    """
-    halo = window - 1
-    if halo == 0:
-        return local_attention(q, k, v)
-    n = lax.axis_size(axis_name)
-    t = q.shape[1]
-    with jax.named_scope("attention_halo"):
-        send = (k[:, t - halo:], v[:, t - halo:])
-        perm = [(j, j + 1) for j in range(n - 1)]
-        hk, hv = (checkpoint_name(lax.ppermute(send, axis_name, perm), "context_exchange") if n > 1
-                  else jax.tree.map(jnp.zeros_like, send))
-
-    def with_halo(q, k, v, hk, hv):
-        # [halo dummy queries | local]: equal lengths, so top-left causal + window is the global mask.
-        with jax.named_scope("attention_halo"):
-            qp = jnp.concatenate([jnp.zeros((q.shape[0], halo) + q.shape[2:], q.dtype), q], axis=1)
-            kp, vp = jnp.concatenate([hk, k], axis=1), jnp.concatenate([hv, v], axis=1)
-        out = local_attention(qp, kp, vp)
-        return out[:, halo:]
-
-    def local_only(q, k, v, hk, hv):  # device 0: no left neighbour, the halo is not there
-        del hk, hv
-        return local_attention(q, k, v)
-
-    if n == 1:
-        return local_only(q, k, v, hk, hv)
-    return lax.cond(lax.axis_index(axis_name) == 0, local_only, with_halo, q, k, v, hk, hv)

@@ -1,4 +1,5 @@
-"""Device mesh and shardings for the trainer: data parallelism, FSDP and tensor parallelism.
+"""Device mesh and shardings of the model, its optimizer state and its batches (train, bench,
+convert, infer and eval share them): data parallelism, FSDP, tensor and context parallelism.
 
 The mesh has the four axes ``("data", "fsdp", "tensor", "context")`` of :mod:`parallel.mesh`.
 
@@ -35,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from parallel import mesh as parallel_mesh
 from parallel import rules as parallel_rules
-from parallel.attention import to_zigzag
+from parallel.layout import to_zigzag
 from ttt_jax.config import MeshConfig
 
 # Mesh axes the batch dimension is split over.
@@ -85,17 +86,6 @@ def check_supported(mesh: Mesh, seq_len: int, ttt_chunk: Optional[int],
 def data_parallel_size(mesh: Mesh) -> int:
     """Number of shards the batch dimension is split into."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
-def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
-    """Raise a ``ValueError`` unless the global ``batch_size`` (``data.batch_size`` per process times
-    the number of processes) splits evenly over the data-parallel axes."""
-    dp = data_parallel_size(mesh)
-    if batch_size % dp:
-        raise ValueError(
-            f"data.batch_size={batch_size} (global) is not divisible by the data-parallel size {dp} "
-            f"(mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']}); use a batch size "
-            f"that is a multiple of {dp} or set mesh.data to a divisor of {batch_size}")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -221,7 +211,7 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
               layout: str = "contiguous") -> dict[str, jax.Array]:
     """Place a host batch (numpy ``[B, T]`` arrays, the process-local rows of the global batch) on
     the mesh. With ``layout="zigzag"`` and a ``context`` axis of size ``n > 1`` every array is first
-    permuted along ``T`` into the load-balanced order (:func:`parallel.attention.to_zigzag`: device
+    permuted along ``T`` into the load-balanced order (:func:`parallel.layout.to_zigzag`: device
     ``i`` receives segments ``i`` and ``2n - 1 - i``); the batch's ``positions`` travel with their
     tokens, so the model sees each token at its true position."""
     n = sharding.mesh.shape.get("context", 1)

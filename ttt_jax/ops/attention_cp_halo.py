@@ -2,7 +2,7 @@
 
 Call inside ``jax.shard_map`` over the context axis, contiguous layout, no segment ids. Each device
 holds ``T`` local positions; with window ``W`` (keys per query, itself included) a query needs the
-``h = W - 1`` last keys of the left neighbour (the halo). :func:`parallel.fused_attention.
+``h = W - 1`` last keys of the left neighbour (the halo). :func:`ttt_jax.ops.attention_cp_window.
 halo_window_attention` computes that as ONE equal-length kernel call over ``[halo | local]`` keys
 with ``h`` zero query rows prepended: simple, but under the causal mask those rows compute
 ``h^2 / 2`` query-key pairs for nothing (``h / 2T`` of the layer's ``T * W`` pairs: 6.25% at
@@ -24,16 +24,17 @@ Here instead:
 
 Backward (custom VJP of the two blocks, given the received halo): each block's backward kernel is
 called with the *merged* output and log-sum-exp, which gives exactly the gradients of the global
-softmax restricted to that block (:mod:`parallel.fused_attention`). The halo exchange itself is an
+softmax restricted to that block (:mod:`ttt_jax.ops.attention_cp_fused`). The halo exchange itself is an
 ordinary ``ppermute`` outside the custom VJP, so autodiff sends the halo keys' gradients back to
 the left neighbour, and its result is named ``"context_exchange"`` for remat policies
-(``model.remat_policy``); so is the halo block's forward result (:data:`HALO_BLOCK_NAME`), which
+(``model.remat_policy``); so is the halo block's forward result
+(:data:`ttt_jax.ops.checkpoint_names.HALO_BLOCK`), which
 ``save_exchanges`` keeps: the backward pass's recomputation then reruns only the local call.
 Work: exactly the pairs the window needs (the local block skips the ``h^2 / 2`` pairs the halo block
 computes), plus the merge of ``h`` rows.
 
-Kernels (``blocks``): ``"cudnn"`` (:mod:`parallel.cudnn_blocks`, GPU), ``"pallas"`` /
-``"interpret"`` (:mod:`parallel.flash`), or ``"dense"`` (plain ``jnp``, any backend: the
+Kernels (``blocks``): ``"cudnn"`` (:mod:`ttt_jax.ops.kernels.cudnn_blocks`, GPU), ``"pallas"`` /
+``"interpret"`` (:mod:`ttt_jax.ops.kernels.flash`), or ``"dense"`` (plain ``jnp``, any backend: the
 reference the CPU tests run the merge, reversal, padding and gradients with).
 """
 
@@ -47,14 +48,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from parallel.attention import _NEG
-from parallel.cudnn_blocks import cudnn_block_bwd, cudnn_block_fwd
-from parallel.flash import flash_block_bwd, flash_block_fwd, flash_delta
-from parallel.fused_attention import _merge   # the ring's log-sum-exp merge
+from ttt_jax.ops.attention_cp_fused import merge_partials   # the ring's log-sum-exp merge
+from ttt_jax.ops.attention_reference import NEG_INF
+from ttt_jax.ops.checkpoint_names import CONTEXT_EXCHANGE, HALO_BLOCK
+from ttt_jax.ops.kernels.cudnn_blocks import cudnn_block_bwd, cudnn_block_fwd
+from ttt_jax.ops.kernels.flash import flash_block_bwd, flash_block_fwd, flash_delta
 
 HALO_BLOCKS = ("cudnn", "pallas", "interpret", "dense")
-# The checkpoint name of the halo block's forward result (output and log-sum-exp, before the merge).
-HALO_BLOCK_NAME = "context_halo_block"
 
 
 class _Kernels(NamedTuple):
@@ -82,7 +82,7 @@ def _dense_scores(q, k, v, *, scale, window):
 def _dense_fwd(q, k, v, *, scale, window):
     """Reference causal (+ window) attention with its log-sum-exp."""
     s, mask, _, vv = _dense_scores(q, k, v, scale=scale, window=window)
-    s = jnp.where(mask, s, _NEG)
+    s = jnp.where(mask, s, NEG_INF)
     lse = jax.nn.logsumexp(s, axis=-1)                                   # [B, H, Tq]
     p = jnp.exp(s - lse[..., None])
     return jnp.einsum("bhqk,bkhd->bqhd", p, vv).astype(q.dtype), lse
@@ -161,7 +161,7 @@ def _exchange(k, v, h: int, multiple: int, axis_name: str):
     if n == 1:
         return jax.tree.map(jnp.zeros_like, send)
     return checkpoint_name(lax.ppermute(send, axis_name, [(j, j + 1) for j in range(n - 1)]),
-                           "context_exchange")
+                           CONTEXT_EXCHANGE)
 
 
 def _fwd_impl(q, k, v, hk, hv, axis_name, window, scale, blocks):
@@ -174,10 +174,10 @@ def _fwd_impl(q, k, v, hk, hv, axis_name, window, scale, blocks):
         # Named for remat policies (model.remat_policy="save_exchanges"): [B, h, H, Dh] + [B, H, h]
         # per layer, so the backward pass's recomputation of the layer reruns only the local call
         # (the part a single device runs too), not this block, its reversals and padding.
-        o_h, l_h = checkpoint_name((o_h, l_h), HALO_BLOCK_NAME)
+        o_h, l_h = checkpoint_name((o_h, l_h), HALO_BLOCK)
         o_h, l_h = _from_block(o_h, h), jnp.flip(l_h[:, :, :h], axis=2)
-        l_h = jnp.where(lax.axis_index(axis_name) > 0, l_h, _NEG)   # device 0: no halo
-        o_top, l_top = _merge(out[:, :h].astype(jnp.float32), lse[:, :, :h], o_h.astype(jnp.float32), l_h)
+        l_h = jnp.where(lax.axis_index(axis_name) > 0, l_h, NEG_INF)   # device 0: no halo
+        o_top, l_top = merge_partials(out[:, :h].astype(jnp.float32), lse[:, :, :h], o_h.astype(jnp.float32), l_h)
         out = out.at[:, :h].set(o_top.astype(out.dtype))
         lse = lse.at[:, :, :h].set(l_top)
     return out, lse
@@ -205,7 +205,7 @@ def _halo_split_bwd(axis_name, window, scale, blocks, res, dout):
     with jax.named_scope("attention_halo"):  # the halo block's backward
         blk = lambda x: _to_block(x[:, :h], h, m)
         dq_h, dhk, dhv = kern.block_bwd(blk(q), hk, hv, blk(do), blk(out),
-                                        _lse_to_block(lse[:, :, :h], h, m, -_NEG),
+                                        _lse_to_block(lse[:, :, :h], h, m, -NEG_INF),
                                         None if delta is None else _lse_to_block(delta[:, :, :h], h, m, 0.0))
         # Device 0's halo keys are zeros: its dq_h is zero already; masked for clarity and safety.
         has_left = (lax.axis_index(axis_name) > 0).astype(jnp.float32)

@@ -1,6 +1,6 @@
-"""cuDNN flash-attention block kernels for ring attention.
+"""cuDNN flash-attention kernels: ring blocks with log-sum-exp, and one sliding-window call.
 
-Ring attention (:mod:`parallel.fused_attention`) needs, for each (query block, key block) pair:
+Ring attention (:mod:`ttt_jax.ops.attention_cp_fused`) needs, for each (query block, key block) pair:
 
 * a forward pass that returns the block's output *and* its float32 log-sum-exp, so that blocks are
   merged by online softmax;
@@ -20,8 +20,8 @@ differentiable single-call form used for the sliding window under context parall
 
 Those functions are private to JAX and may change between releases. :func:`private_api_problem` checks
 the signatures this module was written against (JAX 0.10 and 0.11) and says what differs; callers
-(``parallel.fused_attention``) then use the Pallas kernels of :mod:`parallel.flash` instead. The
-GPU tests compare both kernels with a dense float32 reference, values and gradients.
+(``ttt_jax.ops.attention_cp_fused``) then use the Pallas kernels of :mod:`ttt_jax.ops.kernels.flash`
+instead. The GPU tests compare both kernels with a dense float32 reference, values and gradients.
 
 Shapes::
 
@@ -181,3 +181,49 @@ def _check(q, k, v, causal, window):
                          f"{q.shape[1]} and {k.shape[1]}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"cuDNN block kernels: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+
+
+def cudnn_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int,
+                           scale: float) -> jax.Array:
+    """Causal sliding-window attention of equal-length ``q``/``k``/``v`` by one cuDNN call.
+
+    ``[B, T, H, Dh]`` x ``[B, T, KV, Dh]`` -> ``[B, T, H, Dh]`` (GPU; bfloat16/float16). An odd
+    length is padded by one token at the end (cuDNN's backward pass needs even lengths; the pad is
+    invisible to real queries under the causal mask and its row is dropped).
+    """
+    t = q.shape[1]
+    pad = t % 2
+    if pad:
+        q, k, v = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k, v))
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if private_api_problem() is None:
+        # Straight to the cuDNN primitives: the public API's custom partitioning fails inside the
+        # model's shard_map, which leaves the non-context mesh axes automatic.
+        out = cudnn_attention(q, k, v, True, window, float(scale))
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                           local_window_size=(window - 1, 0), implementation="cudnn")
+    return out[:, :t]
+
+
+def cudnn_unsupported_reason(q: jax.Array, backend: Optional[str] = None) -> Optional[str]:
+    """Why cuDNN flash attention (:func:`cudnn_window_attention`, and the single-device
+    ``impl="cudnn"`` of ``ttt_jax.ops.attention``) cannot run on ``q`` here (``None`` when it can).
+    ``backend`` defaults to ``jax.default_backend()``."""
+    backend = jax.default_backend() if backend is None else backend
+    if backend != "gpu":
+        return f"cuDNN attention needs an NVIDIA GPU (default backend is {backend!r})"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"cuDNN flash attention needs bfloat16/float16 inputs, got {q.dtype}"
+    d = q.shape[-1]
+    if d % 8 or d > 256:
+        return f"cuDNN flash attention needs head_dim a multiple of 8 and <= 256 (<= 128 before " \
+               f"Hopper), got {d}"
+    if d > 128:
+        try:
+            cc = float(getattr(jax.devices()[0], "compute_capability", "0"))
+        except (TypeError, ValueError):
+            cc = 0.0
+        if cc < 9.0:
+            return f"cuDNN flash attention supports head_dim {d} > 128 only on Hopper or newer"
+    return None
