@@ -92,7 +92,7 @@ def test_bench_formatting():
 def test_train_run_dir_mistakes(tmp_path, capsys):
     f = tmp_path / "afile"
     f.write_text("x")
-    for run_dir, needle in ((f, "is a file, not a directory"), (f / "sub", "cannot be created")):
+    for run_dir, needle in ((f, "is a file, not a directory"), (f / "sub", "cannot create")):
         assert main(["train", "tiny", *TOY, f"train.run_dir={run_dir}"]) == 2
         one_line_error(capsys, "train.run_dir", needle)
     assert main(["train", "tiny", *TOY, f"train.run_dir={tmp_path / 'r'}",

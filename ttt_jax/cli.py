@@ -104,18 +104,13 @@ def _load(config: str, overrides: Sequence[str], note=print) -> Config:
         return load_config(config, [*overrides, f"train.warmup_steps={steps}"])
 
 
-def _check_run_dir(cfg: Config) -> None:
-    """``train.run_dir`` (and its ``checkpoints/``) can be created or written: one line if not."""
+def _check_init_from(cfg: Config) -> None:
+    """A ``train.init_from`` that does not exist is one line before anything starts (the run
+    directory and its checkpoints are checked by the trainer, :func:`ttt_jax.fs.ensure_writable`)."""
     from pathlib import Path
 
-    from ttt_jax.paths import ensure_writable_dir
-
-    run_dir = ensure_writable_dir(cfg.train.run_dir, "train.run_dir")
-    ensure_writable_dir(Path(run_dir) / "checkpoints", "train.run_dir's checkpoints directory")
-    if cfg.train.init_from:
-        p = Path(cfg.train.init_from).expanduser()
-        if not p.exists():
-            raise ValueError(f"train.init_from {str(p)!r} does not exist")
+    if cfg.train.init_from and not Path(cfg.train.init_from).expanduser().exists():
+        raise ValueError(f"train.init_from {cfg.train.init_from!r} does not exist")
 
 
 def _cmd_config(cfg: Config) -> int:
@@ -134,7 +129,7 @@ def _cmd_train(cfg: Config) -> int:
     maybe_initialize_distributed()
     main_process = jax.process_index() == 0
     say = print if main_process else (lambda *a, **k: None)
-    _check_run_dir(cfg)
+    _check_init_from(cfg)
     say(_summary(cfg), flush=True)
     devices = jax.devices()
     say(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}), "

@@ -1,7 +1,8 @@
-"""Output and input paths of the commands, checked before any work: a mistake is one line.
+"""Input paths and output files of the commands, checked before any work: a mistake is one line.
 
 Each function raises ``ValueError`` naming the path and what it is for; the ``ttt-jax`` command
-turns that into ``error: ...`` and exit status 2. Nothing is created here.
+turns that into ``error: ...`` and exit status 2. Nothing is created here. Output directories are
+checked by :func:`ttt_jax.fs.ensure_writable`.
 """
 
 from __future__ import annotations
@@ -9,28 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["ensure_writable_dir", "ensure_writable_file", "existing_dir", "existing_file"]
+from ttt_jax.fs import ensure_writable
 
-
-def _nearest_existing(path: Path) -> Path:
-    p = path.absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
-    """``path`` is a directory we can create or write into (it may not exist yet)."""
-    p = Path(os.path.expanduser(str(path)))
-    if p.exists() and not p.is_dir():
-        raise ValueError(f"{what} {str(p)!r} is a file, not a directory")
-    base = _nearest_existing(p)
-    if not base.is_dir():
-        raise ValueError(f"{what} {str(p)!r} cannot be created: {str(base)!r} is a file, not a directory")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {str(p)!r} is not writable ({str(base)!r}: permission denied or "
-                         "read-only)")
-    return p
+__all__ = ["ensure_writable_file", "existing_dir", "existing_file"]
 
 
 def ensure_writable_file(path: str | os.PathLike, what: str) -> Path:
@@ -40,7 +22,7 @@ def ensure_writable_file(path: str | os.PathLike, what: str) -> Path:
         raise ValueError(f"{what} {str(p)!r} is a directory, expected a file path")
     if p.exists() and not os.access(p, os.W_OK):
         raise ValueError(f"{what} {str(p)!r} is not writable")
-    ensure_writable_dir(p.parent if str(p.parent) else Path("."), f"the directory of {what}")
+    ensure_writable(p.parent, f"directory of {what}")
     return p
 
 

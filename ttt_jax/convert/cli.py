@@ -69,9 +69,9 @@ def _export_target(out: str, overwrite: bool) -> None:
     from pathlib import Path
 
     from ttt_jax.convert.hf_import import TOKENIZER_FILES
-    from ttt_jax.paths import ensure_writable_dir
+    from ttt_jax.fs import ensure_writable
 
-    p = ensure_writable_dir(out, "OUT_DIR")
+    p = ensure_writable(out, "export directory (OUT_DIR)")
     if not p.is_dir() or not any(p.iterdir()):
         return
     if not overwrite:
@@ -90,12 +90,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.convert_command == "hf":
         from ttt_jax.convert.hf_import import convert_hf
-        from ttt_jax.train.checkpoint import read_checkpoint_config
+        from ttt_jax.checkpoint import read_checkpoint_config
 
-        from ttt_jax.paths import ensure_writable_dir, existing_dir
+        from ttt_jax.fs import ensure_writable
+        from ttt_jax.paths import existing_dir
 
         existing_dir(args.src, "SRC_DIR")
-        ensure_writable_dir(args.out, "OUT_DIR")
+        ensure_writable(args.out, "checkpoint directory (OUT_DIR)")
         ttt = ttt_config(args.ttt_layers, args.ttt_every, start=args.ttt_start, lr=args.ttt_lr,
                          chunk_size=args.ttt_chunk, target_source=args.ttt_target)
         out = convert_hf(args.src, args.out, ttt=ttt, param_dtype=args.dtype,

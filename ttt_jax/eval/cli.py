@@ -173,10 +173,10 @@ def _ruler_tasks(args: argparse.Namespace) -> list[str]:
 def output_dir(args: argparse.Namespace, ckdir: Path, step: int) -> Path:
     """Where this evaluation writes: ``--out``, or a new ``./eval/<run>-<step>-<suite>[-k]``.
     ``ValueError`` when ``--out`` holds files (without ``--overwrite``) or cannot be written."""
-    from ttt_jax.paths import ensure_writable_dir
+    from ttt_jax.fs import ensure_writable
 
     if args.out:
-        out = ensure_writable_dir(args.out, "--out")
+        out = ensure_writable(args.out, "eval output directory (--out)")
         if out.is_dir() and any(out.iterdir()) and not args.overwrite:
             raise ValueError(f"--out {str(out)!r} already holds files (earlier results?); choose a "
                              "new directory or pass --overwrite")
@@ -187,12 +187,12 @@ def output_dir(args: argparse.Namespace, ckdir: Path, step: int) -> Path:
     while out.exists():
         k += 1
         out = base.with_name(f"{base.name}-{k}")
-    return ensure_writable_dir(out, "the eval output directory")
+    return ensure_writable(out, "eval output directory")
 
 
 def run(args: argparse.Namespace) -> int:
     from ttt_jax.data import load_tokenizer
-    from ttt_jax.train.checkpoint import load_model, resolve_checkpoint
+    from ttt_jax.checkpoint import load_model, resolve_checkpoint
 
     for name in ("batch_size", "logits_chunk", "num_samples", "max_length", "block_size"):
         v = getattr(args, name)
