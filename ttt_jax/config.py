@@ -404,7 +404,9 @@ class DataConfig:
     ``parquet`` (``paths`` + ``column``). ``tokenizer``: ``byte`` or a path to a Hugging Face
     ``tokenizer.json``. ``on_error``: what a malformed record (bad UTF-8, invalid JSON line, missing
     field, unreadable Parquet) does: ``raise`` a ``ValueError`` naming file and line/row, or ``skip``
-    it (counted, with a warning).
+    it (counted, with a warning). ``check``: before the first step, read every record the run will
+    use once and apply ``on_error`` then (:mod:`ttt_jax.data.check`; linear in the data, with a
+    progress bar); ``false`` skips that pass.
     """
 
     source: Literal["stdlib", "text", "jsonl", "parquet"] = "stdlib"
@@ -421,6 +423,7 @@ class DataConfig:
     seed: int = 0
     worker_count: int = 0
     on_error: Literal["raise", "skip"] = "raise"
+    check: bool = True
 
     def validate(self) -> None:
         _check(self.seq_len >= 2, "data.seq_len", self.seq_len, "an integer >= 2")

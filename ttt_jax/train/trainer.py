@@ -49,7 +49,7 @@ from flax import nnx
 
 from ttt_jax import sharding
 from ttt_jax.config import Config, ModelConfig, TrainConfig
-from ttt_jax.data import load_tokenizer, make_batches
+from ttt_jax.data import check_data, load_tokenizer, make_batches
 from ttt_jax.fs import ensure_writable
 from ttt_jax.models.flops import flops_per_token
 from ttt_jax.models.lm import CausalLM, check_tokens, count_params
@@ -355,6 +355,8 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     # parameter) before any data is read or anything is computed.
     prog = _program(cfg.model, tcfg.seed, optimizer_fields(tcfg), mesh)
     is_main = jax.process_index() == 0
+    if cfg.data.check:  # every record the run will read, before anything is written or computed
+        check_data(cfg.data, progress=tcfg.progress and is_main, log=say)
 
     run_dir = Path(tcfg.run_dir)
     # Opening the directory removes saves a killed process left unfinished (with a warning).
