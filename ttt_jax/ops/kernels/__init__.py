@@ -1,0 +1,1 @@
+"""Kernel modules behind the ops (Pallas TPU: ``tpu_*``)."""
