@@ -91,9 +91,11 @@ def _kernel(tq: int, tk: int, heads: int, causal: bool, window: int, offset: int
     bq, bk = tile_length(tq), tile_length(tk)
     sizes = _sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
                            block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
-    return _sk.make_splash_mha(_sm.MultiHeadMask([head_mask] * heads), block_sizes=sizes,
-                               head_shards=1, q_seq_shards=1, save_residuals=residuals,
-                               interpret=interpret)
+    # Concrete mask tables even when first built inside a trace (the kernel is cached).
+    with jax.ensure_compile_time_eval():
+        return _sk.make_splash_mha(_sm.MultiHeadMask([head_mask] * heads), block_sizes=sizes,
+                                   head_shards=1, q_seq_shards=1, save_residuals=residuals,
+                                   interpret=interpret)
 
 
 def _heads_major(x):
