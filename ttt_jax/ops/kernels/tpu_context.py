@@ -38,8 +38,8 @@ from jax import lax
 
 from parallel.attention import _NEG, _check_layout, _ring_meta, _source
 from parallel.fused_attention import _bwd_step, _Blocks, _fwd_step
-from ttt_jax.ops.kernels.tpu_splash import (LANES, padded_length, splash_block_bwd,
-                                            splash_block_fwd, _kernel, _sk)
+from ttt_jax.ops.kernels.tpu_splash import (padded_length, splash_attention_call, splash_block_bwd,
+                                            splash_block_fwd)
 
 CP_KERNELS = ("ring", "allgather")
 
@@ -277,18 +277,6 @@ def tpu_allgather_attention(q, k, v, axis_name, **kw) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 
 
-def _local_call(q, k, v, qs, ks, window, offset, interpret):
-    """One differentiable splash call (its own VJP); ``q`` already scaled, ``[B, T, H, D]``."""
-    kern = _kernel(q.shape[1], k.shape[1], q.shape[2], True, window, offset, False, interpret)
-    hm = lambda x: jnp.transpose(x, (0, 2, 1, 3))
-    if qs is None:
-        out = jax.vmap(kern)(hm(q), hm(k), hm(v))
-    else:
-        out = jax.vmap(lambda a, b, c, s, r: kern(a, b, c, segment_ids=_sk.SegmentIds(s, r)))(
-            hm(q), hm(k), hm(v), qs, ks)
-    return hm(out)
-
-
 def tpu_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, *, window: int,
                          segment_ids: Optional[jax.Array] = None, scale: Optional[float] = None,
                          interpret: bool = False) -> jax.Array:
@@ -315,12 +303,13 @@ def tpu_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: st
     n = lax.axis_size(axis_name)
     tp = padded_length(t)
     seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
-    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    qp, kp, vp, sp = (_pad_local(x, "contiguous", tp) for x in (qs, k, v, seg))
+    qp, kp, vp, sp = (_pad_local(x, "contiguous", tp) for x in (q, k, v, seg))
+    call = functools.partial(splash_attention_call, causal=True, scale=scale, window=window,
+                             interpret=interpret)
 
     def local_only(*_):
-        return _local_call(qp, kp, vp, sp, sp, window, 0, interpret)
+        return call(qp, kp, vp, q_segment_ids=sp, k_segment_ids=sp)
 
     if halo == 0 or n == 1:
         out = local_only()
@@ -334,7 +323,7 @@ def tpu_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: st
         def with_halo(*_):
             keys = [jnp.concatenate([front(a), b], axis=1) if b is not None else None
                     for a, b in ((hk, kp), (hv, vp), (hs, sp))]
-            return _local_call(qp, keys[0], keys[1], sp, keys[2], window, hp, interpret)
+            return call(qp, keys[0], keys[1], q_segment_ids=sp, k_segment_ids=keys[2], offset=hp)
 
         out = lax.cond(lax.axis_index(axis_name) == 0, local_only, with_halo)
     out = out[:, :t].astype(q.dtype)

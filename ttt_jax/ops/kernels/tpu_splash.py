@@ -49,8 +49,12 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as _sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as _sm
+from jax._src import config as _jax_config
+
+from ttt_jax.ops.inplace_ttt_scan import _vary_like
 
 LANES = 128  # splash's tile granularity
 _TILES = (512, 256, 128)  # preferred tile lengths, largest first
@@ -143,7 +147,8 @@ def splash_block_fwd(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, 
     qh = _heads_major((q.astype(jnp.float32) * scale).astype(q.dtype))
     kh, vh = _heads_major(k.astype(q.dtype)), _heads_major(v.astype(q.dtype))
     seg = _segments(q_segment_ids, k_segment_ids)
-    out, (lse,) = jax.vmap(lambda q_, k_, v_, s_: kernel(q_, k_, v_, segment_ids=s_))(qh, kh, vh, seg)
+    out, (lse,) = _unchecked(jax.vmap(lambda q_, k_, v_, s_: kernel(q_, k_, v_, segment_ids=s_)),
+                             qh, kh, vh, seg)
     return _heads_major(out).astype(jnp.float32), lse
 
 
@@ -185,9 +190,23 @@ def splash_block_bwd(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, ou
                                           kw["interpret"], res, do_)
         return grads[3:6]
 
-    dq, dk, dv = jax.vmap(one)(qh, kh, vh, seg, oh, lse, doh)
+    dq, dk, dv = _unchecked(jax.vmap(one), qh, kh, vh, seg, oh, lse, doh)
     f32 = lambda x: _heads_major(x).astype(jnp.float32)
     return f32(dq) * scale, f32(dk), f32(dv)
+
+
+def _unchecked(fn, *args):
+    """``fn(*args)`` (splash's ``pallas_call``s) with ``shard_map``'s axis-variance check off, its
+    results then typed as varying over the manual axes its inputs vary over.
+
+    Splash declares its outputs without a variance, which a checking ``shard_map`` (the model's)
+    rejects; the kernels are per-device computations, so their results vary as their inputs do.
+    Every caller sits under a custom VJP, so no transpose rule sees the unchecked region.
+    """
+    with _jax_config._check_vma(False):
+        out = fn(*args)
+    likes = [x for x in jax.tree.leaves(args) if isinstance(x, jax.Array)]
+    return jax.tree.map(lambda x: _vary_like(x, *likes), out)
 
 
 def _collapse(info):
@@ -207,6 +226,46 @@ def _collapse(info):
 def padded_length(t: int) -> int:
     """``t`` rounded up to splash's tile granularity (128)."""
     return -(-t // LANES) * LANES
+
+
+def splash_attention_call(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
+                          scale: float, window: int = 0, offset: int = 0,
+                          q_segment_ids: Optional[jax.Array] = None,
+                          k_segment_ids: Optional[jax.Array] = None,
+                          interpret: bool = False) -> jax.Array:
+    """One differentiable splash call: :func:`splash_block_fwd` forward and
+    :func:`splash_block_bwd` backward with its own statistics. Arguments as
+    :func:`splash_block_fwd`; returns ``[B, Tq, H, Dh]`` in ``q.dtype``."""
+    static = (bool(causal), float(scale), int(window), int(offset), bool(interpret))
+    return _call(q, k, v, q_segment_ids, k_segment_ids, static)
+
+
+def _static_kw(static):
+    causal, scale, window, offset, interpret = static
+    return dict(causal=causal, scale=scale, window=window, offset=offset, interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _call(q, k, v, qs, ks, static):
+    out, _ = splash_block_fwd(q, k, v, q_segment_ids=qs, k_segment_ids=ks, **_static_kw(static))
+    return out.astype(q.dtype)
+
+
+def _call_fwd(q, k, v, qs, ks, static):
+    out, lse = splash_block_fwd(q, k, v, q_segment_ids=qs, k_segment_ids=ks, **_static_kw(static))
+    out = out.astype(q.dtype)
+    return out, (q, k, v, qs, ks, out, lse)
+
+
+def _call_bwd(static, res, do):
+    q, k, v, qs, ks, out, lse = res
+    dq, dk, dv = splash_block_bwd(q, k, v, do, out, lse, q_segment_ids=qs, k_segment_ids=ks,
+                                  **_static_kw(static))
+    zero = lambda s: None if s is None else np.zeros(s.shape, jax.dtypes.float0)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero(qs), zero(ks)
+
+
+_call.defvjp(_call_fwd, _call_bwd)
 
 
 def tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -230,16 +289,12 @@ def tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     tp = padded_length(t)
     pad = [(0, 0), (0, tp - t), (0, 0), (0, 0)]
-    qh = _heads_major(jnp.pad((q.astype(jnp.float32) * scale).astype(q.dtype), pad))
-    kh, vh = (_heads_major(jnp.pad(x.astype(q.dtype), pad)) for x in (k, v))
-    kernel = _kernel(tp, tp, h, True, int(window), 0, False, bool(interpret))
-    if segment_ids is None:
-        out = jax.vmap(kernel)(qh, kh, vh)
-    else:
+    qp, kp, vp = (jnp.pad(x, pad) for x in (q, k.astype(q.dtype), v.astype(q.dtype)))
+    seg = None
+    if segment_ids is not None:
         seg = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, tp - t)])
-        out = jax.vmap(lambda q_, k_, v_, s_: kernel(q_, k_, v_, segment_ids=_sk.SegmentIds(s_, s_)))(
-            qh, kh, vh, seg)
-    out = _heads_major(out)[:, :t].astype(q.dtype)
+    out = splash_attention_call(qp, kp, vp, causal=True, scale=scale, window=window,
+                                q_segment_ids=seg, k_segment_ids=seg, interpret=interpret)[:, :t]
     if segment_ids is not None:
         out = jnp.where((segment_ids != 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
     return out
