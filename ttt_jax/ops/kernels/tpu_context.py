@@ -38,6 +38,7 @@ from jax import lax
 
 from parallel.attention import _NEG, _check_layout, _ring_meta, _source
 from parallel.fused_attention import _bwd_step, _Blocks, _fwd_step
+from ttt_jax.ops.inplace_ttt_scan import _vary_like
 from ttt_jax.ops.kernels.tpu_splash import (padded_length, splash_attention_call, splash_block_bwd,
                                             splash_block_fwd)
 
@@ -190,8 +191,9 @@ def _ag_bwd(axis_name, layout, scale, interpret, res, dout):
         return dq, add(dk_all, dk), add(dv_all, dv)
 
     dq0, _, _ = _zero_grads(q, k, v)
-    dq, dk_all, dv_all = lax.fori_loop(
-        0, n, body, (dq0, jnp.zeros(k_all.shape, jnp.float32), jnp.zeros(v_all.shape, jnp.float32)))
+    # Accumulators vary over the mesh like q (the gathered K/V do not): the loop carry's type.
+    zeros = lambda x: _vary_like(jnp.zeros(x.shape, jnp.float32), q)
+    dq, dk_all, dv_all = lax.fori_loop(0, n, body, (dq0, zeros(k_all), zeros(v_all)))
     dk, dv = lax.psum_scatter((dk_all, dv_all), axis_name, scatter_dimension=1, tiled=True)
     return _grads_out(q, k, v, seg, dq, dk, dv)
 
