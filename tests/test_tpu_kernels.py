@@ -14,9 +14,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from parallel.attention import from_zigzag, to_zigzag
+from parallel.layout import from_zigzag, to_zigzag
 from parallel.mesh import make_mesh
-from ttt_jax.ops.attention import attention_reference
+from ttt_jax.ops.attention_reference import attention_reference
 from ttt_jax.ops.kernels import tpu_splash as S
 from ttt_jax.ops.kernels.tpu_context import tpu_context_attention, tpu_window_attention
 

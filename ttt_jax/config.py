@@ -17,13 +17,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import difflib
+import importlib.resources
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _preset_dir() -> Path:
+    """The presets: the package ``ttt_jax.configs`` when installed (the wheel maps the top-level
+    ``configs/`` folder there), else ``configs/`` beside this package (a source checkout)."""
+    try:
+        return Path(str(importlib.resources.files("ttt_jax.configs")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+CONFIG_DIR = _preset_dir()
 # Upper bound on model.n_layers: validation and the layer-placement rules build per-layer lists.
 MAX_LAYERS = 65536
 

@@ -1,6 +1,6 @@
 """Context-parallel attention on TPU with splash (Pallas Mosaic) blocks, inside ``jax.shard_map``.
 
-Same semantics, shapes and layouts as :mod:`parallel.attention` (``q [B, T_local, H, Dh]``,
+Same semantics, shapes and layouts as :mod:`ttt_jax.ops.attention_cp` (``q [B, T_local, H, Dh]``,
 ``k, v [B, T_local, KV, Dh]``, optional ``segment_ids [B, T_local]``; the ``"contiguous"`` or the
 load-balanced ``"zigzag"`` layout of the global sequence over the ``context`` axis).
 
@@ -11,7 +11,7 @@ load-balanced ``"zigzag"`` layout of the global sequence over the ``context`` ax
   gradient comes from :func:`~ttt_jax.ops.kernels.tpu_splash.splash_block_bwd` with the merged
   statistics. The pair kinds (own block causal; earlier devices' blocks unmasked; in the zigzag
   layout the half blocks) and the step logic are those of the GPU ring
-  (:mod:`parallel.fused_attention`), with the TPU blocks plugged in.
+  (:mod:`ttt_jax.ops.attention_cp_fused`), with the TPU blocks plugged in.
 * :func:`tpu_allgather_attention` -- the same blocks, but K/V (and ids) are all-gathered once and the
   backward pass reduce-scatters dK/dV: fewer, larger collectives, ``n`` times the K/V memory.
 * :func:`tpu_window_attention` -- sliding-window layers: each device receives the previous
@@ -36,16 +36,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from parallel.attention import _NEG, _check_layout, _ring_meta, _source
-from parallel.fused_attention import _bwd_step, _Blocks, _fwd_step
-from ttt_jax.ops.inplace_ttt_scan import _vary_like
+from parallel.layout import check_layout
+from ttt_jax.ops.attention_cp_fused import RingBlocks, ring_bwd_step, ring_fwd_step
+from ttt_jax.ops.attention_cp_ring import ring_meta, ring_source
+from ttt_jax.ops.attention_reference import NEG_INF
 from ttt_jax.ops.kernels.tpu_splash import (padded_length, splash_attention_call, splash_block_bwd,
-                                            splash_block_fwd)
+                                            splash_block_fwd, vary_like)
 
 CP_KERNELS = ("ring", "allgather")
 
 
-def _blocks(scale: float, interpret: bool) -> _Blocks:
+def _blocks(scale: float, interpret: bool) -> RingBlocks:
     def fwd(q, k, v, causal, qs, ks):
         return splash_block_fwd(q, k, v, causal=causal, scale=scale, q_segment_ids=qs,
                                 k_segment_ids=ks, interpret=interpret)
@@ -55,12 +56,12 @@ def _blocks(scale: float, interpret: bool) -> _Blocks:
         return splash_block_bwd(q, k, v, do, out, lse, causal=causal, scale=scale,
                                 q_segment_ids=qs, k_segment_ids=ks, interpret=interpret)
 
-    return _Blocks(fwd, bwd)
+    return RingBlocks(fwd, bwd)
 
 
 def _init_state(q):
     out = jnp.zeros_like(q, jnp.float32)       # built from q: varies over the same mesh axes
-    return out, jnp.moveaxis(out[..., 0], 1, 2) + _NEG
+    return out, jnp.moveaxis(out[..., 0], 1, 2) + NEG_INF
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,8 +70,8 @@ def _init_state(q):
 
 
 def _ring_fwd_impl(q, k, v, seg, axis_name, layout, scale, interpret):
-    n, idx, perm = _ring_meta(axis_name)
-    step = functools.partial(_fwd_step, q=q, qs=seg, layout=layout,
+    n, idx, perm = ring_meta(axis_name)
+    step = functools.partial(ring_fwd_step, q=q, qs=seg, layout=layout,
                              kernels=_blocks(scale, interpret))
     kv = (k, v, seg)
     nxt = lax.ppermute(kv, axis_name, perm) if n > 1 else kv
@@ -79,11 +80,11 @@ def _ring_fwd_impl(q, k, v, seg, axis_name, layout, scale, interpret):
     def body(s, carry):
         state, kv = carry
         nxt = lax.ppermute(kv, axis_name, perm)  # issued before the compute: overlappable
-        return step(_source(idx, s, n)[1], state, kv), nxt
+        return step(ring_source(idx, s, n)[1], state, kv), nxt
 
     if n > 1:
         state, kv = lax.fori_loop(1, n - 1, body, (state, nxt))
-        state = step(_source(idx, n - 1, n)[1], state, kv)
+        state = step(ring_source(idx, n - 1, n)[1], state, kv)
     out, lse = state
     return out.astype(q.dtype), lse
 
@@ -105,8 +106,8 @@ def _zero_grads(q, k, v):
 
 def _ring_bwd(axis_name, layout, scale, interpret, res, dout):
     q, k, v, seg, out, lse = res
-    n, idx, perm = _ring_meta(axis_name)
-    step = functools.partial(_bwd_step, q=q, qs=seg, do=dout.astype(q.dtype), out=out, lse=lse,
+    n, idx, perm = ring_meta(axis_name)
+    step = functools.partial(ring_bwd_step, q=q, qs=seg, do=dout.astype(q.dtype), out=out, lse=lse,
                              delta=None, layout=layout, kernels=_blocks(scale, interpret))
     kv = (k, v, seg)
     nxt = lax.ppermute(kv, axis_name, perm) if n > 1 else kv
@@ -116,14 +117,14 @@ def _ring_bwd(axis_name, layout, scale, interpret, res, dout):
         dq, dkv, kv = carry
         dkv = lax.ppermute(dkv, axis_name, perm)  # the gradients follow their K/V block
         nxt = lax.ppermute(kv, axis_name, perm)
-        dq, dk, dv = step(_source(idx, s, n)[1], (dq,) + dkv, kv)
+        dq, dk, dv = step(ring_source(idx, s, n)[1], (dq,) + dkv, kv)
         return dq, (dk, dv), nxt
 
     dkv = (dk, dv)
     if n > 1:
         dq, dkv, kv = lax.fori_loop(1, n - 1, body, (dq, dkv, nxt))
         dkv = lax.ppermute(dkv, axis_name, perm)
-        dq, dk, dv = step(_source(idx, n - 1, n)[1], (dq,) + dkv, kv)
+        dq, dk, dv = step(ring_source(idx, n - 1, n)[1], (dq,) + dkv, kv)
         dkv = lax.ppermute((dk, dv), axis_name, perm)  # n-th hop: back to the owner
     dk, dv = dkv
     return _grads_out(q, k, v, seg, dq, dk, dv)
@@ -153,7 +154,7 @@ def _rel(j, idx):
 def _ag_fwd_impl(q, k, v, seg, axis_name, layout, scale, interpret):
     n, idx, t = lax.axis_size(axis_name), lax.axis_index(axis_name), k.shape[1]
     k_all, v_all, s_all = lax.all_gather((k, v, seg), axis_name, axis=1, tiled=True)
-    step = functools.partial(_fwd_step, q=q, qs=seg, layout=layout,
+    step = functools.partial(ring_fwd_step, q=q, qs=seg, layout=layout,
                              kernels=_blocks(scale, interpret))
 
     def body(j, state):
@@ -178,7 +179,7 @@ def _ag_bwd(axis_name, layout, scale, interpret, res, dout):
     q, k, v, seg, out, lse = res
     n, idx, t = lax.axis_size(axis_name), lax.axis_index(axis_name), k.shape[1]
     k_all, v_all, s_all = lax.all_gather((k, v, seg), axis_name, axis=1, tiled=True)
-    step = functools.partial(_bwd_step, q=q, qs=seg, do=dout.astype(q.dtype), out=out, lse=lse,
+    step = functools.partial(ring_bwd_step, q=q, qs=seg, do=dout.astype(q.dtype), out=out, lse=lse,
                              delta=None, layout=layout, kernels=_blocks(scale, interpret))
 
     def body(j, carry):
@@ -192,7 +193,7 @@ def _ag_bwd(axis_name, layout, scale, interpret, res, dout):
 
     dq0, _, _ = _zero_grads(q, k, v)
     # Accumulators vary over the mesh like q (the gathered K/V do not): the loop carry's type.
-    zeros = lambda x: _vary_like(jnp.zeros(x.shape, jnp.float32), q)
+    zeros = lambda x: vary_like(jnp.zeros(x.shape, jnp.float32), q)
     dq, dk_all, dv_all = lax.fori_loop(0, n, body, (dq0, zeros(k_all), zeros(v_all)))
     dk, dv = lax.psum_scatter((dk_all, dv_all), axis_name, scatter_dimension=1, tiled=True)
     return _grads_out(q, k, v, seg, dq, dk, dv)
@@ -249,7 +250,7 @@ def tpu_context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: s
     if kernel not in CP_KERNELS:
         raise ValueError(f"tpu_context_attention: kernel={kernel!r} is not one of {CP_KERNELS}")
     t = q.shape[1]
-    _check_layout(layout, t)
+    check_layout(layout, t)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     per = 2 if layout == "zigzag" else 1
     tp = per * padded_length(t // per)

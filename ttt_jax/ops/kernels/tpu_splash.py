@@ -54,8 +54,6 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as _sm
 from jax._src import config as _jax_config
 
-from ttt_jax.ops.inplace_ttt_scan import _vary_like
-
 LANES = 128  # splash's tile granularity
 _TILES = (512, 256, 128)  # preferred tile lengths, largest first
 
@@ -195,6 +193,24 @@ def splash_block_bwd(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, ou
     return f32(dq) * scale, f32(dk), f32(dv)
 
 
+def vary_like(x: jax.Array, *likes: jax.Array) -> jax.Array:
+    """Inside ``shard_map``, ``x`` typed as varying over every manual axis any of ``likes`` varies
+    over (unchanged elsewhere)."""
+    def axes(a):
+        aval = jax.typeof(a)
+        vma = getattr(aval, "vma", None)
+        if vma is None:
+            vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+        return set(vma or ())
+
+    missing = tuple(sorted(set().union(*map(axes, likes)) - axes(x))) if likes else ()
+    if not missing:
+        return x
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, missing, to="varying")
+    return jax.lax.pvary(x, missing)
+
+
 def _unchecked(fn, *args):
     """``fn(*args)`` (splash's ``pallas_call``s) with ``shard_map``'s axis-variance check off, its
     results then typed as varying over the manual axes its inputs vary over.
@@ -206,7 +222,7 @@ def _unchecked(fn, *args):
     with _jax_config._check_vma(False):
         out = fn(*args)
     likes = [x for x in jax.tree.leaves(args) if isinstance(x, jax.Array)]
-    return jax.tree.map(lambda x: _vary_like(x, *likes), out)
+    return jax.tree.map(lambda x: vary_like(x, *likes), out)
 
 
 def _collapse(info):
