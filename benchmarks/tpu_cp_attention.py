@@ -30,9 +30,9 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16
 _COLLECTIVE = re.compile(r"= (.+?) (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)"
                          r"(-start)?\(")
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
-_COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
-_WHILE = re.compile(r"while\(.*body=%?([\w.\-]+).*?\"known_trip_count\":\{\"n\":\"(\d+)\"")
-_CALLS = re.compile(r"(?:body|condition|to_apply|calls|branch_computations)=\{?%?([\w.\-, %]+)\}?")
+_WHILE = re.compile(r" while\(.*condition=%?([\w.\-]+), body=%?([\w.\-]+)")
+_CONST = re.compile(r"s32\[\]\S* constant\((\d+)\)")
+_CALLEE = re.compile(r"(?:to_apply|calls|branch_computations|called_computations)=\{?([%\w.\-, ]+)\}?")
 
 
 def _arrays(text: str):
@@ -46,28 +46,38 @@ def _arrays(text: str):
     return out
 
 
-def collective_bytes(hlo: str) -> dict:
-    """``{kind: {"ops": count, "bytes": result bytes per step}}`` of an optimised HLO module,
-    collectives inside ``while`` bodies multiplied by their known trip counts (nested loops and
-    computations called from a body inherit its multiplier)."""
-    comps, cur = collections.defaultdict(list), None
+def _computations(hlo: str) -> dict:
+    """``{name: [instruction lines]}``: headers are the unindented lines ending in ``{``."""
+    comps, cur = {}, None
     for line in hlo.splitlines():
-        m = _COMP.match(line)
-        if m and "=" not in line.split("{")[0]:
-            cur = m.group(1)
-        elif cur is not None:
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            cur = line.split(" ")[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            comps[cur] = []
+        elif cur is not None and line.startswith("  "):
             comps[cur].append(line)
+    return comps
+
+
+def collective_bytes(hlo: str) -> dict:
+    """``{kind: {"ops": count, "bytes": result bytes per step}}`` of an optimised HLO module.
+
+    A collective inside a ``while`` body counts once per iteration: the trip count is read from
+    the loop condition (XLA normalises these loops to ``i < constant`` from 0); computations
+    called from a body (fusions, conditionals) inherit its multiplier.
+    """
+    comps = _computations(hlo)
     mult = collections.defaultdict(lambda: 1)
-    # Propagate trip counts from each while to its body (a few passes settle nesting).
-    for _ in range(4):
+    for _ in range(4):  # a few passes settle nesting
         for name, lines in comps.items():
             for line in lines:
                 w = _WHILE.search(line)
-                if w:
-                    mult[w.group(1)] = max(mult[w.group(1)], mult[name] * int(w.group(2)))
-                for c in _CALLS.findall(line):
+                if w and w.group(1) in comps:
+                    consts = [int(c) for l in comps[w.group(1)] for c in _CONST.findall(l)]
+                    trips = max(consts) if consts else 1
+                    mult[w.group(2)] = max(mult[w.group(2)], mult[name] * trips)
+                for c in _CALLEE.findall(line):
                     for callee in re.split(r"[ ,%]+", c):
-                        if callee in comps and (not w or callee != w.group(1)):
+                        if callee in comps:
                             mult[callee] = max(mult[callee], mult[name])
     found = collections.defaultdict(lambda: {"ops": 0, "bytes": 0})
     for name, lines in comps.items():
@@ -81,6 +91,15 @@ def collective_bytes(hlo: str) -> dict:
             found[m.group(2)]["ops"] += mult[name]
             found[m.group(2)]["bytes"] += mult[name] * sum(sizes)
     return dict(found)
+
+
+# Bytes a chip sends per result byte, for ring implementations of each collective over n chips.
+def wire_bytes(collectives: dict, n: int) -> int:
+    """Estimated bytes each chip sends per step: all-gather ``(n-1)/n``, reduce-scatter ``n-1``,
+    all-reduce ``2(n-1)/n`` times the result bytes; a collective-permute sends its result."""
+    factor = {"all-gather": (n - 1) / n, "reduce-scatter": n - 1, "all-reduce": 2 * (n - 1) / n,
+              "collective-permute": 1.0, "all-to-all": (n - 1) / n}
+    return int(sum(v["bytes"] * factor[k] for k, v in collectives.items()))
 
 
 def measure(kernel: str, layout: str, mesh, seq_len: int, heads: int, kv_heads: int,
@@ -107,7 +126,7 @@ def measure(kernel: str, layout: str, mesh, seq_len: int, heads: int, kv_heads: 
     hlo = compiled.as_text()
     if os.environ.get("TPU_CP_DUMP"):
         Path(os.environ["TPU_CP_DUMP"], f"{kernel}_{layout}.hlo").write_text(hlo)
-    return {
+    row = {
         "kernel": kernel, "layout": layout, "compile_s": round(secs, 1),
         "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
         "temp_bytes": mem.temp_size_in_bytes,
@@ -116,6 +135,8 @@ def measure(kernel: str, layout: str, mesh, seq_len: int, heads: int, kv_heads: 
         "mosaic_calls": hlo.count('custom_call_target="tpu_custom_call"'),
         "collectives": collective_bytes(hlo),
     }
+    row["wire_bytes_estimate"] = wire_bytes(row["collectives"], mesh.devices.size)
+    return row
 
 
 def main(argv=None) -> list:
