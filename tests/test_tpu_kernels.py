@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from parallel.layout import from_zigzag, to_zigzag
 from parallel.mesh import make_mesh
+from ttt_jax.ops.attention_cp import context_attention
 from ttt_jax.ops.attention_reference import attention_reference
 from ttt_jax.ops.kernels import tpu_splash as S
 from ttt_jax.ops.kernels.tpu_context import tpu_context_attention, tpu_window_attention
@@ -175,9 +176,9 @@ def test_aot_v5p_ring_and_window_use_mosaic_kernels():
     v5p slice from this host: every attention is a Mosaic kernel (forward, dQ and dK/dV)."""
     mesh = _v5p_mesh()
 
-    def both(q, k, v, s):
-        full = tpu_context_attention(q, k, v, "context", layout="zigzag", segment_ids=s)
-        return full + tpu_window_attention(q, k, v, "context", window=300, segment_ids=s)
+    def both(q, k, v, s):  # through the dispatcher: it must see that the target is a TPU
+        full = context_attention(q, k, v, "context", kernel="tpu", layout="zigzag", segment_ids=s)
+        return full + context_attention(q, k, v, "context", kernel="tpu", window=300, segment_ids=s)
 
     # ring: (causal, early-half, late-half) x (fwd, dq, dkv) at least; window: 2 branches x 3
     assert _mosaic_calls(both, mesh) >= 15
