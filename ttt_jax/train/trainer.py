@@ -277,6 +277,13 @@ def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sha
     return _Program(model_def, opt_def, model_sh, opt_sh, batch_sh, scalar_sh, init, step, eval_)
 
 
+def train_program(cfg: Config, mesh: jax.sharding.Mesh) -> _Program:
+    """The jitted init/train/eval functions :func:`train` runs for ``cfg`` on ``mesh``. Nothing is
+    traced or compiled yet: ``ttt-jax compile`` lowers ``.step`` with ``jax.ShapeDtypeStruct``
+    arguments (``jax.eval_shape(.init)``) for a mesh of TPU devices described on any host."""
+    return _program(cfg.model, cfg.train.seed, optimizer_fields(cfg.train), mesh)
+
+
 def _eval(eval_fn, model_state, batches, batch_sh, layout: str = "contiguous") -> float:
     """Mean NLL per token over ``batches`` (token-weighted across batches)."""
     total, count = 0.0, 0.0
@@ -326,7 +333,7 @@ def train(cfg: Config, *, log: Optional[Callable[[str], None]] = None) -> TrainR
         return _train(cfg, _Log(log), stack)
 
 
-def _check_batch_divisible(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+def check_batch_divisible(batch_size: int, mesh: jax.sharding.Mesh) -> None:
     """Raise a ``ValueError`` unless the global ``batch_size`` (``data.batch_size`` per process times
     the number of processes) splits evenly over the data-parallel axes."""
     dp = sharding.data_parallel_size(mesh)
@@ -350,10 +357,10 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     sharding.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
                              cfg.model.context_layout)
     global_batch = cfg.data.batch_size * jax.process_count()  # data.batch_size is per process
-    _check_batch_divisible(global_batch, mesh)
+    check_batch_divisible(global_batch, mesh)
     # Shape-only: the parameter shardings are checked against the mesh (ValueError naming the
     # parameter) before any data is read or anything is computed.
-    prog = _program(cfg.model, tcfg.seed, optimizer_fields(tcfg), mesh)
+    prog = train_program(cfg, mesh)
     is_main = jax.process_index() == 0
     if cfg.data.check:  # every record the run will read, before anything is written or computed
         check_data(cfg.data, progress=tcfg.progress and is_main, log=say)
