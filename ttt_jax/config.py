@@ -82,7 +82,7 @@ class TTTConfig:
     target_source: Literal["embeddings", "hidden"] = "embeddings"
     target: Literal["aligned", "reconstruction"] = "aligned"
     clip_tau: Optional[float] = None
-    impl: Literal["auto", "reference", "associative", "scan", "attention"] = "auto"
+    impl: Literal["auto", "reference", "associative", "scan", "attention", "pallas"] = "auto"
 
     def validate(self, n_layers: int) -> None:
         _check(self.chunk_size >= 1, "model.ttt.chunk_size", self.chunk_size, "an integer >= 1")
