@@ -13,7 +13,7 @@ import pytest
 from ttt_jax.ops import inplace_ttt
 from ttt_jax.ops import inplace_ttt_reference as ref
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.unit, pytest.mark.gpu]
 
 B, T, F, D, C = 2, 4096, 512, 256, 256
 

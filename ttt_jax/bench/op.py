@@ -38,9 +38,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from ttt_jax.bench.fmt import num, pct
 from ttt_jax.bench.hlo_dots import dots, f32_operand_dots
 from ttt_jax.ops import inplace_ttt
+from ttt_jax.ops.inplace_ttt import IMPLS
 from ttt_jax.ops.precision import matmul_f32_out
+from ttt_jax.paths import ensure_writable_file
+
+# The rows a run can ask for: every inplace_ttt impl and the comparison schemes above.
+ROWS = ("plain", "naive_scan", "official_cumsum") + IMPLS
 
 
 def naive_scan(z, v, w0, *, lr, chunk_size):
@@ -150,12 +156,14 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    dtype = check_args(args)
+    if args.out:
+        ensure_writable_file(args.out, "--out")
 
-    dtype = jnp.dtype(args.dtype)
     dev = jax.devices()[0]
     peak = matmul_peak(dtype) if dev.platform == "gpu" else matmul_peak(dtype, n=1024, iters=2)
-    print(f"device: {dev.device_kind} ({dev.platform}); measured {args.dtype} matmul peak {peak:.0f} TFLOP/s",
-          flush=True)
+    print(f"device: {dev.device_kind} ({dev.platform}); measured {args.dtype} matmul peak "
+          f"{num(peak, ' TFLOP/s')}", flush=True)
     d, f, b = args.d_model, args.d_ff, args.batch
     rows, plain_check = [], None
     for t in args.lengths:
@@ -182,7 +190,7 @@ def main(argv=None):
                     sec = time_fn(fn, (z, v, w0, cot), args.iters)
                     flops = (6 if name == "plain" else 14) * b * t * d * f
                     row.update(ms=sec * 1e3, tflops=flops / sec / 1e12)
-                    row["frac_peak"] = row["tflops"] / peak
+                    row["frac_peak"] = row["tflops"] / peak if peak > 0 else None
                     if name == "plain":
                         base_ms, base_temp = row["ms"], row["temp_gib"]
                     if base_ms is not None:
@@ -203,14 +211,38 @@ def main(argv=None):
     return rows
 
 
+def check_args(args) -> "jnp.dtype":
+    """Reject arguments no benchmark can run with (``ValueError``, one line); returns the dtype."""
+    for name in ("lengths", "chunks"):
+        bad = [x for x in getattr(args, name) if x < 1]
+        if bad:
+            raise ValueError(f"--{name} {bad[0]}: expected integers >= 1")
+    for name in ("d_model", "d_ff", "batch", "iters"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
+    unknown = [x for x in args.impls if x not in ROWS]
+    if unknown:
+        raise ValueError(f"--impls {unknown[0]!r}: expected some of {', '.join(ROWS)}")
+    if not any(t % c == 0 for t in args.lengths for c in args.chunks):
+        raise ValueError(f"no --lengths {args.lengths} is a multiple of a --chunks {args.chunks}: "
+                         "nothing to run")
+    try:
+        dtype = jnp.dtype(args.dtype)
+    except TypeError:
+        raise ValueError(f"--dtype {args.dtype!r}: not a dtype (e.g. bfloat16, float32)") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"--dtype {args.dtype!r}: expected a floating dtype (e.g. bfloat16, float32)")
+    return dtype
+
+
 def _print_row(r):
     if "error" in r:
         print(f"T={r['T']:>7} C={r['chunk']:>5} {r['impl']:>16}  ERROR {r['error']}", flush=True)
         return
     ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
     extra = f"{r['extra_gib']:+.2f}" if r.get("extra_gib") is not None else "-"
-    print(f"T={r['T']:>7} C={r['chunk']:>5} {r['impl']:>16} {r['ms']:9.2f} ms  ratio {ratio:>6}  "
-          f"{r['tflops']:6.1f} TF/s ({100 * r['frac_peak']:4.1f}% peak)  temp {r['temp_gib']:.2f} GiB "
+    print(f"T={r['T']:>7} C={r['chunk']:>5} {r['impl']:>16} {num(r['ms']):>9} ms  ratio {ratio:>6}  "
+          f"{num(r['tflops'], ' TF/s'):>11} ({pct(r['frac_peak'])} peak)  temp {num(r['temp_gib'])} GiB "
           f"extra {extra} GiB", flush=True)
 
 
