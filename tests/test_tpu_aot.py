@@ -138,11 +138,6 @@ _TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_
          "train.warmup_steps=0", "train.learning_rate=1e-3", "mesh.data=2", "mesh.context=2"]
 FORMS = {"full_ring_ttt": ["model.attention_window=0", "model.context_attention=ring"],
          "window_ttt": ["model.attention_window=128"]}
-# The Pallas TPU context-parallel kernels (ring blocks, halo) are not part of this version yet:
-# under mesh.context > 1 attention compiles to XLA's blockwise ring/halo on TPU.
-MOSAIC_CP = pytest.mark.xfail(strict=True, reason="no Pallas TPU kernel for context-parallel "
-                              "attention yet (ring/halo compile to XLA on TPU)")
-
 
 @pytest.fixture(scope="module")
 def compiled_forms(aot):
@@ -176,7 +171,6 @@ def test_tpu_train_step_fits(compiled_forms, form):
 
 
 @pytest.mark.slow
-@MOSAIC_CP
 @pytest.mark.parametrize("form", sorted(FORMS))
 def test_tpu_train_step_attention_is_mosaic(compiled_forms, form):
     cfg, r = compiled_forms(form)
