@@ -138,6 +138,12 @@ _TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_
          "train.warmup_steps=0", "train.learning_rate=1e-3", "mesh.data=2", "mesh.context=2"]
 FORMS = {"full_ring_ttt": ["model.attention_window=0", "model.context_attention=ring"],
          "window_ttt": ["model.attention_window=128"]}
+# Known failure: with mesh.data=2 beside mesh.context=2 the TPU train step does not compile yet
+# ("Mosaic kernels cannot be automatically partitioned"): a Mosaic call under context parallelism
+# is still left to XLA's partitioner on the data axis. Strict, so a fix shows up as XPASS.
+DATA_AND_CONTEXT = pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
+    "mesh.data=2 x mesh.context=2 on TPU: a Mosaic call is left to XLA's partitioner "
+    "(NotImplementedError: Mosaic kernels cannot be automatically partitioned)"))
 
 @pytest.fixture(scope="module")
 def compiled_forms(aot):
@@ -158,6 +164,7 @@ def compiled_forms(aot):
 
 
 @pytest.mark.slow
+@DATA_AND_CONTEXT
 @pytest.mark.parametrize("form", sorted(FORMS))
 def test_tpu_train_step_fits(compiled_forms, form):
     cfg, r = compiled_forms(form)
@@ -171,6 +178,7 @@ def test_tpu_train_step_fits(compiled_forms, form):
 
 
 @pytest.mark.slow
+@DATA_AND_CONTEXT
 @pytest.mark.parametrize("form", sorted(FORMS))
 def test_tpu_train_step_attention_is_mosaic(compiled_forms, form):
     cfg, r = compiled_forms(form)

@@ -48,6 +48,7 @@ import jax
 
 from parallel.layout import Layout, check_layout
 from ttt_jax.ops import attention_cp_fused, attention_cp_halo, attention_cp_ring, attention_cp_window
+from ttt_jax.ops.attention import per_device
 from ttt_jax.ops.attention_cp_window import check_window
 from ttt_jax.ops.attention_reference import check_qkv
 from ttt_jax.ops.kernels import cudnn_blocks, flash, tpu_context
@@ -138,12 +139,14 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     if kernel == "tpu":
         interpret = target_platform() != "tpu"
         if window:
-            return tpu_context.tpu_window_attention(q, k, v, axis_name, window=window,
-                                                    segment_ids=segment_ids, scale=scale,
-                                                    interpret=interpret)
-        return tpu_context.tpu_context_attention(q, k, v, axis_name, kernel=impl, layout=layout,
-                                                 segment_ids=segment_ids, scale=scale,
-                                                 interpret=interpret)
+            fn = functools.partial(_tpu_window, axis_name=axis_name, window=window, scale=scale,
+                                   interpret=interpret)
+        else:
+            fn = functools.partial(_tpu_ring, axis_name=axis_name, impl=impl, layout=layout,
+                                   scale=scale, interpret=interpret)
+        # Mosaic calls cannot be partitioned by XLA: the mesh axes this shard_map leaves automatic
+        # (data, fsdp, tensor) are made manual around them too (rows and heads are independent).
+        return per_device(fn, q, k, v, segment_ids, check_vma=True)
     if kernel != "xla":
         reason = fused_unsupported_reason(q, k, segment_ids=segment_ids, window=window, impl=impl,
                                           layout=layout)
@@ -177,3 +180,13 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     kwargs = {} if block_size is None else {"block_size": block_size}
     return attention_cp_ring.ring_attention(q, k, v, axis_name, segment_ids=segment_ids,
                                             layout=layout, scale=scale, **kwargs)
+
+
+def _tpu_window(q, k, v, segment_ids, *, axis_name, window, scale, interpret):
+    return tpu_context.tpu_window_attention(q, k, v, axis_name, window=window, segment_ids=segment_ids,
+                                            scale=scale, interpret=interpret)
+
+
+def _tpu_ring(q, k, v, segment_ids, *, axis_name, impl, layout, scale, interpret):
+    return tpu_context.tpu_context_attention(q, k, v, axis_name, kernel=impl, layout=layout,
+                                             segment_ids=segment_ids, scale=scale, interpret=interpret)
