@@ -214,8 +214,11 @@ def test_train_step_on_4_cpu_devices_matches_unsharded(form):
     (p4, m4), (p1, m1) = results
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-4)
+    # Adam's first update is about lr * sign(g) (lr = 1e-3) wherever |g| >> eps: a gradient element
+    # near zero turns fp32 reduction-order noise into update differences of ~1e-5 (seen: one
+    # element in 8k-16k), so parameters are compared at 5% of lr; a wrong gradient moves them by ~lr.
     for a, b_ in zip(p4, p1):
-        np.testing.assert_allclose(a, b_, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(a, b_, atol=5e-5, rtol=1e-5)
 
 
 def test_mesh_on_a_torus_splits_physical_axes(aot):
