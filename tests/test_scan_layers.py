@@ -122,6 +122,7 @@ def test_scan_equals_unrolled_with_ttt(remat):
         assert float(jnp.max(jnp.abs(_FWD(off, tokens[:, :-1], None) - z))) > 1e-3
 
 
+@pytest.mark.slow   # ~26 CPU s measured
 def test_scan_equals_unrolled_without_ttt():
     cfg = cfg_of(ttt=dict(enabled=False))
     assert scan_period(cfg) == 1
