@@ -8,7 +8,8 @@ from flax import nnx
 
 from parallel.mesh import make_mesh
 from ttt_jax.config import ConfigError, ModelConfig, TTTConfig, TTTSeqConfig, load_config
-from ttt_jax.models.lm import CausalLM, stack_layer_params
+from ttt_jax.models.layers import stack_layer_params
+from ttt_jax.models.lm import CausalLM
 from ttt_jax.nn.ttt_seq import TTTSeqLayer
 
 pytestmark = pytest.mark.model
