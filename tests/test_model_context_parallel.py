@@ -183,6 +183,7 @@ def test_local_part_must_be_whole_chunks():
         jax.jit(lambda t: model(t))(tokens)
 
 
+@pytest.mark.slow   # ~47 CPU s measured
 def test_bf16_gradients_under_context_parallelism():
     """bf16 compute: the gradient of the replicated fast-weight init (the MLP's down-projection) is
     summed over the context devices (in fp32; a bf16 all-reduce there crashed XLA's CPU compiler)."""
