@@ -8,6 +8,8 @@ import pytest
 
 from flax import nnx
 
+pytestmark = pytest.mark.integration
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

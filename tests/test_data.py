@@ -17,6 +17,8 @@ from ttt_jax.data import (ByteTokenizer, HFTokenizer, check_data, describe, docu
                           load_tokenizer, make_batches, open_corpus, pack_documents, read_documents,
                           validation_batches)
 
+pytestmark = pytest.mark.unit
+
 BYTE = ByteTokenizer()
 
 

@@ -16,6 +16,8 @@ from ttt_jax.models import CausalLM
 
 from test_model import V, _activate_ttt, _forward, tiny
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def model():

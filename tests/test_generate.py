@@ -13,6 +13,8 @@ from ttt_jax.infer import sample_logits as _sample_logits
 
 from test_infer import CASES, PROMPTS, setup
 
+pytestmark = pytest.mark.integration
+
 
 def test_filter_logits_top_k_top_p():
     logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]]))

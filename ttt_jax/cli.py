@@ -4,6 +4,7 @@
 
     ttt-jax train  CONFIG [key=value ...]   train (or resume) a model; CONFIG is a YAML file or a preset
     ttt-jax config CONFIG [key=value ...]   print the resolved, validated config as YAML
+    ttt-jax compile CONFIG --topology v5p-128 [key=value ...]   plan a TPU run (fit, memory, cost)
 
 CONFIG is a path or the name of a preset in ``configs/`` (``tiny``, ``small``, ``qwen3_4b_shape``).
 Overrides use dotted keys and YAML values: ``train.steps=200 model.ttt.layers=[0,2] train.peak_tflops=null``.
@@ -35,6 +36,7 @@ _SUBCOMMANDS = {
     "eval": ("ttt_jax.eval.cli", "sliding-window perplexity and synthetic long-context tasks"),
     "convert": ("ttt_jax.convert.cli", "Hugging Face safetensors <-> ttt-jax checkpoints"),
     "bench": ("ttt_jax.bench.cli", "speed and memory benchmarks"),
+    "compile": ("ttt_jax.compile.cli", "AOT-compile a run for a TPU slice: memory, fit, cost estimate"),
 }
 
 
@@ -154,9 +156,34 @@ def _cmd_train(cfg: Config) -> int:
     return 0
 
 
+def _one_line_warnings() -> None:
+    """Print the project's own warnings (a checkpoint skipped, ...) as one ``warning: ...`` line."""
+    import warnings
+
+    previous = warnings.formatwarning
+    if getattr(previous, "_ttt_jax", False):
+        return
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if category.__module__.startswith("ttt_jax."):
+            return f"warning: {message}\n"
+        return previous(message, category, filename, lineno, line)
+
+    formatwarning._ttt_jax = True
+    warnings.formatwarning = formatwarning
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``ttt-jax`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    _one_line_warnings()
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # `ttt-jax compile CONFIG --topology v5p-32 key=value ...`: overrides may follow the options.
+    if extra and getattr(args, "overrides", None) is not None and all(
+            "=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in _SUBCOMMANDS:
         module = _subcommand_module(args.command)
         if module is None:

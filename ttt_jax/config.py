@@ -82,7 +82,7 @@ class TTTConfig:
     target_source: Literal["embeddings", "hidden"] = "embeddings"
     target: Literal["aligned", "reconstruction"] = "aligned"
     clip_tau: Optional[float] = None
-    impl: Literal["auto", "reference", "associative", "scan", "attention"] = "auto"
+    impl: Literal["auto", "reference", "associative", "scan", "attention", "pallas"] = "auto"
 
     def validate(self, n_layers: int) -> None:
         _check(self.chunk_size >= 1, "model.ttt.chunk_size", self.chunk_size, "an integer >= 1")
@@ -283,7 +283,9 @@ class ModelConfig:
     cuDNN call per device for sliding-window layers after the halo exchange; NVIDIA GPU, bf16/fp16;
     packed documents only in full-attention layers, by the Pallas blocks -- an error where it
     cannot run), ``"pallas"`` (as fused, with the Pallas flash
-    kernels per ring block), ``"xla"`` (plain XLA blockwise attention: any backend, segment ids) or
+    kernels per ring block), ``"tpu"`` (splash / Pallas Mosaic blocks in the ring or all-gather and
+    one splash call per device for sliding-window layers; segment ids everywhere; TPU, Pallas
+    interpret mode elsewhere), ``"xla"`` (plain XLA blockwise attention: any backend, segment ids) or
     ``"auto"`` (fused where it can run, XLA otherwise; XLA on CPU/TPU). ``context_halo`` picks how
     the fused path computes a sliding-window layer across devices: ``"single"`` (one cuDNN call
     over ``[halo | local]`` keys with ``window - 1`` zero query rows) or ``"split"`` (a local call
@@ -342,7 +344,7 @@ class ModelConfig:
     context_attention: Literal["ring", "allgather"] = "ring"
     context_scan: Literal["allgather", "ppermute"] = "allgather"
     context_exchange_dtype: Literal["float32", "bfloat16"] = "float32"
-    context_kernel: Literal["auto", "xla", "fused", "pallas"] = "auto"
+    context_kernel: Literal["auto", "xla", "fused", "pallas", "tpu"] = "auto"
     context_halo: Literal["single", "split"] = "single"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
     ttt_seq: TTTSeqConfig = dataclasses.field(default_factory=TTTSeqConfig)
