@@ -18,6 +18,8 @@ from ttt_jax import platform as platform_lib
 from ttt_jax.compile import chips, hlo
 from ttt_jax.config import load_config
 
+pytestmark = pytest.mark.structure
+
 
 @pytest.fixture(scope="module")
 def aot():
