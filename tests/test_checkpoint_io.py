@@ -37,8 +37,8 @@ def test_save_then_load_model_only(tmp_path):
 def test_load_model_from_training_run(tmp_path):
     cfg = load_config(None, TOY + [f"train.run_dir={tmp_path / 'run'}", "train.stop_after=2"])
     train(cfg)
-    cfg2, model = load_model(tmp_path / "run", overrides=["model.attention_impl=xla"])
-    assert cfg2.model.attention_impl == "xla" and cfg2.model.d_model == cfg.model.d_model
+    cfg2, model = load_model(tmp_path / "run", overrides=["runtime.attention_impl=xla"])
+    assert cfg2.runtime.attention_impl == "xla" and cfg2.model.d_model == cfg.model.d_model
     assert count_nonzero_changed(model, cfg)
 
 

@@ -108,11 +108,11 @@ def test_block_kernels_segments_non_causal_and_errors():
 
 @pytest.mark.slow
 def test_model_flash_equals_reference_attention():
-    """A tiny model (GQA, a TTT layer) on packed rows: ``attention_impl="flash"`` gives the loss and
+    """A tiny model (GQA, a TTT layer) on packed rows: ``runtime.attention_impl="flash"`` gives the loss and
     parameter gradients of ``"reference"``."""
     from flax import nnx
 
-    from ttt_jax.config import ModelConfig, TTTConfig
+    from ttt_jax.config import ModelConfig, RuntimeConfig, TTTConfig
     from ttt_jax.models.lm import CausalLM
 
     t = 48
@@ -121,10 +121,10 @@ def test_model_flash_equals_reference_attention():
     grads = []
     for impl in ("reference", "flash"):
         cfg = ModelConfig(vocab_size=259, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
-                          max_seq_len=64, compute_dtype="float32", attention_impl=impl,
-                          ttt=TTTConfig(enabled=True, every=2, start=0, chunk_size=8, lr=1.0,
-                                        impl="reference"))
-        model = CausalLM(cfg, rngs=nnx.Rngs(0))
+                          max_seq_len=64, compute_dtype="float32",
+                          ttt=TTTConfig(enabled=True, every=2, start=0, chunk_size=8, lr=1.0))
+        model = CausalLM(cfg, runtime=RuntimeConfig(attention_impl=impl, ttt_impl="reference"),
+                         rngs=nnx.Rngs(0))
         loss = lambda m: jnp.mean(jnp.sin(m(tokens, segment_ids=seg)))
         value, grad = nnx.jit(nnx.value_and_grad(loss))(model)   # jitted: op by op is slow on CI
         grads.append([value] + jax.tree.leaves(grad))

@@ -124,10 +124,10 @@ def test_context_attention_routes_the_halo(monkeypatch):
 def test_config_context_halo():
     from ttt_jax.config import load_config
 
-    assert load_config(None, []).model.context_halo == "single"
-    assert load_config(None, ["model.context_halo=split"]).model.context_halo == "split"
-    with pytest.raises(ValueError, match="context_halo"):
-        load_config(None, ["model.context_halo=zeros"])
+    assert load_config(None, []).runtime.context.halo == "split"
+    assert load_config(None, ["runtime.context.halo=single"]).runtime.context.halo == "single"
+    with pytest.raises(ValueError, match="runtime.context.halo"):
+        load_config(None, ["runtime.context.halo=zeros"])
 
 
 def test_save_exchanges_keeps_the_halo_block():

@@ -377,8 +377,8 @@ def test_cudnn_ring_lowers_for_gpu(layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("extra", [["model.context_layout=zigzag"], ["model.attention_window=100"],
-                                   ["model.attention_window=100", "model.context_halo=split"]])
+@pytest.mark.parametrize("extra", [["runtime.context.layout=zigzag"], ["model.attention_window=100"],
+                                   ["model.attention_window=100", "runtime.context.halo=single"]])
 def test_model_fused_equals_xla_on_gpus(extra):
     """The whole model on all local GPUs: context_kernel=fused and =xla give the same loss and grads."""
     from flax import nnx
@@ -397,8 +397,8 @@ def test_model_fused_equals_xla_on_gpus(extra):
     mesh = make_mesh(data=1, context=n, devices=devices)
     results = []
     for kernel in ("xla", "fused"):
-        cfg = load_config(None, base + [f"model.context_kernel={kernel}"]).model
-        graphdef, state = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
+        cfg = load_config(None, base + [f"runtime.context.kernel={kernel}"])
+        graphdef, state = nnx.split(CausalLM(cfg.model, runtime=cfg.runtime, rngs=nnx.Rngs(0)))
 
         def loss(state, tokens):
             logits = nnx.merge(graphdef, state)(tokens).astype(jnp.float32)
@@ -413,8 +413,9 @@ def test_model_fused_equals_xla_on_gpus(extra):
 def test_config_context_kernel():
     from ttt_jax.config import load_config
 
-    assert load_config(None, []).model.context_kernel == "auto"
-    assert load_config(None, ["model.context_kernel=fused"]).model.context_kernel == "fused"
-    assert load_config(None, ["model.context_kernel=pallas"]).model.context_kernel == "pallas"
-    with pytest.raises(ValueError, match="context_kernel"):
-        load_config(None, ["model.context_kernel=triton"])
+    kernel = lambda *o: load_config(None, list(o)).runtime.context.kernel
+    assert kernel() == "auto"
+    assert kernel("runtime.context.kernel=fused") == "fused"
+    assert kernel("runtime.context.kernel=pallas") == "pallas"
+    with pytest.raises(ValueError, match="runtime.context.kernel"):
+        kernel("runtime.context.kernel=triton")

@@ -9,7 +9,6 @@ transformers loads directly.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -42,16 +41,13 @@ def export_hf(ckpt: str | Path, out: str | Path, *, step: Optional[int] = None,
     model's ``param_dtype``). Tokenizer files found next to the checkpoint (or at the config's
     ``data.tokenizer``) are copied. Returns ``out``.
     """
-    from ttt_jax.models.lm import unstack_layer_params
     from ttt_jax.train.checkpoint import load_model
 
     ckpt, out = Path(ckpt).expanduser(), Path(out).expanduser()
-    cfg, model = load_model(ckpt, step=step)
+    # Hugging Face's layout is the unrolled one: a stacked (scan_layers) checkpoint is unstacked.
+    cfg, model = load_model(ckpt, step=step, overrides=["runtime.scan_layers=false"])
     mcfg = cfg.model
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    if mcfg.scan_layers:
-        state = unstack_layer_params(state, mcfg)
-        mcfg = dataclasses.replace(mcfg, scan_layers=False)
     dtype = dtype or mcfg.param_dtype
     np_dtype = _np_dtype(dtype)
     maps = tensor_maps(mcfg)

@@ -22,7 +22,7 @@ Parameter tree of :class:`CausalLM` (``L = n_layers``, ``D = d_model``, ``F = d_
     final_norm/scale            [D]           (norm,)
     lm_head                     [D, V]        (embed, vocab)  -- only when tie_embeddings=false
 
-With ``model.scan_layers=true`` the layers are grouped in periods of ``P`` layers (``P =
+With ``runtime.scan_layers=true`` the layers are grouped in periods of ``P`` layers (``P =
 ttt.every`` with In-Place TTT, 1 without; see :func:`scan_period`) and their parameters are stored
 *stacked* over the ``G = L / P`` groups: layer ``i`` is slot ``p = i % P`` of group ``g = i // P``,
 and ``layers/{p}/...`` holds the parameter of ``layers/{i}/...`` above at index ``g`` of a new
@@ -39,7 +39,7 @@ leading axis whose logical name is ``"layers"`` (:data:`LAYERS_AXIS`)::
 ``ttt_jax.nn.params.LOGICAL_AXES`` and has no rule in ``parallel.rules.DEFAULT_RULES`` yet (map it
 to ``None`` to keep the group axis unsharded). The forward pass runs one ``nnx.scan``
 over ``g`` whose body applies the ``P`` blocks of the group in order (each one under ``nnx.remat``
-when ``model.remat``), so under remat every layer keeps only its ``[B, T, D]`` input for the
+when ``runtime.remat``), so under remat every layer keeps only its ``[B, T, D]`` input for the
 backward pass. :func:`stack_layer_params` / :func:`unstack_layer_params` convert a state between
 the two layouts (weights of an unrolled model into a scanned one, checkpoints, HF conversion).
 """
@@ -55,14 +55,14 @@ import numpy as np
 from flax import nnx
 
 from parallel.halo_attention import HALO_BLOCK_NAME
-from ttt_jax.config import ConfigError, ModelConfig
+from ttt_jax.config import ConfigError, ModelConfig, RuntimeConfig
 from ttt_jax.models.e2e import e2e_hidden, e2e_hidden_reference
 from ttt_jax.nn.block import DecoderBlock
 from ttt_jax.nn.context import context_size
 from ttt_jax.nn.norm import RMSNorm
 from ttt_jax.nn.params import make_param, normal_init
 
-# What ``model.remat_policy="save_exchanges"`` keeps besides each block's input: the results of the
+# What ``runtime.remat_policy="save_exchanges"`` keeps besides each block's input: the results of the
 # cross-device exchanges (the TTT carried-in state, the halo keys/values) and the split halo's block
 # (parallel.halo_attention), i.e. the work a single device does not have.
 SAVE_EXCHANGES_NAMES = ("context_exchange", HALO_BLOCK_NAME)
@@ -103,13 +103,13 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
 
 
 LAYERS_AXIS = "layers"
-"""Logical name of the leading (group) axis of the stacked layer parameters (``scan_layers``)."""
+"""Logical name of the leading (group) axis of the stacked layer parameters (``runtime.scan_layers``)."""
 
 _SCAN_METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS}
 
 
 def scan_period(cfg: ModelConfig) -> int:
-    """The period ``P`` of the layer structure that ``model.scan_layers`` scans over.
+    """The period ``P`` of the layer structure that ``runtime.scan_layers`` scans over.
 
     ``P = ttt.every`` when In-Place TTT is on and placed by ``ttt.every``/``ttt.start``; with an
     explicit ``ttt.layers`` list, its spacing (``[1, 3, 5, 7]`` gives 2; a single layer gives
@@ -119,7 +119,7 @@ def scan_period(cfg: ModelConfig) -> int:
     depends only on ``i % P``.
     """
     n, t = cfg.n_layers, cfg.ttt
-    off = "; or set model.scan_layers=false"
+    off = "; or set runtime.scan_layers=false"
     ids = list(t.layer_ids(n))
     if not ids:
         period = 1
@@ -127,7 +127,7 @@ def scan_period(cfg: ModelConfig) -> int:
         period, start = t.every, t.start
         if start >= period:
             raise ConfigError(
-                f"model.scan_layers=true needs model.ttt.start < model.ttt.every (every period of "
+                f"runtime.scan_layers=true needs model.ttt.start < model.ttt.every (every period of "
                 f"{period} layers must hold its TTT layer at the same slot), got ttt.start={start}, "
                 f"ttt.every={period}; set ttt.start={start % period}" + off)
         if n % period:
@@ -140,7 +140,7 @@ def scan_period(cfg: ModelConfig) -> int:
         period = ids[1] - ids[0] if len(ids) > 1 else n
         if start >= period or n % period or ids != list(range(start, n, period)):
             raise ConfigError(
-                f"model.scan_layers=true needs periodic In-Place TTT layers {{i : i % P == start}} "
+                f"runtime.scan_layers=true needs periodic In-Place TTT layers {{i : i % P == start}} "
                 f"with start < P and model.n_layers={n} a multiple of P, but model.ttt.layers="
                 f"{list(t.layers)} is not of that form; use evenly spaced layers (e.g. "
                 "model.ttt.layers=null with ttt.every/ttt.start)" + off)
@@ -148,14 +148,14 @@ def scan_period(cfg: ModelConfig) -> int:
     bad = [i for i in range(n) if (i in seq) != ((i % period) in seq)]
     if bad:
         raise ConfigError(
-            f"model.scan_layers=true needs the TTT sequence layers (model.ttt_seq) to repeat with the "
+            f"runtime.scan_layers=true needs the TTT sequence layers (model.ttt_seq) to repeat with the "
             f"layer period {period}, but layer {bad[0]} differs from layer {bad[0] % period} "
             f"(ttt_seq layers: {sorted(seq)}); place them on every layer or periodically" + off)
     bad = [i for i in range(n) if cfg.layer_window(i) != cfg.layer_window(i % period)]
     if bad:
         i = bad[0]
         raise ConfigError(
-            f"model.scan_layers=true needs the attention window of layer i to depend only on "
+            f"runtime.scan_layers=true needs the attention window of layer i to depend only on "
             f"i % {period} (the layer period), but layer {i} has window {cfg.layer_window(i)} and "
             f"layer {i % period} window {cfg.layer_window(i % period)} "
             f"(model.attention_window={cfg.attention_window}, "
@@ -292,14 +292,15 @@ def unstack_layer_params(state: Mapping, cfg: ModelConfig) -> Mapping:
     return _unflatten(out, state)
 
 
-def _stacked_block(cfg: ModelConfig, slot: int, groups: int, rngs: nnx.Rngs) -> DecoderBlock:
+def _stacked_block(cfg: ModelConfig, runtime: RuntimeConfig, slot: int, groups: int,
+                   rngs: nnx.Rngs) -> DecoderBlock:
     """A :class:`DecoderBlock` for slot ``slot`` of the period whose parameters are stacked over
     ``groups`` (independent initialisations: one split of the RNG streams per group)."""
 
     @nnx.split_rngs(splits=groups)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_SCAN_METADATA)
     def make(r: nnx.Rngs) -> DecoderBlock:
-        return DecoderBlock(cfg, slot, rngs=r)
+        return DecoderBlock(cfg, slot, runtime=runtime, rngs=r)
 
     return make(rngs)
 
@@ -313,7 +314,9 @@ class CausalLM(nnx.Module):
     * ``positions`` ``[B, T]`` int RoPE positions; default ``arange(T)``, or the position within each
       document when ``segment_ids`` are given.
 
-    With ``cfg.scan_layers`` the layers are stored stacked and run by one ``nnx.scan`` (module
+    ``runtime`` (default :class:`~ttt_jax.config.RuntimeConfig`) says how it runs: kernels, remat,
+    layer scanning, context parallelism; it changes no parameter values.
+    With ``runtime.scan_layers`` the layers are stored stacked and run by one ``nnx.scan`` (module
     docstring); ``self.layers[p]`` is then the block of slot ``p`` of the period (``self.period``
     slots; ``None`` when unrolled), its parameters carrying a leading axis of
     ``cfg.n_layers // self.period`` groups.
@@ -321,21 +324,25 @@ class CausalLM(nnx.Module):
     (:func:`scan_period`).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, runtime: Optional[RuntimeConfig] = None, rngs: nnx.Rngs):
+        runtime = runtime or RuntimeConfig()
         cfg.validate()
+        runtime.validate(cfg)
         self.cfg = cfg
+        self.runtime = runtime
         self.dtype = jnp.dtype(cfg.compute_dtype)
         pd = jnp.dtype(cfg.param_dtype)
         self.embed = make_param(normal_init(cfg.initializer_range), rngs.params(),
                                 (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pd)
-        if cfg.scan_layers:
+        if runtime.scan_layers:
             self.period = scan_period(cfg)
             groups = cfg.n_layers // self.period
-            self.layers = nnx.List([_stacked_block(cfg, p, groups, rngs)
+            self.layers = nnx.List([_stacked_block(cfg, runtime, p, groups, rngs)
                                     for p in range(self.period)])
         else:
             self.period = None
-            self.layers = nnx.List([DecoderBlock(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+            self.layers = nnx.List([DecoderBlock(cfg, i, runtime=runtime, rngs=rngs)
+                                    for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=pd)
         if cfg.tie_embeddings:
             self.lm_head = None
@@ -368,9 +375,9 @@ class CausalLM(nnx.Module):
         """``[B, T]`` int tokens -> ``[B, T, D]`` final-normed hidden states (compute dtype).
 
         Long-context training uses this with a chunked loss so that ``[B, T, V]`` logits are never
-        materialised at once (``ttt_jax.ops.loss.chunked_cross_entropy``, ``train.loss_chunk``).
+        materialised at once (``ttt_jax.ops.loss.chunked_cross_entropy``, ``runtime.loss_chunk``).
         """
-        cfg = self.cfg
+        cfg, rt = self.cfg, self.runtime
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
         check_tokens(tokens, cfg.vocab_size)
@@ -394,11 +401,10 @@ class CausalLM(nnx.Module):
         def run_block(block, x, x0, positions, segment_ids):
             return block(x, x0=x0, positions=positions, segment_ids=segment_ids)
 
-        if cfg.remat:
+        if rt.remat:
             policy = (jax.checkpoint_policies.save_only_these_names(*SAVE_EXCHANGES_NAMES)
-                      if cfg.remat_policy == "save_exchanges" else None)
-            run_block = (pinned_remat(run_block, policy) if cfg.remat_pinned
-                         else nnx.remat(run_block, policy=policy))
+                      if rt.remat_policy == "save_exchanges" else None)
+            run_block = pinned_remat(run_block, policy)
 
         if cfg.e2e.enabled:
             # TTT-E2E: the first blocks once over the sequence, the last ones chunk by chunk with
@@ -410,11 +416,11 @@ class CausalLM(nnx.Module):
             x = x0
             for block in self.layers[:first]:
                 x = run_block(block, x, x0_arg, positions, segment_ids)
-            e2e = e2e_hidden if cfg.e2e.impl == "chunked" else e2e_hidden_reference
+            e2e = e2e_hidden if rt.e2e_impl == "chunked" else e2e_hidden_reference
             return e2e(list(self.layers[first:]), self.final_norm, self.head(), x, tokens, positions,
                        segment_ids, chunk_size=cfg.e2e.chunk_size, lr=float(cfg.e2e.lr),
                        grad_clip=float(cfg.e2e.grad_clip))
-        if cfg.scan_layers:
+        if rt.scan_layers:
             @nnx.scan(in_axes=(0, nnx.Carry, None, None, None), out_axes=nnx.Carry,
                       transform_metadata=_SCAN_METADATA)
             def run_group(blocks, x, x0, positions, segment_ids):
@@ -464,7 +470,7 @@ _pinned_call.defvjp(_pinned_fwd, _pinned_bwd)
 
 def pinned_remat(run_block, policy):
     """``nnx.remat(run_block, policy=policy)`` whose backward pass runs block by block
-    (``model.remat_pinned``): a block is recomputed only once the gradient of its output is there,
+    (what ``runtime.remat`` uses): a block is recomputed only once the gradient of its output is there,
     and the gradient of its input is released only together with its parameter gradients.
 
     Plain remat lets the compiler recompute a block as soon as its saved input exists, and finish

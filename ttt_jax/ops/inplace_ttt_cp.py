@@ -151,7 +151,7 @@ def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float,
     with jax.named_scope("ttt_cp_exchange"):
         states = _exchange([r[1][0] for r in results], [r[1][1] for r in results], axis_name, layout,
                            mode, exchange_dtype)
-        # Named for remat policies (model.remat_policy="save_exchanges"): the backward pass's
+        # Named for remat policies (runtime.remat_policy="save_exchanges"): the backward pass's
         # recomputation of the block can then skip the all-gather and the local combine.
         states = [checkpoint_name(s, "context_exchange") for s in states]
     outs = []

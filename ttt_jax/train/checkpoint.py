@@ -48,7 +48,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ttt_jax.config import Config
+from ttt_jax.config import Config, checkpoint_differences, config_from_saved
 
 # Orbax's marker in the name of a step directory that is still being (or was never fully) written.
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -92,20 +92,6 @@ class CheckpointWriteError(OSError, ValueError):
     def __str__(self) -> str:
         return self.message
 
-# Sections of the config a checkpoint must agree with before it is restored: the model
-# (parameter shapes and semantics) and the data fields that define the saved iterator position.
-_DATA_KEYS_TIED_TO_ITERATOR = ("source", "paths", "field", "column", "tokenizer", "seq_len",
-                               "batch_size", "chunk_align", "validation_fraction", "max_documents",
-                               "shuffle", "seed")
-
-
-# Model fields that choose how the same parameters are computed, not what they are: a run may
-# resume with other values (e.g. moving from CPU to GPU, turning on remat to save memory).
-_MODEL_RUNTIME_KEYS = ("attention_impl", "ttt.impl", "remat", "remat_policy", "compute_dtype", "max_seq_len",
-                       "context_layout", "context_attention", "context_scan", "context_kernel",
-                       "context_halo")
-
-
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dict -> ``{"a.b.c": leaf}``."""
     if isinstance(tree, dict):
@@ -118,23 +104,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys (``model.d_model: checkpoint 128 != config 192``) where two config dicts
-    disagree on the model section or on the data fields tied to the iterator state.
-
-    A key absent from the saved config (written before that field existed) counts as its default.
-    Implementation-only model fields (:data:`_MODEL_RUNTIME_KEYS`) may differ.
-    """
-    defaults = Config().to_dict()
-    diffs = []
-    for section in ("model", "data"):
-        s, c, d = (_flatten(x.get(section, {})) for x in (saved, current, defaults))
-        keep = (lambda k: k not in _MODEL_RUNTIME_KEYS) if section == "model" else \
-            (lambda k: k in _DATA_KEYS_TIED_TO_ITERATOR)
-        s, c = ({k: v for k, v in x.items() if keep(k)} for x in (s, c))
-        for key in sorted(set(s) | set(c)):
-            old, new = s.get(key, d.get(key, "<missing>")), c.get(key, d.get(key, "<missing>"))
-            if old != new:
-                diffs.append(f"{section}.{key}: checkpoint {old!r} != config {new!r}")
-    return diffs
+    disagree on what a checkpoint is tied to: the architecture and the data layout
+    (:func:`ttt_jax.config.checkpoint_differences`). Runtime, train and mesh settings may differ."""
+    return checkpoint_differences(saved, current)
 
 
 def _is_key_array(x: Any) -> bool:
@@ -500,7 +472,8 @@ class Checkpointer:
         where = self.directory / str(step)
         meta = self.read_meta(step)
         self._check_config_of(step, meta, config)
-        target = {"model": nnx.to_pure_dict(model_state), "optimizer": nnx.to_pure_dict(opt_state)}
+        live = {"model": nnx.to_pure_dict(model_state), "optimizer": nnx.to_pure_dict(opt_state)}
+        target, relayout = _saved_layout(live, meta, config)
         try:
             saved_meta = self._mngr.item_metadata(step)["state"]
             if saved_meta is None:
@@ -524,6 +497,8 @@ class Checkpointer:
             raise CheckpointCorruptError(where, f"reading it failed ({_brief(e)})") from e
         verify_checksums(where, out["state"], meta.get("checksums"))
         restored = _from_saved(out["state"], target)
+        if relayout is not None:
+            restored = relayout(restored)
         nnx.replace_by_pure_dict(model_state, restored["model"])
         nnx.replace_by_pure_dict(opt_state, restored["optimizer"])
         return model_state, opt_state, out["data"], meta
@@ -554,6 +529,22 @@ class Checkpointer:
         self.set_aside.append(dst)
         self._warn(f"checkpoint {src} is corrupt ({reason}); skipped and moved to {dst}")
         self._mngr.reload()
+
+
+def _saved_layout(live: dict[str, Any], meta: dict[str, Any], config: dict[str, Any]):
+    """``(target, relayout)``: the abstract tree to restore a step into, and None -- or, when the
+    step was saved with the other ``runtime.scan_layers`` layout, that layout's abstract tree and
+    the function converting the restored tree into ``live``'s layout and shardings."""
+    from ttt_jax.config import config_from_dict, upgrade_dict
+    from ttt_jax.train.layer_layout import convert_layers, put_like
+
+    saved_scan = bool(upgrade_dict(meta.get("config", {})).get("runtime", {}).get("scan_layers", False))
+    want_scan = bool(config.get("runtime", {}).get("scan_layers", False))
+    if saved_scan == want_scan:
+        return live, None
+    mcfg = config_from_dict(config).model
+    target = convert_layers(jax.tree.map(_abstract, live), mcfg, to_scanned=saved_scan)
+    return target, lambda tree: put_like(convert_layers(tree, mcfg, to_scanned=want_scan), live)
 
 
 def verify_checksums(where: Path, restored: Any, recorded: Optional[dict[str, str]]) -> None:
@@ -621,21 +612,19 @@ def _read_json_item(step_dir: Path, item: str) -> dict[str, Any]:
 
 def read_checkpoint_config(path: str | Path, step: Optional[int] = None) -> Config:
     """The :class:`Config` a checkpoint was written with (from its ``meta`` record)."""
-    from ttt_jax.config import config_from_dict
-
     ckdir, step = resolve_checkpoint(path, step)
     mngr = ocp.CheckpointManager(ckdir, item_handlers={"meta": ocp.JsonCheckpointHandler()})
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    return config_from_dict(meta.get("config", {}))
+    return config_from_saved(meta.get("config", {}))
 
 
 def load_model(path: str | Path, *, step: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None,
                overrides: tuple[str, ...] | list[str] = ()) -> tuple[Config, Any]:
     """Load the model of a training or model-only checkpoint: ``(config, CausalLM)``.
 
-    ``path`` as in :func:`resolve_checkpoint`. ``overrides`` (``"model.attention_impl=xla"``, ...)
-    may change how the model computes (implementation, dtype, remat), never its parameters' shapes
-    (``ValueError`` naming the keys). With ``mesh``, every parameter is read directly into its
+    ``path`` as in :func:`resolve_checkpoint`. ``overrides`` (``"runtime.attention_impl=xla"``, ...)
+    may change how the model runs (any ``runtime.*`` key, the compute dtype), never the
+    architecture (``ValueError`` naming the keys). With ``mesh``, every parameter is read directly into its
     sharding under the logical rules (a large model is never whole on one device); without, onto
     the default device. Optimizer state in the checkpoint is not read.
     """
@@ -649,7 +638,9 @@ def load_model(path: str | Path, *, step: Optional[int] = None, mesh: Optional[j
     diffs = config_differences(saved_cfg.to_dict(), cfg.to_dict())
     if diffs:
         raise ValueError("overrides may not change the model's parameters: " + "; ".join(diffs))
-    abs_model = nnx.eval_shape(lambda: CausalLM(cfg.model, rngs=nnx.Rngs(0)))
+    # Read in the layer layout it was saved in; converted below if runtime.scan_layers changed.
+    load_rt = dataclasses.replace(cfg.runtime, scan_layers=saved_cfg.runtime.scan_layers)
+    abs_model = nnx.eval_shape(lambda: CausalLM(cfg.model, runtime=load_rt, rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abs_model)
     target = _str_keys(nnx.to_pure_dict(abs_state))
     if mesh is not None:
@@ -678,7 +669,17 @@ def load_model(path: str | Path, *, step: Optional[int] = None, mesh: Optional[j
     verify_checksums(where, {"model": out["state"]["model"]}, _read_json_item(where, "meta").get("checksums"))
     restored = _from_saved(out["state"]["model"], target)
     nnx.replace_by_pure_dict(abs_state, restored)
-    return cfg, nnx.merge(graphdef, abs_state)
+    model = nnx.merge(graphdef, abs_state)
+    if load_rt != cfg.runtime:
+        from ttt_jax.train.layer_layout import convert_layers
+
+        graphdef, abs_state = nnx.split(nnx.eval_shape(
+            lambda: CausalLM(cfg.model, runtime=cfg.runtime, rngs=nnx.Rngs(0))))
+        values = convert_layers(nnx.to_pure_dict(nnx.state(model)), cfg.model,
+                                to_scanned=cfg.runtime.scan_layers)
+        nnx.replace_by_pure_dict(abs_state, values)
+        model = nnx.merge(graphdef, abs_state)
+    return cfg, model
 
 
 def save_model(directory: str | Path, model: Any, cfg: Config, *, step: int = 0) -> Path:

@@ -46,7 +46,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from ttt_jax.config import Config, ModelConfig, TrainConfig
+from ttt_jax.config import Config, ModelConfig, RuntimeConfig, TrainConfig
 from ttt_jax.data import load_tokenizer, make_batches
 from ttt_jax.models.flops import flops_per_token
 from ttt_jax.models.lm import CausalLM, check_tokens, count_params
@@ -182,10 +182,11 @@ class _Program:
 
 
 @functools.lru_cache(maxsize=4)
-def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sharding.Mesh) -> _Program:
+def _program(model_cfg: ModelConfig, runtime: RuntimeConfig, seed: int, opt_fields: tuple,
+             mesh: jax.sharding.Mesh) -> _Program:
     """Build (once per process for a given setup) the jitted functions of a run.
 
-    Cached so that calling :func:`train` again with the same model, seed, optimizer settings and
+    Cached so that calling :func:`train` again with the same model, runtime, seed, optimizer settings and
     mesh -- a resumed run, a sweep over data or run dirs, the test-suite -- reuses the compiled
     executables instead of recompiling them (XLA compilation dominates short runs on CPU).
     """
@@ -193,7 +194,7 @@ def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sha
     tx = make_optimizer(tcfg)
 
     def build():
-        model = CausalLM(model_cfg, rngs=nnx.Rngs(seed))
+        model = CausalLM(model_cfg, runtime=runtime, rngs=nnx.Rngs(seed))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     abs_model, abs_opt = nnx.eval_shape(build)
@@ -214,7 +215,7 @@ def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sha
     # A jitted init with out_shardings creates every array directly in its sharding, so a large
     # model is never materialised whole on one device.
     init = jax.jit(init, out_shardings=(model_sh, opt_sh))
-    loss_kw = {"loss_chunk": tcfg.loss_chunk, "loss_groups": mesh.shape.get("context", 1)}
+    loss_kw = {"loss_chunk": runtime.loss_chunk, "loss_groups": mesh.shape.get("context", 1)}
     step = jit_train_step(make_train_step(model_def, opt_def, learning_rate_schedule(tcfg), **loss_kw),
                           model_sh, opt_sh, batch_sh, scalar_sh)
     eval_ = jit_eval_step(make_eval_step(model_def, **loss_kw), model_sh, batch_sh, scalar_sh)
@@ -277,12 +278,12 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     mesh = mesh_lib.make_mesh(cfg.mesh)
     ttt_on = bool(cfg.model.ttt.layer_ids(cfg.model.n_layers))
     mesh_lib.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
-                             cfg.model.context_layout)
+                             cfg.runtime.context.layout)
     global_batch = cfg.data.batch_size * jax.process_count()  # data.batch_size is per process
     mesh_lib.check_batch_divisible(global_batch, mesh)
     # Shape-only: the parameter shardings are checked against the mesh (ValueError naming the
     # parameter) before any data is read or anything is computed.
-    prog = _program(cfg.model, tcfg.seed, optimizer_fields(tcfg), mesh)
+    prog = _program(cfg.model, cfg.runtime, tcfg.seed, optimizer_fields(tcfg), mesh)
     is_main = jax.process_index() == 0
 
     run_dir = Path(tcfg.run_dir)
@@ -362,7 +363,7 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
                 else "No checkpoint was written. ")
 
     def evaluate(step: int) -> None:
-        loss = _eval(prog.eval, model_state, val_batches, prog.batch_sh, cfg.model.context_layout)
+        loss = _eval(prog.eval, model_state, val_batches, prog.batch_sh, cfg.runtime.context.layout)
         val_losses.append((step, loss))
         writer.write({"kind": "eval", "step": step, "val_loss": loss})
         say(f"step {step}: validation loss {loss:.4f}")
@@ -423,7 +424,7 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
         _check_batch(host_batch, cfg.model.vocab_size)
         model_state, opt_state, metrics = prog.step(model_state, opt_state,
                                                   mesh_lib.put_batch(host_batch, prog.batch_sh,
-                                                                    cfg.model.context_layout))
+                                                                    cfg.runtime.context.layout))
         interval.pending.append((step, metrics))
         if step == start + 1:
             # Exclude compilation from throughput: the clock starts when the first step is done.
