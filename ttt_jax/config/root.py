@@ -101,4 +101,4 @@ def checkpoint_differences(saved: dict[str, Any], current: dict[str, Any]) -> li
     from ttt_jax.config.loading import upgrade_dict
 
     s, c = checkpoint_view(upgrade_dict(saved)), checkpoint_view(upgrade_dict(current))
-    return [f"{k}: checkpoint {s[k]!r} != config {c[k]!r}" for k in s if s[k] != c[k]]
+    return [f"{k}: checkpoint {s[k]!r} != config {c[k]!r}" for k in sorted(s) if s[k] != c[k]]
