@@ -91,7 +91,7 @@ def test_ttt_at_init_equals_base(compute_dtype, target_source, runtime):
         assert_same = lambda x, y: np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
     assert_same(_forward(ttt_model, tokens, seg), _forward(base, tokens, seg))
     # The base path of the TTT model itself: copy its shared weights into a plain model.
-    base2 = CausalLM(base_cfg, runtime=REF, rngs=nnx.Rngs(123))
+    base2 = CausalLM(base_cfg, runtime=runtime, rngs=nnx.Rngs(123))
     shared = nnx.state(ttt_model, nnx.Param)
     flat = {p: v for p, v in nnx.to_flat_state(shared) if p[-1] not in ("ttt_conv", "ttt_proj")}
     nnx.update(base2, nnx.from_flat_state(flat))
