@@ -212,7 +212,7 @@ def build_mix(path: Path, cfg, recall_fraction: float, seed: int, max_docs: int 
 
 
 def train_or_load(cfg, log) -> tuple[Any, dict]:
-    from ttt_jax.train.checkpoint import load_model
+    from ttt_jax.checkpoint import load_model
     from ttt_jax.train.trainer import train
 
     ck = Path(cfg.train.run_dir) / "checkpoints" / str(cfg.train.steps)

@@ -8,7 +8,7 @@ from flax import nnx
 
 from ttt_jax.config import load_config
 from ttt_jax.models.lm import CausalLM
-from ttt_jax.train.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, save_model
+from ttt_jax.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, save_model
 from ttt_jax.train.trainer import train
 
 from test_train import TOY

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from ttt_jax.config import RuntimeConfig  # noqa: E402
 from ttt_jax.convert import (SafetensorsCheckpoint, convert_hf, export_hf, load_hf,  # noqa: E402
                              model_config_from_hf, ttt_config)
-from ttt_jax.train.checkpoint import load_model, save_model  # noqa: E402
+from ttt_jax.checkpoint import load_model, save_model  # noqa: E402
 
 V, PROMPT, NEW = 96, 16, 32
 SMALL = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -272,7 +272,7 @@ def test_errors_name_the_problem(tmp_path):
 
 def test_load_onto_a_mesh_places_each_shard(tmp_path):
     from ttt_jax.config import MeshConfig
-    from ttt_jax.train.mesh import make_mesh
+    from ttt_jax.sharding import make_mesh
 
     path, _ = _save_hf(tmp_path, "llama_untied_llama3_sharded")
     ttt = ttt_config(layers=[1], chunk_size=8)

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from ttt_jax.cli import main  # noqa: E402
 from ttt_jax.config import apply_overrides  # noqa: E402
 from ttt_jax.convert import SafetensorsCheckpoint  # noqa: E402
-from ttt_jax.train.checkpoint import read_checkpoint_config  # noqa: E402
+from ttt_jax.checkpoint import read_checkpoint_config  # noqa: E402
 from ttt_jax.train.trainer import train  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def test_cli_export_round_trip(converted, tmp_path, capsys):
     import jax
     import jax.numpy as jnp
     from ttt_jax.convert import load_hf
-    from ttt_jax.train.checkpoint import load_model
+    from ttt_jax.checkpoint import load_model
     _, bf = load_hf(out, param_dtype="bfloat16")
     _, f32 = load_model(converted / "ckpt")
     a, b = nnx.to_pure_dict(nnx.state(f32, nnx.Param)), nnx.to_pure_dict(nnx.state(bf, nnx.Param))

@@ -123,7 +123,7 @@ def test_cli_streams_blocks_with_the_same_text(tmp_path):
     """`ttt-jax generate` with blocks of 3 and with one call per token prints the same text."""
     from test_generate import _cli
     from ttt_jax.config import Config, DataConfig
-    from ttt_jax.train.checkpoint import save_model
+    from ttt_jax.checkpoint import save_model
 
     model = setup("full_attention_embeddings")[0]
     path = tmp_path / "model"

@@ -83,7 +83,7 @@ def test_evaluation_spans(tmp_path):
 
 def test_cli_eval(tmp_path, model, capsys):
     from ttt_jax.cli import main
-    from ttt_jax.train.checkpoint import save_model
+    from ttt_jax.checkpoint import save_model
 
     cfg = load_config("tiny", ["data.seq_len=64"])
     cfg = type(cfg)(model=model.cfg, data=cfg.data, train=cfg.train, mesh=cfg.mesh)

@@ -22,9 +22,9 @@ import optax
 import pytest
 from flax import nnx
 
-from ttt_jax.train.checkpoint import (CORRUPT_SUFFIX, TMP_MARKER, CheckpointCorruptError, Checkpointer,
-                                      CheckpointWriteError, NonFiniteStateError, load_model,
-                                      resolve_checkpoint, save_model, state_checksums)
+from ttt_jax.checkpoint import (CORRUPT_SUFFIX, TMP_MARKER, CheckpointCorruptError, Checkpointer,
+                                CheckpointWriteError, NonFiniteStateError, load_model,
+                                resolve_checkpoint, save_model, state_checksums)
 
 # A failed read leaves Orbax's pending read coroutines to be collected; harmless.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -198,7 +198,7 @@ _WRITER = textwrap.dedent("""
     import sys
     import jax.numpy as jnp, optax
     from flax import nnx
-    from ttt_jax.train.checkpoint import Checkpointer
+    from ttt_jax.checkpoint import Checkpointer
 
     model = nnx.Linear(1024, 2048, rngs=nnx.Rngs(0))          # 8 MiB, x3 with the Adam moments
     opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ttt_jax.train import NonFiniteLossError, TrainingInterrupted, trainer
-from ttt_jax.train.checkpoint import CORRUPT_SUFFIX, CheckpointCorruptError, Checkpointer, CheckpointWriteError
+from ttt_jax.checkpoint import CORRUPT_SUFFIX, CheckpointCorruptError, Checkpointer, CheckpointWriteError
 
 from test_fault_checkpoint import _garble, _swap_arrays
 from test_train import params_of, records, toy

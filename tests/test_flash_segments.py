@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parallel import flash as F
+from ttt_jax.ops.kernels import flash as F
 from ttt_jax.ops import attention as A
 
 

@@ -88,7 +88,7 @@ def checkpoint(tmp_path_factory):
     import dataclasses
 
     from ttt_jax.config import Config, DataConfig
-    from ttt_jax.train.checkpoint import save_model
+    from ttt_jax.checkpoint import save_model
 
     model = setup("full_attention_embeddings")[0]
     cfg = Config(model=CASES["full_attention_embeddings"], data=DataConfig(seq_len=64))
@@ -160,7 +160,7 @@ def test_generation_with_sharded_parameters_matches_unsharded(checkpoint):
     """load_model(path, mesh=...) places every parameter in its FSDP sharding; prefill and
     decode then run partitioned over the 8 emulated devices with the unsharded model's logits."""
     from parallel.mesh import make_mesh
-    from ttt_jax.train.checkpoint import load_model
+    from ttt_jax.checkpoint import load_model
 
     path, _, model = checkpoint
     mesh = make_mesh(data=2, fsdp=4)          # (vocabulary 259: no tensor split of the embedding)

@@ -182,7 +182,7 @@ def _cli_greedy_is_the_forward_argmax(model, cfg, path, prompt, n_new, block):
     every generated token is the argmax of the teacher-forced logits (prefill == forward pass)."""
     from test_generate import _cli
     from ttt_jax.data.tokenizer import ByteTokenizer
-    from ttt_jax.train.checkpoint import load_model, save_model
+    from ttt_jax.checkpoint import load_model, save_model
 
     save_model(path, model, cfg)
     _, loaded = load_model(path)                   # the CLI's graph: compilations are shared
@@ -237,7 +237,7 @@ def test_generation_with_sharded_parameters_matches_unsharded(tmp_path):
     logits as unsharded."""
     from parallel.mesh import make_mesh
     from ttt_jax.config import Config, DataConfig
-    from ttt_jax.train.checkpoint import load_model, save_model
+    from ttt_jax.checkpoint import load_model, save_model
 
     model = setup("mlp_beside_window_gate")[0]
     save_model(tmp_path / "model", model, Config(model=CASES["mlp_beside_window_gate"],

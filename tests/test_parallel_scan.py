@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from parallel import scan
-from parallel.attention import from_zigzag, to_zigzag
+from parallel.layout import from_zigzag, to_zigzag
 from parallel.mesh import make_mesh
 
 F, D = 2, 3

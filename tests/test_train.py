@@ -11,7 +11,7 @@ from flax import nnx
 
 from ttt_jax.config import load_config
 from ttt_jax.train import NonFiniteLossError, train
-from ttt_jax.train.checkpoint import Checkpointer
+from ttt_jax.checkpoint import Checkpointer
 from ttt_jax.train.metrics import peak_tflops_per_device, throughput
 from ttt_jax.train.optim import decay_mask, is_decayed, learning_rate_schedule
 

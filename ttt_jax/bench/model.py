@@ -73,7 +73,7 @@ def benchmark_step(mcfg, mesh, loss_groups: Optional[int] = None, shard_optimize
     ``loss_groups`` defaults to the context size, as in the trainer: every device computes the loss
     of its own positions (with 1 the loss scan gathers the hidden states to all devices).
     ``shard_optimizer``: ZeRO-1, the Adam moments split over the axes that replicate parameters
-    (``train.shard_optimizer``, :func:`ttt_jax.train.mesh.split_further`).
+    (``train.shard_optimizer``, :func:`ttt_jax.sharding.split_further`).
 
     Returns ``(step, graphdef, abstract_state, state_shardings, build)``:
     ``step(state, inputs, targets, positions) -> (state, loss)`` with ``[B, T]`` int inputs, and
@@ -86,7 +86,7 @@ def benchmark_step(mcfg, mesh, loss_groups: Optional[int] = None, shard_optimize
 
     from ttt_jax.models.lm import CausalLM
     from ttt_jax.ops.loss import chunked_cross_entropy
-    from ttt_jax.train import mesh as mesh_lib
+    from ttt_jax import sharding
 
     tx = optax.adamw(1e-5, weight_decay=0.1)
     groups = mesh.shape.get("context", 1) if loss_groups is None else loss_groups
@@ -96,8 +96,8 @@ def benchmark_step(mcfg, mesh, loss_groups: Optional[int] = None, shard_optimize
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     graphdef, abs_state = nnx.split(nnx.eval_shape(build))
-    shardings = mesh_lib.state_shardings(abs_state, mesh,
-                                         zero_axes=mesh_lib.ZERO_AXES if shard_optimizer else ())
+    shardings = sharding.state_shardings(abs_state, mesh,
+                                         zero_axes=sharding.ZERO_AXES if shard_optimizer else ())
 
     def step(state, inputs, targets, positions):
         model, opt = nnx.merge(graphdef, state)
@@ -113,10 +113,10 @@ def benchmark_step(mcfg, mesh, loss_groups: Optional[int] = None, shard_optimize
             opt.update(model, grads)
         return nnx.state((model, opt)), loss
 
-    batch_sh = mesh_lib.batch_sharding(mesh)
+    batch_sh = sharding.batch_sharding(mesh)
     # Explicit out_shardings, as in the trainer: the updated state keeps its (ZeRO-1) layout.
     jitted = jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch_sh, batch_sh, batch_sh),
-                     out_shardings=(shardings, mesh_lib.replicated(mesh)))
+                     out_shardings=(shardings, sharding.replicated(mesh)))
     return jitted, graphdef, abs_state, shardings, build
 
 
@@ -129,7 +129,7 @@ def run_variant(args) -> dict:
     from ttt_jax.models.flops import flops_per_token
     from ttt_jax.models.lm import count_params
 
-    from ttt_jax.train import mesh as mesh_lib
+    from ttt_jax import sharding
 
     variant = [o.format(window=args.window) for o in VARIANTS[args.variant]]
     mesh_over = [f"mesh.{k}={v}" for k, v in parse_mesh(args.mesh).items()]
@@ -141,20 +141,20 @@ def run_variant(args) -> dict:
     # A mesh of explicit sizes smaller than the machine (e.g. --mesh data=1 beside emulated CPU
     # devices) runs on the first devices; on GPUs CUDA_VISIBLE_DEVICES does the same.
     used = int(np.prod(sizes)) if min(sizes) > 0 else len(jax.devices())
-    mesh = mesh_lib.make_mesh(cfg.mesh, devices=jax.devices()[:used])
-    mesh_lib.check_supported(mesh, args.seq_len, mcfg.ttt.chunk_size if mcfg.ttt.layer_ids(mcfg.n_layers) else None,
+    mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:used])
+    sharding.check_supported(mesh, args.seq_len, mcfg.ttt.chunk_size if mcfg.ttt.layer_ids(mcfg.n_layers) else None,
                              rt.context.layout)
     step, graphdef, abs_state, shardings, build = benchmark_step(mcfg, mesh, runtime=rt,
                                                                  shard_optimizer=cfg.train.shard_optimizer)
     # Created directly in its sharding: a large model is never whole on one device.
     state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
     n_params = count_params(nnx.merge(graphdef, state)[0])
-    batch_sh = mesh_lib.batch_sharding(mesh)
+    batch_sh = sharding.batch_sharding(mesh)
     t = args.seq_len
     rows = np.asarray(jax.random.randint(jax.random.key(1), (args.batch, t + 1), 0, mcfg.vocab_size, jnp.int32))
     host = {"inputs": rows[:, :-1], "targets": rows[:, 1:],
             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (args.batch, t)).copy()}
-    batch = mesh_lib.put_batch(host, batch_sh, rt.context.layout)
+    batch = sharding.put_batch(host, batch_sh, rt.context.layout)
     tokens = (batch["inputs"], batch["targets"], batch["positions"])
     ctx = jax.set_mesh(mesh)
     ctx.__enter__()

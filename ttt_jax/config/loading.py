@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import math
 import typing
 from pathlib import Path
@@ -15,7 +16,16 @@ import yaml
 from ttt_jax.config.base import ConfigError
 from ttt_jax.config.root import Config
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+def _preset_dir() -> Path:
+    """The presets: the package ``ttt_jax.configs`` when installed (the wheel maps the top-level
+    ``configs/`` folder there), else ``configs/`` beside the package (a source checkout)."""
+    try:
+        return Path(str(importlib.resources.files("ttt_jax.configs")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "configs"
+
+
+CONFIG_DIR = _preset_dir()
 
 # Keys of configs written before the ``runtime`` section existed (checkpoints, old YAML files):
 # where each moved, or why it is gone. Checkpoints are upgraded silently (:func:`upgrade_dict`);

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.convert_command == "hf":
         from ttt_jax.convert.hf_import import convert_hf
-        from ttt_jax.train.checkpoint import read_checkpoint_config
+        from ttt_jax.checkpoint import read_checkpoint_config
 
         ttt = ttt_config(args.ttt_layers, args.ttt_every, start=args.ttt_start, lr=args.ttt_lr,
                          chunk_size=args.ttt_chunk, target_source=args.ttt_target)

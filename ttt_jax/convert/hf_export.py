@@ -25,7 +25,7 @@ from ttt_jax.convert.safetensors_io import _np_dtype, write_safetensors
 
 
 def _checkpoint_root(path: Path) -> Path:
-    from ttt_jax.train.checkpoint import resolve_checkpoint
+    from ttt_jax.checkpoint import resolve_checkpoint
 
     ckdir, _ = resolve_checkpoint(path)
     return ckdir.parent if ckdir.name == "checkpoints" else ckdir
@@ -41,7 +41,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, step: Optional[int] = None,
     model's ``param_dtype``). Tokenizer files found next to the checkpoint (or at the config's
     ``data.tokenizer``) are copied. Returns ``out``.
     """
-    from ttt_jax.train.checkpoint import load_model
+    from ttt_jax.checkpoint import load_model
 
     ckpt, out = Path(ckpt).expanduser(), Path(out).expanduser()
     # Hugging Face's layout is the unrolled one: a stacked (scan_layers) checkpoint is unstacked.

@@ -116,7 +116,7 @@ def load_hf(src: str | Path, *, ttt: Optional[TTTConfig] = None, param_dtype: st
       ttt: In-Place TTT to add (None: the checkpoint's own TTT settings, else none).
       param_dtype / compute_dtype: ``float32`` or ``bfloat16``.
       mesh: place every parameter directly in its sharding on this mesh (FSDP / tensor rules of
-        :mod:`ttt_jax.train.mesh`); None = the default device.
+        :mod:`ttt_jax.sharding`); None = the default device.
       seed: initialisation of parameters the checkpoint does not hold (new TTT parameters).
       progress: show a progress bar over tensors.
       runtime: how the model runs (kernels, remat; default :class:`~ttt_jax.config.RuntimeConfig`).
@@ -125,7 +125,7 @@ def load_hf(src: str | Path, *, ttt: Optional[TTTConfig] = None, param_dtype: st
       ValueError: unsupported architecture or feature, missing / unexpected / misshapen tensors.
     """
     from ttt_jax.models.lm import CausalLM
-    from ttt_jax.train import mesh as mesh_lib
+    from ttt_jax import sharding
 
     src = Path(src).expanduser()
     hf = read_hf_config(src)
@@ -149,7 +149,7 @@ def load_hf(src: str | Path, *, ttt: Optional[TTTConfig] = None, param_dtype: st
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = {p: dev for p in abs_flat}
     else:
-        shardings = _flatten(nnx.to_pure_dict(mesh_lib.state_shardings(abs_state, mesh)))
+        shardings = _flatten(nnx.to_pure_dict(sharding.state_shardings(abs_state, mesh)))
     values: dict[tuple, Any] = {}
     # Parameters the checkpoint does not hold (new TTT layers) get their initial values from one
     # compiled initialisation of which XLA keeps only those outputs (the rest is dead code).
@@ -190,7 +190,7 @@ def convert_hf(src: str | Path, out: str | Path, **kwargs: Any) -> Path:
     it and ``data.tokenizer`` pointing at ``out/tokenizer.json``; the source ``config.json`` is kept
     as ``out/hf_config.json`` for :func:`~ttt_jax.convert.hf_export.export_hf`. Returns ``out``."""
     from ttt_jax.config import replace
-    from ttt_jax.train.checkpoint import save_model
+    from ttt_jax.checkpoint import save_model
 
     src, out = Path(src).expanduser(), Path(out).expanduser().absolute()
     if (out / "checkpoints").exists():

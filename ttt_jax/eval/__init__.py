@@ -2,7 +2,7 @@
 
 Python API::
 
-    from ttt_jax.train.checkpoint import load_model
+    from ttt_jax.checkpoint import load_model
     from ttt_jax.data import load_tokenizer
     from ttt_jax.eval import evaluation_spans, sliding_window_perplexity, run_ruler
 

@@ -157,7 +157,7 @@ def run_ruler_suite(model: Any, tokenizer: Any, args: argparse.Namespace, out: P
 
 def run(args: argparse.Namespace) -> int:
     from ttt_jax.data import load_tokenizer
-    from ttt_jax.train.checkpoint import load_model, resolve_checkpoint
+    from ttt_jax.checkpoint import load_model, resolve_checkpoint
 
     for name in ("batch_size", "logits_chunk", "num_samples", "max_length", "block_size"):
         v = getattr(args, name)

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ttt_jax.infer.generate import GenerationConfig, generate
     from ttt_jax.infer.qttt import QTTTConfig
-    from ttt_jax.train.checkpoint import load_model, read_checkpoint_config
+    from ttt_jax.checkpoint import load_model, read_checkpoint_config
 
     if args.prompt_file is not None:
         try:

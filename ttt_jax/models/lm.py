@@ -54,19 +54,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from parallel.halo_attention import HALO_BLOCK_NAME
 from ttt_jax.config import ConfigError, ModelConfig, RuntimeConfig
 from ttt_jax.models.e2e import e2e_hidden, e2e_hidden_reference
 from ttt_jax.nn.block import DecoderBlock
 from ttt_jax.nn.context import context_size
 from ttt_jax.nn.norm import RMSNorm
 from ttt_jax.nn.params import make_param, normal_init
-
-# What ``runtime.remat_policy="save_exchanges"`` keeps besides each block's input: the results of the
-# cross-device exchanges (the TTT carried-in state, the halo keys/values) and the split halo's block
-# (parallel.halo_attention), i.e. the work a single device does not have.
-SAVE_EXCHANGES_NAMES = ("context_exchange", HALO_BLOCK_NAME)
-
+from ttt_jax.ops.checkpoint_names import SAVE_EXCHANGES_NAMES
 
 def check_tokens(tokens, vocab_size: int) -> None:
     """Raise ``ValueError`` if concrete ``tokens`` are not integers in ``[0, vocab_size)``.

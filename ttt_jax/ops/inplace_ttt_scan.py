@@ -111,9 +111,9 @@ def _zeros_tied(shape, dtype, tie: jax.Array, likes) -> jax.Array:
 
     ``lax.scan`` starts its stacked outputs (and our zero initial states) from constant zero
     broadcasts. In a model of several rematerialised layers these are identical across layers, so
-    XLA merges them and creates every layer's loop buffers at once, ahead of the backward pass:
-    measured on an H100 at T = 32k, F = 9728 that held 1.6 GiB per layer for the whole backward
-    pass (benchmarks/README.md). Built from the layer's own ``tie``, each buffer depends on its
+    XLA merges them and creates every layer's loop buffers at once, ahead of the backward pass,
+    where they stay live for the whole backward pass (the figures: benchmarks/history/). Built from
+    the layer's own ``tie``, each buffer depends on its
     layer's data. Stacked outputs have every slot overwritten, so the start value never reaches an
     output.
     """

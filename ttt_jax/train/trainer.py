@@ -16,7 +16,7 @@ non-deterministic). ``train.stop_after`` stops a run early without changing its 
 
 Faults (README "Guarantees"): SIGTERM/SIGINT finish and checkpoint the step in flight
 (:class:`TrainingInterrupted`); on resume, unfinished saves are removed and corrupt checkpoints
-moved aside with a warning, and the newest intact one is restored (:mod:`ttt_jax.train.checkpoint`);
+moved aside with a warning, and the newest intact one is restored (:mod:`ttt_jax.checkpoint`);
 too little disk space is an error before training and before every save; a step with a non-finite
 loss or gradient norm is not applied by the jitted step and handled by ``train.on_nonfinite``
 (skip, counted, up to ``train.max_nonfinite_steps``; or stop), and no checkpoint is written right
@@ -24,7 +24,7 @@ after a skipped update or of a state holding NaN/inf.
 
 Parallelism (``mesh``): the batch is split over ``data`` x ``fsdp``; parameters and Adam moments
 are sharded by the logical-axis rules (``embed`` over ``fsdp``, ``vocab`` / ``heads`` / ``kv_heads``
-/ ``mlp`` over ``tensor``; :mod:`ttt_jax.train.mesh`), created directly in their shardings and
+/ ``mlp`` over ``tensor``; :mod:`ttt_jax.sharding`), created directly in their shardings and
 checkpointed shard by shard. A checkpoint restores onto any mesh (Orbax reshards); the run then
 continues with the same values up to fp32 reduction order. ``mesh.context > 1`` is rejected for now.
 """
@@ -46,12 +46,13 @@ import numpy as np
 import yaml
 from flax import nnx
 
+from ttt_jax import sharding
 from ttt_jax.config import Config, ModelConfig, RuntimeConfig, TrainConfig
 from ttt_jax.data import load_tokenizer, make_batches
+from ttt_jax.fs import ensure_writable
 from ttt_jax.models.flops import flops_per_token
 from ttt_jax.models.lm import CausalLM, check_tokens, count_params
-from ttt_jax.train import mesh as mesh_lib
-from ttt_jax.train.checkpoint import Checkpointer, CheckpointCorruptError, NonFiniteStateError, state_nbytes
+from ttt_jax.checkpoint import Checkpointer, CheckpointCorruptError, NonFiniteStateError, state_nbytes
 from ttt_jax.train.metrics import MetricsWriter, peak_device_memory_gib, peak_tflops_per_device, throughput
 from ttt_jax.train.optim import learning_rate_schedule, make_optimizer, optimizer_fields
 from ttt_jax.train.warm_start import restore_model_params
@@ -203,10 +204,10 @@ def _program(model_cfg: ModelConfig, runtime: RuntimeConfig, seed: int, opt_fiel
     # Parameters and Adam moments (which inherit their parameter's logical axis names) are sharded
     # by the logical rules (embed -> fsdp; vocab/heads/kv_heads/mlp -> tensor); counters, RNG keys
     # replicated. Model first, so that a mesh that does not divide a shape names the parameter.
-    model_sh = mesh_lib.state_shardings(abs_model_state, mesh)
-    opt_sh = mesh_lib.state_shardings(abs_opt_state, mesh,
-                                      zero_axes=mesh_lib.ZERO_AXES if tcfg.shard_optimizer else ())
-    batch_sh, scalar_sh = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+    model_sh = sharding.state_shardings(abs_model_state, mesh)
+    opt_sh = sharding.state_shardings(abs_opt_state, mesh,
+                                      zero_axes=sharding.ZERO_AXES if tcfg.shard_optimizer else ())
+    batch_sh, scalar_sh = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     def init():
         model, opt = build()
@@ -226,7 +227,7 @@ def _eval(eval_fn, model_state, batches, batch_sh, layout: str = "contiguous") -
     """Mean NLL per token over ``batches`` (token-weighted across batches)."""
     total, count = 0.0, 0.0
     for b in batches:
-        nll, n = eval_fn(model_state, mesh_lib.put_batch(b, batch_sh, layout))
+        nll, n = eval_fn(model_state, sharding.put_batch(b, batch_sh, layout))
         total, count = total + nll, count + n   # device scalars: one sync at the end
     total, count = jax.device_get((total, count))
     return float(total) / max(float(count), 1.0)
@@ -271,16 +272,31 @@ def train(cfg: Config, *, log: Optional[Callable[[str], None]] = None) -> TrainR
         return _train(cfg, _Log(log), stack)
 
 
+def _check_batch_divisible(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+    """Raise a ``ValueError`` unless the global ``batch_size`` (``data.batch_size`` per process times
+    the number of processes) splits evenly over the data-parallel axes."""
+    dp = sharding.data_parallel_size(mesh)
+    if batch_size % dp:
+        raise ValueError(
+            f"data.batch_size={batch_size} (global) is not divisible by the data-parallel size {dp} "
+            f"(mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']}); use a batch size "
+            f"that is a multiple of {dp} or set mesh.data to a divisor of {batch_size}")
+
+
 def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     tcfg = cfg.train
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     preflight(cfg, tokenizer)
-    mesh = mesh_lib.make_mesh(cfg.mesh)
+    # Every output location can be written (one line naming the path otherwise), before the
+    # checkpoint directory is opened and before any data is read or anything is computed.
+    ensure_writable(tcfg.run_dir, "run directory (train.run_dir)")
+    ensure_writable(Path(tcfg.run_dir) / "checkpoints", "checkpoint directory")
+    mesh = sharding.make_mesh(cfg.mesh)
     ttt_on = bool(cfg.model.ttt.layer_ids(cfg.model.n_layers))
-    mesh_lib.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
+    sharding.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
                              cfg.runtime.context.layout)
     global_batch = cfg.data.batch_size * jax.process_count()  # data.batch_size is per process
-    mesh_lib.check_batch_divisible(global_batch, mesh)
+    _check_batch_divisible(global_batch, mesh)
     # Shape-only: the parameter shardings are checked against the mesh (ValueError naming the
     # parameter) before any data is read or anything is computed.
     prog = _program(cfg.model, cfg.runtime, tcfg.seed, optimizer_fields(tcfg), mesh)
@@ -423,7 +439,7 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
             raise ValueError(f"the training data ran out at step {step}; add data or lower train.steps") from None
         _check_batch(host_batch, cfg.model.vocab_size)
         model_state, opt_state, metrics = prog.step(model_state, opt_state,
-                                                  mesh_lib.put_batch(host_batch, prog.batch_sh,
+                                                  sharding.put_batch(host_batch, prog.batch_sh,
                                                                     cfg.runtime.context.layout))
         interval.pending.append((step, metrics))
         if step == start + 1:

@@ -25,9 +25,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ttt_jax.config import Config
+from ttt_jax.checkpoint.model_io import read_checkpoint_config, resolve_checkpoint
+from ttt_jax.checkpoint.tree import flatten as _flatten, meta_tree as _meta_tree, str_keys as _str_keys
 from ttt_jax.config import checkpoint_view
-from ttt_jax.train.checkpoint import (_flatten, _meta_tree, _str_keys,
-                                      read_checkpoint_config, resolve_checkpoint)
 
 TTT_PARAM_NAMES = ("ttt_conv", "ttt_proj")
 
@@ -59,7 +59,7 @@ def restore_model_params(path: str | Path, model_state: nnx.State, cfg: Config,
                          log: Callable[[str], None] = print) -> nnx.State:
     """Overwrite the parameters of ``model_state`` (live, possibly sharded arrays of a freshly
     initialised model) with those of the checkpoint at ``path`` (as in
-    :func:`~ttt_jax.train.checkpoint.resolve_checkpoint`), each read directly into the sharding of
+    :func:`~ttt_jax.checkpoint.resolve_checkpoint`), each read directly into the sharding of
     the array it replaces. Returns ``model_state``. See the module docstring for what may differ.
     """
     ckdir, step = resolve_checkpoint(path)

@@ -1,0 +1,151 @@
+"""Integrity of checkpoints: array checksums (computed on the devices), sizes, free disk space, and
+the sorting of errors into "the checkpoint is damaged", "the disk is full" and anything else."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttt_jax.checkpoint.errors import CheckpointCorruptError
+from ttt_jax.checkpoint.tree import flatten, is_key_array
+
+
+
+def _as_u32(x: jax.Array) -> jax.Array:
+    """The raw bits of ``x`` as uint32 (8-byte types gain a trailing axis of 2)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    narrow = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize)
+    if narrow is not None:
+        return jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """``[3]`` uint32: the sum of the bit patterns and their sum weighted by ``2 * flat_index + 1``,
+    both mod 2**32, and 1 if every element is finite (else 0). Integer sums are exact and
+    order-free, so the result does not depend on how the array is sharded; any single changed
+    element changes both sums, a swap changes the second."""
+    u = _as_u32(x)
+    # Flat row-major index built from per-axis iotas (partitions like the array; no reshape).
+    idx = jnp.zeros(u.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(u.ndim)):
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, u.shape, axis) * jnp.uint32(stride % 2 ** 32)
+        stride *= u.shape[axis]
+    weight = idx * jnp.uint32(2) + jnp.uint32(1)
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+    return jnp.stack([jnp.sum(u, dtype=jnp.uint32), jnp.sum(u * weight, dtype=jnp.uint32),
+                      finite.astype(jnp.uint32)])
+
+
+_checksums_jit = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+
+
+def _host_value(x: jax.Array) -> np.ndarray:
+    # The checksums are reductions, replicated on every device: any local copy is the value.
+    return np.asarray(jax.device_get(x) if x.is_fully_addressable else x.addressable_data(0))
+
+
+def checksums_and_finite(tree: Any) -> tuple[dict[str, str], list[str]]:
+    sums = {k: _host_value(s) for k, s in flatten(_checksums_jit(tree)).items()}
+    return ({k: f"{int(v[0]):08x}{int(v[1]):08x}" for k, v in sums.items()},
+            sorted(k for k, v in sums.items() if not v[2]))
+
+
+def state_checksums(tree: Any) -> dict[str, str]:
+    """``{"model.embed.embedding": "1a2b3c4d5e6f7081", ...}`` for a nested dict of arrays (computed
+    on the devices where the arrays live; only ``3 x 4`` bytes per array reach the host)."""
+    return checksums_and_finite(tree)[0]
+
+
+def state_nbytes(tree: Any) -> int:
+    """Bytes of all arrays (or shape/dtype structs) in ``tree``: the size of their checkpoint."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        # A typed PRNG key is stored as its uint32 key data (2 words for the default impl).
+        itemsize = 8 if is_key_array(x) else np.dtype(x.dtype).itemsize
+        total += int(np.prod(x.shape)) * itemsize
+    return total
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def free_bytes(directory: Path) -> int:
+    """Free space (for unprivileged users) on the filesystem holding ``directory`` (or its nearest
+    existing parent)."""
+    p = Path(directory)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return int(shutil.disk_usage(p).free)
+
+
+# What a damaged checkpoint looks like in the errors of Orbax, TensorStore and json. Anything else
+# (a permission problem, a device or sharding error, a bug) is raised as it is: it must never get
+# a good checkpoint moved aside.
+_DAMAGE_TYPES = (FileNotFoundError, NotADirectoryError, IsADirectoryError, json.JSONDecodeError,
+                 UnicodeDecodeError, EOFError)
+_DAMAGE_TEXT = ("Encountered error while reading", "DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE",
+                "Error reading", "Error opening", "not found", "does not exist", "No such file",
+                "corrupt", "truncat", "Unexpected end", "decod", "Expecting value", "Unterminated",
+                "Unknown key")   # an item (e.g. the arrays) missing from the step
+_NOT_DAMAGE_TEXT = ("PERMISSION_DENIED", "Permission denied", "RESOURCE_EXHAUSTED", "out of memory")
+
+
+def is_damage(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it came from) says the checkpoint's files are missing,
+    truncated or unparseable."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(isinstance(x, PermissionError) or any(t in str(x) for t in _NOT_DAMAGE_TEXT) for x in chain):
+        return False
+    return any(isinstance(x, _DAMAGE_TYPES) or any(t in str(x) for t in _DAMAGE_TEXT) for x in chain)
+
+
+def brief(e: BaseException) -> str:
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) says the disk or quota is full. Orbax
+    re-raises errors of its background writer; TensorStore reports ENOSPC as text."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(s in str(e) for s in ("No space left on device", "Disk quota exceeded", "ENOSPC")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def verify_checksums(where: Path, restored: Any, recorded: Optional[dict[str, str]]) -> None:
+    """Raise :class:`CheckpointCorruptError` naming the arrays of ``restored`` (a nested dict as
+    saved) whose checksums differ from ``recorded`` (checkpoints without a record pass). Arrays of
+    ``restored`` absent from ``recorded`` are not checked (a partial restore reads a subset)."""
+    if not recorded:
+        return
+    got = state_checksums(restored)
+    bad = sorted(k for k, v in got.items() if k in recorded and recorded[k] != v)
+    if bad:
+        raise CheckpointCorruptError(where, f"{len(bad)} array(s) do not match the checksums recorded "
+                                            f"when it was written: {', '.join(bad[:5])}"
+                                            + (" ..." if len(bad) > 5 else ""))

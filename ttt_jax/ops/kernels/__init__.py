@@ -1,0 +1,13 @@
+"""Per-device attention kernels: the fused compute that the attention ops call on one device.
+
+* :mod:`ttt_jax.ops.kernels.flash`        -- Pallas (Triton) flash-attention kernels for NVIDIA
+  GPUs: block forward / backward with log-sum-exp, causal / window / segment-id masks, and a
+  differentiable ``flash_attention`` (single-device ``impl="flash"``; the fused ring's blocks).
+* :mod:`ttt_jax.ops.kernels.cudnn_blocks` -- cuDNN flash attention through JAX's private cuDNN
+  functions: block forward / backward with the merged log-sum-exp (the fused ring's blocks), one
+  sliding-window call, and :func:`~ttt_jax.ops.kernels.cudnn_blocks.cudnn_unsupported_reason`.
+
+Kernels know nothing about meshes: the context-parallel attention of ``ttt_jax.ops.attention_cp``
+runs them per device, between its collectives. Each kernel is tested against a dense reference
+(values and gradients).
+"""
