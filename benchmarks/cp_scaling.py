@@ -14,11 +14,11 @@ ratio. Each row is its own process (``ttt_jax.bench.model`` runs every variant i
 Example (the weak-scaling rows of benchmarks/README.md, 4 x H100)::
 
     PYTHONPATH=. python benchmarks/cp_scaling.py --mode weak --devices 4 --length 32768 \\
-        --variant single=runtime.context.halo=single \\
+        --variant full=runtime.remat_policy=full \\
         --repeat 2 --out benchmarks/results/cp_weak.json
 
 A variant's entry ``env:NAME=VALUE`` sets an environment variable for its rows instead of a config
-override, e.g. ``--variant olap=runtime.context.halo=split,env:XLA_FLAGS=--xla_gpu_foo=2``.
+override, e.g. ``--variant olap=runtime.remat_policy=full,env:XLA_FLAGS=--xla_gpu_foo=2``.
 ``--compile-cache DIR`` shares JAX's persistent compilation cache between the rows, so a repeat
 of a row (same program, same flags) skips most of its compile time.
 

@@ -169,10 +169,9 @@ def test_ring_flash_with_segment_ids_matches_reference(layout, n):
     assert np.abs(np.asarray(got[0])[:, t - 5:]).max() == 0.0  # padding rows
 
 
-def test_auto_routes_packed_documents_by_flag(monkeypatch):
+def test_auto_routes_packed_documents_to_the_fused_ring(monkeypatch):
     """Where the fused ring could run (stood in for on CPU), ``kernel="auto"`` sends segment ids to
-    the XLA ring while ``AUTO_FUSED_RING_FOR_SEGMENTS`` is False, and to the fused ring when True
-    (the default)."""
+    the fused ring (with the ids); ``kernel="xla"`` keeps them on the XLA ring."""
     monkeypatch.setattr(F, "flash_unsupported_reason", lambda *a, **k: None)
     q, k, v, _ = _rand(6, 64)
     seg = jnp.asarray(_packed_ids(64, 5))
@@ -183,16 +182,13 @@ def test_auto_routes_packed_documents_by_flag(monkeypatch):
     run = lambda kern: jax.jit(jax.shard_map(
         lambda q, k, v, s: A.context_attention(q, k, v, "context", kernel=kern, segment_ids=s),
         mesh=mesh, in_specs=(spec,) * 4, out_specs=spec))(q, k, v, seg)
-    assert A.AUTO_FUSED_RING_FOR_SEGMENTS
-    monkeypatch.setattr(A, "AUTO_FUSED_RING_FOR_SEGMENTS", False)
-    np.testing.assert_array_equal(np.asarray(run("auto")), np.asarray(run("xla")))
+    run("xla")
     assert not called
     run("fused")
     assert called and called[-1]["segment_ids"] is not None
-    monkeypatch.setattr(A, "AUTO_FUSED_RING_FOR_SEGMENTS", True)
     called.clear()
     run("auto")
-    assert called
+    assert called and called[-1]["segment_ids"] is not None
 
 
 @pytest.mark.parametrize("n,window", [(4, 5), (4, 9), (2, 1)])
@@ -381,7 +377,7 @@ def test_cudnn_ring_lowers_for_gpu(layout):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("extra", [["runtime.context.layout=zigzag"], ["model.attention_window=100"],
-                                   ["model.attention_window=100", "runtime.context.halo=single"]])
+                                   ["model.attention_window=100", "runtime.remat=true"]])
 def test_model_fused_equals_xla_on_gpus(extra):
     """The whole model on all local GPUs: context_kernel=fused and =xla give the same loss and grads."""
     from flax import nnx

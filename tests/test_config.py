@@ -126,9 +126,9 @@ RUNTIME_KEYS = list(_runtime_keys())
 def test_runtime_keys_cover_the_section():
     names = {k for k, _, _ in RUNTIME_KEYS}
     assert {"runtime.remat", "runtime.scan_layers", "runtime.attention_impl", "runtime.ttt_impl",
-            "runtime.context.layout", "runtime.context.halo", "runtime.loss_chunk"} <= names
+            "runtime.context.layout", "runtime.context.kernel", "runtime.loss_chunk"} <= names
     assert set(RuntimeConfig.__dataclass_fields__) >= {"context"}
-    assert set(ContextConfig.__dataclass_fields__) == {"layout", "attention", "kernel", "halo"}
+    assert set(ContextConfig.__dataclass_fields__) == {"layout", "attention", "kernel"}
 
 
 @pytest.mark.parametrize("key,tp,default", RUNTIME_KEYS, ids=[k for k, _, _ in RUNTIME_KEYS])
@@ -168,7 +168,7 @@ def test_config_saved_before_the_runtime_section_is_read():
     old["train"]["loss_chunk"] = runtime["loss_chunk"]
     cfg = config_from_saved(old)
     assert cfg.runtime.remat and cfg.runtime.remat_policy == "full" and cfg.runtime.ttt_impl == "scan"
-    assert cfg.runtime.context.kernel == "xla" and cfg.runtime.context.halo == "single"
+    assert cfg.runtime.context.kernel == "xla"
     assert cfg.runtime.loss_chunk == 64 and cfg.runtime.attention_impl == "xla"
     assert checkpoint_differences(old, now.to_dict()) == []
     assert "remat" not in upgrade_dict(old)["model"]

@@ -13,11 +13,11 @@ spec.loader.exec_module(cp_scaling)
 
 
 def test_parse_variant():
-    assert cp_scaling.parse_variant("single=runtime.context.halo=single,runtime.remat=false") == (
-        "single", ["runtime.context.halo=single", "runtime.remat=false"], {})
+    assert cp_scaling.parse_variant("full=runtime.remat_policy=full,runtime.remat=false") == (
+        "full", ["runtime.remat_policy=full", "runtime.remat=false"], {})
     assert cp_scaling.parse_variant("plain=") == ("plain", [], {})
-    assert cp_scaling.parse_variant("o=runtime.context.halo=single,env:XLA_FLAGS=--xla_a=2 --xla_b=true") == (
-        "o", ["runtime.context.halo=single"], {"XLA_FLAGS": "--xla_a=2 --xla_b=true"})
+    assert cp_scaling.parse_variant("o=runtime.remat_policy=full,env:XLA_FLAGS=--xla_a=2 --xla_b=true") == (
+        "o", ["runtime.remat_policy=full"], {"XLA_FLAGS": "--xla_a=2 --xla_b=true"})
     for bad in ("nothing", "=a=b", "x=runtime.remat", "x=env:FOO", "x=env:=1"):
         with pytest.raises(ValueError, match="--variant"):
             cp_scaling.parse_variant(bad)
@@ -37,13 +37,13 @@ def test_ratios_pair_each_row_with_its_repeats_baseline():
 
 
 def test_dry_run_prints_interleaved_commands(capsys):
-    assert cp_scaling.main(["--dry-run", "--repeat", "2", "--variant", "single=runtime.context.halo=single",
+    assert cp_scaling.main(["--dry-run", "--repeat", "2", "--variant", "full=runtime.remat_policy=full",
                             "--variant", "split="]) == {}
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("$ ")]
-    assert len(lines) == 6                                   # (base, single, split) x 2
+    assert len(lines) == 6                                   # (base, full, split) x 2
     assert lines[0].startswith("$ CUDA_VISIBLE_DEVICES=0 ") and "--mesh data=1" in lines[0]
     assert "--seq-len 32768" in lines[0] and "--seq-len 131072" in lines[1]
-    assert "--mesh context=4" in lines[1] and lines[1].endswith("runtime.context.halo=single")
+    assert "--mesh context=4" in lines[1] and lines[1].endswith("runtime.remat_policy=full")
     assert lines[3].startswith("$ CUDA_VISIBLE_DEVICES=0 ")
     cp_scaling.main(["--dry-run", "--variant", "o=env:XLA_FLAGS=--xla_a=2 --xla_b=1"])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("$ ")]

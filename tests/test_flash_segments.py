@@ -135,16 +135,13 @@ def test_auto_picks_flash_only_for_large_segment_masks(monkeypatch):
     """GPU rule: cuDNN unless segment ids would need a dense bias above the limit, then flash;
     fp32 (cuDNN and the GPU kernels both refuse it) goes to XLA. Shapes only: nothing runs."""
     sds = jax.ShapeDtypeStruct
-    t_big = int(np.sqrt(A._CUDNN_MAX_MASK_ELEMENTS)) * 2
+    t_big = int(np.sqrt(A.CUDNN_MAX_MASK_ELEMENTS)) * 2
     q_big, seg_big = sds((1, t_big, 8, 128), jnp.bfloat16), sds((1, t_big), jnp.int32)
     q_small, seg_small = sds((1, 1024, 8, 128), jnp.bfloat16), sds((1, 1024), jnp.int32)
     monkeypatch.setattr(A, "_default_backend", lambda: "gpu")
     assert A._auto_impl(q_big, None) == "cudnn"
     assert A._auto_impl(q_small, seg_small) == "cudnn"
     assert A._auto_impl(q_big, seg_big) == "flash"
-    monkeypatch.setattr(A, "AUTO_FLASH_FOR_SEGMENTS", False)
-    assert A._auto_impl(q_big, seg_big) == "xla"
-    monkeypatch.setattr(A, "AUTO_FLASH_FOR_SEGMENTS", True)
     assert A._auto_impl(sds(q_big.shape, jnp.float32), seg_big) == "xla"
     monkeypatch.setattr(A, "_default_backend", lambda: "tpu")
     assert A._auto_impl(q_big, seg_big) == "pallas"

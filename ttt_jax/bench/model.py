@@ -203,7 +203,7 @@ def run_variant(args) -> dict:
                 temp_gib=(mem.temp_size_in_bytes / 2 ** 30) if mem is not None else None,
                 compile_s=compile_s, loss=float(loss), ttt_layers=list(mcfg.ttt.layer_ids(mcfg.n_layers)),
                 context_attention=rt.context.attention, context_kernel=rt.context.kernel,
-                context_halo=rt.context.halo, remat=rt.remat, remat_policy=rt.remat_policy,
+                remat=rt.remat, remat_policy=rt.remat_policy,
                 shard_optimizer=cfg.train.shard_optimizer,
                 comm_bytes_per_device=comm,
                 **({"profile": profile} if profile is not None else {}))

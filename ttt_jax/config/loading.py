@@ -43,12 +43,12 @@ MOVED = {
     "model.context_layout": "runtime.context.layout",
     "model.context_attention": "runtime.context.attention",
     "model.context_kernel": "runtime.context.kernel",
-    "model.context_halo": "runtime.context.halo",
 }
 REMOVED = {
     "model.remat_pinned": "remat always runs the backward pass block by block now (runtime.remat)",
     "model.context_scan": "the TTT summaries always travel by one all-gather now",
     "model.context_exchange_dtype": "the TTT summaries always travel in float32 now",
+    "model.context_halo": "the fused sliding window always uses the split halo block now",
 }
 
 

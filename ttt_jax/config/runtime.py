@@ -20,7 +20,10 @@ class ContextConfig:
     without it. The In-Place TTT layers always exchange their fast-weight summaries in float32 with
     one all-gather (``parallel.scan``, ``mode="allgather"``): a log-depth ``ppermute`` scan moved
     the same bytes at 4 devices, was no faster and took more memory, and a bfloat16 exchange did
-    not change the step time (benchmarks/README.md, context parallelism)."""
+    not change the step time. The fused kernels compute a sliding-window layer as a local call
+    plus a small halo block merged by log-sum-exp (``ttt_jax.ops.attention_cp_halo``): faster than
+    one call over ``[halo | local]`` keys, and its extra peak memory under remat is removed by the
+    pinned remat (benchmarks/README.md, context parallelism)."""
 
     layout: Literal["contiguous", "zigzag"] = "contiguous"
     """How a row is split over the ``n`` devices. ``contiguous``: device ``i`` holds the ``i``-th
@@ -38,12 +41,6 @@ class ContextConfig:
     per sliding-window layer after the halo exchange (NVIDIA GPU, bf16/fp16; an error where it
     cannot run). ``pallas``: the Pallas flash kernels per ring block. ``xla``: plain XLA blockwise
     attention (any backend, packed documents). ``auto``: fused where it can run, XLA otherwise."""
-    halo: Literal["single", "split"] = "split"
-    """How the fused path computes a sliding-window layer across devices: ``split`` (a local call
-    and a small halo block merged by log-sum-exp; no zero query rows, and the halo exchange
-    overlaps the local call) or ``single`` (one call over ``[halo | local]`` keys). ``split`` is
-    the faster one; its extra peak memory under remat is removed by the pinned remat
-    (benchmarks/README.md, weak scaling)."""
 
     def validate(self, model: "ModelConfig | None" = None) -> None:
         if model is not None:

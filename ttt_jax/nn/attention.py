@@ -53,7 +53,6 @@ class Attention(nnx.Module):
         self.context_layout = rt.context.layout
         self.context_impl = rt.context.attention
         self.context_kernel = rt.context.kernel
-        self.context_halo = rt.context.halo
         self.rope_theta = float(cfg.rope_theta)
         self.rope_scaling = cfg.rope_scaling  # None, or yarn / llama3 frequency scaling
         self.impl = rt.attention_impl
@@ -89,7 +88,7 @@ class Attention(nnx.Module):
             def local(q, k, v, seg):
                 return context_attention(q, k, v, AXIS, segment_ids=seg, window=self.window,
                                          layout=self.context_layout, impl=self.context_impl,
-                                         kernel=self.context_kernel, halo=self.context_halo)
+                                         kernel=self.context_kernel)
             out = run_over_context(local, (q, k, v), segment_ids=segment_ids)
         else:
             out = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)
