@@ -98,6 +98,7 @@ def test_restore_with_other_model_config_names_keys(tmp_path):
         train(toy(tmp_path, "model.d_ff=96", "model.n_layers=3"))
 
 
+@pytest.mark.slow   # three short runs, two compilations
 def test_resume_after_runtime_change(tmp_path):
     """Runtime settings may change on resume: 2 steps, then the same run dir with remat on and the
     layers scanned (their parameters and Adam moments are converted from the unrolled layout), to

@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Sequence
 import yaml
 
 from ttt_jax.config.base import ConfigError
+from ttt_jax.config.keys import MOVED, REMOVED, merge, set_dotted, upgrade_dict
 from ttt_jax.config.root import Config
 
 def _preset_dir() -> Path:
@@ -26,54 +27,6 @@ def _preset_dir() -> Path:
 
 
 CONFIG_DIR = _preset_dir()
-
-# Keys of configs written before the ``runtime`` section existed (checkpoints, old YAML files):
-# where each moved, or why it is gone. Checkpoints are upgraded silently (:func:`upgrade_dict`);
-# a YAML file or override using an old key gets an error naming the new one.
-MOVED = {
-    "model.attention_impl": "runtime.attention_impl",
-    "model.ttt.impl": "runtime.ttt_impl",
-    "model.ttt_seq.impl": "runtime.ttt_seq_impl",
-    "model.ttt_seq.remat_group": "runtime.ttt_seq_remat_group",
-    "model.e2e.impl": "runtime.e2e_impl",
-    "model.remat": "runtime.remat",
-    "model.remat_policy": "runtime.remat_policy",
-    "model.scan_layers": "runtime.scan_layers",
-    "train.loss_chunk": "runtime.loss_chunk",
-    "model.context_layout": "runtime.context.layout",
-    "model.context_attention": "runtime.context.attention",
-    "model.context_kernel": "runtime.context.kernel",
-}
-REMOVED = {
-    "model.remat_pinned": "remat always runs the backward pass block by block now (runtime.remat)",
-    "model.context_scan": "the TTT summaries always travel by one all-gather now",
-    "model.context_exchange_dtype": "the TTT summaries always travel in float32 now",
-    "model.context_halo": "the fused sliding window always uses the split halo block now",
-}
-
-
-def _pop(tree: dict, dotted: str) -> tuple[bool, Any]:
-    *parents, last = dotted.split(".")
-    node = tree
-    for p in parents:
-        node = node.get(p) if isinstance(node, dict) else None
-    if isinstance(node, dict) and last in node:
-        return True, node.pop(last)
-    return False, None
-
-
-def upgrade_dict(values: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a config dict with the keys of older versions moved to their place (:data:`MOVED`)
-    and removed settings dropped (:data:`REMOVED`). Used for configs saved in checkpoints."""
-    out = _merge({}, values or {})
-    for old, new in MOVED.items():
-        found, value = _pop(out, old)
-        if found:
-            _set_dotted(out, new, value, create=True)
-    for old in REMOVED:
-        _pop(out, old)
-    return out
-
 
 def _suggest(prefix: str, key: str, options: Sequence[str]) -> str:
     full = f"{prefix}{key}"
@@ -170,16 +123,6 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, create: bool = True) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"cannot set {dotted!r}: {p!r} is not a section")
-    node[parts[-1]] = value
-
-
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """Turn ``["a.b=1", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML scalars/lists
     (a value that is not valid YAML is taken as a string, unless it opens a list or mapping)."""
@@ -198,20 +141,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
                 value = yaml.safe_load(raw) if raw.strip() else ""
             except yaml.YAMLError:
                 value = raw
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     return tree
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        elif isinstance(v, dict):
-            out[k] = _merge({}, v)
-        else:
-            out[k] = v
-    return out
 
 
 def _presets() -> list[str]:
@@ -260,7 +191,7 @@ def read_yaml_config(name_or_path: str | Path, _chain: tuple[Path, ...] = (),
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"config {path}: 'base:' must name a preset or a YAML file, got {base!r}")
     parent = read_yaml_config(base, (*_chain, path), path.parent)
-    return _merge(parent, values)
+    return merge(parent, values)
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
@@ -284,14 +215,14 @@ def load_config(name_or_path: str | Path | None = None, overrides: Sequence[str]
         cfg = load_config("tiny", ["train.steps=50", "model.ttt.chunk_size=64", "runtime.remat=true"])
     """
     base = read_yaml_config(name_or_path) if name_or_path is not None else {}
-    return config_from_dict(_merge(base, parse_overrides(overrides)))
+    return config_from_dict(merge(base, parse_overrides(overrides)))
 
 
 def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     """Return ``cfg`` with fields changed, e.g. ``replace(cfg, model={"n_layers": 2})``; validated."""
-    return config_from_dict(_merge(cfg.to_dict(), sections))
+    return config_from_dict(merge(cfg.to_dict(), sections))
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     """``cfg`` with ``key=value`` overrides applied (as on the command line); validated."""
-    return config_from_dict(_merge(cfg.to_dict(), parse_overrides(overrides)))
+    return config_from_dict(merge(cfg.to_dict(), parse_overrides(overrides)))

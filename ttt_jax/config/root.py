@@ -7,6 +7,7 @@ import typing
 from typing import Any
 
 from ttt_jax.config.base import ConfigError
+from ttt_jax.config.keys import upgrade_dict
 from ttt_jax.config.model import ModelConfig
 from ttt_jax.config.run import DataConfig, MeshConfig, TrainConfig
 from ttt_jax.config.runtime import RuntimeConfig
@@ -98,7 +99,5 @@ def checkpoint_differences(saved: dict[str, Any], current: dict[str, Any]) -> li
     """``["model.d_model: checkpoint 128 != config 192", ...]``: where :func:`checkpoint_view` of
     two config dicts differs. Empty when a checkpoint written under ``saved`` may be resumed (or
     loaded) under ``current``, whatever their runtime, train and mesh sections."""
-    from ttt_jax.config.loading import upgrade_dict
-
     s, c = checkpoint_view(upgrade_dict(saved)), checkpoint_view(upgrade_dict(current))
     return [f"{k}: checkpoint {s[k]!r} != config {c[k]!r}" for k in sorted(s) if s[k] != c[k]]
