@@ -32,6 +32,11 @@ def test_save_then_load_model_only(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     tokens = jnp.arange(2 * cfg.data.seq_len).reshape(2, -1) % cfg.model.vocab_size
     np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(loaded(tokens)))
+    # A runtime override may change the layer layout: the saved (unrolled) layers come back stacked.
+    cfg3, scanned = load_model(tmp_path / "m", overrides=["runtime.scan_layers=true"])
+    assert cfg3.runtime.scan_layers and scanned.period == 2 and len(scanned.layers) == 2
+    assert scanned.layers[1].mlp.down.shape == (1, cfg.model.d_ff, cfg.model.d_model)
+    np.testing.assert_allclose(np.asarray(scanned(tokens)), np.asarray(model(tokens)), rtol=1e-5, atol=1e-5)
 
 
 def test_load_model_from_training_run(tmp_path):
