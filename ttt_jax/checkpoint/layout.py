@@ -1,7 +1,7 @@
 """Checkpoints across ``runtime.scan_layers``: a state saved with the layers unrolled
 (``layers/{i}/...``) restored into a model that stacks them (``layers/{p}/...`` over groups), or
 the other way round. The layout is a runtime choice; the parameters are the same
-(:func:`ttt_jax.models.lm.stack_layer_params`).
+(:func:`ttt_jax.models.layers.stack_layer_params`).
 
 Works on the pure nested dicts a checkpoint holds: the model state and every model-shaped subtree
 of the optimizer state (Adam's moments), i.e. every dict holding a ``layers`` entry.
@@ -15,7 +15,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ttt_jax.config import ModelConfig
-from ttt_jax.models.lm import stack_layer_params, unstack_layer_params
+from ttt_jax.models.layers import stack_layer_params, unstack_layer_params
 
 
 def _convert_sharding(sharding: Any, to_scanned: bool) -> Any:

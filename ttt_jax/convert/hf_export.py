@@ -42,6 +42,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, step: Optional[int] = None,
     ``data.tokenizer``) are copied. Returns ``out``.
     """
     from ttt_jax.checkpoint import load_model
+    from ttt_jax.models.layers import unstack_layer_params
 
     ckpt, out = Path(ckpt).expanduser(), Path(out).expanduser()
     # Hugging Face's layout is the unrolled one: a stacked (scan_layers) checkpoint is unstacked.

@@ -86,8 +86,7 @@ class InPlaceTTTMLP(SwiGLUMLP):
     ``z = silu(h W_gate) * (h W_up)``; target source ``t = x0`` (``target_source="embeddings"``, the
     token embeddings) or ``h`` (``"hidden"``); ``v = inplace_ttt_target(t, ttt_conv, ttt_proj)``
     (with ``ttt.target="reconstruction"`` the conv's future taps are zeroed: no look-ahead);
-    ``out = inplace_ttt(z, v, down, lr, chunk_size, segment_ids, impl, clip_tau)`` (``impl`` and the
-    context-parallel layout from ``runtime``).
+    ``out = inplace_ttt(z, v, down, lr, chunk_size, segment_ids, impl, clip_tau)``.
     """
 
     def __init__(self, cfg: ModelConfig, *, runtime: Optional[RuntimeConfig] = None, rngs: nnx.Rngs):

@@ -50,12 +50,12 @@ from parallel.layout import Layout, check_layout
 from ttt_jax.ops import attention_cp_fused, attention_cp_halo, attention_cp_ring, attention_cp_window
 from ttt_jax.ops.attention_cp_window import check_window
 from ttt_jax.ops.attention_reference import check_qkv
-from ttt_jax.ops.kernels import cudnn_blocks, flash
+from ttt_jax.ops.kernels import cudnn_blocks, flash, tpu_context
 
 ContextImpl = Literal["ring", "allgather"]
 CONTEXT_IMPLS = ("ring", "allgather")
-ContextKernel = Literal["auto", "xla", "fused", "pallas"]
-CONTEXT_KERNELS = ("auto", "xla", "fused", "pallas")
+ContextKernel = Literal["auto", "xla", "fused", "pallas", "tpu"]
+CONTEXT_KERNELS = ("auto", "xla", "fused", "pallas", "tpu")
 CONTEXT_HALOS = ("single", "split")
 # Packed documents (segment ids) in full causal layers: the fused ring runs the Pallas blocks with
 # the ids, ``kernel="auto"`` included (its GPU-marked tests pass against the unsharded reference,
@@ -105,7 +105,10 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     not as expected, Pallas -- flash kernels per ring block, one cuDNN call for the sliding window;
     NVIDIA GPU, bf16/fp16; segment ids only in the ring, by the Pallas blocks -- an explicit choice
     that cannot run raises ``ValueError`` naming why), ``"pallas"`` (fused, with the Pallas kernels
-    per ring block) or ``"auto"`` (fused where it can run, XLA otherwise; so always XLA on CPU/TPU).
+    per ring block), ``"tpu"`` (:mod:`ttt_jax.ops.kernels.tpu_context`: splash (Pallas Mosaic)
+    blocks in the ring or the all-gather, one splash call with the halo for the sliding window;
+    segment ids everywhere; Pallas interpret mode when the program is not built for TPU) or
+    ``"auto"`` (fused where it can run, XLA otherwise).
     ``block_size`` is passed on to the XLA paths (``None``: their default). ``halo`` picks the
     fused sliding-window computation: ``"split"`` (the default: faster, benchmarks/README.md) or ``"single"`` (:func:`ttt_jax.ops.attention_cp_window.
     halo_window_attention`, one call with zero query rows; the test reference) -- ``"split"``
@@ -126,6 +129,15 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     check_layout(layout, q.shape[1])
     if window:
         check_window(window, q.shape[1])
+    if kernel == "tpu":
+        interpret = not _building_for_tpu()
+        if window:
+            return tpu_context.tpu_window_attention(q, k, v, axis_name, window=window,
+                                                    segment_ids=segment_ids, scale=scale,
+                                                    interpret=interpret)
+        return tpu_context.tpu_context_attention(q, k, v, axis_name, kernel=impl, layout=layout,
+                                                 segment_ids=segment_ids, scale=scale,
+                                                 interpret=interpret)
     if kernel != "xla":
         reason = fused_unsupported_reason(q, k, segment_ids=segment_ids, window=window, impl=impl,
                                           layout=layout)
@@ -156,3 +168,11 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     kwargs = {} if block_size is None else {"block_size": block_size}
     return attention_cp_ring.ring_attention(q, k, v, axis_name, segment_ids=segment_ids,
                                             layout=layout, scale=scale, **kwargs)
+
+
+def _building_for_tpu() -> bool:
+    """Whether the program being traced is for TPU chips: the platform of the mesh the trace runs
+    under (inside ``shard_map`` its abstract mesh), else of the default devices."""
+    dev = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    platform = getattr(dev, "platform", None) or jax.devices()[0].platform
+    return platform == "tpu"
