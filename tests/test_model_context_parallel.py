@@ -44,8 +44,8 @@ def _segments(batch, length):
 # One case per model-level option: the op-level grids (test_inplace_ttt_cp.py, test_attention_cp*.py,
 # test_parallel_scan.py) cover the combinations of device count, layout, scan mode, window and
 # packing; here the model must wire each option through, with the same values and gradients.
-# Each case compiles the model's forward and backward twice (unsharded, sharded): 30-60 CPU seconds;
-# the fast tier keeps the first.
+# Each case compiles the model's forward and backward twice (unsharded, sharded): 33-56 CPU seconds
+# measured; the fast tier keeps the first as its one model-level context-parallel check.
 _SLOW = pytest.mark.slow
 
 
@@ -82,6 +82,7 @@ def test_context_parallel_logits_and_grads(context, window, segs, impls):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-3)
 
 
+@pytest.mark.slow   # ~40 CPU s measured
 @pytest.mark.parametrize("context, segs", [(4, True)])
 def test_zigzag_layout_logits_and_grads(context, segs):
     """The load-balanced layout: the caller permutes tokens, positions and segment ids into zigzag
@@ -125,6 +126,7 @@ def test_local_part_must_be_whole_chunks():
         jax.jit(lambda t: model(t))(tokens)
 
 
+@pytest.mark.slow   # ~47 CPU s measured
 def test_bf16_gradients_under_context_parallelism():
     """bf16 compute: the gradient of the replicated fast-weight init (the MLP's down-projection) is
     summed over the context devices (in fp32; a bf16 all-reduce there crashed XLA's CPU compiler)."""

@@ -106,7 +106,7 @@ def _assert_same_logits(unrolled, scanned, tokens, seg):
     return z0
 
 
-@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("remat", [False, pytest.param(True, marks=pytest.mark.slow)])  # ~25 CPU s each
 def test_scan_equals_unrolled_with_ttt(remat):
     # The reference is always the plain unrolled model (remat does not change its numerics:
     # tests/test_model.py::test_remat_same_loss_and_grads), so it compiles once for both cases.
@@ -124,6 +124,7 @@ def test_scan_equals_unrolled_with_ttt(remat):
         assert float(jnp.max(jnp.abs(_FWD(off, tokens[:, :-1], None) - z))) > 1e-3
 
 
+@pytest.mark.slow   # ~26 CPU s measured
 def test_scan_equals_unrolled_without_ttt():
     cfg = cfg_of(ttt=dict(enabled=False))
     assert scan_period(cfg) == 1

@@ -18,6 +18,8 @@ from ttt_jax import platform as platform_lib
 from ttt_jax.compile import chips, hlo
 from ttt_jax.config import load_config
 
+pytestmark = pytest.mark.structure
+
 
 @pytest.fixture(scope="module")
 def aot():
@@ -189,7 +191,7 @@ def test_tpu_train_step_attention_is_mosaic(compiled_forms, form):
 def test_train_step_on_4_cpu_devices_matches_unsharded(form):
     """The step `ttt-jax compile` compiled for the slice, jitted for 4 emulated CPU devices with the
     same mesh, computes what one device computes (loss, gradient norm, updated parameters)."""
-    from ttt_jax import sharding as mesh_lib
+    from ttt_jax import sharding
     from ttt_jax.train.trainer import train_program
 
     cfg = load_config("tiny", _TINY + FORMS[form])
@@ -203,11 +205,11 @@ def test_train_step_on_4_cpu_devices_matches_unsharded(form):
              "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
     results = []
     for c, devices in ((cfg, jax.devices()[:4]), (one, jax.devices()[:1])):
-        mesh = mesh_lib.make_mesh(c.mesh, devices=devices)
+        mesh = sharding.make_mesh(c.mesh, devices=devices)
         prog = train_program(c, mesh)
         model, opt = prog.init()
         with jax.set_mesh(mesh):
-            model, opt, metrics = prog.step(model, opt, mesh_lib.put_batch(batch, prog.batch_sh))
+            model, opt, metrics = prog.step(model, opt, sharding.put_batch(batch, prog.batch_sh))
         results.append(jax.device_get((jax.tree.leaves(model), metrics)))
     (p4, m4), (p1, m1) = results
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)

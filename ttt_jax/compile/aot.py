@@ -78,10 +78,10 @@ def build_mesh(cfg: Config, devices: list, num_slices: int = 1) -> Mesh:
     spans the slices (its gradient all-reduce is the only traffic over DCN); it must be a multiple
     of ``num_slices``."""
     from parallel import mesh as parallel_mesh
-    from ttt_jax import sharding as mesh_lib
+    from ttt_jax import sharding
 
     if num_slices == 1:
-        return mesh_lib.make_mesh(cfg.mesh, devices=devices)
+        return sharding.make_mesh(cfg.mesh, devices=devices)
     m = cfg.mesh
     sizes = parallel_mesh.resolve_axis_sizes(
         dict(zip(parallel_mesh.MESH_AXES, (m.data, m.fsdp, m.tensor, m.context))), len(devices))
@@ -111,12 +111,12 @@ class Compiled:
 def compile_train(cfg: Config, mesh: Mesh, processes: int) -> Compiled:
     """AOT-compile ``ttt-jax train``'s step of ``cfg`` on ``mesh``; ``processes`` hosts each feed
     ``data.batch_size`` rows (so the global batch is their product, as in a live run)."""
-    from ttt_jax import sharding as mesh_lib
+    from ttt_jax import sharding
     from ttt_jax.train.trainer import check_batch_divisible, train_program
 
     cfg.validate()
     ttt_on = bool(cfg.model.ttt.layer_ids(cfg.model.n_layers))
-    mesh_lib.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
+    sharding.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
                              cfg.runtime.context.layout)
     global_batch = cfg.data.batch_size * processes
     check_batch_divisible(global_batch, mesh)
@@ -151,7 +151,7 @@ def compile_generate(cfg: Config, mesh: Mesh, processes: int, *, prompt_len: int
 
     from ttt_jax.infer.cache import init_cache
     from ttt_jax.infer.engine import _decode_jit, _extend_jit, _Static, check_supported
-    from ttt_jax import sharding as mesh_lib
+    from ttt_jax import sharding
     from ttt_jax.models.lm import CausalLM
     from ttt_jax.train.trainer import check_batch_divisible
 
@@ -164,9 +164,9 @@ def compile_generate(cfg: Config, mesh: Mesh, processes: int, *, prompt_len: int
     batch = cfg.data.batch_size * processes
     check_batch_divisible(batch, mesh)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(model_cfg, runtime=runtime, rngs=nnx.Rngs(0))))
-    state_sh = mesh_lib.state_shardings(state, mesh)
+    state_sh = sharding.state_shardings(state, mesh)
     abs_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
-    rows = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+    rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
     cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows if x.ndim else None),
                          jax.eval_shape(lambda: init_cache(model_cfg, batch, prompt_len + 1)))
     static = _Static(graphdef)
