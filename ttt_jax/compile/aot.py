@@ -125,7 +125,7 @@ def compile_train(cfg: Config, mesh: Mesh, processes: int) -> Compiled:
     batch = {k: jax.ShapeDtypeStruct((global_batch, cfg.data.seq_len), dt) for k, dt in BATCH_FIELDS.items()}
     t0 = time.perf_counter()
     try:
-        with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)), quiet_stderr():
+        with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)):
             compiled = prog.step.lower(abs_model, abs_opt, batch).compile()
     except jax.errors.JaxRuntimeError as e:
         m = re.search(r"RESOURCE_EXHAUSTED: .*?temporaries \(([\d.]+)([KMGT])\)", str(e))
@@ -174,7 +174,7 @@ def compile_generate(cfg: Config, mesh: Mesh, processes: int, *, prompt_len: int
     out = []
     for what in ("prefill", "decode"):
         t0 = time.perf_counter()
-        with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)), quiet_stderr():
+        with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)):
             if what == "prefill":
                 lowered = _extend_jit.lower(static, abs_state, cache, sds((batch, prefill_block), jnp.int32, sharding=rows),
                                             sds((batch,), jnp.int32, sharding=rows), {}, logits="last",

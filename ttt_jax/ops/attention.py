@@ -117,7 +117,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         return _attention_flash(q, k, v, segment_ids, window=window, scale=scale)
     if impl == "pallas":
         fn = functools.partial(_attention_pallas, window=window, scale=scale, block_size=block_size)
-        return _per_device(fn, q, k, v, segment_ids)
+        return per_device(fn, q, k, v, segment_ids)
     raise AssertionError(impl)
 
 
@@ -377,7 +377,7 @@ def _attention_flash(q, k, v, segment_ids, *, window: int, scale: float) -> jax.
 _BATCH_AXES, _HEAD_AXIS = ("data", "fsdp"), "tensor"
 
 
-def _per_device(fn, q, k, v, segment_ids) -> jax.Array:
+def per_device(fn, q, k, v, segment_ids, *, check_vma: bool = False) -> jax.Array:
     """``fn(q, k, v, segment_ids)`` once per device when the trace runs under a mesh with automatic
     axes of size > 1. XLA cannot partition a Mosaic kernel ("wrap the call in a shard_map"), and
     attention is independent per (row, head): rows are split over ``data`` x ``fsdp`` and heads over
@@ -400,11 +400,12 @@ def _per_device(fn, q, k, v, segment_ids) -> jax.Array:
     seg_spec = P(batch or None, None)
     if segment_ids is None:
         mapped = jax.shard_map(lambda q_, k_, v_: fn(q_, k_, v_, None), in_specs=(spec,) * 3,
-                               out_specs=spec, axis_names=frozenset(auto), check_vma=False)
+                               out_specs=spec, axis_names=frozenset(auto), check_vma=check_vma)
         return mapped(q, k, v)
-    # check_vma=False: splash's pallas_call declares plain output shapes (no varying-axes info).
+    # check_vma=False (default): splash's pallas_call declares plain output shapes (no varying-axes
+    # info); kernels that type their results varying (ttt_jax.ops.kernels.tpu_context) ask for True.
     mapped = jax.shard_map(fn, in_specs=(spec,) * 3 + (seg_spec,), out_specs=spec,
-                           axis_names=frozenset(auto), check_vma=False)
+                           axis_names=frozenset(auto), check_vma=check_vma)
     return mapped(q, k, v, segment_ids)
 
 
