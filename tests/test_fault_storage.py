@@ -101,17 +101,23 @@ def test_train_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
 
 def _failing_writer(monkeypatch, step, err):
     """Make Orbax's background writer fail with ``err`` while it writes the checkpoint of ``step``
-    (as a full disk, exhausted inodes, a quota, a read-only remount or a failing device would)."""
+    (as a full disk, exhausted inodes, a quota, a read-only remount or a failing device would).
+    Returns a list that receives the time of the first failure."""
+    import time
+
     from orbax.checkpoint._src.path import async_path
 
     real = async_path.write_text
+    failed_at = []
 
     async def write_text(path, text):
         if f"/{step}.orbax-checkpoint-tmp" in str(path):
+            failed_at.append(time.perf_counter())
             raise OSError(err, os.strerror(err), str(path))
         return await real(path, text)
 
     monkeypatch.setattr(async_path, "write_text", write_text)
+    return failed_at
 
 
 @pytest.mark.parametrize("err,words", [(errno.ENOSPC, "no space left on the device (bytes or inodes) (ENOSPC)"),
@@ -125,10 +131,9 @@ def test_failed_background_save_stops_at_once_naming_step_path_and_error(tmp_pat
 
     from ttt_jax.checkpoint import Checkpointer
 
-    _failing_writer(monkeypatch, 4, err)
-    t0 = time.perf_counter()
+    failed_at = _failing_writer(monkeypatch, 4, err)
     assert _train_cli(tmp_path, "train.checkpoint_every=2", "train.log_every=1") == 2
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - failed_at[0]
     out, err_text = capfd.readouterr()
     lines = [ln for ln in err_text.splitlines() if ln.strip()]
     ckdir = tmp_path / "run" / "checkpoints"
@@ -140,7 +145,7 @@ def test_failed_background_save_stops_at_once_naming_step_path_and_error(tmp_pat
     steps = [json.loads(ln)["step"] for ln in open(tmp_path / "run" / "metrics.jsonl")
              if json.loads(ln)["kind"] == "train"]
     assert max(steps) <= 6, steps
-    assert elapsed < 120, elapsed   # no minutes-long wait on Orbax's timeouts (compile included)
+    assert elapsed < 20, elapsed   # seconds, not minutes of Orbax's timeouts
     monkeypatch.undo()
     assert sorted(p.name for p in ckdir.iterdir()) == ["2"]
     ck = Checkpointer(ckdir, keep=3)
