@@ -4,9 +4,9 @@ For each sequence length ``T`` (global) it times, as ``jit(value_and_grad)`` of 
 
 * ``cudnn_1dev``      -- ``ttt_jax.ops.attention.attention(impl="cudnn")`` on one device, whole ``T``
   (an error row where it does not fit; ``--skip-single`` to skip);
-* ``flash_1dev``      -- the Pallas flash kernels of :mod:`parallel.flash` on one device (the ring's
+* ``flash_1dev``      -- the Pallas flash kernels of :mod:`ttt_jax.ops.kernels.flash` on one device (the ring's
   block kernel alone, to compare it with cuDNN);
-* ``ring_<layout>_<kernel>`` -- :func:`parallel.attention.context_attention` over ``n`` devices
+* ``ring_<layout>_<kernel>`` -- :func:`ttt_jax.ops.attention_cp.context_attention` over ``n`` devices
   with each of ``--kernels`` (``fused``: cuDNN blocks in the ring where JAX's private cuDNN rules
   are as expected; ``pallas``: the Pallas blocks; ``xla``), contiguous and zigzag layouts;
 * ``window_<W>``      -- sliding window ``W`` over ``n`` devices (halo + one cuDNN call per device)
@@ -92,11 +92,12 @@ def main(argv=None):
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
-    from parallel import attention as A
-    from parallel import flash as F
-    from parallel import fused_attention as FA
     from parallel.mesh import make_mesh
-    from ttt_jax.ops.attention import attention
+    from ttt_jax.ops import attention_cp as A
+    from ttt_jax.ops import attention_cp_fused as FA
+    from ttt_jax.ops import attention_cp_window as W
+    from ttt_jax.ops.attention import attention, attention_reference
+    from ttt_jax.ops.kernels import flash as F
 
     smoke = args.smoke
     if args.tiles:  # the kernels read their default tiles from these at call time
@@ -168,8 +169,8 @@ def main(argv=None):
         if args.window:
             w = args.window
             if smoke:
-                local = functools.partial(A.reference_attention, window=w)
-                inner = lambda q, k, v: FA.halo_window_attention(q, k, v, "context", window=w,
+                local = functools.partial(attention_reference, window=w)
+                inner = lambda q, k, v: W.halo_window_attention(q, k, v, "context", window=w,
                                                                  local_attention=local)
             else:
                 inner = lambda q, k, v: A.context_attention(q, k, v, "context", window=w,

@@ -53,13 +53,13 @@ def main(argv=None) -> collections.Counter:
 
     from ttt_jax.bench.model import benchmark_step
     from ttt_jax.config import load_config
-    from ttt_jax.train import mesh as mesh_lib
+    from ttt_jax import sharding
 
     cfg = load_config(args.preset, [*args.set, f"data.seq_len={args.seq_len}",
                                     f"mesh.context={args.context}", "mesh.data=1"])
-    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh)
     fn, _, abs_state, _, _ = benchmark_step(cfg.model, mesh, loss_groups=args.loss_groups)
-    batch_sh = mesh_lib.batch_sharding(mesh)
+    batch_sh = sharding.batch_sharding(mesh)
     tokens = jax.ShapeDtypeStruct((1, args.seq_len), jnp.int32, sharding=batch_sh)
     with jax.set_mesh(mesh):
         text = fn.lower(abs_state, tokens, tokens, tokens).compile().as_text()

@@ -1,7 +1,7 @@
 """Analytic communication volume of context parallelism (bytes each device receives per train step).
 
-Counts the collectives over the ``context`` axis that :mod:`parallel.attention`,
-:mod:`parallel.fused_attention` and :mod:`parallel.scan` issue for one forward + backward pass,
+Counts the collectives over the ``context`` axis that the context-parallel attention
+(``ttt_jax.ops.attention_cp``) and :mod:`parallel.scan` issue for one forward + backward pass,
 for one device (a ``ppermute`` sends as much as it receives; all-gathers and their reduce-scatter
 transposes are counted as the ``n - 1`` blocks a device receives in a ring algorithm). Device 0's
 empty halo is not subtracted: the numbers are the per-device maximum. Data / FSDP / tensor

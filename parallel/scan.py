@@ -247,7 +247,7 @@ def exclusive_device_scan_zigzag(a2: jax.Array, b2: jax.Array, axis_name: str,
 
     With ``n = axis_size(axis_name)`` devices the sequence is cut into ``2n`` segments and device
     ``i`` holds segments ``i`` (early) and ``2n - 1 - i`` (late) -- see
-    :func:`parallel.attention.to_zigzag`. Summaries are combined in *position* order
+    :func:`parallel.layout.to_zigzag`. Summaries are combined in *position* order
     ``0, 1, ..., 2n - 1``.
 
     Call inside ``jax.shard_map`` with ``axis_name`` manual.

@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ttt_jax.config import load_config  # noqa: E402
-from ttt_jax.train import mesh as mesh_lib  # noqa: E402
+from ttt_jax import sharding  # noqa: E402
 from ttt_jax.train.optim import optimizer_fields  # noqa: E402
 from ttt_jax.train.trainer import _program  # noqa: E402
 
@@ -35,7 +35,7 @@ cfg = load_config(None, [
     "model.ttt.chunk_size=8", "data.seq_len=64", "mesh.data=2", "mesh.context=4",
     "train.learning_rate=1e-2", "train.warmup_steps=1"])
 assert jax.device_count() == 8, jax.devices()
-mesh = mesh_lib.make_mesh(cfg.mesh)
+mesh = sharding.make_mesh(cfg.mesh)
 prog = _program(cfg.model, cfg.train.seed, optimizer_fields(cfg.train), mesh)
 rng = np.random.default_rng(0)
 losses = []
@@ -54,7 +54,7 @@ with jax.set_mesh(mesh):
         model_state, opt_state, metrics = prog.step(model_state, opt_state, batch)
         losses.append(float(metrics["loss"]))
     sums = jax.jit(lambda s: jax.tree.map(lambda x: jnp.sum(jnp.square(x.astype(jnp.float32))), s),
-                   out_shardings=mesh_lib.replicated(mesh))(model_state)
+                   out_shardings=sharding.replicated(mesh))(model_state)
     flat = {jax.tree_util.keystr(p): float(v) for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
 if jax.process_index() == 0:
     with open(out, "w") as f:

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+pytestmark = pytest.mark.integration
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -271,7 +273,7 @@ def test_errors_name_the_problem(tmp_path):
 
 def test_load_onto_a_mesh_places_each_shard(tmp_path):
     from ttt_jax.config import MeshConfig
-    from ttt_jax.train.mesh import make_mesh
+    from ttt_jax.sharding import make_mesh
 
     path, _ = _save_hf(tmp_path, "llama_untied_llama3_sharded")
     ttt = ttt_config(layers=[1], chunk_size=8)

@@ -27,7 +27,7 @@ from ttt_jax.checkpoint import (CORRUPT_SUFFIX, TMP_MARKER, CheckpointCorruptErr
                                 resolve_checkpoint, save_model, state_checksums)
 
 # A failed read leaves Orbax's pending read coroutines to be collected; harmless.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 CONFIG = {"model": {"d_model": 4}, "data": {}}
 

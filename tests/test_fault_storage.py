@@ -17,6 +17,8 @@ from ttt_jax.fs import UnwritablePathError, ensure_writable
 
 from test_train import toy
 
+pytestmark = pytest.mark.integration
+
 
 def _unwritable(monkeypatch, bad_dir, err=errno.EROFS):
     """Make writes into ``bad_dir`` (and below) fail with ``err``, as on a read-only mount."""

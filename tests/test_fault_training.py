@@ -19,8 +19,8 @@ from ttt_jax.checkpoint import CORRUPT_SUFFIX, CheckpointCorruptError, Checkpoin
 from test_fault_checkpoint import _garble, _swap_arrays
 from test_train import params_of, records, toy
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
-                                reason="bitwise reproducibility is a CPU guarantee (see README)")
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(jax.default_backend() != "cpu",
+                                reason="bitwise reproducibility is a CPU guarantee (see README)")]
 
 
 class _Hooked:

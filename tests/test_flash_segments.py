@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parallel import flash as F
+from ttt_jax.ops.kernels import flash as F
 from ttt_jax.ops import attention as A
+
+pytestmark = pytest.mark.unit
 
 
 def _inputs(seed, b, t, h, kvh, d, dtype=jnp.float32):

@@ -7,8 +7,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from parallel import scan
-from parallel.attention import from_zigzag, to_zigzag
+from parallel.layout import from_zigzag, to_zigzag
 from parallel.mesh import make_mesh
+
+pytestmark = pytest.mark.unit
 
 F, D = 2, 3
 

@@ -15,10 +15,12 @@ from jax.sharding import PartitionSpec as P
 from ttt_jax.config import load_config
 from ttt_jax.models.lm import CausalLM
 from ttt_jax.train import train
-from ttt_jax.train import mesh as mesh_lib
+from ttt_jax import sharding
 from ttt_jax.train.optim import make_optimizer
 
 from test_train import TOY
+
+pytestmark = pytest.mark.integration
 
 # The toy model of test_train with every tensor-parallel dimension even: vocab 264 (the byte
 # tokenizer needs >= 259) and 2 KV heads, so that mesh.tensor=2 divides vocab / heads / kv_heads / mlp.
@@ -95,7 +97,7 @@ def test_parameters_and_moments_are_sharded(runs):
         model = CausalLM(c.model, rngs=nnx.Rngs(0))
         return nnx.Optimizer(model, make_optimizer(c.train), wrt=nnx.Param)
 
-    opt_sh = mesh_lib.state_shardings(nnx.state(nnx.eval_shape(build)), mesh_lib.make_mesh(c.mesh))
+    opt_sh = sharding.state_shardings(nnx.state(nnx.eval_shape(build)), sharding.make_mesh(c.mesh))
     flat = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(opt_sh)[0]}
     mu = [s for k, s in flat.items() if "'mu'" in k and "['mlp']['down']" in k]
     nu = [s for k, s in flat.items() if "'nu'" in k and "['mlp']['down']" in k]
@@ -132,7 +134,7 @@ def test_context_parallel_training_matches_data_parallel(runs, tmp_path):
     assert_params_close(params(cp.model), params(rep.model))
     # The run's compiled program (cached per setup) kept the moments split over data and context
     # as well as fsdp: the down-projection's [F=64, D=32] moment is 64 / 2 x 32 / 4 per device.
-    prog = _program(c.model, c.train.seed, optimizer_fields(c.train), mesh_lib.make_mesh(c.mesh))
+    prog = _program(c.model, c.train.seed, optimizer_fields(c.train), sharding.make_mesh(c.mesh))
     flat = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(prog.opt_sh)[0]}
     down = [s for k, s in flat.items() if "'mu'" in k and "['layers'][0]['mlp']['down']" in k]
     assert [s.spec for s in down] == [P(("data", "context"), "fsdp")]
@@ -145,16 +147,16 @@ def test_split_further_places_zero_axes():
 
     mesh = make_mesh(data=2, fsdp=1, tensor=2, context=2)
     ns = lambda *spec: jax.sharding.NamedSharding(mesh, P(*spec))
-    axes = mesh_lib.ZERO_AXES
+    axes = sharding.ZERO_AXES
     # [F, D] with F over tensor: F / 2 = 32 >= D = 16, so F takes data x context.
-    assert mesh_lib.split_further(ns("tensor", None), (64, 16), axes).spec == P(("tensor", "data", "context"), None)
-    assert mesh_lib.split_further(ns("tensor", None), (16, 64), axes).spec == P("tensor", ("data", "context"))
+    assert sharding.split_further(ns("tensor", None), (64, 16), axes).spec == P(("tensor", "data", "context"), None)
+    assert sharding.split_further(ns("tensor", None), (16, 64), axes).spec == P("tensor", ("data", "context"))
     # A dimension the axes do not divide is skipped; none at all: unchanged.
-    assert mesh_lib.split_further(ns(None, None), (6, 8), axes).spec == P(None, ("data", "context"))
-    assert mesh_lib.split_further(ns(None,), (6,), axes).spec == P(None,)
+    assert sharding.split_further(ns(None, None), (6, 8), axes).spec == P(None, ("data", "context"))
+    assert sharding.split_further(ns(None,), (6,), axes).spec == P(None,)
     # Axes of size 1 and axes already used do not count.
-    assert mesh_lib.split_further(ns("context", None), (8, 8), ("fsdp", "context")).spec == P("context", None)
-    assert mesh_lib.split_further(ns(None,), (8,), ("context",)).spec == P("context",)
+    assert sharding.split_further(ns("context", None), (8, 8), ("fsdp", "context")).spec == P("context", None)
+    assert sharding.split_further(ns(None,), (8,), ("context",)).spec == P("context",)
 
 
 def test_zigzag_training_matches_contiguous(tmp_path):

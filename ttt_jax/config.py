@@ -17,13 +17,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import difflib
+import importlib.resources
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _preset_dir() -> Path:
+    """The presets: the package ``ttt_jax.configs`` when installed (the wheel maps the top-level
+    ``configs/`` folder there), else ``configs/`` beside this package (a source checkout)."""
+    try:
+        return Path(str(importlib.resources.files("ttt_jax.configs")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+CONFIG_DIR = _preset_dir()
 # Upper bound on model.n_layers: validation and the layer-placement rules build per-layer lists.
 MAX_LAYERS = 65536
 
@@ -70,7 +82,7 @@ class TTTConfig:
     target_source: Literal["embeddings", "hidden"] = "embeddings"
     target: Literal["aligned", "reconstruction"] = "aligned"
     clip_tau: Optional[float] = None
-    impl: Literal["auto", "reference", "associative", "scan", "attention"] = "auto"
+    impl: Literal["auto", "reference", "associative", "scan", "attention", "pallas"] = "auto"
 
     def validate(self, n_layers: int) -> None:
         _check(self.chunk_size >= 1, "model.ttt.chunk_size", self.chunk_size, "an integer >= 1")
@@ -271,7 +283,9 @@ class ModelConfig:
     cuDNN call per device for sliding-window layers after the halo exchange; NVIDIA GPU, bf16/fp16;
     packed documents only in full-attention layers, by the Pallas blocks -- an error where it
     cannot run), ``"pallas"`` (as fused, with the Pallas flash
-    kernels per ring block), ``"xla"`` (plain XLA blockwise attention: any backend, segment ids) or
+    kernels per ring block), ``"tpu"`` (splash / Pallas Mosaic blocks in the ring or all-gather and
+    one splash call per device for sliding-window layers; segment ids everywhere; TPU, Pallas
+    interpret mode elsewhere), ``"xla"`` (plain XLA blockwise attention: any backend, segment ids) or
     ``"auto"`` (fused where it can run, XLA otherwise; XLA on CPU/TPU). ``context_halo`` picks how
     the fused path computes a sliding-window layer across devices: ``"single"`` (one cuDNN call
     over ``[halo | local]`` keys with ``window - 1`` zero query rows) or ``"split"`` (a local call
@@ -330,7 +344,7 @@ class ModelConfig:
     context_attention: Literal["ring", "allgather"] = "ring"
     context_scan: Literal["allgather", "ppermute"] = "allgather"
     context_exchange_dtype: Literal["float32", "bfloat16"] = "float32"
-    context_kernel: Literal["auto", "xla", "fused", "pallas"] = "auto"
+    context_kernel: Literal["auto", "xla", "fused", "pallas", "tpu"] = "auto"
     context_halo: Literal["single", "split"] = "single"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
     ttt_seq: TTTSeqConfig = dataclasses.field(default_factory=TTTSeqConfig)
@@ -392,7 +406,9 @@ class DataConfig:
     ``parquet`` (``paths`` + ``column``). ``tokenizer``: ``byte`` or a path to a Hugging Face
     ``tokenizer.json``. ``on_error``: what a malformed record (bad UTF-8, invalid JSON line, missing
     field, unreadable Parquet) does: ``raise`` a ``ValueError`` naming file and line/row, or ``skip``
-    it (counted, with a warning).
+    it (counted, with a warning). ``check``: before the first step, read every record the run will
+    use once and apply ``on_error`` then (:mod:`ttt_jax.data.check`; linear in the data, with a
+    progress bar); ``false`` skips that pass.
     """
 
     source: Literal["stdlib", "text", "jsonl", "parquet"] = "stdlib"
@@ -409,6 +425,7 @@ class DataConfig:
     seed: int = 0
     worker_count: int = 0
     on_error: Literal["raise", "skip"] = "raise"
+    check: bool = True
 
     def validate(self) -> None:
         _check(self.seq_len >= 2, "data.seq_len", self.seq_len, "an integer >= 2")

@@ -19,9 +19,8 @@ of the operation it came from (``metadata={op_name=...}``). This module walks th
 It is an approximation of XLA's buffer assignment: parameters are not counted, in-place updates
 and buffer sharing are not modelled, and nested computations (fusions, loops) count as their
 outputs only; outputs that alias donated arguments are counted as new values. It can therefore
-overestimate: for the two 4-GPU train steps of benchmarks/README.md it gave 30.05 and 19.52 GiB
-where the devices measured peaks of 30.07 and 16.47 GiB (arguments included). It is meant for
-*where* the memory goes, not for the exact figure.
+overestimate the device's peak (the comparison is in benchmarks/history/). It is meant for *where*
+the memory goes, not for the exact figure.
 
 Usage::
 

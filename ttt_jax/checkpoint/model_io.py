@@ -126,7 +126,7 @@ def _load_model(path: str | Path, step: Optional[int], mesh: Optional[jax.shardi
                 overrides: tuple[str, ...] | list[str]) -> tuple[Config, Any]:
     from ttt_jax.config import apply_overrides
     from ttt_jax.models.lm import CausalLM
-    from ttt_jax.train import mesh as mesh_lib
+    from ttt_jax import sharding
 
     ckdir, step = resolve_checkpoint(path, step)
     saved_cfg = read_checkpoint_config(ckdir, step)
@@ -138,7 +138,7 @@ def _load_model(path: str | Path, step: Optional[int], mesh: Optional[jax.shardi
     graphdef, abs_state = nnx.split(abs_model)
     target = str_keys(nnx.to_pure_dict(abs_state))
     if mesh is not None:
-        shardings = str_keys(nnx.to_pure_dict(mesh_lib.state_shardings(abs_state, mesh)))
+        shardings = str_keys(nnx.to_pure_dict(sharding.state_shardings(abs_state, mesh)))
     else:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: dev, target)

@@ -115,7 +115,7 @@ def load_hf(src: str | Path, *, ttt: Optional[TTTConfig] = None, param_dtype: st
       ttt: In-Place TTT to add (None: the checkpoint's own TTT settings, else none).
       param_dtype / compute_dtype: ``float32`` or ``bfloat16``.
       mesh: place every parameter directly in its sharding on this mesh (FSDP / tensor rules of
-        :mod:`ttt_jax.train.mesh`); None = the default device.
+        :mod:`ttt_jax.sharding`); None = the default device.
       seed: initialisation of parameters the checkpoint does not hold (new TTT parameters).
       progress: show a progress bar over tensors.
       model_overrides: further ``ModelConfig`` fields (``attention_impl``, ``remat``, ...).
@@ -123,7 +123,7 @@ def load_hf(src: str | Path, *, ttt: Optional[TTTConfig] = None, param_dtype: st
       ValueError: unsupported architecture or feature, missing / unexpected / misshapen tensors.
     """
     from ttt_jax.models.lm import CausalLM
-    from ttt_jax.train import mesh as mesh_lib
+    from ttt_jax import sharding
 
     src = Path(src).expanduser()
     hf = read_hf_config(src)
@@ -146,7 +146,7 @@ def load_hf(src: str | Path, *, ttt: Optional[TTTConfig] = None, param_dtype: st
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = {p: dev for p in abs_flat}
     else:
-        shardings = _flatten(nnx.to_pure_dict(mesh_lib.state_shardings(abs_state, mesh)))
+        shardings = _flatten(nnx.to_pure_dict(sharding.state_shardings(abs_state, mesh)))
     values: dict[tuple, Any] = {}
     # Parameters the checkpoint does not hold (new TTT layers) get their initial values from one
     # compiled initialisation of which XLA keeps only those outputs (the rest is dead code).

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from parallel.attention import context_attention
+from ttt_jax.ops.attention_cp import context_attention
 from ttt_jax.config import ModelConfig
 from ttt_jax.nn.context import AXIS, context_size, run_over_context
 from ttt_jax.nn.norm import RMSNorm

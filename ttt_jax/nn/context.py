@@ -8,7 +8,7 @@ XLA partitions it. The two sequence-mixing ops run inside ``jax.shard_map`` with
 manual (the other mesh axes stay automatic, so FSDP/TP sharding of weights and batch is unchanged):
 
 * attention: ring attention with online softmax (full causal) or a halo exchange of the left
-  neighbour's last ``window - 1`` keys/values (sliding window) -- :mod:`parallel.attention`;
+  neighbour's last ``window - 1`` keys/values (sliding window) -- :mod:`ttt_jax.ops.attention_cp`;
 * In-Place TTT: a per-device ``(a, B)`` summary, one cross-device exclusive scan of the summaries,
   and the chunk scan from the carried-in state -- :mod:`ttt_jax.ops.inplace_ttt_cp`.
 """

@@ -20,7 +20,7 @@ One public function, :func:`attention`, with an ``impl=`` switch:
   (``_CUDNN_MAX_MASK_ELEMENTS``) and beyond it takes ``"flash"`` (see below). Odd lengths are padded
   by one token (cuDNN's backward pass needs an even length). An explicit ``impl="cudnn"`` that
   cannot run (no GPU, fp32 inputs, head_dim) raises ``ValueError`` naming the reason.
-* ``"flash"``     -- the Pallas (Triton) flash-attention kernels of :mod:`parallel.flash` with
+* ``"flash"``     -- the Pallas (Triton) flash-attention kernels of :mod:`ttt_jax.ops.kernels.flash` with
   native segment ids and window: O(T) memory, no dense mask, causal (and window) tiles beyond
   the diagonal skipped. Without segment ids the same kernels run at about a third of cuDNN's
   TFLOP/s on an H100. Meant for long packed batches, where the XLA path's compiled train step
@@ -38,7 +38,8 @@ One public function, :func:`attention`, with an ``impl=`` switch:
   dense mask would be large, which go to ``"flash"`` (``"xla"`` with
   ``AUTO_FLASH_FOR_SEGMENTS`` off); Pallas on TPU; XLA otherwise.
 
-Semantics shared by all paths (built by :func:`attention_mask`): query ``t`` sees key ``s`` iff
+Semantics shared by all paths (built by :func:`~ttt_jax.ops.attention_reference.attention_mask`,
+which this module re-exports with the oracle :func:`attention_reference`): query ``t`` sees key ``s`` iff
 ``s <= t`` (causal), ``s > t - window`` when ``window > 0`` (the window counts the query itself),
 and, with ``segment_ids``, ``seg[s] == seg[t] != 0``. Segment id 0 marks padding: padding queries
 see nothing and their output is exactly zero (never NaN), and no gradient flows through them.
@@ -58,8 +59,11 @@ from typing import Literal, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from parallel.fused_attention import cudnn_unsupported_reason as _kernel_cudnn_reason
+from ttt_jax.ops.attention_reference import attention_mask, attention_reference
+from ttt_jax.ops.kernels import cudnn_blocks, flash
+from ttt_jax.platform import target_platform
 
 AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "pallas", "flash"]
 IMPLS = ("auto", "reference", "xla", "cudnn", "pallas", "flash")
@@ -72,40 +76,6 @@ AUTO_FLASH_FOR_SEGMENTS = True
 # Largest dense segment mask (B * T * T elements) that impl="auto" hands to cuDNN as a bias.
 _CUDNN_MAX_MASK_ELEMENTS = 2**27
 _NEG = -1e30  # finite "minus infinity" for fp32 logits; masked probabilities are zeroed explicitly
-
-
-# --------------------------------------------------------------------------------------------------
-# Mask: the one place the attention pattern is defined
-# --------------------------------------------------------------------------------------------------
-
-
-def attention_mask(q_idx: jax.Array, k_idx: jax.Array, *, window: int = 0,
-                   q_segment_ids: Optional[jax.Array] = None,
-                   k_segment_ids: Optional[jax.Array] = None) -> jax.Array:
-    """Boolean "query may attend to key" mask.
-
-    Args:
-      q_idx: ``[..., Tq]`` int sequence indices of the queries (index in the packed row, not the
-        RoPE position).
-      k_idx: ``[..., Tk]`` int sequence indices of the keys.
-      window: 0 for full causal attention; ``> 0``: a query at ``t`` sees keys ``t-window+1 .. t``.
-      q_segment_ids, k_segment_ids: optional ``[..., Tq]`` / ``[..., Tk]`` int segment ids
-        (0 = padding). Both or neither.
-
-    Returns:
-      ``[..., Tq, Tk]`` bool (leading dims broadcast).
-    """
-    q = q_idx[..., :, None]
-    k = k_idx[..., None, :]
-    mask = k <= q
-    if window > 0:
-        mask = mask & (k > q - window)
-    if (q_segment_ids is None) != (k_segment_ids is None):
-        raise ValueError("attention_mask: pass both q_segment_ids and k_segment_ids, or neither")
-    if q_segment_ids is not None:
-        qs = q_segment_ids[..., :, None]
-        mask = mask & (qs == k_segment_ids[..., None, :]) & (qs != 0)
-    return mask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,8 +120,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if impl == "flash":
         return _attention_flash(q, k, v, segment_ids, window=window, scale=scale)
     if impl == "pallas":
-        return _attention_pallas(q, k, v, segment_ids, window=window, scale=scale,
-                                 block_size=block_size)
+        fn = functools.partial(_attention_pallas, window=window, scale=scale, block_size=block_size)
+        return _per_device(fn, q, k, v, segment_ids)
     raise AssertionError(impl)
 
 
@@ -179,7 +149,7 @@ def cudnn_unsupported_reason(q: jax.Array, segment_ids: Optional[jax.Array] = No
                              *, for_auto: bool = False) -> Optional[str]:
     """Why the cuDNN path cannot run these inputs here (``None`` when it can). With ``for_auto``,
     segment ids whose dense mask would exceed ``_CUDNN_MAX_MASK_ELEMENTS`` count as a reason."""
-    reason = _kernel_cudnn_reason(q, backend=_default_backend())
+    reason = cudnn_blocks.cudnn_unsupported_reason(q, backend=_default_backend())
     if reason is not None:
         return reason
     if for_auto and segment_ids is not None:
@@ -191,8 +161,9 @@ def cudnn_unsupported_reason(q: jax.Array, segment_ids: Optional[jax.Array] = No
 
 
 def _default_backend() -> str:
-    """``jax.default_backend()``, one name for the tests to substitute."""
-    return jax.default_backend()
+    """The target platform of the computation being traced (:func:`ttt_jax.platform.target_platform`:
+    the mesh's devices, not the host's backend), one name for the tests to substitute."""
+    return target_platform()
 
 
 def _auto_impl(q: jax.Array, segment_ids: Optional[jax.Array]) -> str:
@@ -214,41 +185,6 @@ def _zero_padding_rows(out: jax.Array, segment_ids: Optional[jax.Array]) -> jax.
     if segment_ids is None:
         return out
     return jnp.where((segment_ids != 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
-
-
-# --------------------------------------------------------------------------------------------------
-# Reference
-# --------------------------------------------------------------------------------------------------
-
-
-def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                        segment_ids: Optional[jax.Array] = None, window: int = 0,
-                        scale: Optional[float] = None) -> jax.Array:
-    """Explicit masked softmax over the full ``[B, H, T, T]`` logits (the test oracle).
-
-    Shapes as :func:`attention`. Rows with no visible key (padding) give 0.
-    """
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    g = h // kv
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    qg = q.reshape(b, t, kv, g, d)
-    s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
-    idx = jnp.arange(t)
-    if segment_ids is not None:
-        mask = attention_mask(idx, idx, window=window, q_segment_ids=segment_ids,
-                              k_segment_ids=segment_ids)[:, None, None]       # [B,1,1,T,T]
-    else:
-        mask = attention_mask(idx, idx, window=window)                        # [T,T]
-    s = jnp.where(mask, s, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(s - m)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(l > 0, l, 1.0)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", p, v.astype(jnp.float32))
-    return out.reshape(b, t, h, d).astype(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,8 +352,6 @@ def _flash_length(t: int) -> int:
 
 
 def _attention_flash(q, k, v, segment_ids, *, window: int, scale: float) -> jax.Array:
-    from parallel.flash import flash_attention, flash_unsupported_reason
-
     interpret = _default_backend() != "gpu"
     b, t, h, d = q.shape
     tp = _flash_length(t)
@@ -426,14 +360,14 @@ def _attention_flash(q, k, v, segment_ids, *, window: int, scale: float) -> jax.
     # the padded rows are dropped.
     q, k, v = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k.astype(q.dtype),
                                                                        v.astype(q.dtype)))
-    reason = flash_unsupported_reason(q, k, causal=True, interpret=interpret)
+    reason = flash.flash_unsupported_reason(q, k, causal=True, interpret=interpret)
     if reason is not None:
         raise ValueError(f"attention impl='flash' cannot run here: {reason}; use impl='auto' or "
                          "impl='xla'")
     seg = None
     if segment_ids is not None:
         seg = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, pad)])
-    out = flash_attention(q, k, v, True, scale, interpret, segment_ids=seg, window=window)
+    out = flash.flash_attention(q, k, v, True, scale, interpret, segment_ids=seg, window=window)
     return out[:, :t]
 
 
@@ -442,12 +376,48 @@ def _attention_flash(q, k, v, segment_ids, *, window: int, scale: float) -> jax.
 # --------------------------------------------------------------------------------------------------
 
 
+# Mesh axes that split the batch and the heads of attention's operands (the trainer's layout,
+# ttt_jax.sharding).
+_BATCH_AXES, _HEAD_AXIS = ("data", "fsdp"), "tensor"
+
+
+def _per_device(fn, q, k, v, segment_ids) -> jax.Array:
+    """``fn(q, k, v, segment_ids)`` once per device when the trace runs under a mesh with automatic
+    axes of size > 1. XLA cannot partition a Mosaic kernel ("wrap the call in a shard_map"), and
+    attention is independent per (row, head): rows are split over ``data`` x ``fsdp`` and heads over
+    ``tensor`` where they divide, any other axis sees whole operands (XLA reshards at the boundary
+    if the operands are laid out otherwise)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(q, k, v, segment_ids)
+    manual = set(getattr(mesh, "manual_axes", ()))
+    auto = [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in manual]
+    if not auto:
+        return fn(q, k, v, segment_ids)
+    batch = tuple(a for a in _BATCH_AXES if a in auto)
+    if q.shape[0] % math.prod(mesh.shape[a] for a in batch):
+        batch = ()
+    heads = _HEAD_AXIS if _HEAD_AXIS in auto else None
+    if heads and (q.shape[2] % mesh.shape[heads] or k.shape[2] % mesh.shape[heads]):
+        heads = None
+    spec = P(batch or None, None, heads, None)
+    seg_spec = P(batch or None, None)
+    if segment_ids is None:
+        mapped = jax.shard_map(lambda q_, k_, v_: fn(q_, k_, v_, None), in_specs=(spec,) * 3,
+                               out_specs=spec, axis_names=frozenset(auto), check_vma=False)
+        return mapped(q, k, v)
+    # check_vma=False: splash's pallas_call declares plain output shapes (no varying-axes info).
+    mapped = jax.shard_map(fn, in_specs=(spec,) * 3 + (seg_spec,), out_specs=spec,
+                           axis_names=frozenset(auto), check_vma=False)
+    return mapped(q, k, v, segment_ids)
+
+
 def _attention_pallas(q, k, v, segment_ids, *, window: int, scale: float,
                       block_size: Optional[int]) -> jax.Array:
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     b, t, h, d = q.shape
-    on_tpu = jax.default_backend() == "tpu"
+    on_tpu = _default_backend() == "tpu"   # the target's platform: Mosaic when compiling for TPU
     blk = int(block_size) if block_size else (512 if t >= 512 else 128)
     tp = -(-t // blk) * blk
     pad = tp - t

@@ -103,7 +103,7 @@ def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float,
         ``[B, T_local]`` part. Documents may span device boundaries.
       axis_name: the context mesh axis.
       layout: ``"contiguous"`` (device ``i`` holds part ``i``) or ``"zigzag"`` (device ``i`` holds
-        parts ``i`` and ``2n - 1 - i`` of ``2n``, concatenated; see ``parallel.attention.to_zigzag``).
+        parts ``i`` and ``2n - 1 - i`` of ``2n``, concatenated; see ``parallel.layout.to_zigzag``).
       mode: cross-device scan mode, ``"allgather"`` or ``"ppermute"`` (``parallel.scan``).
       impl: ``"fused"``, ``"correction"`` (module docstring) or ``"auto"`` (``fused``, and
         ``correction`` with ``clip_tau``).

@@ -111,9 +111,9 @@ def _zeros_tied(shape, dtype, tie: jax.Array, likes) -> jax.Array:
 
     ``lax.scan`` starts its stacked outputs (and our zero initial states) from constant zero
     broadcasts. In a model of several rematerialised layers these are identical across layers, so
-    XLA merges them and creates every layer's loop buffers at once, ahead of the backward pass:
-    measured on an H100 at T = 32k, F = 9728 that held 1.6 GiB per layer for the whole backward
-    pass (benchmarks/README.md). Built from the layer's own ``tie``, each buffer depends on its
+    XLA merges them and creates every layer's loop buffers at once, ahead of the backward pass,
+    where they stay live for the whole backward pass (the figures: benchmarks/history/). Built from
+    the layer's own ``tie``, each buffer depends on its
     layer's data. Stacked outputs have every slot overwritten, so the start value never reaches an
     output.
     """
@@ -249,3 +249,8 @@ scan_chunks.defvjp(_scan_fwd, _scan_bwd)
 # (z, vm, w0, use, a, s0), (d_out, d_s_final)) -> (dz, dvm, dw0, 0, 0, ds0)``.
 scan_forward = _forward
 scan_backward = _scan_bwd
+
+# Loop-buffer helpers for other chunk loops (``ttt_jax.ops.inplace_ttt_pallas``): zeros and carries
+# that XLA cannot create before the layer's own data exists (see :func:`_zeros_tied`).
+zeros_tied = _zeros_tied
+tie = _tie

@@ -29,7 +29,7 @@ holding NaN/inf.
 
 Parallelism (``mesh``): the batch is split over ``data`` x ``fsdp``; parameters and Adam moments
 are sharded by the logical-axis rules (``embed`` over ``fsdp``, ``vocab`` / ``heads`` / ``kv_heads``
-/ ``mlp`` over ``tensor``; :mod:`ttt_jax.train.mesh`), created directly in their shardings and
+/ ``mlp`` over ``tensor``; :mod:`ttt_jax.sharding`), created directly in their shardings and
 checkpointed shard by shard. A checkpoint restores onto any mesh (Orbax reshards); the run then
 continues with the same values up to fp32 reduction order. ``mesh.context > 1`` is rejected for now.
 """
@@ -52,12 +52,12 @@ import numpy as np
 import yaml
 from flax import nnx
 
+from ttt_jax import sharding
 from ttt_jax.config import Config, ModelConfig, TrainConfig
-from ttt_jax.data import load_tokenizer, make_batches
+from ttt_jax.data import check_data, load_tokenizer, make_batches
 from ttt_jax.fs import ensure_writable
 from ttt_jax.models.flops import flops_per_token
 from ttt_jax.models.lm import CausalLM, check_tokens, count_params
-from ttt_jax.train import mesh as mesh_lib
 from ttt_jax.checkpoint import Checkpointer, CheckpointCorruptError, NonFiniteStateError, state_nbytes
 from ttt_jax.train.metrics import MetricsWriter, peak_device_memory_gib, peak_tflops_per_device, throughput
 from ttt_jax.train.optim import learning_rate_schedule, make_optimizer, optimizer_fields
@@ -263,10 +263,10 @@ def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sha
     # Parameters and Adam moments (which inherit their parameter's logical axis names) are sharded
     # by the logical rules (embed -> fsdp; vocab/heads/kv_heads/mlp -> tensor); counters, RNG keys
     # replicated. Model first, so that a mesh that does not divide a shape names the parameter.
-    model_sh = mesh_lib.state_shardings(abs_model_state, mesh)
-    opt_sh = mesh_lib.state_shardings(abs_opt_state, mesh,
-                                      zero_axes=mesh_lib.ZERO_AXES if tcfg.shard_optimizer else ())
-    batch_sh, scalar_sh = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+    model_sh = sharding.state_shardings(abs_model_state, mesh)
+    opt_sh = sharding.state_shardings(abs_opt_state, mesh,
+                                      zero_axes=sharding.ZERO_AXES if tcfg.shard_optimizer else ())
+    batch_sh, scalar_sh = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     def init():
         model, opt = build()
@@ -282,11 +282,18 @@ def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sha
     return _Program(model_def, opt_def, model_sh, opt_sh, batch_sh, scalar_sh, init, step, eval_)
 
 
+def train_program(cfg: Config, mesh: jax.sharding.Mesh) -> _Program:
+    """The jitted init/train/eval functions :func:`train` runs for ``cfg`` on ``mesh``. Nothing is
+    traced or compiled yet: ``ttt-jax compile`` lowers ``.step`` with ``jax.ShapeDtypeStruct``
+    arguments (``jax.eval_shape(.init)``) for a mesh of TPU devices described on any host."""
+    return _program(cfg.model, cfg.train.seed, optimizer_fields(cfg.train), mesh)
+
+
 def _eval(eval_fn, model_state, batches, batch_sh, layout: str = "contiguous") -> float:
     """Mean NLL per token over ``batches`` (token-weighted across batches)."""
     total, count = 0.0, 0.0
     for b in batches:
-        nll, n = eval_fn(model_state, mesh_lib.put_batch(b, batch_sh, layout))
+        nll, n = eval_fn(model_state, sharding.put_batch(b, batch_sh, layout))
         total, count = total + nll, count + n   # device scalars: one sync at the end
     total, count = jax.device_get((total, count))
     return float(total) / max(float(count), 1.0)
@@ -331,6 +338,17 @@ def train(cfg: Config, *, log: Optional[Callable[[str], None]] = None) -> TrainR
         return _train(cfg, _Log(log), stack)
 
 
+def check_batch_divisible(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+    """Raise a ``ValueError`` unless the global ``batch_size`` (``data.batch_size`` per process times
+    the number of processes) splits evenly over the data-parallel axes."""
+    dp = sharding.data_parallel_size(mesh)
+    if batch_size % dp:
+        raise ValueError(
+            f"data.batch_size={batch_size} (global) is not divisible by the data-parallel size {dp} "
+            f"(mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']}); use a batch size "
+            f"that is a multiple of {dp} or set mesh.data to a divisor of {batch_size}")
+
+
 def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     tcfg = cfg.train
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -339,16 +357,18 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     # checkpoint directory is opened and before any data is read or anything is computed.
     ensure_writable(tcfg.run_dir, "run directory (train.run_dir)")
     ensure_writable(Path(tcfg.run_dir) / "checkpoints", "checkpoint directory")
-    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh)
     ttt_on = bool(cfg.model.ttt.layer_ids(cfg.model.n_layers))
-    mesh_lib.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
+    sharding.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
                              cfg.model.context_layout)
     global_batch = cfg.data.batch_size * jax.process_count()  # data.batch_size is per process
-    mesh_lib.check_batch_divisible(global_batch, mesh)
+    check_batch_divisible(global_batch, mesh)
     # Shape-only: the parameter shardings are checked against the mesh (ValueError naming the
     # parameter) before any data is read or anything is computed.
-    prog = _program(cfg.model, tcfg.seed, optimizer_fields(tcfg), mesh)
+    prog = train_program(cfg, mesh)
     is_main = jax.process_index() == 0
+    if cfg.data.check:  # every record the run will read, before anything is written or computed
+        check_data(cfg.data, progress=tcfg.progress and is_main, log=say)
 
     run_dir = Path(tcfg.run_dir)
     # Opening the directory removes saves a killed process left unfinished (with a warning).
@@ -525,7 +545,7 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
             raise ValueError(f"the training data ran out at step {step}; add data or lower train.steps") from None
         _check_batch(host_batch, cfg.model.vocab_size)
         model_state, opt_state, metrics = prog.step(model_state, opt_state,
-                                                  mesh_lib.put_batch(host_batch, prog.batch_sh,
+                                                  sharding.put_batch(host_batch, prog.batch_sh,
                                                                     cfg.model.context_layout))
         interval.pending.append((step, metrics))
         # One step in flight at a time: a signal then waits for this step only, not for every

@@ -1,0 +1,159 @@
+"""The package structure, read statically with ``ast`` (no imports, fast).
+
+* No import cycle among the modules of ``ttt_jax`` and ``parallel`` (imports inside functions
+  count too: a lazy import hides a cycle, it does not remove it). A module importing an ancestor
+  package (``from ttt_jax.ops import attention_cp_ring`` in ``ttt_jax.ops.attention_cp``) is not an
+  edge: Python initialises the package first anyway.
+* ``parallel`` imports only JAX, numpy and the standard library, never ``ttt_jax``.
+* No private name (leading underscore) imported from another module in the library layers
+  (``parallel``, ``ttt_jax.ops``, ``ttt_jax.nn``, ``ttt_jax.models``, ``ttt_jax.sharding``,
+  ``ttt_jax.config``): a helper shared by two modules is public and named for what it does.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("ttt_jax", "parallel")
+LIBRARY = ("parallel", "ttt_jax.ops", "ttt_jax.nn", "ttt_jax.models", "ttt_jax.sharding",
+           "ttt_jax.config")
+PARALLEL_MAY_IMPORT = {"jax", "jaxlib", "numpy", "parallel"}
+
+
+def _modules(root: Path = ROOT) -> dict[str, Path]:
+    mods = {}
+    for pkg in PACKAGES:
+        for f in sorted((root / pkg).rglob("*.py")):
+            parts = list(f.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join(parts)] = f
+    return mods
+
+
+def _imports(path: Path, module: str) -> list[tuple[str, str | None]]:
+    """``(imported module, imported name or None)`` for every absolute import in the file; relative
+    imports are resolved against ``module``."""
+    out = []
+    is_pkg = path.name == "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.extend((a.name, None) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = module.split(".")[: len(module.split(".")) - node.level + (1 if is_pkg else 0)]
+                base = ".".join(parent + ([base] if base else []))
+            out.extend((base, a.name) for a in node.names)
+    return out
+
+
+def _graph(mods: dict[str, Path]) -> dict[str, set[str]]:
+    edges = {}
+    for m, f in mods.items():
+        deps = set()
+        for mod, name in _imports(f, m):
+            target = f"{mod}.{name}" if name and f"{mod}.{name}" in mods else mod
+            if target in mods and target != m and not m.startswith(target + "."):
+                deps.add(target)
+        edges[m] = deps
+    return edges
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index, low, on_stack, stack, out = {}, {}, set(), [], []
+    counter = 0
+    for root in sorted(edges):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(edges[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = counter
+                    counter += 1
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(edges[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+def _in(module: str, prefixes) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _private_imports(mods: dict[str, Path], scope) -> list[str]:
+    bad = []
+    for m, f in mods.items():
+        if not _in(m, scope):
+            continue
+        for mod, name in _imports(f, m):
+            if (name and name.startswith("_") and not name.startswith("__") and mod in mods
+                    and mod != m and f"{mod}.{name}" not in mods):
+                bad.append(f"{m} imports {mod}.{name}")
+    return bad
+
+
+def test_no_import_cycle():
+    cycles = _cycles(_graph(_modules()))
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_parallel_imports_only_jax_numpy_and_the_standard_library():
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    bad = []
+    for m, f in _modules().items():
+        if _in(m, ("parallel",)):
+            for mod, _ in _imports(f, m):
+                top = mod.split(".")[0]
+                if top not in stdlib and top not in PARALLEL_MAY_IMPORT:
+                    bad.append(f"{m} imports {mod}")
+    assert not bad, bad
+
+
+def test_no_private_name_imported_across_library_modules():
+    bad = _private_imports(_modules(), LIBRARY)
+    assert not bad, bad
+
+
+def test_the_checks_catch_what_they_look_for(tmp_path):
+    """The checks find a planted cycle, a planted private import and a planted ttt_jax import."""
+    for pkg in PACKAGES:
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "parallel" / "a.py").write_text("from parallel.b import _helper\nimport ttt_jax\n")
+    (tmp_path / "parallel" / "b.py").write_text("def f():\n    from parallel import a\n")
+    mods = _modules(tmp_path)
+    assert _cycles(_graph(mods)) == [["parallel.a", "parallel.b"]]
+    assert _private_imports(mods, LIBRARY) == ["parallel.a imports parallel.b._helper"]
+    assert ("ttt_jax", None) in _imports(mods["parallel.a"], "parallel.a")
