@@ -193,7 +193,7 @@ def test_free_space_estimate_is_within_20_percent_of_bytes_written(tmp_path):
     from ttt_jax.checkpoint.integrity import checkpoint_bytes, state_nbytes
     from ttt_jax.checkpoint.tree import to_saveable
     from ttt_jax.config import load_config
-    from ttt_jax.train import mesh as mesh_lib
+    from ttt_jax import sharding as mesh_lib
     from ttt_jax.train.optim import optimizer_fields
     from ttt_jax.train.trainer import _program
 
