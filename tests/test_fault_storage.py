@@ -149,8 +149,10 @@ def test_failed_background_save_stops_at_once_naming_step_path_and_error(tmp_pat
     assert max(steps) <= 6, steps
     assert elapsed < 20, elapsed   # seconds, not minutes of Orbax's timeouts
     monkeypatch.undo()
-    assert sorted(p.name for p in ckdir.iterdir()) == ["2"]
-    ck = Checkpointer(ckdir, keep=3)
+    # Step 2 is intact; at most the failed save's temporary directory is left (Orbax's threads may
+    # recreate it after it was removed), which the next run removes with a warning.
+    assert sorted(p.name for p in ckdir.iterdir() if ".orbax-checkpoint-tmp" not in p.name) == ["2"]
+    ck = Checkpointer(ckdir, keep=3, warn=lambda m: None)
     assert ck.all_steps() == [2]
     ck.close()
     assert _train_cli(tmp_path, "train.checkpoint_every=2", "train.log_every=1", "train.stop_after=6") == 0

@@ -526,7 +526,8 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
         ckpt.wait()
         latest = step if step in saved else ckpt.latest_step()
         checkpoint = ckpt.directory / str(latest) if latest is not None else ckpt.directory
-        say(f"{stop.received}: checkpoint of step {step} written; stopping")
+        say(f"{stop.received}: checkpoint of step {step} written; stopping" if step in saved else
+            f"{stop.received}: stopping before step {step + 1} (newest checkpoint: {checkpoint})")
         raise TrainingInterrupted(step, checkpoint, stop.received)
 
     end = tcfg.stop_after if tcfg.stop_after is not None else tcfg.steps
