@@ -14,13 +14,18 @@ bitwise the parameters of one uninterrupted run to N (same devices and mesh; on 
 ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``, since their scatter reductions are otherwise
 non-deterministic). ``train.stop_after`` stops a run early without changing its schedule.
 
-Faults (README "Guarantees"): SIGTERM/SIGINT finish and checkpoint the step in flight
-(:class:`TrainingInterrupted`); on resume, unfinished saves are removed and corrupt checkpoints
-moved aside with a warning, and the newest intact one is restored (:mod:`ttt_jax.checkpoint`);
-too little disk space is an error before training and before every save; a step with a non-finite
+Faults (README "Guarantees", docs/guarantees.md): the run directory and its checkpoints/ are
+checked writable before any compute (:func:`ttt_jax.fs.ensure_writable`). One step is in flight at
+a time, so SIGTERM/SIGINT stop dispatching at once: the step in flight finishes and is checkpointed
+(:class:`TrainingInterrupted`); a second signal exits at once with one line. On resume, unfinished
+saves are removed and corrupt checkpoints moved aside with a warning, and the newest intact one is
+restored (:mod:`ttt_jax.checkpoint`); ``metrics.jsonl`` is cut back to its step. Too little disk
+space is an error before training and before every save, and a background save that fails is
+reported at the next step boundary naming its step, path and OS error. A step with a non-finite
 loss or gradient norm is not applied by the jitted step and handled by ``train.on_nonfinite``
-(skip, counted, up to ``train.max_nonfinite_steps``; or stop), and no checkpoint is written right
-after a skipped update or of a state holding NaN/inf.
+(skip, counted, up to ``train.max_nonfinite_steps``, and at once when the parameters themselves
+are non-finite; or stop), and no checkpoint is written right after a skipped update or of a state
+holding NaN/inf.
 
 Parallelism (``mesh``): the batch is split over ``data`` x ``fsdp``; parameters and Adam moments
 are sharded by the logical-axis rules (``embed`` over ``fsdp``, ``vocab`` / ``heads`` / ``kv_heads``
@@ -522,7 +527,8 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
         ckpt.wait()
         latest = step if step in saved else ckpt.latest_step()
         checkpoint = ckpt.directory / str(latest) if latest is not None else ckpt.directory
-        say(f"{stop.received}: checkpoint of step {step} written; stopping")
+        say(f"{stop.received}: checkpoint of step {step} written; stopping" if step in saved else
+            f"{stop.received}: stopping before step {step + 1} (newest checkpoint: {checkpoint})")
         raise TrainingInterrupted(step, checkpoint, stop.received)
 
     end = tcfg.stop_after if tcfg.stop_after is not None else tcfg.steps
