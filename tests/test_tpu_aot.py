@@ -138,7 +138,7 @@ _TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_
          "model.head_dim=128", "model.d_ff=128", "model.max_seq_len=512", "model.compute_dtype=float32",
          "model.ttt.layers=[0]", "model.ttt.chunk_size=128", "data.seq_len=512", "data.batch_size=2",
          "train.warmup_steps=0", "train.learning_rate=1e-3", "mesh.data=2", "mesh.context=2"]
-FORMS = {"full_ring_ttt": ["model.attention_window=0", "model.context_attention=ring"],
+FORMS = {"full_ring_ttt": ["model.attention_window=0", "runtime.context.attention=ring"],
          "window_ttt": ["model.attention_window=128"]}
 # Known failure: the context-parallel train step does not compile for TPU yet ("Mosaic kernels
 # cannot be automatically partitioned"): a splash (Mosaic) call of it reaches XLA's partitioner.

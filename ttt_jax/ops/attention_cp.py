@@ -60,11 +60,9 @@ ContextKernel = Literal["auto", "xla", "fused", "pallas", "tpu"]
 CONTEXT_KERNELS = ("auto", "xla", "fused", "pallas", "tpu")
 CONTEXT_HALOS = ("single", "split")
 # Packed documents (segment ids) in full causal layers: the fused ring runs the Pallas blocks with
-# the ids (``kernel="fused"`` / ``"pallas"``). ``"auto"`` takes that path when this is True. It is:
-# the segmented ring's GPU-marked tests (values and gradients against the unsharded reference,
-# contiguous and zigzag, 4 x H100) pass, and the Qwen3-4B-shape 128k stage-2 run trained with it
-# (benchmarks/README.md). False sends packed documents to the XLA ring.
-AUTO_FUSED_RING_FOR_SEGMENTS = True
+# the ids, ``kernel="auto"`` included (its GPU-marked tests pass against the unsharded reference,
+# contiguous and zigzag, and the Qwen3-4B-shape 128k stage-2 run trained with it:
+# benchmarks/README.md).
 
 
 
@@ -94,7 +92,7 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
                       segment_ids: Optional[jax.Array] = None, window: int = 0,
                       impl: ContextImpl = "ring", layout: Layout = "contiguous",
                       kernel: ContextKernel = "auto", scale: Optional[float] = None,
-                      block_size: Optional[int] = None, halo: str = "single") -> jax.Array:
+                      block_size: Optional[int] = None, halo: str = "split") -> jax.Array:
     """Causal attention of a context-sharded sequence (inside ``shard_map``).
 
     ``window > 0`` runs the sliding window (halo exchange; contiguous layout only); ``window == 0``
@@ -115,9 +113,9 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     ``"auto"`` (``"tpu"`` when the program is built for TPU, :func:`ttt_jax.platform.target_platform`;
     elsewhere fused where it can run, XLA otherwise).
     ``block_size`` is passed on to the XLA paths (``None``: their default). ``halo`` picks the
-    fused sliding-window computation: ``"single"`` (:func:`ttt_jax.ops.attention_cp_window.
-    halo_window_attention`, one call with zero query rows) or ``"split"``
-    (:func:`ttt_jax.ops.attention_cp_halo.halo_split_attention`, a local call plus a halo block; with
+    fused sliding-window computation: ``"split"`` (the default: faster, benchmarks/README.md) or ``"single"`` (:func:`ttt_jax.ops.attention_cp_window.
+    halo_window_attention`, one call with zero query rows; the test reference) -- ``"split"``
+    (:func:`ttt_jax.ops.attention_cp_halo.halo_split_attention`) is a local call plus a halo block; with
     cuDNN blocks it needs an even ``T_local``, with the Pallas ones a multiple of 16, else the
     single call runs).
     """
@@ -150,9 +148,6 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     if kernel != "xla":
         reason = fused_unsupported_reason(q, k, segment_ids=segment_ids, window=window, impl=impl,
                                           layout=layout)
-        if reason is None and segment_ids is not None and kernel == "auto" \
-                and not AUTO_FUSED_RING_FOR_SEGMENTS:
-            reason = "segment ids: 'auto' keeps packed documents on the XLA ring"
         if reason is not None and kernel != "auto":
             raise ValueError(f"context kernel {kernel!r} cannot run here: {reason}; use 'auto' or 'xla'")
         if reason is None:
