@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ttt_jax.ops import inplace_ttt, inplace_ttt_target  # noqa: E402
+from ttt_jax.ops.precision import matmul_f32_out  # noqa: E402
 
 
 PREVENT_CSE = True
@@ -57,15 +58,16 @@ def temp_gib(kind, layers, t, d, f, chunk):
 
     def layer(h, p):
         wg, wu, wd, conv, proj = p
-        g = jnp.einsum("btd,df->btf", h, wg, preferred_element_type=jnp.float32)
-        u = jnp.einsum("btd,df->btf", h, wu, preferred_element_type=jnp.float32)
+        # fp32 results whose backward matmuls stay bf16, as in the model (ttt_jax.ops.precision).
+        g = matmul_f32_out("btd,df->btf", h, wg)
+        u = matmul_f32_out("btd,df->btf", h, wu)
         z = (jax.nn.silu(g) * u).astype(bf)
         v = inplace_ttt_target(h, conv, proj, chunk_size=chunk) if kind in ("target", "ttt") else h
         if kind in ("op", "ttt", "op_assoc", "op_ref"):
             impl = {"op_assoc": "associative", "op_ref": "reference"}.get(kind, "scan")
             out = inplace_ttt(z, v, wd, lr=3.0, chunk_size=chunk, impl=impl)
         else:
-            out = jnp.einsum("btf,fd->btd", z, wd, preferred_element_type=jnp.float32).astype(bf)
+            out = jnp.einsum("btf,fd->btd", z, wd)  # bf16 operands forward and backward
             if kind == "target":
                 out = out + v
         return h + out

@@ -98,7 +98,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, context: int = 1, 
         raise ValueError("make_mesh: no devices given")
     sizes = resolve_axis_sizes(dict(zip(MESH_AXES, (data, fsdp, tensor, context))), len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(axis_type,) * len(MESH_AXES), devices=devices)
+    types = (axis_type,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    except NotImplementedError:
+        # A TPU torus whose physical axes the logical sizes do not match one to one (e.g.
+        # fsdp=64 x context=4 on a 16x16 v6e slice): split physical axes, keeping each logical
+        # axis on neighbouring chips where the topology allows.
+        from jax.experimental import mesh_utils
+        arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(arr, MESH_AXES, axis_types=types)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import pytest
 
 from ttt_jax.ops.attention import attention, attention_mask, attention_reference
 
+pytestmark = pytest.mark.unit
+
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 BF16_TOL = dict(rtol=3e-2, atol=3e-2)
 

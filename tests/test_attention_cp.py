@@ -17,6 +17,8 @@ from ttt_jax.ops import attention_cp_ring as RING
 from ttt_jax.ops import attention_cp_window as W
 from ttt_jax.ops import attention_reference as R
 
+pytestmark = pytest.mark.unit
+
 B, T, H, KV, DH = 2, 32, 4, 2, 8
 
 

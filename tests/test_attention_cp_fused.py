@@ -25,6 +25,8 @@ from ttt_jax.ops import attention_reference as R
 from ttt_jax.ops.kernels import cudnn_blocks as C
 from ttt_jax.ops.kernels import flash as F
 
+pytestmark = pytest.mark.unit
+
 B, H, KV, DH = 1, 4, 2, 12  # DH = 12: the kernels zero-pad the head dim to 16
 
 

@@ -15,6 +15,8 @@ from ttt_jax.ops import attention_reference as R
 
 from test_attention_cp_fused import _rand as _rand_qkv
 
+pytestmark = pytest.mark.unit
+
 DH = 16
 
 

@@ -4,6 +4,9 @@ import os
 import signal
 
 from ttt_jax.bench.isolate import run_variant_process
+import pytest
+
+pytestmark = pytest.mark.unit
 
 
 def test_result_line_is_parsed():

@@ -3,6 +3,9 @@
 import json
 
 from ttt_jax.bench import plots
+import pytest
+
+pytestmark = pytest.mark.unit
 
 
 def _is_png(path):

@@ -10,6 +10,8 @@ import pytest
 
 from ttt_jax.bench import trace as T
 
+pytestmark = pytest.mark.unit
+
 
 def _write(path, events):
     with gzip.open(path, "wt") as f:

@@ -13,6 +13,8 @@ from ttt_jax.train.trainer import train
 
 from test_train import TOY
 
+pytestmark = pytest.mark.integration
+
 
 def _params(model):
     return jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))

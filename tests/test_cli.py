@@ -10,6 +10,8 @@ from ttt_jax.config import load_config
 
 from test_train import TOY  # the shared toy setup (compiled functions are reused)
 
+pytestmark = pytest.mark.integration
+
 
 def test_config_prints_resolved_yaml(capsys):
     assert main(["config", "tiny", "train.steps=70", "model.ttt.layers=[1]"]) == 0

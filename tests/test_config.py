@@ -4,6 +4,8 @@ import pytest
 
 from ttt_jax.config import CONFIG_DIR, Config, ConfigError, load_config, parse_overrides, replace
 
+pytestmark = pytest.mark.unit
+
 PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 

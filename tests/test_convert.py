@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+pytestmark = pytest.mark.integration
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

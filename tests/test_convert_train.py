@@ -8,6 +8,8 @@ import pytest
 
 from flax import nnx
 
+pytestmark = pytest.mark.integration
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -95,3 +97,23 @@ def test_cli_export_round_trip(converted, tmp_path, capsys):
     np.testing.assert_array_equal(st._read_raw(name), st.get(name))
     assert main(["convert", "hf", str(converted / "src"), str(tmp_path / "x"), "--ttt-layers", "7"]) == 2
     assert "model.ttt.layers" in capsys.readouterr().err
+    # An earlier export is not overwritten silently; --overwrite replaces its files, keeps others.
+    (out / "notes.txt").write_text("mine")
+    argv = ["convert", "export", str(converted / "ckpt"), str(out), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: OUT_DIR") and "not empty" in err and err.count("\n") == 1
+    assert main(argv + ["--overwrite"]) == 0
+    assert SafetensorsCheckpoint(out).dtype("model.layers.1.mlp.ttt_conv.weight") == "F32"
+    assert (out / "notes.txt").read_text() == "mine"
+    assert main(["convert", "export", str(converted / "ckpt"), str(out / "notes.txt")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_cli_convert_without_tokenizer_says_so(converted, tmp_path, capsys):
+    assert main(["convert", "hf", str(converted / "src"), str(tmp_path / "y"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "has no tokenizer.json" in err and "259-token byte tokenizer (which fits the model's " \
+        "vocabulary of 260)" in err and "--prompt-ids" in err
+    assert main(["convert", "hf", str(tmp_path / "nowhere"), str(tmp_path / "z")]) == 2
+    assert "SRC_DIR" in capsys.readouterr().err and not (tmp_path / "z").exists()

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "cp_scaling.py"
 spec = importlib.util.spec_from_file_location("cp_scaling", _PATH)
 cp_scaling = importlib.util.module_from_spec(spec)

@@ -13,9 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ttt_jax.config import ConfigError, DataConfig
-from ttt_jax.data import (ByteTokenizer, HFTokenizer, describe, document_tokens, iter_packed_rows,
+from ttt_jax.data import (ByteTokenizer, HFTokenizer, check_data, describe, document_tokens, iter_packed_rows,
                           load_tokenizer, make_batches, open_corpus, pack_documents, read_documents,
                           validation_batches)
+
+pytestmark = pytest.mark.unit
 
 BYTE = ByteTokenizer()
 
@@ -542,3 +544,116 @@ def test_epoch_shuffle_paths(tmp_path, monkeypatch, materialise):
     it3 = make_batches(cfg, "train", block_rows=1, **P1)
     it3.set_state(it2.get_state())
     assert batches_equal([next(it3) for _ in range(70)], batches[50:])
+
+
+# --------------------------------------------------------------------------------------------------
+# The up-front data check; long text files; validation carved from a small corpus
+# --------------------------------------------------------------------------------------------------
+
+
+def test_json_error_message_reads_once(tmp_path):
+    f = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, '{"text": "unterminated'])
+    with pytest.raises(ValueError) as info:
+        list(read_documents("jsonl", [str(f)], split="all"))
+    msg = str(info.value)
+    assert "t.jsonl:line 2: invalid JSON (Unterminated string starting at column 10)" in msg, msg
+    assert "at at" not in msg
+
+
+def test_check_finds_bad_utf8_in_a_text_directory(tmp_path):
+    d = text_corpus(tmp_path, n=12)
+    (d / "f005.txt").write_bytes(b"line one\nline two \xff\xfe\nthree\n")
+    cfg = cfg_for(d)
+    with pytest.raises(ValueError, match=r"f005\.txt:line 2: invalid UTF-8 at byte 18 \(set data.on_error=skip"):
+        check_data(cfg, progress=False)
+    lines = []
+    with pytest.warns(UserWarning, match=r"1 malformed record\(s\) will be skipped.*f005\.txt:line 2"):
+        res = check_data(dataclasses.replace(cfg, on_error="skip"), progress=False, log=lines.append)
+    assert res.malformed == 1 and res.files == 12 and res.documents == 12
+    assert len(lines) == 1 and "12 file(s)" in lines[0] and "1 malformed" in lines[0]
+    # A clean corpus passes, the byte count is the corpus's size.
+    (d / "f005.txt").write_text("fine\n")
+    res = check_data(cfg, progress=False)
+    assert res.malformed == 0 and res.bytes == sum(p.stat().st_size for p in d.iterdir())
+
+
+def test_check_jsonl_every_line_and_only_used_ones(tmp_path):
+    recs = [{"text": f"d{i}"} for i in range(30)]
+    recs[7] = '{"text": "a",}'
+    recs[20] = {"body": "x"}
+    f = write_jsonl(tmp_path / "c.jsonl", recs + [""])
+    cfg = DataConfig(source="jsonl", paths=(str(f),), validation_fraction=0.2)
+    with pytest.raises(ValueError, match=r"c\.jsonl:line 8: invalid JSON"):
+        check_data(cfg, progress=False)
+    with pytest.warns(UserWarning, match="2 malformed"):
+        res = check_data(dataclasses.replace(cfg, on_error="skip"), progress=False)
+    assert res.malformed == 2 and res.documents == 30
+    # Lines no split uses (beyond max_documents in both splits) are not read.
+    small = dataclasses.replace(cfg, max_documents=3)
+    used = {int(r) for s in ("train", "validation")
+            for r in open_corpus("jsonl", [str(f)], split=s, validation_fraction=0.2, max_documents=3).doc_record}
+    assert 7 not in used and 20 not in used
+    assert check_data(small, progress=False).documents == len(used)
+
+
+def test_check_parquet_nulls_and_bad_bytes(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": ["a", None, "c"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": pa.array([b"ok", b"\xffno"], pa.binary())}), tmp_path / "b.parquet")
+    cfg = DataConfig(source="parquet", paths=(str(tmp_path),), validation_fraction=0.3)
+    with pytest.raises(ValueError, match=r"a\.parquet:row 1: column 'text' is null"):
+        check_data(cfg, progress=False)
+    with pytest.warns(UserWarning, match="2 malformed"):
+        res = check_data(dataclasses.replace(cfg, on_error="skip"), progress=False)
+    assert res.malformed == 2 and res.files == 2 and res.documents == 5
+    with pytest.raises(ValueError, match=r"b\.parquet:row 1: invalid UTF-8"):
+        check_data(dataclasses.replace(cfg, paths=(str(tmp_path / "b.parquet"),)), progress=False)
+
+
+def test_check_stdlib_is_skipped():
+    res = check_data(DataConfig(), progress=False)
+    assert res.files == 0 and res.malformed == 0
+
+
+def test_long_text_file_is_cut_at_line_ends(tmp_path, monkeypatch):
+    import ttt_jax.data.records as records
+
+    monkeypatch.setattr(records, "TEXT_PIECE_BYTES", 5000)
+    rng = np.random.default_rng(0)
+    lines = ["".join(rng.choice(list("abcdé€ 𝄞"), size=int(rng.integers(0, 300)))) for _ in range(400)]
+    body = "\n".join(lines) + "\n"
+    f = tmp_path / "book.txt"
+    f.write_text(body, encoding="utf-8")
+    # One line far longer than the search window: cut at character boundaries.
+    g = tmp_path / "one_line.txt"
+    g.write_text("é𝄞x" * 6000, encoding="utf-8")
+    for path, text in ((f, body), (g, g.read_text(encoding="utf-8"))):
+        corpus = open_corpus("text", [str(path)], split="all")
+        docs = [corpus.text(i) for i in range(len(corpus))]
+        size = path.stat().st_size
+        assert len(docs) == -(-size // 5000)
+        assert "".join(docs) == text
+        if path is f:
+            assert all(d.endswith("\n") for d in docs)
+            assert max(len(d.encode()) for d in docs) <= 5000 + 4096
+        tr, va = (open_corpus("text", [str(path)], split=s, validation_fraction=0.3) for s in ("train", "validation"))
+        assert len(tr) and len(va) and set(tr.doc_record.tolist()).isdisjoint(va.doc_record.tolist())
+
+
+def test_one_text_file_gives_both_splits(tmp_path):
+    f = tmp_path / "only.txt"
+    f.write_text("".join(f"line {i} of the only document\n" for i in range(200)))
+    tr = open_corpus("text", [str(f)], split="train", validation_fraction=0.1)
+    va = open_corpus("text", [str(f)], split="validation", validation_fraction=0.1)
+    assert len(tr) == len(va) == 1
+    train_text, val_text = tr.text(0), va.text(0)
+    assert train_text + val_text == f.read_text() and val_text.startswith("line ")
+    assert 0.08 < len(val_text) / len(f.read_text()) < 0.12
+    cfg = cfg_for(f, validation_fraction=0.1, seq_len=16, batch_size=2)
+    assert next(make_batches(cfg, "train", **P1))["loss_mask"].sum() > 0
+    assert validation_batches(cfg, 1, **P1)[0]["loss_mask"].sum() > 0
+    # A tiny corpus of records: the last record becomes validation when the hash picks none.
+    g = write_jsonl(tmp_path / "few.jsonl", [{"text": "a"}, {"text": "b"}])
+    tr, va = (list(read_documents("jsonl", [str(g)], split=s, validation_fraction=0.01)) for s in ("train", "validation"))
+    assert (tr, va) == (["a"], ["b"])

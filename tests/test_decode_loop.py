@@ -18,6 +18,8 @@ from ttt_jax.models import CausalLM
 import test_infer
 import test_infer_ttt_seq
 
+pytestmark = pytest.mark.model
+
 BLOCK = 5
 N_NEW = 12          # blocks of 5, 5 and 1 after the prefill's token
 PROMPTS = (13, 5, 20)

@@ -10,6 +10,8 @@ from flax import nnx
 from ttt_jax.config import ConfigError, E2EConfig, ModelConfig, TTTConfig, load_config
 from ttt_jax.models.lm import CausalLM
 
+pytestmark = pytest.mark.model
+
 V = 29
 BASE = dict(vocab_size=V, d_model=16, n_layers=3, n_heads=2, n_kv_heads=1, d_ff=24, max_seq_len=64,
             compute_dtype="float32", attention_window=3, ttt=TTTConfig(enabled=False))

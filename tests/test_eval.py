@@ -16,6 +16,8 @@ from ttt_jax.models import CausalLM
 
 from test_model import V, _activate_ttt, _forward, tiny
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -81,7 +83,7 @@ def test_evaluation_spans(tmp_path):
         evaluation_spans(tok, 500, 1, source="text", paths=[str(tmp_path)], split="all")
 
 
-def test_cli_eval(tmp_path, model, capsys):
+def test_cli_eval(tmp_path, model, capsys, monkeypatch):
     from ttt_jax.cli import main
     from ttt_jax.checkpoint import save_model
 
@@ -91,22 +93,58 @@ def test_cli_eval(tmp_path, model, capsys):
     (tmp_path / "corpus").mkdir()
     for name in ("a.py", "b.py"):
         (tmp_path / "corpus" / name).write_text(f"def {name[0]}(x):\n    return x + 1\n" * 100)
-    out = tmp_path / "eval"
-    argv = ["eval", str(tmp_path / "run"), "--out", str(out), "--data", str(tmp_path / "corpus"),
+    out = tmp_path / "eval_ppl"
+    argv = ["eval", str(tmp_path / "run"), "--data", str(tmp_path / "corpus"),
             "--split", "all", "--num-samples", "2", "--no-progress"]
-    assert main(argv + ["--suite", "ppl", "--lengths", "32,64", "--block-size", "16"]) == 0
+    ppl_argv = argv + ["--out", str(out), "--suite", "ppl", "--lengths", "32,64", "--block-size", "16"]
+    assert main(ppl_argv) == 0
     ppl = json.loads((out / "ppl.json").read_text())
     assert ppl["context_lengths"] == [32, 64] and len(ppl["loss"]) == 2
     assert (out / "ppl_context.png").stat().st_size > 0 and (out / "ppl_position.png").is_file()
-    assert main(argv + ["--suite", "ruler", "--lengths", "512", "--tasks",
-                        "niah_single,frequent_words"]) == 0
-    ruler = json.loads((out / "ruler.json").read_text())
+    # Earlier results are not overwritten: the same --out is refused, unless --overwrite.
+    capsys.readouterr()
+    assert main(ppl_argv) == 2
+    assert "already holds files" in capsys.readouterr().err
+    # By default a new directory under ./eval, named after run, step and suite; nothing is written
+    # beside the checkpoint. Lengths beyond max_seq_len (256) are noted, as for ppl.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").chmod(0o555)
+    try:
+        assert main(argv + ["--suite", "ruler", "--lengths", "512", "--tasks",
+                            "niah_single,frequent_words"]) == 0
+    finally:
+        (tmp_path / "run").chmod(0o755)
+    assert "exceed the model's max_seq_len 256" in capsys.readouterr().out
+    (default_out,) = (tmp_path / "eval").iterdir()
+    assert default_out.name.startswith("run-") and default_out.name.endswith("-ruler")
+    ruler = json.loads((default_out / "ruler.json").read_text())
     assert set(ruler["accuracy"]) == {"niah_single", "frequent_words"}
-    assert len(ruler["samples"]) == 4 and (out / "ruler.png").is_file()
-    assert "| niah_single |" in (out / "ruler.md").read_text()
+    assert len(ruler["samples"]) == 4 and (default_out / "ruler.png").is_file()
+    assert "| niah_single |" in (default_out / "ruler.md").read_text()
+    assert not (tmp_path / "run" / "eval").exists()
     capsys.readouterr()
     assert main(argv + ["--suite", "ruler", "--tasks", "niah_everything"]) == 2
     assert "unknown RULER task" in capsys.readouterr().err
+
+
+def test_eval_output_dirs_are_new(tmp_path, monkeypatch):
+    import argparse
+
+    from ttt_jax.eval.cli import output_dir
+
+    monkeypatch.chdir(tmp_path)
+    ck = tmp_path / "runs" / "mine" / "checkpoints"
+    args = argparse.Namespace(out=None, overwrite=False, suite="ppl")
+    first = output_dir(args, ck, 40)
+    assert (first.parent.name, first.name) == ("eval", "mine-40-ppl")
+    first.mkdir(parents=True)
+    assert first.parent.samefile(tmp_path / "eval")
+    assert output_dir(args, ck, 40).name == "mine-40-ppl-2"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        output_dir(argparse.Namespace(out=str(tmp_path / "afile"), overwrite=False, suite="ppl"), ck, 40)
+    with pytest.raises(ValueError, match="cannot create"):
+        output_dir(argparse.Namespace(out=str(tmp_path / "afile" / "x"), overwrite=False, suite="ppl"), ck, 40)
 
 
 def _research_compare():

@@ -22,6 +22,8 @@ from ttt_jax.ops import inplace_ttt_target
 
 from test_model import V, _activate_ttt, _forward, tiny
 
+pytestmark = pytest.mark.model
+
 T = 40  # 5 TTT chunks of 8
 
 

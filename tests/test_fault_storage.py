@@ -6,6 +6,7 @@ Each test asserts the exit code, the one-line message, and that no intact checkp
 """
 
 import errno
+import json
 import os
 
 import pytest
@@ -15,6 +16,8 @@ from ttt_jax import cli, fs
 from ttt_jax.fs import UnwritablePathError, ensure_writable
 
 from test_train import toy
+
+pytestmark = pytest.mark.integration
 
 
 def _unwritable(monkeypatch, bad_dir, err=errno.EROFS):
@@ -93,3 +96,163 @@ def test_train_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: the run directory (train.run_dir) {tmp_path / 'run'} is a file, not a directory; "
                    "choose a directory path"], err
+
+
+# --- A background save that fails ------------------------------------------------------------------
+
+
+def _failing_writer(monkeypatch, step, err):
+    """Make Orbax's background writer fail with ``err`` while it writes the checkpoint of ``step``
+    (as a full disk, exhausted inodes, a quota, a read-only remount or a failing device would)."""
+    from orbax.checkpoint._src.path import async_path
+
+    real = async_path.write_text
+
+    async def write_text(path, text):
+        if f"/{step}.orbax-checkpoint-tmp" in str(path):
+            raise OSError(err, os.strerror(err), str(path))
+        return await real(path, text)
+
+    monkeypatch.setattr(async_path, "write_text", write_text)
+
+
+@pytest.mark.parametrize("err,words", [(errno.ENOSPC, "no space left on the device (bytes or inodes) (ENOSPC)"),
+                                       (errno.EROFS, "the filesystem is read-only (EROFS)"),
+                                       (errno.EIO, "input/output error (EIO)")])
+def test_failed_background_save_stops_at_once_naming_step_path_and_error(tmp_path, monkeypatch, capfd, err, words):
+    """The save of step 4 fails in the background: the run stops at the next step boundary (not
+    at the next save), with one line naming step 4, its path and the OS error, exit 2; the
+    checkpoint of step 2 is intact and the run resumes from it."""
+    import time
+
+    from ttt_jax.checkpoint import Checkpointer
+
+    _failing_writer(monkeypatch, 4, err)
+    t0 = time.perf_counter()
+    assert _train_cli(tmp_path, "train.checkpoint_every=2", "train.log_every=1") == 2
+    elapsed = time.perf_counter() - t0
+    out, err_text = capfd.readouterr()
+    lines = [ln for ln in err_text.splitlines() if ln.strip()]
+    ckdir = tmp_path / "run" / "checkpoints"
+    assert len(lines) == 1, err_text[-3000:]
+    assert lines[0].startswith(f"error: saving the checkpoint of step 4 to {ckdir / '4'} failed: {words}"), lines
+    assert "the checkpoint of step 2 in it is intact" in lines[0], lines
+    assert "Traceback" not in err_text
+    # Stopped at the step boundary after the failure (steps 5 or 6), not later.
+    steps = [json.loads(ln)["step"] for ln in open(tmp_path / "run" / "metrics.jsonl")
+             if json.loads(ln)["kind"] == "train"]
+    assert max(steps) <= 6, steps
+    assert elapsed < 120, elapsed   # no minutes-long wait on Orbax's timeouts (compile included)
+    monkeypatch.undo()
+    assert sorted(p.name for p in ckdir.iterdir()) == ["2"]
+    ck = Checkpointer(ckdir, keep=3)
+    assert ck.all_steps() == [2]
+    ck.close()
+    assert _train_cli(tmp_path, "train.checkpoint_every=2", "train.log_every=1", "train.stop_after=6") == 0
+    assert "resumed from" in capfd.readouterr().out
+
+
+# --- Quiet fallbacks ------------------------------------------------------------------------------------
+
+
+def test_fallback_from_truncated_step_is_one_warning(tmp_path, capfd):
+    from test_fault_checkpoint import _truncate
+
+    assert _train_cli(tmp_path, "train.checkpoint_every=2", "train.stop_after=4") == 0
+    ckdir = tmp_path / "run" / "checkpoints"
+    _truncate(ckdir / "4")
+    (ckdir / "6.orbax-checkpoint-tmp-123").mkdir()          # a leftover of a killed save
+    capfd.readouterr()
+    assert _train_cli(tmp_path, "train.checkpoint_every=2", "train.stop_after=6") == 0
+    out, err = capfd.readouterr()
+    text = out + err
+    warnings_ = [ln for ln in text.splitlines() if "warning" in ln.lower()]
+    assert len(warnings_) == 2, text[-3000:]
+    assert any(f"checkpoint {ckdir / '6.orbax-checkpoint-tmp-123'} was interrupted" in w for w in warnings_)
+    assert any(f"checkpoint {ckdir / '4'} is corrupt" in w and "skipped and moved to" in w for w in warnings_)
+    assert "bound method" not in text and "Traceback" not in text and "Event loop is closed" not in text
+    assert f"resumed from {ckdir / '2'} (step 2)" in text
+
+
+# --- Free-space estimate ----------------------------------------------------------------------------------
+
+
+def test_free_space_estimate_is_within_20_percent_of_bytes_written(tmp_path):
+    """A trained state's arrays do not compress much: the estimate must match what is written."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from ttt_jax.checkpoint import Checkpointer
+    from ttt_jax.checkpoint.integrity import checkpoint_bytes, state_nbytes
+    from ttt_jax.checkpoint.tree import to_saveable
+    from ttt_jax.config import load_config
+    from ttt_jax.train import mesh as mesh_lib
+    from ttt_jax.train.optim import optimizer_fields
+    from ttt_jax.train.trainer import _program
+
+    cfg = load_config("tiny", [])
+    prog = _program(cfg.model, 0, optimizer_fields(cfg.train), mesh_lib.make_mesh(cfg.mesh))
+    rng = np.random.default_rng(0)
+
+    def trained_like(x):   # values like those of a trained state (Adam moments no longer zero)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return jax.device_put(jnp.asarray(rng.normal(size=x.shape).astype(x.dtype)), x.sharding)
+
+    ms, os_ = (jax.tree.map(trained_like, t) for t in prog.init())
+    state = {"model": to_saveable(nnx.to_pure_dict(ms)), "optimizer": to_saveable(nnx.to_pure_dict(os_))}
+    estimate = checkpoint_bytes(state_nbytes(state), len(jax.tree.leaves(state)))
+    ck = Checkpointer(tmp_path, keep=1)
+    ck.save(1, ms, os_, {}, cfg.to_dict())
+    ck.close()
+    written = sum(f.stat().st_size for f in (tmp_path / "1").rglob("*") if f.is_file())
+    assert abs(estimate - written) <= 0.2 * written, (estimate, written)
+
+
+# --- metrics.jsonl after a resume ---------------------------------------------------------------------------
+
+
+def test_metrics_truncated_to_the_resumed_step(tmp_path):
+    from ttt_jax.train.metrics import truncate_metrics
+
+    p = tmp_path / "metrics.jsonl"
+    recs = [{"kind": "eval", "step": 0}] + [{"kind": "train", "step": s} for s in range(1, 9)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"kind": "train", "st')   # cut by a kill
+    assert truncate_metrics(p, 6) == 3
+    assert [json.loads(ln)["step"] for ln in p.read_text().splitlines()] == [0, 1, 2, 3, 4, 5, 6]
+    assert truncate_metrics(p, 0) == 7 and p.read_text() == ""
+
+
+def test_exported_safetensors_get_the_umask_mode(tmp_path):
+    import numpy as np
+
+    from ttt_jax.convert.safetensors_io import write_safetensors
+
+    old = os.umask(0o022)
+    try:
+        names = write_safetensors(tmp_path, [("a", np.zeros(3, np.float32))])
+        names2 = write_safetensors(tmp_path / "sharded", [("a", np.zeros(64, np.float32)),
+                                                          ("b", np.zeros(64, np.float32))], max_shard_bytes=256)
+    finally:
+        os.umask(old)
+    assert names == ["model.safetensors"] and len(names2) == 2
+    for p in [tmp_path / names[0]] + [tmp_path / "sharded" / n for n in names2]:
+        assert oct(p.stat().st_mode & 0o777) == oct(0o644), p
+
+
+def test_generate_falls_back_to_the_newest_intact_step(tmp_path, capfd):
+    from test_fault_checkpoint import _truncate
+
+    assert _train_cli(tmp_path, "train.checkpoint_every=2", "train.stop_after=4") == 0
+    ckdir = tmp_path / "run" / "checkpoints"
+    _truncate(ckdir / "4")
+    capfd.readouterr()
+    assert cli.main(["generate", str(tmp_path / "run"), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
+    out, err = capfd.readouterr()
+    warn = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(warn) == 1 and f"checkpoint {ckdir / '4'} is corrupt" in warn[0] and \
+        "loading step 2 instead" in warn[0], err[-2000:]
+    assert "Traceback" not in err and "bound method" not in err
+    assert (ckdir / "4").is_dir()     # reading never moves or deletes anything

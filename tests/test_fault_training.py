@@ -19,8 +19,8 @@ from ttt_jax.checkpoint import CORRUPT_SUFFIX, CheckpointCorruptError, Checkpoin
 from test_fault_checkpoint import _garble, _swap_arrays
 from test_train import params_of, records, toy
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
-                                reason="bitwise reproducibility is a CPU guarantee (see README)")
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(jax.default_backend() != "cpu",
+                                reason="bitwise reproducibility is a CPU guarantee (see README)")]
 
 
 class _Hooked:
@@ -158,9 +158,9 @@ def test_full_disk_stops_before_training_with_a_clear_error(tmp_path, monkeypatc
     import shutil
 
     monkeypatch.setattr(shutil, "disk_usage",
-                        lambda p: shutil._ntuple_diskusage(total=1 << 30, used=(1 << 30) - (1 << 20), free=1 << 20))
+                        lambda p: shutil._ntuple_diskusage(total=1 << 30, used=(1 << 30) - (256 << 10), free=256 << 10))
     with pytest.raises(CheckpointWriteError, match=rf"not enough free disk space for a checkpoint in "
-                                                   rf"{tmp_path / 'run' / 'checkpoints'}: 1.0 MiB free"):
+                                                   rf"{tmp_path / 'run' / 'checkpoints'}: 256.0 KiB free"):
         trainer.train(toy(tmp_path), log=lambda m: None)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()   # nothing was computed
 
@@ -226,7 +226,7 @@ def test_disk_filling_up_mid_run_is_a_clear_error_and_keeps_checkpoints(tmp_path
     def usage(path):
         if (tmp_path / "run" / "checkpoints" / "2").is_dir():
             saves.append(path)
-            return shutil._ntuple_diskusage(total=1 << 30, used=(1 << 30) - (5 << 20), free=5 << 20)
+            return shutil._ntuple_diskusage(total=1 << 30, used=(1 << 30) - (256 << 10), free=256 << 10)
         return real(path)
 
     monkeypatch.setattr(shutil, "disk_usage", usage)
@@ -241,6 +241,128 @@ def test_disk_filling_up_mid_run_is_a_clear_error_and_keeps_checkpoints(tmp_path
     # latest, so the save of step 4 or 6 is the one refused.
     assert steps in ([2], [2, 4]), steps
     assert f"error: not enough free disk space for a checkpoint in {tmp_path / 'run' / 'checkpoints'}: " \
-           f"5.0 MiB free, a checkpoint needs about" in err, err
+           f"256.0 KiB free, a checkpoint needs about" in err, err
     assert f"the checkpoint of step {steps[-1]} in it is intact" in err, err
     assert run(monkeypatch, toy(tmp_path, "train.checkpoint_every=2")).step == 12
+
+
+def test_nonfinite_parameters_stop_at_once_instead_of_skipping(tmp_path, monkeypatch):
+    """An update that overflows the parameters themselves (an infinite learning rate from step 7
+    on): the next step's loss is non-finite, and since skipping cannot bring the parameters back,
+    the run stops there -- it does not burn train.max_nonfinite_steps steps -- naming the last
+    good checkpoint. The interval's summary counts the skipped step and excludes its loss."""
+    run(monkeypatch, toy(tmp_path, "train.stop_after=6"))
+    bad = toy(tmp_path, "train.learning_rate=1e39", "train.grad_clip=0", "train.checkpoint_every=3",
+              "train.log_every=2")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss at step 8 .*the parameters themselves "
+                                                 r"hold NaN/inf.*Last good checkpoint: .*6 \(step 6\)"):
+        run(monkeypatch, bad)
+    recs = records(tmp_path / "run" / "metrics.jsonl", "train")
+    assert [r["step"] for r in recs if r.get("skipped")] == [8]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["6"]
+
+
+def _slow_steps(monkeypatch, seconds):
+    """Make every training step take ``seconds`` on the device side (a host callback in the
+    program that produces the step's loss), so that a signal's timing can be told apart."""
+    import dataclasses
+    import time
+
+    real = trainer._program
+
+    def sleepy(x):
+        time.sleep(seconds)
+        return x
+
+    delay = jax.jit(lambda x: jax.pure_callback(sleepy, jax.ShapeDtypeStruct(x.shape, x.dtype), x))
+
+    def program(*a, **k):
+        prog = real(*a, **k)
+
+        def step(model_state, opt_state, batch):
+            model_state, opt_state, metrics = prog.step(model_state, opt_state, batch)
+            return model_state, opt_state, dict(metrics, loss=delay(metrics["loss"]))
+
+        return dataclasses.replace(prog, step=step)
+
+    monkeypatch.setattr(trainer, "_program", program)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_signal_stops_within_one_step_and_checkpoints_the_step_in_flight(tmp_path, monkeypatch, signame):
+    """A signal arriving while step 3 runs (steps of 0.5 s, logging and checkpoints far apart):
+    no further step is dispatched; step 3 finishes, is checkpointed, and the run stops within
+    about one step's time of the signal."""
+    import threading
+    import time
+
+    step_s = 0.5
+    _slow_steps(monkeypatch, step_s)
+    sent = {}
+
+    def hook(n, batch):
+        if n == 3:
+            def fire():
+                sent["t"] = time.perf_counter()
+                os.kill(os.getpid(), getattr(signal, signame))
+            threading.Timer(step_s / 2, fire).start()
+        return batch
+
+    cfg = toy(tmp_path, "train.steps=30", "train.log_every=1000", "train.eval_every=1000",
+              "train.checkpoint_every=1000")
+    with pytest.raises(TrainingInterrupted) as info:
+        run(monkeypatch, cfg, hook)
+    took = time.perf_counter() - sent["t"]
+    assert info.value.step == 3, info.value.step
+    assert took < step_s + 5.0, took     # the rest of step 3 plus its checkpoint
+    assert info.value.checkpoint == tmp_path / "run" / "checkpoints" / "3"
+    assert info.value.checkpoint.is_dir()
+
+
+@pytest.mark.slow
+def test_second_signal_exits_at_once_with_one_line(tmp_path):
+    """In a CLI process: the first SIGTERM asks for a checkpoint of the step in flight; a second
+    one while that step still runs (10 s steps) ends the process at once with one line and status
+    128 + 15; the earlier checkpoint is intact."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy(tmp_path, "train.steps=30", "train.log_every=1",
+                                                          "train.checkpoint_every=2").to_dict()))
+    script = f"""
+import sys; sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+import pytest
+from test_fault_training import _slow_steps
+from ttt_jax import cli
+mp = pytest.MonkeyPatch()
+import ttt_jax.train.trainer as trainer, time
+_real = trainer._StopSignals.__enter__
+def enter(self):
+    out = _real(self)
+    print("READY", flush=True)
+    return out
+mp.setattr(trainer._StopSignals, "__enter__", enter)
+_slow_steps(mp, 10.0)
+sys.exit(cli.main(["train", {str(tmp_path / "toy.yaml")!r}]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith("READY"):
+            break
+    time.sleep(2.0)   # inside step 1 (10 s)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=60)
+    took = time.perf_counter() - t0
+    err = proc.stderr.read()
+    assert rc == 128 + signal.SIGTERM, (rc, err[-2000:])
+    assert took < 3.0, took
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines[-1].startswith("SIGTERM received again: exiting at once without a checkpoint"), err[-2000:]
+    assert "Traceback" not in err

@@ -13,6 +13,8 @@ import pytest
 from ttt_jax.ops.kernels import flash as F
 from ttt_jax.ops import attention as A
 
+pytestmark = pytest.mark.unit
+
 
 def _inputs(seed, b, t, h, kvh, d, dtype=jnp.float32):
     ks = jax.random.split(jax.random.key(seed), 4)

@@ -13,6 +13,8 @@ from ttt_jax.infer import sample_logits as _sample_logits
 
 from test_infer import CASES, PROMPTS, setup
 
+pytestmark = pytest.mark.integration
+
 
 def test_filter_logits_top_k_top_p():
     logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]]))
@@ -143,6 +145,33 @@ def test_cli_generate_streams_the_greedy_continuation(checkpoint, tmp_path):
                            "--top-p", "0.9", "--seed", "1", "--prefill-block", "12"])
     assert code == 0, err
     assert "prompt tokens" in err
+
+
+def test_cli_generate_prompt_ids(checkpoint, tmp_path):
+    """Token ids in, token ids out: the same greedy continuation, even where the configured
+    tokenizer does not fit the model (a converted model without tokenizer.json)."""
+    path, cfg, model = checkpoint
+    prompt = [1, 100, 101, 102, 40]
+    want = generate(model, [prompt], GenerationConfig(max_new_tokens=6, stop_tokens=(258,)), prefill_block=12)
+    code, out, err = _cli(["generate", str(path), "--prompt-ids", ",".join(map(str, prompt)),
+                           "--max-new-tokens", "6", "--stop-token", "258", "--prefill-block", "12"])
+    assert code == 0, err
+    assert out == ",".join(map(str, want.tokens[0])) + "\n"
+    big = _hf_tokenizer_json(tmp_path)  # 259 tokens: fits; a bigger vocabulary must not be needed
+    import json as _json
+
+    data = _json.loads(big.read_text())
+    data["added_tokens"].append({"id": 400, "content": "<extra>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    big.write_text(_json.dumps(data))
+    code, out, err = _cli(["generate", str(path), "--prompt-ids", "1,2", "--tokenizer", str(big),
+                           "--max-new-tokens", "2", "--decode-block", "0"])
+    assert code == 0, err
+    assert len(out.strip().split(",")) >= 1
+    code, _, err = _cli(["generate", str(path), "--prompt", "x", "--tokenizer", str(big)])
+    assert code == 2 and "--prompt-ids" in err
+    code, _, err = _cli(["generate", str(path), "--prompt-ids", "1,999"])
+    assert code == 2 and "token id 999 is outside" in err
 
 
 def test_cli_generate_errors(checkpoint, tmp_path):

@@ -6,6 +6,8 @@ import pytest
 
 from ttt_jax.bench.hlo_memory import analyse, format_report, main, shape_bytes
 
+pytestmark = pytest.mark.structure
+
 
 def test_shape_bytes():
     assert shape_bytes("f32[4,8]{1,0}") == 128

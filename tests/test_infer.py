@@ -13,6 +13,8 @@ from ttt_jax.infer import Engine, cache_attention, init_cache
 from ttt_jax.infer.attention import cache_mask
 from ttt_jax.models import CausalLM
 
+pytestmark = pytest.mark.model
+
 V = 259
 # TTT chunks of 8 tokens: prompts of 13-29 tokens and decoding cross several chunk boundaries.
 TINY = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,

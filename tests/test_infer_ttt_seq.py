@@ -18,6 +18,8 @@ from ttt_jax.models import CausalLM
 
 from test_infer import activate_ttt
 
+pytestmark = pytest.mark.model
+
 V = 259
 M = 5
 BASE = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=48,

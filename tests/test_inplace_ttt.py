@@ -15,6 +15,8 @@ import pytest
 from ttt_jax.ops import inplace_ttt, inplace_ttt_target
 from ttt_jax.ops import inplace_ttt_reference as ref
 
+pytestmark = pytest.mark.unit
+
 FAST_IMPLS = ["reference", "associative", "scan", "auto"]
 F, D, C = 12, 6, 8
 

@@ -11,6 +11,8 @@ from parallel.mesh import make_mesh
 from ttt_jax.ops import inplace_ttt
 from ttt_jax.ops.inplace_ttt_cp import inplace_ttt_sharded
 
+pytestmark = pytest.mark.unit
+
 F, D, C = 8, 4, 4
 
 

@@ -13,7 +13,7 @@ import pytest
 from ttt_jax.ops import inplace_ttt
 from ttt_jax.ops import inplace_ttt_reference as ref
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.unit, pytest.mark.gpu]
 
 B, T, F, D, C = 2, 4096, 512, 256, 256
 
@@ -38,7 +38,7 @@ def _vg(fn, cot):
     return run
 
 
-@pytest.mark.parametrize("impl", ["scan", "associative", "auto"])
+@pytest.mark.parametrize("impl", ["scan", "associative", "pallas", "auto"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
 def test_gpu_values_and_grads_match_oracle(impl, dtype, packed):
@@ -68,6 +68,40 @@ def test_gpu_values_and_grads_match_oracle(impl, dtype, packed):
     assert rel(out, want) < tol
     for name, a, b in zip(("z", "v", "w0"), g_fast, g_want):
         assert rel(np.asarray(a, np.float32), np.asarray(b, np.float32)) < tol * 2, name
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_pallas_state_odd_length_matches_scan(dtype):
+    """The compiled kernel with packed documents, a length that is not a multiple of the chunk,
+    ``initial_state`` and ``return_state``: values, final state and every gradient against the scan
+    (itself tested against the oracle above)."""
+    t = T - 77
+    k = jax.random.split(jax.random.key(3), 6)
+    z = jax.random.normal(k[0], (B, t, F)).astype(dtype)
+    v = (0.05 * jax.random.normal(k[1], (B, t, D))).astype(dtype)
+    w0 = (0.05 * jax.random.normal(k[2], (F, D))).astype(dtype)
+    s0 = 0.01 * jax.random.normal(k[3], (B, F, D))
+    cots = (jax.random.normal(k[4], (B, t, D)).astype(dtype), jax.random.normal(k[5], (B, F, D)))
+    seg = _segments()[:, :t]
+
+    def run(impl):
+        fn = lambda z, v, w0, s0: inplace_ttt(z, v, w0, lr=0.01, chunk_size=C, segment_ids=seg, impl=impl,
+                                              initial_state=s0, return_state=True)
+
+        @jax.jit
+        def vg(*args):
+            out, vjp = jax.vjp(fn, *args)
+            return out, vjp(cots)
+        with jax.default_matmul_precision("highest"):
+            return jax.tree.map(lambda x: np.asarray(x, np.float32), vg(z, v, w0, s0))
+
+    (out, st), grads = run("pallas")
+    (want, st_want), gwant = run("scan")
+    rel = (lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b))
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert rel(out, want) < tol and rel(st, st_want) < tol
+    for name, a, b in zip(("z", "v", "w0", "s0"), grads, gwant):
+        assert rel(a, b) < 10 * tol, name
 
 
 def test_gpu_auto_is_scan():

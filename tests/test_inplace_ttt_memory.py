@@ -16,6 +16,8 @@ from jax.extend import core as jex_core
 
 from ttt_jax.ops import inplace_ttt
 
+pytestmark = pytest.mark.structure
+
 
 def _sub_jaxprs(params):
     for value in params.values():

@@ -7,6 +7,8 @@ import pytest
 
 from ttt_jax.ops.loss import chunked_cross_entropy, cross_entropy_reference
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("t, chunk, groups", [(17, 5, 1), (16, 4, 1), (7, 32, 1), (16, 4, 2), (24, 5, 4)])
 def test_chunked_matches_reference(t, chunk, groups):

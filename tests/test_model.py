@@ -14,6 +14,8 @@ from ttt_jax.models import (CausalLM, check_tokens, count_params, effective_keys
 from ttt_jax.nn import LOGICAL_AXES, RMSNorm, apply_rope, logical_axes
 from ttt_jax.ops import inplace_ttt_target
 
+pytestmark = pytest.mark.model
+
 V = 259
 # Tiny model: TTT on layer 0 of 2. The oracle implementations (explicit attention, sequential TTT)
 # compile fastest; the default ("auto") implementations are exercised by the tests that say so.

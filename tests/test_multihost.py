@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.integration
+
 WORKER = Path(__file__).with_name("_multihost_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,9 @@
 """Analytic context-parallel communication volume (parallel/comm.py)."""
 
 from parallel.comm import context_comm_bytes
+import pytest
+
+pytestmark = pytest.mark.unit
 
 
 def test_ring_halo_and_scan_volumes():

@@ -11,6 +11,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from parallel.mesh import MESH_AXES, detect_multihost, make_mesh, maybe_initialize_distributed
 from parallel.rules import DEFAULT_RULES, logical_to_spec, shard_pytree, with_logical_constraint
 
+pytestmark = pytest.mark.unit
+
 
 # --------------------------------------------------------------------------------------------------
 # Mesh

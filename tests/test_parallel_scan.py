@@ -10,6 +10,8 @@ from parallel import scan
 from parallel.layout import from_zigzag, to_zigzag
 from parallel.mesh import make_mesh
 
+pytestmark = pytest.mark.unit
+
 F, D = 2, 3
 
 

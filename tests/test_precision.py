@@ -11,6 +11,8 @@ import pytest
 from ttt_jax.nn.params import dense
 from ttt_jax.ops.precision import matmul_f32_out
 
+pytestmark = pytest.mark.structure
+
 EQ = "btd,df->btf"
 
 

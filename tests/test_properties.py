@@ -14,6 +14,8 @@ from ttt_jax.data.tokenizer import ByteTokenizer, HFTokenizer
 from ttt_jax.ops import inplace_ttt
 from ttt_jax.ops import inplace_ttt_reference as ref
 
+pytestmark = pytest.mark.unit
+
 
 @st.composite
 def op_case(draw):

@@ -10,6 +10,8 @@ from ttt_jax.infer import GenerationConfig, QTTTConfig, adapt_queries, generate
 
 from test_infer import PROMPTS, _FWD, setup
 
+pytestmark = pytest.mark.model
+
 
 def _snapshot(tree):
     return [np.array(x) for x in jax.tree.leaves(tree)]

@@ -11,6 +11,8 @@ from flax import nnx
 from ttt_jax.config import load_config
 from ttt_jax.models.lm import CausalLM
 
+pytestmark = pytest.mark.model
+
 BASE = ["model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
         "model.n_kv_heads=2", "model.d_ff=64", "model.compute_dtype=float32", "model.max_seq_len=64",
         "model.ttt.layers=[0]", "model.ttt.chunk_size=8", "data.seq_len=32"]

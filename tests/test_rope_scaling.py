@@ -8,6 +8,8 @@ import jax.numpy as jnp
 from ttt_jax.config import ConfigError, RopeScalingConfig, load_config
 from ttt_jax.nn.rope import apply_rope, rope_cos_sin, rope_frequencies
 
+pytestmark = pytest.mark.unit
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402

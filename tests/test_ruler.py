@@ -15,6 +15,8 @@ from ttt_jax.models import CausalLM
 
 from test_model import _activate_ttt, _forward, tiny
 
+pytestmark = pytest.mark.model
+
 BYTE = ByteTokenizer()
 
 

@@ -15,9 +15,11 @@ import pytest
 from flax import nnx
 
 from ttt_jax.config import ConfigError, ModelConfig, TTTConfig, load_config
-from ttt_jax.models.lm import (LAYERS_AXIS, CausalLM, count_params, scan_period, stack_layer_params,
-                               unstack_layer_params)
+from ttt_jax.models.layers import LAYERS_AXIS, scan_period, stack_layer_params, unstack_layer_params
+from ttt_jax.models.lm import CausalLM, count_params
 from ttt_jax.nn import logical_axes
+
+pytestmark = pytest.mark.model
 
 V = 259
 # 4 layers, TTT on layers 0 and 2 (period 2 -> 2 groups). The TTT op is the training default

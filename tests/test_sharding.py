@@ -20,6 +20,8 @@ from ttt_jax.train.optim import make_optimizer
 
 from test_train import TOY
 
+pytestmark = pytest.mark.integration
+
 # The toy model of test_train with every tensor-parallel dimension even: vocab 264 (the byte
 # tokenizer needs >= 259) and 2 KV heads, so that mesh.tensor=2 divides vocab / heads / kv_heads / mlp.
 SHARDABLE = ["model.vocab_size=264", "model.n_kv_heads=2", "train.steps=4", "train.log_every=1",

@@ -6,6 +6,8 @@ from pathlib import Path
 import jax
 import pytest
 
+pytestmark = pytest.mark.structure
+
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "step_collectives.py"
 spec = importlib.util.spec_from_file_location("step_collectives", _PATH)
 step_collectives = importlib.util.module_from_spec(spec)

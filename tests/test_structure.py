@@ -16,6 +16,10 @@ import ast
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ttt_jax", "parallel")
 LIBRARY = ("parallel", "ttt_jax.ops", "ttt_jax.nn", "ttt_jax.models", "ttt_jax.sharding",

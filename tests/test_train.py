@@ -15,6 +15,8 @@ from ttt_jax.checkpoint import Checkpointer
 from ttt_jax.train.metrics import peak_tflops_per_device, throughput
 from ttt_jax.train.optim import decay_mask, is_decayed, learning_rate_schedule
 
+pytestmark = pytest.mark.integration
+
 # A 2-layer In-Place TTT model (TTT on layer 0) on a slice of the byte-level stdlib corpus; batch 8
 # so that it splits over the 8 emulated CPU devices of the test session.
 TOY = [
@@ -204,6 +206,7 @@ def test_throughput_and_mfu():
     assert peak_tflops_per_device("cpu", override=1.5) == 1.5
 
 
+@pytest.mark.slow   # two CLI subprocesses, each importing JAX and compiling the step: ~70 s
 def test_killed_process_resumes_to_identical_parameters(tmp_path, straight_30):
     """SIGKILL a `ttt-jax train` process mid-run, start it again: the final parameters equal those of
     an uninterrupted run, bitwise (CPU)."""
@@ -236,6 +239,7 @@ def test_killed_process_resumes_to_identical_parameters(tmp_path, straight_30):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow   # two CLI subprocesses per signal, as the killed-process test
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_signal_checkpoints_current_step_and_resume_is_exact(tmp_path, signame, straight_30):
     """SIGTERM/SIGINT mid-run: the step in flight is checkpointed, the process exits with status 4,

@@ -12,6 +12,8 @@ import pytest
 
 from ttt_jax.ops.ttt_layer import inner_apply, layer_norm, param_shapes, ttt_layer
 
+pytestmark = pytest.mark.unit
+
 H, DH, K = 2, 4, 4
 
 

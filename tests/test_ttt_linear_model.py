@@ -8,8 +8,11 @@ from flax import nnx
 
 from parallel.mesh import make_mesh
 from ttt_jax.config import ConfigError, ModelConfig, TTTConfig, TTTSeqConfig, load_config
-from ttt_jax.models.lm import CausalLM, stack_layer_params
+from ttt_jax.models.layers import stack_layer_params
+from ttt_jax.models.lm import CausalLM
 from ttt_jax.nn.ttt_seq import TTTSeqLayer
+
+pytestmark = pytest.mark.model
 
 BASE = dict(vocab_size=37, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=24, max_seq_len=64,
             compute_dtype="float32", ttt=TTTConfig(enabled=False))

@@ -4,6 +4,7 @@
 
     ttt-jax train  CONFIG [key=value ...]   train (or resume) a model; CONFIG is a YAML file or a preset
     ttt-jax config CONFIG [key=value ...]   print the resolved, validated config as YAML
+    ttt-jax compile CONFIG --topology v5p-128 [key=value ...]   plan a TPU run (fit, memory, cost)
 
 CONFIG is a path or the name of a preset in ``configs/`` (``tiny``, ``small``, ``qwen3_4b_shape``).
 Overrides use dotted keys and YAML values: ``train.steps=200 model.ttt.layers=[0,2] train.peak_tflops=null``.
@@ -21,7 +22,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from ttt_jax.config import Config, ConfigError, load_config
+from ttt_jax.config import Config, ConfigError, load_config, parse_overrides
 
 EXIT_USAGE = 2       # bad config / arguments / data / checkpoint
 EXIT_DIVERGED = 3    # training stopped on a non-finite loss
@@ -35,6 +36,7 @@ _SUBCOMMANDS = {
     "eval": ("ttt_jax.eval.cli", "sliding-window perplexity and synthetic long-context tasks"),
     "convert": ("ttt_jax.convert.cli", "Hugging Face safetensors <-> ttt-jax checkpoints"),
     "bench": ("ttt_jax.bench.cli", "speed and memory benchmarks"),
+    "compile": ("ttt_jax.compile.cli", "AOT-compile a run for a TPU slice: memory, fit, cost estimate"),
 }
 
 
@@ -82,6 +84,37 @@ def _summary(cfg: Config) -> str:
     ])
 
 
+def _load(config: str, overrides: Sequence[str], note=print) -> Config:
+    """:func:`load_config`, except that ``train.steps=N`` below the file's warmup (and without a
+    ``train.warmup_steps`` override) clamps the warmup to ``N`` with a one-line note: a short run of
+    a preset needs no second override."""
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        train = parse_overrides(overrides).get("train", {})
+        if not isinstance(train, dict) or "steps" not in train or "warmup_steps" in train:
+            raise
+        try:
+            rest = [o for o in overrides if o.split("=", 1)[0].strip() != "train.steps"]
+            file_warmup = load_config(config, rest).train.warmup_steps
+            steps = load_config(config, [*overrides, "train.warmup_steps=0"]).train.steps
+        except ConfigError:
+            raise e from None
+        if file_warmup <= steps:
+            raise
+        note(f"note: train.warmup_steps {file_warmup} clamped to train.steps={steps}")
+        return load_config(config, [*overrides, f"train.warmup_steps={steps}"])
+
+
+def _check_init_from(cfg: Config) -> None:
+    """A ``train.init_from`` that does not exist is one line before anything starts (the run
+    directory and its checkpoints are checked by the trainer, :func:`ttt_jax.fs.ensure_writable`)."""
+    from pathlib import Path
+
+    if cfg.train.init_from and not Path(cfg.train.init_from).expanduser().exists():
+        raise ValueError(f"train.init_from {cfg.train.init_from!r} does not exist")
+
+
 def _cmd_config(cfg: Config) -> int:
     sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return 0
@@ -98,6 +131,7 @@ def _cmd_train(cfg: Config) -> int:
     maybe_initialize_distributed()
     main_process = jax.process_index() == 0
     say = print if main_process else (lambda *a, **k: None)
+    _check_init_from(cfg)
     say(_summary(cfg), flush=True)
     devices = jax.devices()
     say(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}), "
@@ -122,9 +156,34 @@ def _cmd_train(cfg: Config) -> int:
     return 0
 
 
+def _one_line_warnings() -> None:
+    """Print the project's own warnings (a checkpoint skipped, ...) as one ``warning: ...`` line."""
+    import warnings
+
+    previous = warnings.formatwarning
+    if getattr(previous, "_ttt_jax", False):
+        return
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if category.__module__.startswith("ttt_jax."):
+            return f"warning: {message}\n"
+        return previous(message, category, filename, lineno, line)
+
+    formatwarning._ttt_jax = True
+    warnings.formatwarning = formatwarning
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``ttt-jax`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    _one_line_warnings()
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # `ttt-jax compile CONFIG --topology v5p-32 key=value ...`: overrides may follow the options.
+    if extra and getattr(args, "overrides", None) is not None and all(
+            "=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in _SUBCOMMANDS:
         module = _subcommand_module(args.command)
         if module is None:
@@ -133,15 +192,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_USAGE
         try:
             return module.run(args)
-        except (ConfigError, ValueError) as e:
+        except (ConfigError, ValueError, OSError) as e:  # OSError: a path that cannot be read/written
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USAGE
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = _load(args.config, args.overrides, note=lambda m: print(m, file=sys.stderr))
         if args.command == "config":
             return _cmd_config(cfg)
         return _cmd_train(cfg)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

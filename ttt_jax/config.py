@@ -82,7 +82,7 @@ class TTTConfig:
     target_source: Literal["embeddings", "hidden"] = "embeddings"
     target: Literal["aligned", "reconstruction"] = "aligned"
     clip_tau: Optional[float] = None
-    impl: Literal["auto", "reference", "associative", "scan", "attention"] = "auto"
+    impl: Literal["auto", "reference", "associative", "scan", "attention", "pallas"] = "auto"
 
     def validate(self, n_layers: int) -> None:
         _check(self.chunk_size >= 1, "model.ttt.chunk_size", self.chunk_size, "an integer >= 1")
@@ -286,7 +286,8 @@ class ModelConfig:
     kernels per ring block), ``"tpu"`` (splash / Pallas Mosaic blocks in the ring or all-gather and
     one splash call per device for sliding-window layers; segment ids everywhere; TPU, Pallas
     interpret mode elsewhere), ``"xla"`` (plain XLA blockwise attention: any backend, segment ids) or
-    ``"auto"`` (fused where it can run, XLA otherwise; XLA on CPU/TPU). ``context_halo`` picks how
+    ``"auto"`` (``"tpu"`` when the program is built for TPU, else fused where it can run, XLA
+    otherwise). ``context_halo`` picks how
     the fused path computes a sliding-window layer across devices: ``"single"`` (one cuDNN call
     over ``[halo | local]`` keys with ``window - 1`` zero query rows) or ``"split"`` (a local call
     and a small halo block merged by log-sum-exp, ``parallel/halo_attention.py``: no zero rows, and
@@ -406,7 +407,9 @@ class DataConfig:
     ``parquet`` (``paths`` + ``column``). ``tokenizer``: ``byte`` or a path to a Hugging Face
     ``tokenizer.json``. ``on_error``: what a malformed record (bad UTF-8, invalid JSON line, missing
     field, unreadable Parquet) does: ``raise`` a ``ValueError`` naming file and line/row, or ``skip``
-    it (counted, with a warning).
+    it (counted, with a warning). ``check``: before the first step, read every record the run will
+    use once and apply ``on_error`` then (:mod:`ttt_jax.data.check`; linear in the data, with a
+    progress bar); ``false`` skips that pass.
     """
 
     source: Literal["stdlib", "text", "jsonl", "parquet"] = "stdlib"
@@ -423,6 +426,7 @@ class DataConfig:
     seed: int = 0
     worker_count: int = 0
     on_error: Literal["raise", "skip"] = "raise"
+    check: bool = True
 
     def validate(self) -> None:
         _check(self.seq_len >= 2, "data.seq_len", self.seq_len, "an integer >= 2")

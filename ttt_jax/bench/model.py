@@ -26,7 +26,10 @@ from typing import Optional
 
 import numpy as np
 
+from ttt_jax.bench.fmt import num, pct
 from ttt_jax.bench.isolate import run_variant_process
+from ttt_jax.paths import ensure_writable_file
+from ttt_jax.train.metrics import peak_tflops_per_device
 
 
 VARIANTS = {
@@ -43,8 +46,36 @@ def parse_mesh(spec: str) -> dict:
     out = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
-        out[key.strip()] = int(value)
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh {spec!r}: expected axis=size pairs such as context=4,fsdp=2") from None
     return out
+
+
+def check_args(args) -> None:
+    """Reject what no variant can run with, before any child starts (``ValueError``, one line):
+    unknown variants, sizes < 1, and overrides / presets / meshes the config rejects."""
+    from ttt_jax.config import load_config
+
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants {unknown[0]!r}: expected some of {', '.join(VARIANTS)}")
+    for name in ("batch", "iters", "window"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} {getattr(args, name)}: expected an integer >= 1")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup {args.warmup}: expected an integer >= 0")
+    lengths = args.seq_lens or [args.seq_len]
+    if min(lengths) < 2:
+        raise ValueError(f"--seq-len {min(lengths)}: expected integers >= 2")
+    mesh_over = [f"mesh.{k}={v}" for k, v in parse_mesh(args.mesh).items()]
+    for length in lengths:
+        for v in args.variants:
+            variant = [o.format(window=args.window) for o in VARIANTS[v]]
+            # The same overrides run_variant applies; a ConfigError names the bad key or value.
+            load_config(args.preset, list(args.set) + variant + mesh_over + [
+                f"data.seq_len={length}", f"model.max_seq_len={max(length, 8)}"])
 
 
 def context_comm(mcfg, mesh_shape, batch: int, seq_len: int) -> dict:
@@ -249,7 +280,8 @@ def main(argv=None):
                    help="config overrides applied to every variant")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--variant", help=argparse.SUPPRESS)
-    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device peak for MFU (default: the device's known peak; MFU n/a when unknown)")
     p.add_argument("--out", type=Path)
     p.add_argument("--profile", type=Path, default=None,
                    help="after timing, trace one more step with jax.profiler into this directory and "
@@ -259,6 +291,9 @@ def main(argv=None):
     if args.variant:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return None
+    check_args(args)
+    if args.out:
+        ensure_writable_file(args.out, "--out")
     lengths = args.seq_lens or [args.seq_len]
     # The children import this package from where the parent found it (installed or not).
     root = str(Path(__file__).resolve().parents[2])
@@ -273,7 +308,10 @@ def main(argv=None):
             row = run_variant_process(child, v, env)
             row.setdefault("seq_len", length)
             rows.append(row)
-            print({k: v for k, v in row.items() if k != "profile"}, flush=True)
+            if "error" in row:  # the child's stderr went by above; one line here
+                print(f"[{v}] T={length} failed (exit {row.get('returncode')}): {row['error']}", flush=True)
+            else:
+                print({k: v for k, v in row.items() if k != "profile"}, flush=True)
             if "profile" in row:  # the per-device detail is in --out; a digest here
                 from ttt_jax.bench.trace import format_summary
 
@@ -286,10 +324,12 @@ def main(argv=None):
         if "error" in r:
             print(f"{r['variant']:>8} {r['seq_len']:>7} ERROR (exit {r.get('returncode')}) {r['error']}")
             continue
-        mfu = r["tflops"] / args.peak_tflops if args.peak_tflops else float("nan")
-        print(f"{r['variant']:>8} {r['seq_len']:>7} {r['step_s']:8.3f} {r.get('step_pipelined_s', float('nan')):8.3f} {r['tokens_per_s']:9.0f} {r['tflops']:8.1f} "
-              f"{mfu:6.1%} {r['peak_gib']:9.2f} {r['compile_s']:9.1f} "
-              f"{r['comm_bytes_per_device']['total'] / 2**20:9.1f}")
+        peak = peak_tflops_per_device(r.get("device", ""), args.peak_tflops)
+        mfu = r["tflops"] / peak if peak else None
+        print(f"{r['variant']:>8} {r['seq_len']:>7} {num(r['step_s']):>8} {num(r.get('step_pipelined_s')):>8} "
+              f"{num(r['tokens_per_s']):>9} {num(r['tflops']):>8} {pct(mfu):>6} "
+              f"{num(r['peak_gib'] or None):>9} {num(r['compile_s']):>9} "
+              f"{num(r['comm_bytes_per_device']['total'] / 2**20):>9}")
     for length in lengths:
         ok = {r["variant"]: r for r in rows if "error" not in r and r["seq_len"] == length}
         for base, ttt, what in (("base", "ttt", "TTT / base"), ("swa", "swa_ttt", "SWA+TTT / SWA")):

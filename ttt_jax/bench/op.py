@@ -1,12 +1,19 @@
 """Op-level benchmark of In-Place TTT against the plain down-projection (forward + backward).
 
-For each sequence length ``T`` and chunk size it times ``grad`` of a scalar loss w.r.t. every input
-(``z``, ``v``, ``w0`` for TTT; ``z``, ``w0`` for the plain projection) and reports
+For each sequence length ``T`` and chunk size it times one jitted call that returns the forward
+output *and* its VJP w.r.t. every input (``z``, ``v``, ``w0`` for TTT; ``z``, ``w0`` for the plain
+projection) for a random cotangent, so the compiler can drop neither pass, and reports
 
 * median time (ms) and the ratio to the plain down-projection ``z @ w0`` measured in the same run,
 * achieved TFLOP/s on the *useful* FLOPs (plain 6TDF; TTT 14TDF: forward 4TDF, backward 10TDF
   with recomputation) and the fraction of the measured bf16 matmul peak,
 * compiled temporary memory (XLA's memory analysis) and the extra over the plain projection.
+
+The ``plain`` row is a bf16 dense layer as mixed-precision training runs it: bf16 operands in the
+forward *and* both backward matmuls, fp32 accumulation inside the matmul (the dot returns bf16; an
+fp32-result dot followed by a cast would hand autodiff an fp32 cotangent and fp32 backward
+matmuls). :func:`check_plain_row` verifies this on the lowered program (three matmuls, none with
+an fp32 operand).
 
 Rows: every ``inplace_ttt`` impl plus two comparison schemes re-expressed in JAX:
 ``naive_scan`` (``lax.scan`` carrying the fast weight, plain autodiff) and ``official_cumsum``
@@ -31,7 +38,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from ttt_jax.bench.fmt import num, pct
+from ttt_jax.bench.hlo_dots import dots, f32_operand_dots
 from ttt_jax.ops import inplace_ttt
+from ttt_jax.ops.inplace_ttt import IMPLS
+from ttt_jax.ops.precision import matmul_f32_out
+from ttt_jax.paths import ensure_writable_file
+
+# The rows a run can ask for: every inplace_ttt impl and the comparison schemes above.
+ROWS = ("plain", "naive_scan", "official_cumsum") + IMPLS
 
 
 def naive_scan(z, v, w0, *, lr, chunk_size):
@@ -43,9 +58,9 @@ def naive_scan(z, v, w0, *, lr, chunk_size):
 
     def step(w, xs):
         zi, vi = xs
-        out = jnp.einsum("bcf,bfd->bcd", zi, w.astype(zi.dtype), preferred_element_type=jnp.float32)
-        w = w + lr * jnp.einsum("bcf,bcd->bfd", zi, vi, preferred_element_type=jnp.float32)
-        return w, out.astype(zi.dtype)
+        out = jnp.einsum("bcf,bfd->bcd", zi, w.astype(zi.dtype))
+        w = w + lr * matmul_f32_out("bcf,bcd->bfd", zi, vi)
+        return w, out
 
     w = jnp.broadcast_to(w0.astype(jnp.float32), (b,) + w0.shape)
     _, out = jax.lax.scan(step, w, (zc, vc))
@@ -58,16 +73,16 @@ def official_cumsum(z, v, w0, *, lr, chunk_size):
     n = t // chunk_size
     zc = z.reshape(b, n, chunk_size, f)
     vc = v.reshape(b, n, chunk_size, -1)
-    dw = jnp.einsum("bncf,bncd->bnfd", zc, vc, preferred_element_type=jnp.float32)
+    dw = matmul_f32_out("bncf,bncd->bnfd", zc, vc)
     s = jnp.cumsum(dw, axis=1) - dw
     w = (w0.astype(jnp.float32) + lr * s).astype(z.dtype)
-    out = jnp.einsum("bncf,bnfd->bncd", zc, w, preferred_element_type=jnp.float32)
-    return out.astype(z.dtype).reshape(b, t, -1)
+    return jnp.einsum("bncf,bnfd->bncd", zc, w).reshape(b, t, -1)
 
 
 def plain(z, v, w0, **_):
+    """The dense layer ``z @ w0`` in the operands' dtype (fp32 accumulation inside the matmul)."""
     del v
-    return jnp.einsum("btf,fd->btd", z, w0, preferred_element_type=jnp.float32).astype(z.dtype)
+    return jnp.einsum("btf,fd->btd", z, w0.astype(z.dtype))
 
 
 def make_fn(name):
@@ -81,14 +96,30 @@ def make_fn(name):
 
 
 def fwd_bwd(name, lr, chunk_size):
+    """Jitted ``(z, v, w0, cot) -> (out, grads)``: the forward output beside its VJP for ``cot``,
+    so that neither pass can be dropped (grads w.r.t. ``z, w0`` for ``plain``, else ``z, v, w0``)."""
     fn = make_fn(name)
-    argnums = (0, 2) if name == "plain" else (0, 1, 2)
 
-    def loss(z, v, w0, cot):
-        out = fn(z, v, w0, lr=lr, chunk_size=chunk_size)
-        return jnp.sum(out.astype(jnp.float32) * cot.astype(jnp.float32))
+    def run(z, v, w0, cot):
+        if name == "plain":
+            out, vjp = jax.vjp(lambda z, w0: fn(z, v, w0, lr=lr, chunk_size=chunk_size), z, w0)
+        else:
+            out, vjp = jax.vjp(lambda z, v, w0: fn(z, v, w0, lr=lr, chunk_size=chunk_size), z, v, w0)
+        return out, vjp(cot.astype(out.dtype))
 
-    return jax.jit(jax.grad(loss, argnums=argnums))
+    return jax.jit(run)
+
+
+def check_plain_row(z, v, w0, cot) -> dict:
+    """Lower the plain row and read its matmuls: a fwd+bwd dense layer has exactly three, and in a
+    low-precision run none takes an fp32 operand. Returns ``{"dots", "f32_operand_dots"}``; raises
+    ``AssertionError`` when either check fails."""
+    text = fwd_bwd("plain", 0.0, 1).lower(z, v, w0, cot).as_text()
+    found, bad = dots(text), f32_operand_dots(text)
+    assert len(found) == 3, f"plain row lowers to {len(found)} matmuls, not 3: {found}"
+    if z.dtype != jnp.float32:
+        assert not bad, f"plain row has fp32-operand matmuls: {bad}"
+    return {"dots": len(found), "f32_operand_dots": len(bad)}
 
 
 def time_fn(fn, args, iters):
@@ -125,14 +156,16 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    dtype = check_args(args)
+    if args.out:
+        ensure_writable_file(args.out, "--out")
 
-    dtype = jnp.dtype(args.dtype)
     dev = jax.devices()[0]
     peak = matmul_peak(dtype) if dev.platform == "gpu" else matmul_peak(dtype, n=1024, iters=2)
-    print(f"device: {dev.device_kind} ({dev.platform}); measured {args.dtype} matmul peak {peak:.0f} TFLOP/s",
-          flush=True)
+    print(f"device: {dev.device_kind} ({dev.platform}); measured {args.dtype} matmul peak "
+          f"{num(peak, ' TFLOP/s')}", flush=True)
     d, f, b = args.d_model, args.d_ff, args.batch
-    rows = []
+    rows, plain_check = [], None
     for t in args.lengths:
         for c in args.chunks:
             if t % c:
@@ -143,6 +176,10 @@ def main(argv=None):
             w0 = (0.02 * jax.random.normal(k[2], (f, d))).astype(dtype)
             cot = jax.random.normal(k[3], (b, t, d), dtype)
             base_ms = None
+            if plain_check is None and "plain" in args.impls:
+                plain_check = check_plain_row(z, v, w0, cot)
+                print(f"plain row: {plain_check['dots']} matmuls, {plain_check['f32_operand_dots']} with an fp32 "
+                      "operand (lowered HLO)", flush=True)
             for name in args.impls:
                 row = dict(T=t, chunk=c, impl=name, B=b, D=d, F=f, device=dev.device_kind)
                 try:
@@ -153,7 +190,7 @@ def main(argv=None):
                     sec = time_fn(fn, (z, v, w0, cot), args.iters)
                     flops = (6 if name == "plain" else 14) * b * t * d * f
                     row.update(ms=sec * 1e3, tflops=flops / sec / 1e12)
-                    row["frac_peak"] = row["tflops"] / peak
+                    row["frac_peak"] = row["tflops"] / peak if peak > 0 else None
                     if name == "plain":
                         base_ms, base_temp = row["ms"], row["temp_gib"]
                     if base_ms is not None:
@@ -166,12 +203,36 @@ def main(argv=None):
                 _print_row(row)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = dict(peak_tflops=peak, device=dev.device_kind, rows=rows)
+        result = dict(peak_tflops=peak, device=dev.device_kind, plain_check=plain_check, rows=rows)
         args.out.write_text(json.dumps(result, indent=1))
         from ttt_jax.bench.plots import plot_op
 
         print(f"wrote {args.out} and {plot_op(result, args.out.with_suffix('.png'))}")
     return rows
+
+
+def check_args(args) -> "jnp.dtype":
+    """Reject arguments no benchmark can run with (``ValueError``, one line); returns the dtype."""
+    for name in ("lengths", "chunks"):
+        bad = [x for x in getattr(args, name) if x < 1]
+        if bad:
+            raise ValueError(f"--{name} {bad[0]}: expected integers >= 1")
+    for name in ("d_model", "d_ff", "batch", "iters"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
+    unknown = [x for x in args.impls if x not in ROWS]
+    if unknown:
+        raise ValueError(f"--impls {unknown[0]!r}: expected some of {', '.join(ROWS)}")
+    if not any(t % c == 0 for t in args.lengths for c in args.chunks):
+        raise ValueError(f"no --lengths {args.lengths} is a multiple of a --chunks {args.chunks}: "
+                         "nothing to run")
+    try:
+        dtype = jnp.dtype(args.dtype)
+    except TypeError:
+        raise ValueError(f"--dtype {args.dtype!r}: not a dtype (e.g. bfloat16, float32)") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"--dtype {args.dtype!r}: expected a floating dtype (e.g. bfloat16, float32)")
+    return dtype
 
 
 def _print_row(r):
@@ -180,8 +241,8 @@ def _print_row(r):
         return
     ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
     extra = f"{r['extra_gib']:+.2f}" if r.get("extra_gib") is not None else "-"
-    print(f"T={r['T']:>7} C={r['chunk']:>5} {r['impl']:>16} {r['ms']:9.2f} ms  ratio {ratio:>6}  "
-          f"{r['tflops']:6.1f} TF/s ({100 * r['frac_peak']:4.1f}% peak)  temp {r['temp_gib']:.2f} GiB "
+    print(f"T={r['T']:>7} C={r['chunk']:>5} {r['impl']:>16} {num(r['ms']):>9} ms  ratio {ratio:>6}  "
+          f"{num(r['tflops'], ' TF/s'):>11} ({pct(r['frac_peak'])} peak)  temp {num(r['temp_gib'])} GiB "
           f"extra {extra} GiB", flush=True)
 
 

@@ -30,14 +30,15 @@ class NonFiniteStateError(ValueError):
 
 
 class CheckpointWriteError(OSError, ValueError):
-    """A checkpoint cannot be written for lack of disk space (or quota); the message names the
-    directory and its free space. An ``OSError`` with ``errno`` ENOSPC, and a ``ValueError`` so
-    that the command line reports it as one ``error:`` line (like :class:`io.UnsupportedOperation`,
-    which is both)."""
+    """A checkpoint cannot be written: too little disk space (checked before a save), or the writer
+    failed with an OS error (full disk or inodes, quota, read-only, permission, I/O error). The
+    message is one line naming the step, the path and the error. An ``OSError`` carrying that
+    ``errno``, and a ``ValueError`` so that the command line reports it as one ``error:`` line
+    (like :class:`io.UnsupportedOperation`, which is both)."""
 
-    def __init__(self, message: str):
-        super().__init__(errno.ENOSPC, message)
-        self.message = message
+    def __init__(self, message: str, errno_: int = errno.ENOSPC, step: int | None = None):
+        super().__init__(errno_, message)
+        self.message, self.step = message, step
 
     def __str__(self) -> str:
         return self.message

@@ -76,6 +76,19 @@ def state_nbytes(tree: Any) -> int:
     return total
 
 
+# What a checkpoint takes on disk beyond its arrays' bytes: Orbax's and TensorStore's metadata
+# (per array: its zarr/OCDBT records and array metadata; per step: the items' JSON, the manifest).
+# Arrays are stored uncompressed (so the estimate does not depend on the values).
+# tests/test_fault_storage.py measures the estimate against what a save writes.
+PER_ARRAY_BYTES = 1536
+PER_STEP_BYTES = 64 << 10
+
+
+def checkpoint_bytes(nbytes: int, n_arrays: int) -> int:
+    """Estimated bytes a checkpoint of ``n_arrays`` arrays holding ``nbytes`` takes on disk."""
+    return int(nbytes) + n_arrays * PER_ARRAY_BYTES + PER_STEP_BYTES
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -119,22 +132,39 @@ def is_damage(e: BaseException) -> bool:
 
 
 def brief(e: BaseException) -> str:
-    first = str(e).splitlines()[0][:200] if str(e) else ""
+    """``"Type: first line"`` of ``e``, without the unhelpful tail Orbax appends to TensorStore
+    errors (``See full TensorStore details: <bound method ...>``)."""
+    text = str(e).split("See full TensorStore details")[0].rstrip(" .")
+    first = text.splitlines()[0][:200] if text else ""
     return f"{type(e).__name__}: {first}"
 
 
-def is_disk_full(e: BaseException) -> bool:
-    """Whether ``e`` (or an exception it was raised from) says the disk or quota is full. Orbax
-    re-raises errors of its background writer; TensorStore reports ENOSPC as text."""
-    seen = set()
+# Write failures a user can act on (a full disk or quota, a read-only or unwritable location, a
+# failing device), by errno and by the text TensorStore and Orbax put in their messages.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+_WRITE_TEXT = (("No space left on device", errno.ENOSPC), ("Disk quota exceeded", errno.EDQUOT),
+               ("Read-only file system", errno.EROFS), ("Permission denied", errno.EACCES),
+               ("PERMISSION_DENIED", errno.EACCES), ("Operation not permitted", errno.EPERM),
+               ("Input/output error", errno.EIO), ("ENOSPC", errno.ENOSPC), ("EDQUOT", errno.EDQUOT))
+
+
+def write_failure(e: BaseException) -> Optional[tuple[int, str]]:
+    """``(errno, detail)`` when ``e`` (or an exception it came from) is an OS write failure of
+    :data:`WRITE_ERRNOS`; ``None`` otherwise (a bug, a device error: raised as it is). ``detail``
+    is the most specific message found (the OS error's, naming the file, when there is one)."""
+    chain, seen = [], set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if any(s in str(e) for s in ("No space left on device", "Disk quota exceeded", "ENOSPC")):
-            return True
+        chain.append(e)
         e = e.__cause__ or e.__context__
-    return False
+    for x in chain:
+        if isinstance(x, OSError) and x.errno in WRITE_ERRNOS:
+            return x.errno, str(x).splitlines()[0][:300]
+    for x in chain:
+        for text, code in _WRITE_TEXT:
+            if text in str(x):
+                return code, brief(x)
+    return None
 
 
 def verify_checksums(where: Path, restored: Any, recorded: Optional[dict[str, str]]) -> None:

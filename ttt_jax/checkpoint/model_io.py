@@ -96,10 +96,37 @@ def load_model(path: str | Path, *, step: Optional[int] = None, mesh: Optional[j
     (``ValueError`` naming the keys). With ``mesh``, every parameter is read directly into its
     sharding under the logical rules (a large model is never whole on one device); without, onto
     the default device. Optimizer state in the checkpoint is not read.
+
+    Without ``step`` (and unless ``path`` names a step), a newest step that cannot be read back
+    intact (missing or truncated array files, checksums that do not match) is skipped with a
+    :class:`CheckpointWarning` naming it and the reason, and the next older one is loaded;
+    :class:`CheckpointCorruptError` when none is intact. With ``step``, that step or the error.
     """
+    p = Path(path).expanduser().absolute()
+    if step is not None or (p.name.isdigit() and (p / "state").exists()):
+        return _load_model(path, step, mesh, overrides)
+    ckdir, newest = resolve_checkpoint(path)
+    candidates = [s for s in _complete_steps(ckdir) if s <= newest]
+    for k in range(len(candidates) - 1, -1, -1):
+        try:
+            return _load_model(ckdir, candidates[k], mesh, overrides)
+        except CheckpointCorruptError as e:
+            if k == 0:
+                raise CheckpointCorruptError(e.path, f"{e.reason}; no older step is left to fall back to") from e
+            warnings.warn(f"{e}; skipped, loading step {candidates[k - 1]} instead (pass a step to choose "
+                          "another)", CheckpointWarning, stacklevel=2)
+    raise AssertionError("unreachable")  # pragma: no cover - resolve_checkpoint found a step
+
+
+def _complete_steps(ckdir: Path) -> list[int]:
+    return sorted(int(c.name) for c in ckdir.iterdir() if c.name.isdigit() and (c / "state").exists())
+
+
+def _load_model(path: str | Path, step: Optional[int], mesh: Optional[jax.sharding.Mesh],
+                overrides: tuple[str, ...] | list[str]) -> tuple[Config, Any]:
     from ttt_jax.config import apply_overrides
     from ttt_jax.models.lm import CausalLM
-    from ttt_jax import sharding as mesh_lib
+    from ttt_jax import sharding
 
     ckdir, step = resolve_checkpoint(path, step)
     saved_cfg = read_checkpoint_config(ckdir, step)
@@ -111,12 +138,18 @@ def load_model(path: str | Path, *, step: Optional[int] = None, mesh: Optional[j
     graphdef, abs_state = nnx.split(abs_model)
     target = str_keys(nnx.to_pure_dict(abs_state))
     if mesh is not None:
-        shardings = str_keys(nnx.to_pure_dict(mesh_lib.state_shardings(abs_state, mesh)))
+        shardings = str_keys(nnx.to_pure_dict(sharding.state_shardings(abs_state, mesh)))
     else:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: dev, target)
     mngr = ocp.CheckpointManager(ckdir, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-    saved_meta = meta_tree(mngr.item_metadata(step)["state"])
+    where = ckdir / str(step)
+    try:
+        saved_meta = meta_tree(mngr.item_metadata(step)["state"])
+    except Exception as e:  # noqa: BLE001 - sorted by is_damage
+        if not is_damage(e):
+            raise
+        raise CheckpointCorruptError(where, f"its array metadata cannot be read ({brief(e)})") from e
     problems = shape_problems(saved_meta.get("model", {}), target)
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])

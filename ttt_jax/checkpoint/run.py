@@ -35,6 +35,7 @@ Integrity:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import warnings
@@ -48,8 +49,10 @@ from flax import nnx
 from ttt_jax.checkpoint.compat import config_differences
 from ttt_jax.checkpoint.errors import (CheckpointCorruptError, CheckpointWarning, CheckpointWriteError,
                                        NonFiniteStateError)
-from ttt_jax.checkpoint.integrity import (brief, checksums_and_finite, fmt_bytes, free_bytes, is_damage,
-                                          is_disk_full, state_nbytes, verify_checksums)
+from ttt_jax.checkpoint.integrity import (brief, checkpoint_bytes, checksums_and_finite, fmt_bytes, free_bytes,
+                                          is_damage, state_nbytes, verify_checksums, write_failure)
+from ttt_jax.checkpoint.quiet import contain as contain_library_noise
+from ttt_jax.fs import describe_os_error
 from ttt_jax.checkpoint.tree import abstract_of, from_saved, shape_problems, str_keys, to_saveable
 
 # Orbax's marker in the name of a step directory that is still being (or was never fully) written.
@@ -85,6 +88,9 @@ class Checkpointer:
         self._warn = warn if warn is not None else \
             (lambda msg: warnings.warn(msg, CheckpointWarning, stacklevel=3))
         self.set_aside: list[Path] = []   # corrupt steps moved to <step>.corrupt by this instance
+        self._pending: Optional[int] = None   # the step of a save that may still be writing
+        self._failed = False                  # a write failed: nothing more is written or waited for
+        contain_library_noise()
         self._discard_unfinished()
         # Handlers named up front, so that metadata and single items of an existing checkpoint can
         # be read before (or without) a full restore.
@@ -113,10 +119,11 @@ class Checkpointer:
 
     # --- writing ---------------------------------------------------------------------------------
 
-    def check_free_space(self, nbytes: int) -> None:
+    def check_free_space(self, nbytes: int, n_arrays: int = 0) -> None:
         """Raise :class:`CheckpointWriteError` when the checkpoint directory's filesystem has less
-        free space than a checkpoint of ``nbytes`` of arrays needs (with 5% + 16 MiB to spare)."""
-        need = int(nbytes * 1.05) + (16 << 20)
+        free space than a checkpoint of ``nbytes`` of arrays (``n_arrays`` of them) is estimated to
+        take (:func:`~ttt_jax.checkpoint.integrity.checkpoint_bytes`)."""
+        need = checkpoint_bytes(nbytes, n_arrays)
         free = free_bytes(self.directory)
         if free < need:
             raise CheckpointWriteError(
@@ -126,59 +133,106 @@ class Checkpointer:
 
     def _intact_note(self) -> str:
         try:
-            steps = self.all_steps()
+            steps = [s for s in self.all_steps() if (self.directory / str(s)).is_dir()]
         except Exception:  # noqa: BLE001 - only a hint in an error message
             return ""
-        return f" (the checkpoint of step {steps[-1]} in it is intact)" if steps else ""
+        return f" (the checkpoint of step {steps[-1]} in it is intact)" if steps else \
+            " (no checkpoint in it is complete)"
 
-    def _raise_if_disk_full(self, e: BaseException, what: str) -> None:
-        if is_disk_full(e):
-            raise CheckpointWriteError(
-                f"{what} in {self.directory} failed: the disk is full ({fmt_bytes(free_bytes(self.directory))} "
-                f"free): {str(e).splitlines()[0][:200]}; free some space or set train.run_dir on a "
-                "larger disk" + self._intact_note()) from e
+    def _write_failed(self, e: BaseException, step: Optional[int]) -> None:
+        """Raise :class:`CheckpointWriteError` (one line: step, path, OS error) when ``e`` is an OS
+        write failure; remember it, so that :meth:`close` does not wait on Orbax again."""
+        found = write_failure(e)
+        if found is None:
+            return
+        code, detail = found
+        self._failed = True
+        where = self.directory / str(step) if step is not None else self.directory
+        self._discard_partial(step)
+        space = f" ({fmt_bytes(free_bytes(self.directory))} free)" if code in (errno.ENOSPC, errno.EDQUOT) else ""
+        hint = {errno.ENOSPC: "free some space (bytes and inodes: df -h, df -i) or set train.run_dir on a "
+                              "larger disk",
+                errno.EDQUOT: "free some of the quota or set train.run_dir elsewhere",
+                errno.EIO: "check the disk, or set train.run_dir on another one"}.get(
+            code, "make it writable or set train.run_dir to a writable location")
+        what = f"saving the checkpoint of step {step}" if step is not None else "writing a checkpoint"
+        raise CheckpointWriteError(
+            f"{what} to {where} failed: {describe_os_error(OSError(code, ''))}{space}: {detail}; {hint}"
+            + self._intact_note(), code, step) from e
+
+    def _discard_partial(self, step: Optional[int]) -> None:
+        """Remove what a failed save left (its temporary directory); never a complete step."""
+        if step is None or jax.process_index() != 0 or not self.directory.is_dir():
+            return
+        for p in self.directory.iterdir():
+            if p.name.startswith(f"{step}{TMP_MARKER}"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def check(self) -> None:
+        """Report a background save that failed since the last call (:class:`CheckpointWriteError`
+        naming its step), without waiting for one still running. Cheap: call it every step."""
+        if self._failed or self._pending is None or self._mngr.is_saving_in_progress():
+            return
+        self._wait_pending()
+
+    def _wait_pending(self) -> None:
+        step, self._pending = self._pending, None
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:
+            self._write_failed(e, step)
+            raise
 
     def save(self, step: int, model_state: nnx.State, opt_state: nnx.State,
              data_state: dict[str, Any], config: dict[str, Any],
              extra_meta: Optional[dict[str, Any]] = None) -> None:
         """Save step ``step`` (number of optimizer updates done). Returns once the arrays have been
         copied off the device, so the caller may donate/overwrite them; writing may continue in the
-        background until :meth:`wait`. ``extra_meta`` (JSON) is stored in the ``meta`` record.
+        background until :meth:`wait` (:meth:`check` reports a failure without waiting).
+        ``extra_meta`` (JSON) is stored in the ``meta`` record.
 
         Raises :class:`NonFiniteStateError` (nothing written) when an array holds NaN/inf, and
         :class:`CheckpointWriteError` when the disk lacks the space (checked first) or the writer
-        reports a full disk (possibly that of an earlier, background save).
+        fails with an OS error (that of an earlier, background save names the earlier step).
         """
+        if self._failed:
+            raise CheckpointWriteError(f"an earlier checkpoint write into {self.directory} failed; "
+                                       f"not saving step {step}", errno.EIO, step)
         state = {"model": to_saveable(nnx.to_pure_dict(model_state)),
                  "optimizer": to_saveable(nnx.to_pure_dict(opt_state))}
-        self.check_free_space(state_nbytes(state))
+        self._wait_pending()   # an earlier save's failure is reported as that step's
+        self.check_free_space(state_nbytes(state), len(jax.tree.leaves(state)))
         checksums, nonfinite = checksums_and_finite(state)   # one pass on the devices
         if nonfinite:
             raise NonFiniteStateError(step, nonfinite)
         meta = {"step": int(step), "config": config, "checksums": checksums, **(extra_meta or {})}
         try:
+            self._pending = step
             self._mngr.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(data_state if data_state is not None else {}),
                 meta=ocp.args.JsonSave(meta)))
         except Exception as e:
-            self._raise_if_disk_full(e, f"saving the checkpoint of step {step}")
+            self._pending = None
+            self._write_failed(e, step)
             raise
 
     def wait(self) -> None:
-        """Block until every pending save is durable on disk (:class:`CheckpointWriteError` if the
-        disk filled up while writing)."""
-        try:
-            self._mngr.wait_until_finished()
-        except Exception as e:
-            self._raise_if_disk_full(e, "writing a checkpoint")
-            raise
+        """Block until every pending save is durable on disk (:class:`CheckpointWriteError` naming
+        the step if its write failed)."""
+        if not self._failed:
+            self._wait_pending()
 
     def close(self) -> None:
+        """Wait for pending saves and release Orbax's resources. After a failed write, nothing is
+        waited for (Orbax's threads would wait for signals of the failed save until their timeout)."""
+        if self._failed:
+            return
         try:
             self.wait()
         finally:
-            self._mngr.close()
+            if not self._failed:
+                self._mngr.close()
 
     # --- reading ---------------------------------------------------------------------------------
 

@@ -42,8 +42,8 @@ def export_hf(ckpt: str | Path, out: str | Path, *, step: Optional[int] = None,
     model's ``param_dtype``). Tokenizer files found next to the checkpoint (or at the config's
     ``data.tokenizer``) are copied. Returns ``out``.
     """
-    from ttt_jax.models.lm import unstack_layer_params
     from ttt_jax.checkpoint import load_model
+    from ttt_jax.models.layers import unstack_layer_params
 
     ckpt, out = Path(ckpt).expanduser(), Path(out).expanduser()
     cfg, model = load_model(ckpt, step=step)

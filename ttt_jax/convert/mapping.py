@@ -61,7 +61,7 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     """Every parameter of ``CausalLM(cfg)`` (unrolled layers) with its HF counterpart."""
     if cfg.scan_layers:
         raise ValueError("Hugging Face conversion uses the unrolled layer layout; set "
-                         "model.scan_layers=false (stack afterwards with ttt_jax.models.lm.stack_layer_params)")
+                         "model.scan_layers=false (stack afterwards with ttt_jax.models.layers.stack_layer_params)")
     d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
     h, kv, dh, k = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.ttt.conv_kernel
     out = [TensorMap("model.embed_tokens.weight", ("embed",), (v, d), (v, d), _same, _same)]

@@ -11,6 +11,7 @@ that transformers reads.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
@@ -124,6 +125,13 @@ class SafetensorsCheckpoint:
         self._open.clear()
 
 
+def _default_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_safetensors(directory: str | Path, tensors: Iterable[tuple[str, np.ndarray]], *,
                       max_shard_bytes: int = 5 * 2**30,
                       metadata: Optional[Mapping[str, str]] = None) -> list[str]:
@@ -163,7 +171,9 @@ def write_safetensors(directory: str | Path, tensors: Iterable[tuple[str, np.nda
     n = len(shards)
     names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for i, fname in enumerate(names):
-        (directory / f"shard-{i:05d}.tmp").replace(directory / fname)
+        tmp = directory / f"shard-{i:05d}.tmp"
+        tmp.chmod(_default_mode())   # the writer creates its files 0600; exports are shared files
+        tmp.replace(directory / fname)
         for t in shards[i]:
             weight_map[t] = fname
     if n > 1:

@@ -10,6 +10,7 @@ Quick use::
     state = it.get_state()     # JSON-serialisable; it.set_state(state) resumes exactly
 """
 
+from ttt_jax.data.check import DataCheck, check_data
 from ttt_jax.data.packing import (FIELDS, RowPacker, document_tokens, empty_rows, iter_packed_rows,
                                   pack_documents)
 from ttt_jax.data.pipeline import (BatchIterator, PackedRowsDataset, describe, make_batches,
@@ -22,4 +23,5 @@ __all__ = [
     "Corpus", "open_corpus", "corpus_from_config", "read_documents", "stdlib_root",
     "FIELDS", "RowPacker", "document_tokens", "empty_rows", "iter_packed_rows", "pack_documents",
     "BatchIterator", "PackedRowsDataset", "make_batches", "validation_batches", "describe",
+    "DataCheck", "check_data",
 ]

@@ -11,8 +11,9 @@ Sources (``data.source``):
   ``__pycache__`` excluded), sorted by relative path, one document per file (~1800 files, ~30 MB on
   CPython 3.11). Files are decoded as UTF-8, else with their PEP 263 coding, else with U+FFFD
   replacement, so the default corpus never errors.
-* ``text`` — ``paths``: files, directories or globs; one document per file. A listed file is always
-  used. A directory (or a directory matched by a glob) contributes, recursively, every regular file
+* ``text`` — ``paths``: files, directories or globs; one document per file, except that a file
+  longer than 1 MiB is cut at line ends into documents of about 1 MiB (``records.text_pieces``; its
+  record index is the piece's). A listed file is always used. A directory (or a directory matched by a glob) contributes, recursively, every regular file
   with no hidden component (``.git``, ``.cache``, ``.DS_Store``...) that does not look binary (no NUL
   byte in its first 8 KiB, git's heuristic). A file that is then not valid UTF-8 is a malformed record.
 * ``jsonl`` — one JSON object per line; the document is ``obj[field]`` (a string). Blank lines are
@@ -25,135 +26,40 @@ the directory or glob root it was found under (its base name when listed directl
 the path relative to the stdlib root) plus the record's index in the file — and is in
 ``validation`` iff ``hash(key) / 2**64 < validation_fraction`` (sha1 of the file key, mixed with the
 record index by splitmix64). The split is the same on every machine and does not change when other
-files are added. ``max_documents`` then keeps the first ``max_documents`` documents of the split.
+files are added. When the hash puts no document in ``validation`` (a corpus of a few documents, e.g.
+one text file), validation is carved from the end of the corpus instead: the last
+``validation_fraction`` of the last document's bytes for ``text`` (cut at a line end when one is
+near), the whole last document for the other sources (when there are at least two); train keeps
+the rest. ``max_documents`` then keeps the first ``max_documents`` documents of the split.
 
 Malformed records (invalid UTF-8, invalid JSON, a line that is not an object, a missing or
 non-string field, a null Parquet value, an unreadable Parquet file) raise ``ValueError`` naming the
 file and line/row when ``on_error="raise"`` (default); with ``on_error="skip"`` they are dropped,
-counted in :attr:`Corpus.skipped`, and reported with a ``UserWarning``.
+counted in :attr:`Corpus.skipped`, and reported with a ``UserWarning``. :mod:`ttt_jax.data.check`
+finds them all in one pass before training.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob as globlib
 import hashlib
-import io
-import json
-import os
-import sysconfig
-import tokenize
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from ttt_jax.data.discovery import expand_paths as _expand
+from ttt_jax.data.discovery import stdlib_root
+from ttt_jax.data.discovery import walk as _walk
+from ttt_jax.data.records import (Malformed, carve_point, decode_python, decode_utf8, parquet_value,
+                                  parse_jsonl, pyarrow_parquet, text_pieces)
+
 __all__ = ["Corpus", "open_corpus", "read_documents", "stdlib_root", "SOURCES", "SPLITS"]
 
 SOURCES = ("stdlib", "text", "jsonl", "parquet")
 SPLITS = ("train", "validation", "all")
-_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-_DIR_SUFFIXES = {"jsonl": (".jsonl", ".ndjson"), "parquet": (".parquet",)}
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def stdlib_root() -> Path:
-    """The directory of the running Python's standard library."""
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-# --------------------------------------------------------------------------------------------------
-# File discovery
-# --------------------------------------------------------------------------------------------------
-
-
-def _is_hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
-
-
-def _looks_binary(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return b"\0" in f.read(8192)
-    except OSError:
-        return False  # let the read report it
-
-
-def _walk(root: Path, source: str) -> list[tuple[Path, Path]]:
-    """(absolute path, path relative to root) of the files a directory contributes, sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in _EXCLUDED_DIRS]
-        for name in filenames:
-            path = Path(dirpath) / name
-            rel = path.relative_to(root)
-            if _is_hidden(rel) or not path.is_file():
-                continue
-            if source in _DIR_SUFFIXES:
-                if not name.endswith(_DIR_SUFFIXES[source]):
-                    continue
-            elif source == "stdlib":
-                if not name.endswith(".py"):
-                    continue
-            elif _looks_binary(path):
-                continue
-            found.append((path, rel))
-    found.sort(key=lambda x: x[1].as_posix())
-    return found
-
-
-def _glob_root(pattern: str) -> Path:
-    """The longest leading part of a glob pattern without wildcards."""
-    parts = []
-    for part in Path(pattern).parts:
-        if globlib.has_magic(part):
-            break
-        parts.append(part)
-    return Path(*parts) if parts else Path(".")
-
-
-def _expand(paths: Sequence[str], source: str) -> tuple[list[Path], list[str]]:
-    """Resolve files / directories / globs to (files, keys) in a deterministic order."""
-    files: list[Path] = []
-    keys: list[str] = []
-    seen: set[Path] = set()
-
-    def add(path: Path, key: str) -> None:
-        real = path.resolve()
-        if real not in seen:
-            seen.add(real)
-            files.append(path)
-            keys.append(key)
-
-    for spec in paths:
-        p = Path(os.path.expanduser(str(spec)))
-        if p.is_file():
-            add(p, p.name)
-        elif p.is_dir():
-            found = _walk(p, source)
-            if not found:
-                raise ValueError(f"data.paths: directory {str(spec)!r} contains no usable files for "
-                                 f"data.source={source!r}")
-            for path, rel in found:
-                add(path, rel.as_posix())
-        elif globlib.has_magic(str(p)):
-            root = _glob_root(str(p))
-            matches = sorted(globlib.glob(str(p), recursive=True))
-            n_before = len(files)
-            for m in matches:
-                mp = Path(m)
-                if mp.is_file():
-                    add(mp, mp.relative_to(root).as_posix() if mp.is_relative_to(root) else mp.name)
-                elif mp.is_dir():
-                    for path, rel in _walk(mp, source):
-                        add(path, path.relative_to(root).as_posix())
-            if len(files) == n_before:
-                raise ValueError(f"data.paths: glob {str(spec)!r} matches no files")
-        else:
-            raise ValueError(f"data.paths: {str(spec)!r} does not exist (expected a file, directory "
-                             "or glob pattern)")
-    return files, keys
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,31 +101,6 @@ def _index_jsonl(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ends = np.concatenate([nl, [pos]]).astype(np.int64)
     keep = ends > starts
     return np.flatnonzero(keep).astype(np.int64), starts[keep], ends[keep]
-
-
-def _decode_python(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    try:
-        encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
-        return raw.decode(encoding)
-    except (SyntaxError, LookupError, UnicodeDecodeError):
-        return raw.decode("utf-8", errors="replace")
-
-
-def _pyarrow():
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise ImportError("data.source=parquet needs pyarrow: pip install pyarrow "
-                          "(or pip install ttt-jax[dev])") from e
-    return pq
-
-
-class _Malformed(ValueError):
-    pass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,7 +151,7 @@ class Corpus:
             raise IndexError(f"document {i} out of range for a corpus of {len(self)} documents")
         try:
             return self._read(i)
-        except _Malformed as e:
+        except Malformed as e:
             if self.on_error == "raise":
                 raise ValueError(f"{self.where(i)}: {e} (set data.on_error=skip to drop malformed "
                                  "records)") from None
@@ -290,46 +171,28 @@ class Corpus:
 
     def _read(self, i: int) -> Optional[str]:
         f = int(self.doc_file[i])
-        path = self.files[f]
         if self.source == "parquet":
             return self._parquet_value(f, int(self.doc_record[i]))
+        start, end = int(self.doc_start[i]), int(self.doc_end[i])
         try:
-            with open(path, "rb") as fh:
-                if self.source == "jsonl":
-                    fh.seek(int(self.doc_start[i]))
-                    raw = fh.read(int(self.doc_end[i] - self.doc_start[i]))
-                else:
+            with open(self.files[f], "rb") as fh:
+                if self.source == "stdlib":
                     raw = fh.read()
+                else:
+                    fh.seek(start)
+                    raw = fh.read(end - start)
         except OSError as e:
-            raise _Malformed(f"cannot read file: {e}") from None
+            raise Malformed(f"cannot read file: {e}") from None
         if self.source == "stdlib":
-            return _decode_python(raw)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise _Malformed(f"invalid UTF-8 at byte {e.start}") from None
+            return decode_python(raw)
         if self.source == "text":
-            return text
-        if not text.strip():
-            return None
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise _Malformed(f"invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise _Malformed(f"expected a JSON object, got {type(obj).__name__}")
-        if self.field not in obj:
-            raise _Malformed(f"missing field {self.field!r} (keys: {sorted(obj)[:10]}); "
-                             "set data.field")
-        value = obj[self.field]
-        if not isinstance(value, str):
-            raise _Malformed(f"field {self.field!r} is {type(value).__name__}, expected a string")
-        return value
+            return decode_utf8(raw, start)
+        return parse_jsonl(raw, self.field)
 
     def _parquet_value(self, f: int, row: int) -> str:
         col = self._columns.get(f)
         if col is None:
-            pq = _pyarrow()
+            pq = pyarrow_parquet()
             try:
                 table = pq.read_table(self.files[f], columns=[self.column], memory_map=True)
                 col = table.column(self.column).combine_chunks()
@@ -337,18 +200,12 @@ class Corpus:
                 col = e
             self._columns[f] = col
         if isinstance(col, Exception):
-            raise _Malformed(f"unreadable Parquet file: {col}")
-        value = col[row].as_py()
-        if value is None:
-            raise _Malformed(f"column {self.column!r} is null")
-        if isinstance(value, bytes):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _Malformed(f"invalid UTF-8 at byte {e.start}") from None
-        if not isinstance(value, str):
-            raise _Malformed(f"column {self.column!r} holds {type(value).__name__}, expected a string")
-        return value
+            raise Malformed(f"unreadable Parquet file: {col}")
+        try:
+            value = col[row].as_py()
+        except UnicodeDecodeError as e:  # a string column holding invalid UTF-8
+            raise Malformed(f"invalid UTF-8 at byte {e.start}") from None
+        return parquet_value(value, self.column)
 
     def describe(self) -> dict[str, Any]:
         """Cheap summary (no document is read): source, split, files, documents, skipped so far."""
@@ -357,7 +214,7 @@ class Corpus:
 
 
 def _parquet_rows(files: list[Path], column: str, on_error: str) -> tuple[list[int], int]:
-    pq = _pyarrow()
+    pq = pyarrow_parquet()
     rows, bad = [], 0
     for path in files:
         try:  # pyarrow raises ArrowInvalid (a ValueError), OSError, ... for corrupt files
@@ -412,16 +269,26 @@ def open_corpus(source: str = "stdlib", paths: Sequence[str] = (), *, split: str
     if source == "parquet":
         parquet_rows, skipped = _parquet_rows(files, column, on_error)
     doc_file, doc_record, doc_start, doc_end = [], [], [], []
+    n_all = n_val = 0            # documents of the whole corpus / hashed into validation
+    last = None                  # (file, record, start, end) of the corpus's last document
+    complete = True              # every file was indexed (no early stop at max_documents)
     for f, (path, key) in enumerate(zip(files, keys)):
         if source == "jsonl":
             rec, start, end = _index_jsonl(path)
         elif source == "parquet":
             rec = np.arange(parquet_rows[f], dtype=np.int64)
             start = end = np.zeros_like(rec)
-        else:
+        elif source == "text":
+            start, end = text_pieces(path, _file_size(path))
+            rec = np.arange(start.shape[0], dtype=np.int64)
+        else:  # stdlib: one whole file per document
             rec = start = end = np.zeros(1, np.int64)
+        n_all += rec.shape[0]
+        if rec.shape[0]:
+            last = (f, int(rec[-1]), int(start[-1]), int(end[-1]))
         if split != "all":
             is_val = _split_unit(key, rec) < validation_fraction
+            n_val += int(is_val.sum())
             keep = is_val if split == "validation" else ~is_val
             rec, start, end = rec[keep], start[keep], end[keep]
         doc_file.append(np.full(rec.shape, f, np.int64))
@@ -429,7 +296,25 @@ def open_corpus(source: str = "stdlib", paths: Sequence[str] = (), *, split: str
         doc_start.append(start)
         doc_end.append(end)
         if max_documents is not None and sum(len(r) for r in doc_record) >= max_documents:
+            complete = f == len(files) - 1
             break
+
+    if split != "all" and complete and n_val == 0 and validation_fraction > 0 and last is not None:
+        # Too few documents for the hash to pick any: validation is carved from the end of the
+        # corpus (all of whose documents are now in train, the last one appended last).
+        f, r, s, e = last
+        cut = carve_point(files[f], s, e, validation_fraction) if source == "text" else None
+        if cut is not None or n_all >= 2:
+            if split == "validation":
+                doc_file, doc_record = [np.array([f], np.int64)], [np.array([r], np.int64)]
+                doc_start = [np.array([s if cut is None else cut], np.int64)]
+                doc_end = [np.array([e], np.int64)]
+            elif cut is None:  # part f holds file f's documents
+                doc_file[f], doc_record[f] = doc_file[f][:-1], doc_record[f][:-1]
+                doc_start[f], doc_end[f] = doc_start[f][:-1], doc_end[f][:-1]
+            else:
+                doc_end[f] = doc_end[f].copy()
+                doc_end[f][-1] = cut
 
     def cat(parts: list[np.ndarray]) -> np.ndarray:
         out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
@@ -438,6 +323,13 @@ def open_corpus(source: str = "stdlib", paths: Sequence[str] = (), *, split: str
     return Corpus(source=source, split=split, files=files, keys=keys, doc_file=cat(doc_file),
                   doc_record=cat(doc_record), doc_start=cat(doc_start), doc_end=cat(doc_end),
                   field=field, column=column, on_error=on_error, skipped=skipped)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # the read reports it
 
 
 def corpus_from_config(cfg: Any, split: str) -> Corpus:

@@ -1,6 +1,8 @@
 """``ttt-jax eval CHECKPOINT --suite ppl|ruler|all``: evaluate a trained or converted checkpoint.
 
-Writes into ``--out`` (default ``<checkpoint run dir>/eval``):
+Writes into a new directory, never beside the checkpoint (which may be read-only) and never over
+earlier results: ``--out DIR`` (refused when it already holds files, unless ``--overwrite``), by
+default ``./eval/<run name>-<step>-<suite>/`` (``-2``, ``-3``, ... appended when that exists):
 
 * ``ppl.json``, ``ppl_context.png`` (loss on the final block vs context length),
   ``ppl_position.png`` (loss by position at the longest context);
@@ -36,7 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="run directory, checkpoints directory or one step's directory")
     p.add_argument("--suite", choices=EVAL_SUITES, default="all", help="what to run (default all)")
-    p.add_argument("--out", default=None, help="output directory (default <run dir>/eval)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default ./eval/<run name>-<step>-<suite>/, a new one each run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even when it already holds files")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="local files/directories/globs to evaluate on (default: the checkpoint's "
@@ -130,15 +135,15 @@ def run_ppl(model: Any, tokenizer: Any, cfg: Any, args: argparse.Namespace, out:
 
 
 def run_ruler_suite(model: Any, tokenizer: Any, args: argparse.Namespace, out: Path,
-                    corpus: dict[str, Any], say) -> dict[str, Any]:
+                    corpus: dict[str, Any], say, cfg: Any = None) -> dict[str, Any]:
     from ttt_jax.eval.plots import plot_ruler_heatmap
     from ttt_jax.eval.ruler import TASKS, Haystack, run_ruler
 
-    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else list(TASKS)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown RULER task(s) {unknown}; tasks: {', '.join(TASKS)}")
+    tasks = _ruler_tasks(args)
     lengths = sorted(set(args.lengths)) if args.lengths else [4096]
+    if cfg is not None and lengths[-1] > cfg.model.max_seq_len:
+        say(f"note: samples up to {lengths[-1]} tokens exceed the model's max_seq_len "
+            f"{cfg.model.max_seq_len} (length extrapolation)")
     n = args.num_samples or 10
     haystack = Haystack(tokenizer, args.haystack, split=args.split, **corpus)
     say(f"ruler: {len(tasks)} tasks x lengths {lengths} x {n} samples (seed {args.seed}, "
@@ -155,6 +160,36 @@ def run_ruler_suite(model: Any, tokenizer: Any, args: argparse.Namespace, out: P
     return d
 
 
+def _ruler_tasks(args: argparse.Namespace) -> list[str]:
+    from ttt_jax.eval.ruler import TASKS
+
+    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else list(TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown RULER task(s) {unknown}; tasks: {', '.join(TASKS)}")
+    return tasks
+
+
+def output_dir(args: argparse.Namespace, ckdir: Path, step: int) -> Path:
+    """Where this evaluation writes: ``--out``, or a new ``./eval/<run>-<step>-<suite>[-k]``.
+    ``ValueError`` when ``--out`` holds files (without ``--overwrite``) or cannot be written."""
+    from ttt_jax.fs import ensure_writable
+
+    if args.out:
+        out = ensure_writable(args.out, "eval output directory (--out)")
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+            raise ValueError(f"--out {str(out)!r} already holds files (earlier results?); choose a "
+                             "new directory or pass --overwrite")
+        return out
+    run_dir = ckdir.parent if ckdir.name == "checkpoints" else ckdir
+    base = Path("eval") / f"{run_dir.name}-{step}-{args.suite}"
+    out, k = base, 1
+    while out.exists():
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return ensure_writable(out, "eval output directory")
+
+
 def run(args: argparse.Namespace) -> int:
     from ttt_jax.data import load_tokenizer
     from ttt_jax.checkpoint import load_model, resolve_checkpoint
@@ -163,7 +198,10 @@ def run(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.suite in ("ruler", "all"):
+        _ruler_tasks(args)  # an unknown task is an error before anything is loaded
     ckdir, step = resolve_checkpoint(args.checkpoint, args.step)
+    out = output_dir(args, ckdir, step)  # checked before the model is loaded
     # Orbax logs (through absl) a warning per checkpoint item it is not asked to restore.
     logging.getLogger("absl").setLevel(logging.ERROR)
     cfg, model = load_model(ckdir, step=step, overrides=tuple(args.override))
@@ -171,8 +209,6 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's "
                          f"{cfg.model.vocab_size}; pass the model's tokenizer with --tokenizer")
-    run_dir = ckdir.parent if ckdir.name == "checkpoints" else ckdir
-    out = Path(args.out) if args.out else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     corpus = _corpus_args(args, cfg)
     say = print
@@ -182,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     if args.suite in ("ppl", "all"):
         run_ppl(model, tokenizer, cfg, args, out, corpus, say)
     if args.suite in ("ruler", "all"):
-        run_ruler_suite(model, tokenizer, args, out, corpus, say)
+        run_ruler_suite(model, tokenizer, args, out, corpus, say, cfg)
     say(f"outputs: {out}/")
     return 0
 

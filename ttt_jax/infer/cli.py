@@ -2,7 +2,7 @@
 
 ::
 
-    ttt-jax generate CHECKPOINT --prompt TEXT | --prompt-file FILE [--max-new-tokens N]
+    ttt-jax generate CHECKPOINT --prompt TEXT | --prompt-file FILE | --prompt-ids 1,2,3 [--max-new-tokens N]
         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--tokenizer byte|tokenizer.json]
         [--decode-block N]
         [--mesh fsdp=4,tensor=2] [--qttt-steps N --qttt-span K --qttt-lr LR --qttt-layers all|0,3,5
@@ -11,7 +11,9 @@
 CHECKPOINT is a run directory, its ``checkpoints/`` directory or one step's directory (training or
 model-only checkpoints). The tokenizer defaults to the checkpoint's ``data.tokenizer``. The
 continuation goes to stdout as it is decoded; a summary (tokens, time, tokens/s, qTTT losses) goes to
-stderr.
+stderr. ``--prompt-ids`` gives the prompt as token ids (used as they are: no bos is added) and
+prints the generated ids, comma-separated, instead of text; no tokenizer is needed then (one that
+fits the model still supplies the default stop token).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="file holding the prompt text (UTF-8)")
+    src.add_argument("--prompt-ids", type=_ids, metavar="I,J,...",
+                     help="the prompt as comma-separated token ids; the output is token ids too")
     p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -56,6 +60,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--qttt-lr", type=float, default=1e-5, help="AdamW learning rate")
     q.add_argument("--qttt-layers", default="all", help="'all' or comma-separated layer indices")
     q.add_argument("--qttt-rank", type=int, default=0, help="0 = full query kernels, r > 0 = rank-r adapters")
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative token ids, got {text!r}")
+    return ids
+
+
+class _IdStreamer:
+    """Writes the generated token ids, comma-separated, as they come (``--prompt-ids``)."""
+
+    def __init__(self, out=None, block: int = 1):
+        self.out = out if out is not None else sys.stdout
+        self.block, self.first, self.second, self.n = block, None, None, 0
+
+    def __call__(self, step, tokens, active):
+        now = time.perf_counter()
+        self.first = now if self.first is None else self.first
+        self.second = now if step == self.block else self.second
+        if active[0]:
+            self.out.write(("," if self.n else "") + str(int(tokens[0])))
+            self.out.flush()
+            self.n += 1
+
+    def finish(self):
+        self.out.write("\n")
+        self.out.flush()
 
 
 def _layers(spec: str):
@@ -134,20 +169,40 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt_file is not None:
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except IsADirectoryError:
+            raise ValueError(f"--prompt-file {args.prompt_file} is a directory, expected a file") from None
         except OSError as e:
             raise ValueError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt-file {args.prompt_file}: invalid UTF-8 at byte {e.start}") from None
     else:
         prompt = args.prompt
     checkpoint = Path(args.checkpoint).expanduser()
     saved = read_checkpoint_config(checkpoint, args.step)
-    tok = _resolve_tokenizer(args.tokenizer or saved.data.tokenizer, checkpoint.absolute())
-    if tok.vocab_size > saved.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "
-                         f"{saved.model.vocab_size}; pass the tokenizer the model was trained with")
-    ids = ([] if args.no_bos else [tok.bos_id]) + tok.encode(prompt)
-    if not ids:
-        raise ValueError("the prompt is empty (and --no-bos was given)")
-    stops = tuple(args.stop_token) if args.stop_token is not None else (tok.eos_id,)
+    vocab = saved.model.vocab_size
+    if args.prompt_ids is not None:
+        ids = list(args.prompt_ids)
+        if max(ids) >= vocab:
+            raise ValueError(f"--prompt-ids: token id {max(ids)} is outside the model's vocabulary of {vocab}")
+        try:  # only for the default stop token: ids in, ids out
+            tok = _resolve_tokenizer(args.tokenizer or saved.data.tokenizer, checkpoint.absolute())
+        except (ValueError, OSError):
+            tok = None
+        if tok is not None and tok.vocab_size > vocab:
+            tok = None
+    else:
+        tok = _resolve_tokenizer(args.tokenizer or saved.data.tokenizer, checkpoint.absolute())
+        if tok.vocab_size > vocab:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "
+                             f"{vocab}; pass the tokenizer the model was trained with (--tokenizer), "
+                             "or give the prompt as token ids (--prompt-ids)")
+        ids = ([] if args.no_bos else [tok.bos_id]) + tok.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty (and --no-bos was given)")
+    if args.stop_token is not None:
+        stops = tuple(args.stop_token)
+    else:
+        stops = (tok.eos_id,) if tok is not None else ()
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops)
     gen.validate(saved.model.vocab_size)
@@ -161,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)   # orbax notes on items it does not read
     mesh = _mesh(args.mesh) if args.mesh else None
     cfg, model = load_model(checkpoint, step=args.step, overrides=tuple(args.override), mesh=mesh)
-    stream = _Streamer(tok, block=max(args.decode_block, 1))
+    block = max(args.decode_block, 1)
+    stream = _IdStreamer(block=block) if args.prompt_ids is not None else _Streamer(tok, block=block)
     t0 = time.perf_counter()
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         result = generate(model, [ids], gen, on_token=stream, qttt=qttt, prefill_block=args.prefill_block,

@@ -38,7 +38,8 @@ from ttt_jax.infer.cache import Cache, LayerCache, init_cache, round_up
 from ttt_jax.infer.sampling import sample_logits
 from ttt_jax.infer.ttt import ttt_extend
 from ttt_jax.infer.ttt_seq import ttt_seq_extend
-from ttt_jax.models.lm import CausalLM, check_tokens, unstack_layer_params
+from ttt_jax.models.layers import unstack_layer_params
+from ttt_jax.models.lm import CausalLM, check_tokens
 
 
 def check_supported(cfg) -> None:

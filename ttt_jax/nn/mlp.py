@@ -33,6 +33,7 @@ from ttt_jax.nn.context import AXIS, context_size, run_over_context
 from ttt_jax.ops import inplace_ttt, inplace_ttt_target
 from ttt_jax.ops.inplace_ttt_cp import inplace_ttt_sharded
 from ttt_jax.ops.precision import matmul_f32_out
+from ttt_jax.platform import target_platform
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +41,13 @@ logger = logging.getLogger(__name__)
 def _exchange_dtype(requested: Optional[str]) -> Optional[str]:
     """The dtype the TTT summaries travel in (``model.context_exchange_dtype``), or None for fp32.
 
-    On the CPU backend a bf16 exchange is not used: XLA's CPU compiler aborts the process on the
-    full model's backward pass with it (a check failure in its all-reduce promotion pass, with
-    jax 0.10). The op alone compiles there and is tested; the CPU is no bandwidth target, so the
-    summaries travel in float32 there, and a warning says so.
+    On the CPU platform (the target's, :func:`ttt_jax.platform.target_platform`) a bf16 exchange
+    is not used: XLA's CPU compiler aborts the process on the full model's backward pass with it
+    (a check failure in its all-reduce promotion pass, with jax 0.10). The op alone compiles there
+    and is tested; the CPU is no bandwidth target, so the summaries travel in float32 there, and a
+    warning says so.
     """
-    if requested is None or jax.default_backend() != "cpu":
+    if requested is None or target_platform() != "cpu":
         return requested
     _warn_cpu_exchange(requested)
     return None

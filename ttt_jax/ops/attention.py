@@ -60,9 +60,11 @@ from typing import Literal, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from ttt_jax.ops.attention_reference import attention_mask, attention_reference
 from ttt_jax.ops.kernels import cudnn_blocks, flash
+from ttt_jax.platform import target_platform
 
 AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "pallas", "flash"]
 IMPLS = ("auto", "reference", "xla", "cudnn", "pallas", "flash")
@@ -119,8 +121,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if impl == "flash":
         return _attention_flash(q, k, v, segment_ids, window=window, scale=scale)
     if impl == "pallas":
-        return _attention_pallas(q, k, v, segment_ids, window=window, scale=scale,
-                                 block_size=block_size)
+        fn = functools.partial(_attention_pallas, window=window, scale=scale, block_size=block_size)
+        return _per_device(fn, q, k, v, segment_ids)
     raise AssertionError(impl)
 
 
@@ -160,8 +162,9 @@ def cudnn_unsupported_reason(q: jax.Array, segment_ids: Optional[jax.Array] = No
 
 
 def _default_backend() -> str:
-    """``jax.default_backend()``, one name for the tests to substitute."""
-    return jax.default_backend()
+    """The target platform of the computation being traced (:func:`ttt_jax.platform.target_platform`:
+    the mesh's devices, not the host's backend), one name for the tests to substitute."""
+    return target_platform()
 
 
 def _auto_impl(q: jax.Array, segment_ids: Optional[jax.Array]) -> str:
@@ -374,6 +377,42 @@ def _attention_flash(q, k, v, segment_ids, *, window: int, scale: float) -> jax.
 # --------------------------------------------------------------------------------------------------
 
 
+# Mesh axes that split the batch and the heads of attention's operands (the trainer's layout,
+# ttt_jax.sharding).
+_BATCH_AXES, _HEAD_AXIS = ("data", "fsdp"), "tensor"
+
+
+def _per_device(fn, q, k, v, segment_ids) -> jax.Array:
+    """``fn(q, k, v, segment_ids)`` once per device when the trace runs under a mesh with automatic
+    axes of size > 1. XLA cannot partition a Mosaic kernel ("wrap the call in a shard_map"), and
+    attention is independent per (row, head): rows are split over ``data`` x ``fsdp`` and heads over
+    ``tensor`` where they divide, any other axis sees whole operands (XLA reshards at the boundary
+    if the operands are laid out otherwise)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(q, k, v, segment_ids)
+    manual = set(getattr(mesh, "manual_axes", ()))
+    auto = [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in manual]
+    if not auto:
+        return fn(q, k, v, segment_ids)
+    batch = tuple(a for a in _BATCH_AXES if a in auto)
+    if q.shape[0] % math.prod(mesh.shape[a] for a in batch):
+        batch = ()
+    heads = _HEAD_AXIS if _HEAD_AXIS in auto else None
+    if heads and (q.shape[2] % mesh.shape[heads] or k.shape[2] % mesh.shape[heads]):
+        heads = None
+    spec = P(batch or None, None, heads, None)
+    seg_spec = P(batch or None, None)
+    if segment_ids is None:
+        mapped = jax.shard_map(lambda q_, k_, v_: fn(q_, k_, v_, None), in_specs=(spec,) * 3,
+                               out_specs=spec, axis_names=frozenset(auto), check_vma=False)
+        return mapped(q, k, v)
+    # check_vma=False: splash's pallas_call declares plain output shapes (no varying-axes info).
+    mapped = jax.shard_map(fn, in_specs=(spec,) * 3 + (seg_spec,), out_specs=spec,
+                           axis_names=frozenset(auto), check_vma=False)
+    return mapped(q, k, v, segment_ids)
+
+
 def _attention_pallas(q, k, v, segment_ids, *, window: int, scale: float,
                       block_size: Optional[int]) -> jax.Array:
     # One splash call through ttt_jax.ops.kernels.tpu_splash: 128-token padding (not a multiple of
@@ -382,6 +421,6 @@ def _attention_pallas(q, k, v, segment_ids, *, window: int, scale: float,
     from ttt_jax.ops.kernels.tpu_splash import tpu_attention
 
     del block_size
-    on_tpu = jax.default_backend() == "tpu"
+    on_tpu = _default_backend() == "tpu"   # the target's platform: Mosaic when compiling for TPU
     return tpu_attention(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
                          interpret=not on_tpu)

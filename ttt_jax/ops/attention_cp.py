@@ -51,6 +51,7 @@ from ttt_jax.ops import attention_cp_fused, attention_cp_halo, attention_cp_ring
 from ttt_jax.ops.attention_cp_window import check_window
 from ttt_jax.ops.attention_reference import check_qkv
 from ttt_jax.ops.kernels import cudnn_blocks, flash, tpu_context
+from ttt_jax.platform import target_platform
 
 ContextImpl = Literal["ring", "allgather"]
 CONTEXT_IMPLS = ("ring", "allgather")
@@ -110,7 +111,8 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     per ring block), ``"tpu"`` (:mod:`ttt_jax.ops.kernels.tpu_context`: splash (Pallas Mosaic)
     blocks in the ring or the all-gather, one splash call with the halo for the sliding window;
     segment ids everywhere; Pallas interpret mode when the program is not built for TPU) or
-    ``"auto"`` (fused where it can run, XLA otherwise).
+    ``"auto"`` (``"tpu"`` when the program is built for TPU; else fused where it can run, XLA
+    otherwise).
     ``block_size`` is passed on to the XLA paths (``None``: their default). ``halo`` picks the
     fused sliding-window computation: ``"single"`` (:func:`ttt_jax.ops.attention_cp_window.
     halo_window_attention`, one call with zero query rows) or ``"split"``
@@ -131,6 +133,8 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     check_layout(layout, q.shape[1])
     if window:
         check_window(window, q.shape[1])
+    if kernel == "auto" and _building_for_tpu():
+        kernel = "tpu"  # no XLA attention on TPU: the splash kernels take every case
     if kernel == "tpu":
         interpret = not _building_for_tpu()
         if window:
@@ -176,8 +180,6 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
 
 
 def _building_for_tpu() -> bool:
-    """Whether the program being traced is for TPU chips: the platform of the mesh the trace runs
-    under (inside ``shard_map`` its abstract mesh), else of the default devices."""
-    dev = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    platform = getattr(dev, "platform", None) or jax.devices()[0].platform
-    return platform == "tpu"
+    """Whether the program being traced is for TPU chips (:func:`ttt_jax.platform.target_platform`:
+    the mesh's devices, not the host's backend)."""
+    return target_platform() == "tpu"

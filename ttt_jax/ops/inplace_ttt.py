@@ -12,7 +12,11 @@ impl               how                                                          
 ``attention``      per-token block-causal linear attention (quadratic; test oracle)     O(T^2)
 ``associative``    chunk deltas through ``lax.associative_scan`` of the affine monoid   O(N F D)
 ``scan``           ``lax.scan`` with a state-recomputing custom VJP (memory-lean)       O(F D)
-``auto``           ``scan``
+``pallas``         the same recursion as fused Pallas (Triton) kernels: the fp32 state   O(F D)
+                   enters the matmul prologue, the update its epilogue (GPU; interpret
+                   mode elsewhere); no ``clip_tau``, dims multiples of 16
+``auto``           ``pallas`` on a GPU where :func:`inplace_ttt_pallas.auto_prefers_kernel`
+                   says it is faster and the kernel supports the call, else ``scan``
 =================  ==================================================================  ===========
 """
 
@@ -23,11 +27,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from ttt_jax.ops import inplace_ttt_pallas as pallas
 from ttt_jax.ops import inplace_ttt_reference as reference
 from ttt_jax.ops.inplace_ttt_layout import ChunkLayout, chunk_layout, clip_update, pad_to_chunks, unchunk
 from ttt_jax.ops.inplace_ttt_scan import scan_chunks
+from ttt_jax.ops.precision import matmul_f32_out
 
-IMPLS = ("auto", "reference", "attention", "associative", "scan")
+IMPLS = ("auto", "reference", "attention", "associative", "scan", "pallas")
 
 
 def affine_combine(first: tuple[jax.Array, jax.Array], second: tuple[jax.Array, jax.Array]):
@@ -46,9 +52,8 @@ def _associative(zc: jax.Array, vm: jax.Array, w0: jax.Array, lay: ChunkLayout, 
 
     ``zc [B,N,C,F]``, ``vm [B,N,C,D]`` (pre-masked), ``s0 [B,F,D]`` -> (``[B,N,C,D]``, ``[B,F,D]``).
     """
-    f32 = jnp.float32
-    deltas = clip_update(lr * jnp.einsum("bncf,bncd->bnfd", zc, vm.astype(zc.dtype),
-                                         preferred_element_type=f32), clip_tau)
+    # fp32-result matmuls whose backward matmuls keep the inputs' dtype (no fp32 operands).
+    deltas = clip_update(lr * matmul_f32_out("bncf,bncd->bnfd", zc, vm), clip_tau)
     a_incl, b_incl = jax.lax.associative_scan(affine_combine, (lay.a, deltas), axis=1)
     # State before chunk i: the composition of chunks < i applied to s0 (exclusive scan).
     a_excl = jnp.concatenate([jnp.ones_like(a_incl[:, :1]), a_incl[:, :-1]], axis=1)
@@ -56,9 +61,8 @@ def _associative(zc: jax.Array, vm: jax.Array, w0: jax.Array, lay: ChunkLayout, 
     state = a_excl[..., None, None] * s0[:, None] + b_excl
     final = a_incl[:, -1, None, None] * s0 + b_incl[:, -1]
     cdt = zc.dtype
-    out = jnp.einsum("bncf,fd->bncd", zc, w0.astype(cdt), preferred_element_type=f32)
-    out = out + lay.use[..., None] * jnp.einsum("bncf,bnfd->bncd", zc, state.astype(cdt),
-                                                preferred_element_type=f32)
+    out = matmul_f32_out("bncf,fd->bncd", zc, w0)
+    out = out + lay.use[..., None] * matmul_f32_out("bncf,bnfd->bncd", zc, state.astype(cdt))
     return out.astype(zc.dtype), final
 
 
@@ -84,6 +88,18 @@ def _check_args(z, v, w0, lr, chunk_size, impl, clip_tau, initial_state, return_
         raise ValueError("impl='attention' has no fast-weight state; use 'scan' or 'reference'")
     if initial_state is not None and initial_state.shape != (b, f, v.shape[-1]):
         raise ValueError(f"initial_state must be [B, F, D] = {(b, f, v.shape[-1])}, got {initial_state.shape}")
+    if impl == "pallas":
+        why = pallas.supports(f, v.shape[-1], chunk_size, clip_tau)
+        if why is not None:
+            raise ValueError(f"impl='pallas' does not support this call: {why}; use impl='scan' (or 'auto')")
+
+
+def _resolve_auto(f: int, d: int, chunk_size: int, segmented: bool, clip_tau) -> str:
+    """``impl="auto"``: the kernel on a GPU where it is supported and measured faster, else the scan."""
+    if (jax.default_backend() == "gpu" and pallas.supports(f, d, chunk_size, clip_tau) is None
+            and pallas.auto_prefers_kernel(f, d, chunk_size, segmented)):
+        return "pallas"
+    return "scan"
 
 
 def inplace_ttt(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float, chunk_size: int,
@@ -102,7 +118,8 @@ def inplace_ttt(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float, chunk_s
       segment_ids: optional ``[B, T]`` int packed-document ids, 0 = padding. A token only sees
         updates from earlier chunks of its own document; chunk boundaries stay those of the
         packed row.
-      impl: ``"auto" | "reference" | "attention" | "associative" | "scan"`` (module docstring).
+      impl: ``"auto" | "reference" | "attention" | "associative" | "scan" | "pallas"`` (module
+        docstring).
       clip_tau: if set, each chunk's update ``lr * dW_i`` is rescaled to Frobenius norm <= clip_tau.
       initial_state: optional ``[B, F, D]`` fp32 accumulated delta ``S`` (``W = W0 + S``) carried in
         from earlier tokens of the document open at position 0; zeros by default.
@@ -129,10 +146,17 @@ def inplace_ttt(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float, chunk_s
         return (out, final) if return_state else out
     lay = chunk_layout(b, t, chunk_size, segment_ids, continues)
     zc = pad_to_chunks(z, chunk_size)
+    if impl == "auto":
+        impl = _resolve_auto(f, v.shape[-1], chunk_size, lay.segmented, clip_tau)
+    if impl == "pallas":  # masks v inside its kernels (no masked copy of v)
+        out, final = pallas.pallas_chunks(zc, pad_to_chunks(v, chunk_size), w0, lay.use, lay.upd, lay.a, s0, lr,
+                                          lay.segmented)
+        out = unchunk(out, t)
+        return (out, final) if return_state else out
     vm = pad_to_chunks(v, chunk_size) * lay.upd[..., None].astype(v.dtype)
     if impl == "associative":
         out, final = _associative(zc, vm, w0, lay, lr, clip_tau, s0)
-    else:  # "scan" and "auto"
+    else:
         out, final = scan_chunks(zc, vm, w0, lay.use, lay.a, s0, lr, clip_tau, lay.segmented)
     out = unchunk(out, t)
     return (out, final) if return_state else out

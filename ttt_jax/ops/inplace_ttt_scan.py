@@ -249,3 +249,8 @@ scan_chunks.defvjp(_scan_fwd, _scan_bwd)
 # (z, vm, w0, use, a, s0), (d_out, d_s_final)) -> (dz, dvm, dw0, 0, 0, ds0)``.
 scan_forward = _forward
 scan_backward = _scan_bwd
+
+# Loop-buffer helpers for other chunk loops (``ttt_jax.ops.inplace_ttt_pallas``): zeros and carries
+# that XLA cannot create before the layer's own data exists (see :func:`_zeros_tied`).
+zeros_tied = _zeros_tied
+tie = _tie

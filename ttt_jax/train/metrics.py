@@ -17,6 +17,8 @@ construction). Unknown devices (CPUs included) give ``mfu = None`` (``null`` in 
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -79,11 +81,37 @@ def _finite_or_none(x: Any) -> Any:
     return x
 
 
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the records of ``path`` (``metrics.jsonl``) that a run restarting from ``step`` writes
+    again: those after ``step`` (all of them when ``step`` is 0), and any line cut short by a kill.
+    Rewritten atomically; returns the number of lines dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            ok = line.endswith("\n") and step > 0 and int(rec["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            keep.append(line)
+    if len(keep) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 class MetricsWriter:
     """Writes metric records to ``run_dir/metrics.jsonl`` (always), TensorBoard event files under
     ``run_dir/tensorboard`` (when ``tensorboard``), and a tqdm bar on stderr (when ``progress``).
 
-    Records are appended, so a resumed run continues the same file.
+    Records are appended, so a resumed run continues the same file; records of steps after
+    ``initial_step`` (written by a run that was killed after its last checkpoint, and redone by this
+    one) are dropped first, so that every step appears once. TensorBoard gets finite values only
+    (a non-finite loss is in the JSONL record, as a string).
     """
 
     def __init__(self, run_dir: str | Path, *, total_steps: int, initial_step: int = 0,
@@ -98,6 +126,7 @@ class MetricsWriter:
         if not is_main:  # only process 0 writes on a multi-host run
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.jsonl_path, initial_step)
         self._jsonl = open(self.jsonl_path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported lazily: only needed when enabled
@@ -120,7 +149,8 @@ class MetricsWriter:
         step = int(record["step"])
         if self._tb is not None:
             for k, v in record.items():
-                if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool) \
+                        and math.isfinite(v):
                     self._tb.add_scalar(f"{record['kind']}/{k}", v, step)
         if self._bar is not None and record["kind"] == "train":
             self._bar.update(step - self._bar_step)

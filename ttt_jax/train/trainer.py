@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import os
 import signal
 import threading
 import time
@@ -48,7 +49,7 @@ from flax import nnx
 
 from ttt_jax import sharding
 from ttt_jax.config import Config, ModelConfig, TrainConfig
-from ttt_jax.data import load_tokenizer, make_batches
+from ttt_jax.data import check_data, load_tokenizer, make_batches
 from ttt_jax.fs import ensure_writable
 from ttt_jax.models.flops import flops_per_token
 from ttt_jax.models.lm import CausalLM, check_tokens, count_params
@@ -77,29 +78,76 @@ class TrainingInterrupted(RuntimeError):
 
 
 class _StopSignals:
-    """Turns SIGTERM / SIGINT into a flag the loop checks between steps (main thread only; other
-    threads keep the default handlers). A second signal of the same kind is not caught again."""
+    """Turns SIGTERM / SIGINT into a flag the loop checks after every step (main thread only;
+    other threads keep the default handlers).
+
+    The flag is set at once, even while the main thread waits on the device or compiles: a
+    watcher thread reads the signal numbers Python's C-level handler writes to a wakeup pipe. A
+    second signal (of either kind) ends the process at once from that thread, with one line on
+    stderr and status 128 + the signal number; the newest complete checkpoint stays as it is.
+    """
 
     SIGNALS = ("SIGTERM", "SIGINT")
 
-    def __init__(self):
+    def __init__(self, where: Callable[[], str] = lambda: ""):
         self.received: Optional[str] = None
+        self._where = where
         self._old: dict[int, Any] = {}
+        self._old_fd: Optional[int] = None
+        self._pipe: Optional[tuple[int, int]] = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                sig = getattr(signal, name)
-                self._old[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self._pipe = os.pipe()
+        os.set_blocking(self._pipe[1], False)
+        self._old_fd = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self._old[sig] = signal.signal(sig, self._handle)
+        threading.Thread(target=self._watch, args=(self._pipe[0],), name="ttt-jax-signals", daemon=True).start()
         return self
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))   # a second one acts at once
+        # Python-level handler (runs in the main thread when it next runs bytecode): the watcher
+        # has already seen the signal; this one only keeps the default action from killing us.
+        self.received = self.received or signal.Signals(signum).name
+
+    def _watch(self, fd: int) -> None:
+        try:
+            self._read(fd)
+        finally:
+            os.close(fd)
+
+    def _read(self, fd: int) -> None:
+        seen = 0
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum not in self._old:
+                    continue
+                seen += 1
+                name = signal.Signals(signum).name
+                if seen == 1:
+                    self.received = name
+                    continue
+                where = self._where()
+                os.write(2, (f"\n{name} received again: exiting at once without a checkpoint of the "
+                             f"step in flight{'; ' + where if where else ''}\n").encode())
+                os._exit(128 + signum)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_fd if self._old_fd is not None else -1)
+            os.close(self._pipe[1])   # the watcher's read returns b"" and it ends
+            self._pipe = None
         return False
 
 
@@ -142,6 +190,13 @@ def preflight(cfg: Config, tokenizer: Any) -> None:
             f"the tokenizer ({cfg.data.tokenizer!r}) has vocab_size={tokenizer.vocab_size} but "
             f"model.vocab_size={cfg.model.vocab_size}: token ids would fall outside the embedding; "
             f"set model.vocab_size >= {tokenizer.vocab_size}")
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point array of ``tree`` is finite (one scalar reaches the host)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+    return jax.numpy.all(jax.numpy.stack([jax.numpy.all(jax.numpy.isfinite(x)) for x in leaves]))
 
 
 def _check_batch(batch: dict[str, np.ndarray], vocab_size: int) -> None:
@@ -222,6 +277,13 @@ def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sha
     return _Program(model_def, opt_def, model_sh, opt_sh, batch_sh, scalar_sh, init, step, eval_)
 
 
+def train_program(cfg: Config, mesh: jax.sharding.Mesh) -> _Program:
+    """The jitted init/train/eval functions :func:`train` runs for ``cfg`` on ``mesh``. Nothing is
+    traced or compiled yet: ``ttt-jax compile`` lowers ``.step`` with ``jax.ShapeDtypeStruct``
+    arguments (``jax.eval_shape(.init)``) for a mesh of TPU devices described on any host."""
+    return _program(cfg.model, cfg.train.seed, optimizer_fields(cfg.train), mesh)
+
+
 def _eval(eval_fn, model_state, batches, batch_sh, layout: str = "contiguous") -> float:
     """Mean NLL per token over ``batches`` (token-weighted across batches)."""
     total, count = 0.0, 0.0
@@ -271,7 +333,7 @@ def train(cfg: Config, *, log: Optional[Callable[[str], None]] = None) -> TrainR
         return _train(cfg, _Log(log), stack)
 
 
-def _check_batch_divisible(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+def check_batch_divisible(batch_size: int, mesh: jax.sharding.Mesh) -> None:
     """Raise a ``ValueError`` unless the global ``batch_size`` (``data.batch_size`` per process times
     the number of processes) splits evenly over the data-parallel axes."""
     dp = sharding.data_parallel_size(mesh)
@@ -295,11 +357,13 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     sharding.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
                              cfg.model.context_layout)
     global_batch = cfg.data.batch_size * jax.process_count()  # data.batch_size is per process
-    _check_batch_divisible(global_batch, mesh)
+    check_batch_divisible(global_batch, mesh)
     # Shape-only: the parameter shardings are checked against the mesh (ValueError naming the
     # parameter) before any data is read or anything is computed.
-    prog = _program(cfg.model, tcfg.seed, optimizer_fields(tcfg), mesh)
+    prog = train_program(cfg, mesh)
     is_main = jax.process_index() == 0
+    if cfg.data.check:  # every record the run will read, before anything is written or computed
+        check_data(cfg.data, progress=tcfg.progress and is_main, log=say)
 
     run_dir = Path(tcfg.run_dir)
     # Opening the directory removes saves a killed process left unfinished (with a warning).
@@ -315,7 +379,8 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     # moved aside with a warning (their arrays are verified when restored, below).
     latest = ckpt.latest_readable_step(cfg.to_dict()) if existing else None
     # A full disk is found now, not after the first checkpoint interval (shape-only size).
-    ckpt.check_free_space(state_nbytes(jax.eval_shape(prog.init)))
+    abstract_state = jax.eval_shape(prog.init)
+    ckpt.check_free_space(state_nbytes(abstract_state), len(jax.tree.leaves(abstract_state)))
     chunk = cfg.model.ttt.chunk_size if cfg.data.chunk_align else None
 
     # Data first: the validation batches are checked (token ids < vocab) before any compute.
@@ -401,6 +466,14 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
                     "stopped without saving this state (train.on_nonfinite=stop). " + last_good()
                     + "Lower train.learning_rate or raise train.warmup_steps, then resume")
             skipped_total += 1
+            if not _all_finite(model_state):
+                # The update before this one overflowed the parameters themselves: every later
+                # step is non-finite too, and skipping cannot recover.
+                raise NonFiniteLossError(
+                    f"non-finite training loss at step {s} (loss={m['loss']}, grad_norm={m['grad_norm']}) "
+                    "and the parameters themselves hold NaN/inf, so skipping updates cannot recover; "
+                    "stopped. " + last_good()
+                    + "Lower train.learning_rate or raise train.warmup_steps, then resume")
             if skipped_total > tcfg.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"non-finite training loss at step {s} (loss={m['loss']}, grad_norm={m['grad_norm']}): "
@@ -414,8 +487,9 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
         if good:
             last_loss = good[-1]["loss"]
         record = {"kind": "train", "step": step,
-                  # mean over the interval's applied updates
+                  # mean over the interval's applied updates; the skipped ones are counted apart
                   "loss": sum(m["loss"] for m in good) / len(good) if good else float("nan"),
+                  "steps_averaged": len(good), "steps_skipped": len(values) - len(good),
                   "grad_norm": values[-1]["grad_norm"], "lr": values[-1]["lr"],
                   "tokens_seen": step * tokens_per_step, "nonfinite_skipped": skipped_total}
         if step > interval.step0:
@@ -427,11 +501,39 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
         writer.write(record)
         interval.restart(step)
 
+    saved: list[int] = []
+
+    def save(step: int) -> None:
+        try:
+            ckpt.save(step, model_state, opt_state, train_it.get_state(), cfg.to_dict(),
+                      extra_meta={"nonfinite_skipped": skipped_total})
+        except NonFiniteStateError as e:
+            # Finite losses so far, but an update overflowed: never checkpoint it.
+            raise NonFiniteLossError(f"{e}; not checkpointed. " + last_good()
+                                     + "Lower train.learning_rate or raise train.warmup_steps, "
+                                     "then resume") from e
+        saved.append(step)
+
+    def interrupt(step: int) -> None:
+        if step not in saved and step > start:
+            flush(step)
+            save(step)
+        ckpt.wait()
+        latest = step if step in saved else ckpt.latest_step()
+        checkpoint = ckpt.directory / str(latest) if latest is not None else ckpt.directory
+        say(f"{stop.received}: checkpoint of step {step} written; stopping")
+        raise TrainingInterrupted(step, checkpoint, stop.received)
+
     end = tcfg.stop_after if tcfg.stop_after is not None else tcfg.steps
-    stop = stack.enter_context(_StopSignals())
+    stop = stack.enter_context(_StopSignals(
+        lambda: f"the newest complete checkpoint in {ckpt.directory} is kept"))
     if start == 0:
         evaluate(0)
     for step in range(start + 1, end + 1):
+        if stop.received:
+            # Arrived during the evaluation or the save of the previous step: that step is the
+            # one to checkpoint (below, if it was not written yet).
+            interrupt(step - 1)
         try:
             host_batch = next(train_it)
         except StopIteration:
@@ -441,14 +543,18 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
                                                   sharding.put_batch(host_batch, prog.batch_sh,
                                                                     cfg.model.context_layout))
         interval.pending.append((step, metrics))
+        # One step in flight at a time: a signal then waits for this step only, not for every
+        # step dispatched ahead of the device. (The host work of the next step is small next to a
+        # step of a model worth training; the data pipeline prefetches in its own threads.)
+        jax.block_until_ready(metrics)
         if step == start + 1:
             # Exclude compilation from throughput: the clock starts when the first step is done.
-            jax.block_until_ready(metrics)
             interval.restart(step)
+        ckpt.check()   # a background save that failed is reported now, naming its step
         is_last = step == end
         if step % tcfg.log_every == 0 or is_last:
             flush(step)
-        if step % tcfg.eval_every == 0 or is_last:
+        if (step % tcfg.eval_every == 0 or is_last) and not stop.received:
             flush(step)
             evaluate(step)
             interval.restart(step)
@@ -460,19 +566,10 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
                 # last good checkpoint out (train.keep_checkpoints) before the limit stops it.
                 say(f"step {step}: checkpoint deferred (the latest update was skipped as non-finite)")
             else:
-                try:
-                    ckpt.save(step, model_state, opt_state, train_it.get_state(), cfg.to_dict(),
-                              extra_meta={"nonfinite_skipped": skipped_total})
-                except NonFiniteStateError as e:
-                    # Finite losses so far, but an update overflowed: never checkpoint it.
-                    raise NonFiniteLossError(f"{e}; not checkpointed. " + last_good()
-                                             + "Lower train.learning_rate or raise train.warmup_steps, "
-                                             "then resume") from e
+                save(step)
             interval.restart(step)
         if stop.received and not is_last:
-            ckpt.wait()
-            say(f"{stop.received}: checkpoint of step {step} written; stopping")
-            raise TrainingInterrupted(step, ckpt.directory / str(step), stop.received)
+            interrupt(step)
     if start >= end:
         say(f"{run_dir} is already trained to step {start} (train.steps={tcfg.steps}, "
             f"train.stop_after={tcfg.stop_after}); raise train.steps to continue")

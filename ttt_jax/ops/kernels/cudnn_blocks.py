@@ -41,6 +41,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from ttt_jax.platform import target_platform
+
 # Parameter names of the private functions used, as in JAX 0.10 / 0.11. They are the bodies of
 # JAX's custom-partitioned cuDNN primitives: they bind the plain cuDNN primitives, which lower to
 # one local cuDNN call. (The public path goes through ``custom_partitioning``, whose partitioner
@@ -209,10 +211,10 @@ def cudnn_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: 
 def cudnn_unsupported_reason(q: jax.Array, backend: Optional[str] = None) -> Optional[str]:
     """Why cuDNN flash attention (:func:`cudnn_window_attention`, and the single-device
     ``impl="cudnn"`` of ``ttt_jax.ops.attention``) cannot run on ``q`` here (``None`` when it can).
-    ``backend`` defaults to ``jax.default_backend()``."""
-    backend = jax.default_backend() if backend is None else backend
+    ``backend`` defaults to the target platform (:func:`ttt_jax.platform.target_platform`)."""
+    backend = target_platform() if backend is None else backend
     if backend != "gpu":
-        return f"cuDNN attention needs an NVIDIA GPU (default backend is {backend!r})"
+        return f"cuDNN attention needs an NVIDIA GPU (the target platform is {backend!r})"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN flash attention needs bfloat16/float16 inputs, got {q.dtype}"
     d = q.shape[-1]

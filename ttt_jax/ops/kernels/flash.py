@@ -61,6 +61,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ttt_jax.platform import target_platform
+
 _NEG = -1e30  # finite "minus infinity": exp2(_NEG - m) == 0 for any finite row max m
 # The kernels work in base 2 (exp2 is the hardware instruction; exp would cost a multiply more per
 # score): logits are scaled by scale * log2(e), and log-sum-exps cross the API in natural log.
@@ -115,8 +117,8 @@ def flash_unsupported_reason(q: jax.Array, k: jax.Array, *, causal: bool = False
     Needs a GPU (unless ``interpret``), lengths that are multiples of 16, ``Tq == Tk`` when causal,
     ``head_dim <= 256`` and, on GPU, bfloat16 or float16 inputs.
     """
-    if not interpret and jax.default_backend() != "gpu":
-        return f"the Pallas flash kernels need an NVIDIA GPU (default backend is {jax.default_backend()!r})"
+    if not interpret and target_platform() != "gpu":
+        return f"the Pallas flash kernels need an NVIDIA GPU (the target platform is {target_platform()!r})"
     if not interpret and q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"the Pallas flash kernels need bfloat16/float16 inputs on GPU, got {q.dtype}"
     tq, tk, d = q.shape[1], k.shape[1], q.shape[-1]

@@ -1,0 +1,1 @@
+"""Ahead-of-time compilation and memory planning for TPU slices (``ttt-jax compile``)."""
