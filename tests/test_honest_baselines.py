@@ -17,6 +17,8 @@ from ttt_jax.bench.hlo_dots import dots, f32_operand_dots
 from ttt_jax.config import ModelConfig, TTTConfig
 from ttt_jax.models import CausalLM
 
+pytestmark = pytest.mark.structure
+
 B, T, F, D, C = 1, 64, 32, 16, 16
 
 

@@ -14,6 +14,9 @@ import pytest
 from ttt_jax.ops import inplace_ttt
 from ttt_jax.ops import inplace_ttt_pallas as pallas
 from ttt_jax.ops import inplace_ttt_reference as ref
+from ttt_jax.platform import target
+
+pytestmark = pytest.mark.unit
 
 op_module = importlib.import_module("ttt_jax.ops.inplace_ttt")  # the module, not the function
 
@@ -125,14 +128,15 @@ def test_unsupported_calls_refused_or_routed_to_scan(monkeypatch):
         inplace_ttt(z, v, w0, lr=LR, chunk_size=12, impl="pallas")
     with pytest.raises(ValueError, match="d_ff"):
         inplace_ttt(z[..., :24], v, w0[:24], lr=LR, chunk_size=C, impl="pallas")
-    # auto on a GPU where the kernel is preferred: taken unless unsupported.
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    # auto, for a GPU where the kernel is preferred: taken unless unsupported; never off the GPU.
     monkeypatch.setattr(pallas, "auto_prefers_kernel", lambda *a: True)
-    assert op_module._resolve_auto(F, D, C, False, None) == "pallas"
-    assert op_module._resolve_auto(F, D, C, False, 1.0) == "scan"
-    assert op_module._resolve_auto(F, D, 12, False, None) == "scan"
-    monkeypatch.setattr(pallas, "auto_prefers_kernel", lambda *a: False)
     assert op_module._resolve_auto(F, D, C, False, None) == "scan"
+    with target("gpu"):
+        assert op_module._resolve_auto(F, D, C, False, None) == "pallas"
+        assert op_module._resolve_auto(F, D, C, False, 1.0) == "scan"
+        assert op_module._resolve_auto(F, D, 12, False, None) == "scan"
+        monkeypatch.setattr(pallas, "auto_prefers_kernel", lambda *a: False)
+        assert op_module._resolve_auto(F, D, C, False, None) == "scan"
 
 
 def test_epilogue_apply_matches_scan():

@@ -32,6 +32,7 @@ from ttt_jax.ops import inplace_ttt_reference as reference
 from ttt_jax.ops.inplace_ttt_layout import ChunkLayout, chunk_layout, clip_update, pad_to_chunks, unchunk
 from ttt_jax.ops.inplace_ttt_scan import scan_chunks
 from ttt_jax.ops.precision import matmul_f32_out
+from ttt_jax.platform import target_platform
 
 IMPLS = ("auto", "reference", "attention", "associative", "scan", "pallas")
 
@@ -96,7 +97,7 @@ def _check_args(z, v, w0, lr, chunk_size, impl, clip_tau, initial_state, return_
 
 def _resolve_auto(f: int, d: int, chunk_size: int, segmented: bool, clip_tau) -> str:
     """``impl="auto"``: the kernel on a GPU where it is supported and measured faster, else the scan."""
-    if (jax.default_backend() == "gpu" and pallas.supports(f, d, chunk_size, clip_tau) is None
+    if (target_platform() == "gpu" and pallas.supports(f, d, chunk_size, clip_tau) is None
             and pallas.auto_prefers_kernel(f, d, chunk_size, segmented)):
         return "pallas"
     return "scan"

@@ -47,6 +47,7 @@ from jax.experimental import pallas as pl
 
 from ttt_jax.ops.inplace_ttt_scan import tie as _tie
 from ttt_jax.ops.inplace_ttt_scan import zeros_tied as _zeros_tied
+from ttt_jax.platform import target_platform
 
 _F32 = jnp.float32
 
@@ -114,7 +115,8 @@ def auto_prefers_kernel(f: int, d: int, chunk_size: int, segmented: bool) -> boo
 
 
 def _interpret() -> bool:
-    return jax.default_backend() != "gpu"
+    """Interpret mode unless the computation is built for a GPU (``ttt_jax.platform``)."""
+    return target_platform() != "gpu"
 
 
 def _compiler_params(warps: int, stages: int):
