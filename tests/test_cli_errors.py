@@ -9,6 +9,8 @@ from ttt_jax.cli import main
 
 from test_train import TOY
 
+pytestmark = pytest.mark.integration
+
 
 def one_line_error(capsys, *needles):
     err = capsys.readouterr().err

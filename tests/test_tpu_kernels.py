@@ -23,6 +23,8 @@ from ttt_jax.ops.attention_reference import attention_reference
 from ttt_jax.ops.kernels import tpu_splash as S
 from ttt_jax.ops.kernels.tpu_context import tpu_context_attention, tpu_window_attention
 
+pytestmark = pytest.mark.unit
+
 H, KV, D = 4, 2, 16
 
 

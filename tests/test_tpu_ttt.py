@@ -18,6 +18,8 @@ from ttt_jax.ops.inplace_ttt_cp import inplace_ttt_sharded
 from ttt_jax.ops.kernels.tpu_ttt import (f32_operand_matmuls, matmul_operand_dtypes,
                                          mxu_tiling_problem)
 
+pytestmark = pytest.mark.structure
+
 
 def test_mxu_tiling_problem():
     assert mxu_tiling_problem(1024, 9728, 2560) is None

@@ -78,10 +78,10 @@ def build_mesh(cfg: Config, devices: list, num_slices: int = 1) -> Mesh:
     spans the slices (its gradient all-reduce is the only traffic over DCN); it must be a multiple
     of ``num_slices``."""
     from parallel import mesh as parallel_mesh
-    from ttt_jax import sharding as mesh_lib
+    from ttt_jax import sharding
 
     if num_slices == 1:
-        return mesh_lib.make_mesh(cfg.mesh, devices=devices)
+        return sharding.make_mesh(cfg.mesh, devices=devices)
     m = cfg.mesh
     sizes = parallel_mesh.resolve_axis_sizes(
         dict(zip(parallel_mesh.MESH_AXES, (m.data, m.fsdp, m.tensor, m.context))), len(devices))
@@ -111,13 +111,13 @@ class Compiled:
 def compile_train(cfg: Config, mesh: Mesh, processes: int) -> Compiled:
     """AOT-compile ``ttt-jax train``'s step of ``cfg`` on ``mesh``; ``processes`` hosts each feed
     ``data.batch_size`` rows (so the global batch is their product, as in a live run)."""
-    from ttt_jax import sharding as mesh_lib
+    from ttt_jax import sharding
     from ttt_jax.train.trainer import check_batch_divisible, train_program
 
     cfg.validate()
     ttt_on = bool(cfg.model.ttt.layer_ids(cfg.model.n_layers))
-    mesh_lib.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
-                             cfg.model.context_layout)
+    sharding.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
+                             cfg.runtime.context.layout)
     global_batch = cfg.data.batch_size * processes
     check_batch_divisible(global_batch, mesh)
     prog = train_program(cfg, mesh)
@@ -125,7 +125,7 @@ def compile_train(cfg: Config, mesh: Mesh, processes: int) -> Compiled:
     batch = {k: jax.ShapeDtypeStruct((global_batch, cfg.data.seq_len), dt) for k, dt in BATCH_FIELDS.items()}
     t0 = time.perf_counter()
     try:
-        with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)), quiet_stderr():
+        with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)):
             compiled = prog.step.lower(abs_model, abs_opt, batch).compile()
     except jax.errors.JaxRuntimeError as e:
         m = re.search(r"RESOURCE_EXHAUSTED: .*?temporaries \(([\d.]+)([KMGT])\)", str(e))
@@ -151,21 +151,22 @@ def compile_generate(cfg: Config, mesh: Mesh, processes: int, *, prompt_len: int
 
     from ttt_jax.infer.cache import init_cache
     from ttt_jax.infer.engine import _decode_jit, _extend_jit, _Static, check_supported
-    from ttt_jax import sharding as mesh_lib
+    from ttt_jax import sharding
     from ttt_jax.models.lm import CausalLM
     from ttt_jax.train.trainer import check_batch_divisible
 
     if mesh.shape["context"] > 1:
         raise ValueError("--what generate: cached inference does not split a sequence over devices; "
                          "set mesh.context=1 (give the devices to mesh.data / mesh.fsdp / mesh.tensor)")
-    model_cfg = dc.replace(cfg.model, scan_layers=False)   # the engine walks the layers one by one
+    model_cfg = cfg.model
+    runtime = dc.replace(cfg.runtime, scan_layers=False)   # the engine walks the layers one by one
     check_supported(model_cfg)
     batch = cfg.data.batch_size * processes
     check_batch_divisible(batch, mesh)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(model_cfg, rngs=nnx.Rngs(0))))
-    state_sh = mesh_lib.state_shardings(state, mesh)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(model_cfg, runtime=runtime, rngs=nnx.Rngs(0))))
+    state_sh = sharding.state_shardings(state, mesh)
     abs_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
-    rows = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+    rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
     cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows if x.ndim else None),
                          jax.eval_shape(lambda: init_cache(model_cfg, batch, prompt_len + 1)))
     static = _Static(graphdef)
@@ -173,7 +174,7 @@ def compile_generate(cfg: Config, mesh: Mesh, processes: int, *, prompt_len: int
     out = []
     for what in ("prefill", "decode"):
         t0 = time.perf_counter()
-        with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)), quiet_stderr():
+        with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)):
             if what == "prefill":
                 lowered = _extend_jit.lower(static, abs_state, cache, sds((batch, prefill_block), jnp.int32, sharding=rows),
                                             sds((batch,), jnp.int32, sharding=rows), {}, logits="last",

@@ -77,8 +77,11 @@ def check_corpora(corpora: list[Corpus], *, on_error: str = "raise", progress: b
         out.seconds = time.perf_counter() - t0
         return out
     # The documents of all splits, by file, in file order (a document is listed once).
-    table = np.unique(np.stack([np.concatenate([getattr(c, a) for c in corpora])
-                                for a in ("doc_file", "doc_start", "doc_record", "doc_end")], axis=1), axis=0)
+    cols = [np.concatenate([getattr(c, a) for c in corpora])
+            for a in ("doc_file", "doc_start", "doc_record", "doc_end")]
+    table = np.stack(cols, axis=1)[np.lexsort(cols[::-1])]
+    if table.shape[0] > 1:
+        table = table[np.concatenate([[True], np.any(table[1:] != table[:-1], axis=1)])]
     groups = np.split(table, np.flatnonzero(np.diff(table[:, 0])) + 1) if table.shape[0] else []
     total = sum(_planned_bytes(first, g) for g in groups)
 

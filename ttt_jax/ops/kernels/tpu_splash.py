@@ -42,6 +42,7 @@ ahead-of-time compile for TPU on a CPU host emits the Mosaic kernels.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import inspect
 import math
@@ -80,6 +81,7 @@ def private_api_problem() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=256)
 def _kernel(tq: int, tk: int, heads: int, causal: bool, window: int, offset: int,
             residuals: bool, interpret: bool):
     """A splash kernel for ``[heads, tq, Dh] x [KV, tk, Dh]`` with one static mask."""
@@ -92,12 +94,18 @@ def _kernel(tq: int, tk: int, heads: int, causal: bool, window: int, offset: int
     bq, bk = tile_length(tq), tile_length(tk)
     sizes = _sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
                            block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
-    # Built per trace, not cached: its mask tables become constants of the program being traced
-    # (made eagerly they would be placed on the trace's mesh, which under an ahead-of-time compile
-    # is a TPU topology with no executable devices).
-    return _sk.make_splash_mha(_sm.MultiHeadMask([head_mask] * heads), block_sizes=sizes,
-                               head_shards=1, q_seq_shards=1, save_residuals=residuals,
-                               interpret=interpret)
+    def build():
+        # Concrete mask tables even when first built inside a trace (the kernel is cached).
+        with jax.ensure_compile_time_eval():
+            return _sk.make_splash_mha(_sm.MultiHeadMask([head_mask] * heads), block_sizes=sizes,
+                                       head_shards=1, q_seq_shards=1, save_residuals=residuals,
+                                       interpret=interpret)
+
+    # On a thread of its own: JAX's trace and mesh contexts are per thread, so the tables are plain
+    # host arrays also when the first call is traced under a mesh of TPU devices that a CPU host
+    # only describes (`ttt-jax compile`), where placing an array on the mesh fails.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(build).result()
 
 
 def _heads_major(x):
