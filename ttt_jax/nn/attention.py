@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.ops.attention_cp import context_attention
+from ttt_jax.ops.attention_cp import context_attention, runs_mosaic
 from ttt_jax.config import ModelConfig, RuntimeConfig
 from ttt_jax.nn.context import AXIS, context_size, run_over_context
 from ttt_jax.nn.norm import RMSNorm
@@ -89,7 +89,9 @@ class Attention(nnx.Module):
                 return context_attention(q, k, v, AXIS, segment_ids=seg, window=self.window,
                                          layout=self.context_layout, impl=self.context_impl,
                                          kernel=self.context_kernel)
-            out = run_over_context(local, (q, k, v), segment_ids=segment_ids)
+            # TPU kernels: every mesh axis manual around the Mosaic calls (rows and heads split).
+            out = run_over_context(local, (q, k, v), segment_ids=segment_ids,
+                                   whole_mesh=runs_mosaic(self.context_kernel))
         else:
             out = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)
         return dense(out, self.o[...], "bthk,hkd->btd", dt)

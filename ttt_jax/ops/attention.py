@@ -379,8 +379,8 @@ _BATCH_AXES, _HEAD_AXIS = ("data", "fsdp"), "tensor"
 
 
 def per_device(fn, q, k, v, segment_ids, *, check_vma: bool = False) -> jax.Array:
-    """``fn(q, k, v, segment_ids)`` once per device when the trace runs under a mesh with automatic
-    axes of size > 1. XLA cannot partition a Mosaic kernel ("wrap the call in a shard_map"), and
+    """``fn(q, k, v, segment_ids)`` once per device when the trace runs under a mesh of more than one
+    device: inside a ``shard_map`` of its own over every mesh axis still automatic. XLA cannot partition a Mosaic kernel ("wrap the call in a shard_map"), and
     attention is independent per (row, head): rows are split over ``data`` x ``fsdp`` and heads over
     ``tensor`` where they divide, any other axis sees whole operands (XLA reshards at the boundary
     if the operands are laid out otherwise)."""
@@ -388,13 +388,15 @@ def per_device(fn, q, k, v, segment_ids, *, check_vma: bool = False) -> jax.Arra
     if mesh.empty:
         return fn(q, k, v, segment_ids)
     manual = set(getattr(mesh, "manual_axes", ()))
-    auto = [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in manual]
-    if not auto:
+    # Every automatic axis, size 1 included: a Mosaic call lowers only where the whole mesh is
+    # manual (JAX refuses it inside a shard_map that leaves any axis automatic).
+    auto = [a for a in mesh.axis_names if a not in manual]
+    if not auto or (not manual and all(mesh.shape[a] == 1 for a in auto)):
         return fn(q, k, v, segment_ids)
-    batch = tuple(a for a in _BATCH_AXES if a in auto)
+    batch = tuple(a for a in _BATCH_AXES if a in auto and mesh.shape[a] > 1)
     if q.shape[0] % math.prod(mesh.shape[a] for a in batch):
         batch = ()
-    heads = _HEAD_AXIS if _HEAD_AXIS in auto else None
+    heads = _HEAD_AXIS if _HEAD_AXIS in auto and mesh.shape[_HEAD_AXIS] > 1 else None
     if heads and (q.shape[2] % mesh.shape[heads] or k.shape[2] % mesh.shape[heads]):
         heads = None
     spec = P(batch or None, None, heads, None)

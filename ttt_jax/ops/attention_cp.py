@@ -88,6 +88,13 @@ def fused_unsupported_reason(q: jax.Array, k: jax.Array, *, segment_ids: Optiona
     return flash.flash_unsupported_reason(q, k, causal=True)
 
 
+def runs_mosaic(kernel: ContextKernel) -> bool:
+    """Whether :func:`context_attention` with this ``kernel`` calls Pallas Mosaic (TPU) kernels in
+    the program being traced; a Mosaic call lowers only inside a ``shard_map`` that leaves no mesh
+    axis automatic, so the caller's ``shard_map`` should make them all manual."""
+    return kernel == "tpu" or (kernel == "auto" and target_platform() == "tpu")
+
+
 def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, *,
                       segment_ids: Optional[jax.Array] = None, window: int = 0,
                       impl: ContextImpl = "ring", layout: Layout = "contiguous",
@@ -142,8 +149,10 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
         else:
             fn = functools.partial(_tpu_ring, axis_name=axis_name, impl=impl, layout=layout,
                                    scale=scale, interpret=interpret)
-        # Mosaic calls cannot be partitioned by XLA: the mesh axes this shard_map leaves automatic
+        # Mosaic calls cannot be partitioned by XLA: mesh axes a caller's shard_map leaves automatic
         # (data, fsdp, tensor) are made manual around them too (rows and heads are independent).
+        # This holds for the sliding window; the ring's collectives over ``axis_name`` need the
+        # caller's shard_map to be manual over every axis (runs_mosaic; ttt_jax.nn.context).
         return per_device(fn, q, k, v, segment_ids, check_vma=True)
     if kernel != "xla":
         reason = fused_unsupported_reason(q, k, segment_ids=segment_ids, window=window, impl=impl,
