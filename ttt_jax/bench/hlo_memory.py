@@ -82,14 +82,29 @@ class LiveReport:
     by_last_user: tuple[tuple[str, int], ...] = ()   # bytes per last user's op name pattern
 
 
+def logical_lines(hlo_text: str) -> list[str]:
+    """The text's lines with each instruction on one line. An attribute may hold raw newlines (a
+    Mosaic call's ``backend_config`` does); its continuation lines start at column 0 but are neither
+    a computation header, a closing ``}`` nor blank, and are joined back to their instruction."""
+    out: list[str] = []
+    for line in hlo_text.split("\n"):
+        cont = (out and line[:1] not in ("", " ", "\t", "%") and line.rstrip() != "}"
+                and not line.startswith(("ENTRY", "HloModule")))
+        if cont:
+            out[-1] += line
+        else:
+            out.append(line)
+    return out
+
+
 def _entry_lines(hlo_text: str) -> list[str]:
     start = hlo_text.find("\nENTRY ")
     if start < 0:
         raise ValueError("no ENTRY computation in this HLO text (is it an HLO module dump?)")
-    lines = hlo_text[start + 1:].split("\n")
+    lines = logical_lines(hlo_text[start + 1:])
     body = []
     for line in lines[1:]:
-        if line.startswith("}"):
+        if line.rstrip() == "}":
             break
         body.append(line)
     return body

@@ -251,7 +251,7 @@ def _attention_fallback(text: str) -> list[str]:
     import re
 
     names = set()
-    for line in text.split("\n"):
+    for line in hlo.logical_lines(text):
         m = re.match(r"\s*(?:ROOT )?%?\S+ = (\w+)\[([\d,]*)\]\S* exponential\(", line)
         dims = [int(d) for d in m.group(2).split(",") if d] if m else []
         if len(dims) < 4 or min(dims[-2:]) < 64:

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ttt_jax.bench.hlo_memory import shape_bytes
+from ttt_jax.bench.hlo_memory import logical_lines, shape_bytes
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
 _COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
@@ -31,7 +31,7 @@ _CALLS = re.compile(r"\b(?:body|condition|to_apply|calls|branch_computations|cal
 def _computations(text: str) -> dict[str, list[str]]:
     comps: dict[str, list[str]] = {}
     name: Optional[str] = None
-    for line in text.split("\n"):
+    for line in logical_lines(text):
         if name is None:
             m = _COMP.match(line)
             if m and not line[:1].isspace():   # headers start at column 0, instructions are indented
@@ -39,7 +39,7 @@ def _computations(text: str) -> dict[str, list[str]]:
                 comps[name] = []
                 if line.startswith("ENTRY"):
                     comps["__entry__"] = [name]
-        elif line.startswith("}"):
+        elif line.rstrip() == "}":
             name = None
         else:
             comps[name].append(line)
@@ -127,7 +127,7 @@ def collective_bytes(text: str, slice_of: Optional[Sequence[int]] = None) -> dic
 def kernel_calls(text: str) -> list[str]:
     """Op names of the Mosaic (``tpu_custom_call``) custom calls, one per call site in the module."""
     names = []
-    for line in text.split("\n"):
+    for line in logical_lines(text):
         if "custom-call(" in line and 'custom_call_target="tpu_custom_call"' in line:
             m = _OP_NAME.search(line)
             names.append(m.group(1) if m else "")
