@@ -36,11 +36,14 @@ class ContextConfig:
     """How full causal layers see the other devices' keys/values: ``ring`` (``ppermute`` around
     the ring with an online softmax; ``O(T / n)`` memory) or ``allgather`` (one all-gather of K/V;
     ``O(T)`` memory)."""
-    kernel: Literal["auto", "xla", "fused", "pallas"] = "auto"
+    kernel: Literal["auto", "xla", "fused", "pallas", "tpu"] = "auto"
     """Per-device attention compute. ``fused``: one cuDNN flash-attention call per ring block and
     per sliding-window layer after the halo exchange (NVIDIA GPU, bf16/fp16; an error where it
-    cannot run). ``pallas``: the Pallas flash kernels per ring block. ``xla``: plain XLA blockwise
-    attention (any backend, packed documents). ``auto``: fused where it can run, XLA otherwise."""
+    cannot run). ``pallas``: the Pallas flash kernels per ring block. ``tpu``: splash (Pallas
+    Mosaic) blocks in the ring or all-gather, one splash call with the halo for sliding windows
+    (Pallas interpret mode, slow, where the program is not built for TPU). ``xla``: plain XLA
+    blockwise attention (any backend, packed documents). ``auto``: ``tpu`` when the program is
+    built for TPU; elsewhere fused where it can run, XLA otherwise."""
 
     def validate(self, model: "ModelConfig | None" = None) -> None:
         if model is not None:
