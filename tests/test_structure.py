@@ -5,9 +5,9 @@
   package (``from ttt_jax.ops import attention_cp_ring`` in ``ttt_jax.ops.attention_cp``) is not an
   edge: Python initialises the package first anyway.
 * ``parallel`` imports only JAX, numpy and the standard library, never ``ttt_jax``.
-* No private name (leading underscore) imported from another module in the library layers
-  (``parallel``, ``ttt_jax.ops``, ``ttt_jax.nn``, ``ttt_jax.models``, ``ttt_jax.sharding``,
-  ``ttt_jax.config``): a helper shared by two modules is public and named for what it does.
+* No private name (leading underscore) imported from another module anywhere in ``ttt_jax`` or
+  ``parallel`` (library layers and applications alike): a helper shared by two modules is public
+  and named for what it does.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ttt_jax", "parallel")
-LIBRARY = ("parallel", "ttt_jax.ops", "ttt_jax.nn", "ttt_jax.models", "ttt_jax.sharding",
-           "ttt_jax.config")
 PARALLEL_MAY_IMPORT = {"jax", "jaxlib", "numpy", "parallel"}
 
 
@@ -141,9 +139,21 @@ def test_parallel_imports_only_jax_numpy_and_the_standard_library():
     assert not bad, bad
 
 
-def test_no_private_name_imported_across_library_modules():
-    bad = _private_imports(_modules(), LIBRARY)
+def test_no_private_name_imported_across_modules():
+    bad = _private_imports(_modules(), PACKAGES)
     assert not bad, bad
+
+
+def test_every_subpackage_is_checked():
+    """Every folder of modules under ``ttt_jax`` / ``parallel`` is a package (has ``__init__.py``)
+    that the module walk finds, so the checks above cover the applications too."""
+    mods = _modules()
+    subpackages = {".".join(d.relative_to(ROOT).parts) for pkg in PACKAGES
+                   for d in [ROOT / pkg, *(ROOT / pkg).rglob("*")] if d.is_dir()
+                   and d.name != "__pycache__" and any(d.glob("*.py"))}
+    assert subpackages and subpackages <= set(mods), sorted(subpackages - set(mods))
+    assert {"ttt_jax.bench", "ttt_jax.compile", "ttt_jax.convert", "ttt_jax.infer",
+            "ttt_jax.train"} <= subpackages
 
 
 def test_the_checks_catch_what_they_look_for(tmp_path):
@@ -153,7 +163,13 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
         (tmp_path / pkg / "__init__.py").write_text("")
     (tmp_path / "parallel" / "a.py").write_text("from parallel.b import _helper\nimport ttt_jax\n")
     (tmp_path / "parallel" / "b.py").write_text("def f():\n    from parallel import a\n")
+    (tmp_path / "ttt_jax" / "app").mkdir()
+    (tmp_path / "ttt_jax" / "app" / "__init__.py").write_text("")
+    (tmp_path / "ttt_jax" / "app" / "cli.py").write_text(
+        "def main():\n    from ttt_jax.app.engine import _pad\n")
+    (tmp_path / "ttt_jax" / "app" / "engine.py").write_text("def _pad():\n    pass\n")
     mods = _modules(tmp_path)
     assert _cycles(_graph(mods)) == [["parallel.a", "parallel.b"]]
-    assert _private_imports(mods, LIBRARY) == ["parallel.a imports parallel.b._helper"]
+    assert sorted(_private_imports(mods, PACKAGES)) == [
+        "parallel.a imports parallel.b._helper", "ttt_jax.app.cli imports ttt_jax.app.engine._pad"]
     assert ("ttt_jax", None) in _imports(mods["parallel.a"], "parallel.a")

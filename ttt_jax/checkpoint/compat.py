@@ -21,7 +21,7 @@ _DATA_KEYS_TIED_TO_ITERATOR = ("source", "paths", "field", "column", "tokenizer"
 
 # Model fields that choose how the same parameters are computed, not what they are: a run may
 # resume with other values (e.g. moving from CPU to GPU, turning on remat to save memory).
-_MODEL_RUNTIME_KEYS = ("attention_impl", "ttt.impl", "remat", "remat_policy", "compute_dtype", "max_seq_len",
+MODEL_RUNTIME_KEYS = ("attention_impl", "ttt.impl", "remat", "remat_policy", "compute_dtype", "max_seq_len",
                        "context_layout", "context_attention", "context_scan", "context_kernel",
                        "context_halo")
 
@@ -31,13 +31,13 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     disagree on the model section or on the data fields tied to the iterator state.
 
     A key absent from the saved config (written before that field existed) counts as its default.
-    Implementation-only model fields (:data:`_MODEL_RUNTIME_KEYS`) may differ.
+    Implementation-only model fields (:data:`MODEL_RUNTIME_KEYS`) may differ.
     """
     defaults = Config().to_dict()
     diffs = []
     for section in ("model", "data"):
         s, c, d = (_flatten(x.get(section, {})) for x in (saved, current, defaults))
-        keep = (lambda k: k not in _MODEL_RUNTIME_KEYS) if section == "model" else \
+        keep = (lambda k: k not in MODEL_RUNTIME_KEYS) if section == "model" else \
             (lambda k: k in _DATA_KEYS_TIED_TO_ITERATOR)
         s, c = ({k: v for k, v in x.items() if keep(k)} for x in (s, c))
         for key in sorted(set(s) | set(c)):

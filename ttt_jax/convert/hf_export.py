@@ -22,7 +22,7 @@ from flax import nnx
 from ttt_jax.convert.hf_config import hf_config_from_model
 from ttt_jax.convert.hf_import import HF_CONFIG_COPY, TOKENIZER_FILES
 from ttt_jax.convert.mapping import tensor_maps
-from ttt_jax.convert.safetensors_io import _np_dtype, write_safetensors
+from ttt_jax.convert.safetensors_io import numpy_dtype, write_safetensors
 
 
 def _checkpoint_root(path: Path) -> Path:
@@ -53,7 +53,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, step: Optional[int] = None,
         state = unstack_layer_params(state, mcfg)
         mcfg = dataclasses.replace(mcfg, scan_layers=False)
     dtype = dtype or mcfg.param_dtype
-    np_dtype = _np_dtype(dtype)
+    np_dtype = numpy_dtype(dtype)
     maps = tensor_maps(mcfg)
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:

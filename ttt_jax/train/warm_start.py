@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ttt_jax.config import Config
-from ttt_jax.checkpoint.compat import _MODEL_RUNTIME_KEYS
+from ttt_jax.checkpoint.compat import MODEL_RUNTIME_KEYS
 from ttt_jax.checkpoint.model_io import read_checkpoint_config, resolve_checkpoint
 from ttt_jax.checkpoint.tree import flatten as _flatten, meta_tree as _meta_tree, str_keys as _str_keys
 
@@ -41,7 +41,7 @@ def model_differences(saved: Config, current: Config) -> list[str]:
     fields such as ``attention_impl`` excluded)."""
     s, c = _flatten(saved.to_dict()["model"]), _flatten(current.to_dict()["model"])
     return [f"model.{k}: checkpoint {s.get(k)!r} -> run {c.get(k)!r}" for k in sorted(set(s) | set(c))
-            if k not in _MODEL_RUNTIME_KEYS and s.get(k) != c.get(k)]
+            if k not in MODEL_RUNTIME_KEYS and s.get(k) != c.get(k)]
 
 
 def _unflatten_str(flat: dict[str, Any]) -> dict:
