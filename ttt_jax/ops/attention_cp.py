@@ -31,7 +31,9 @@ The paths, by role:
   cuDNN's kernels (:mod:`ttt_jax.ops.kernels.cudnn_blocks`) where this JAX has its private cuDNN
   functions as expected, else the Pallas (Triton) kernels of :mod:`ttt_jax.ops.kernels.flash`;
 * :mod:`ttt_jax.ops.attention_cp_halo` -- the split sliding window: a local call plus a halo block
-  merged by log-sum-exp.
+  merged by log-sum-exp;
+* :mod:`ttt_jax.ops.attention_cp_tpu` -- ``kernel="tpu"``: the ring, the all-gather and the halo
+  window with TPU splash (Pallas Mosaic) blocks of :mod:`ttt_jax.ops.kernels.tpu_splash`.
 
 ``kernel="auto"`` (the default) takes the fused path where it can run (NVIDIA GPU, bf16/fp16, no
 segment ids with a window, block lengths multiples of 16) and the XLA path otherwise -- so CPU and
@@ -47,10 +49,11 @@ from typing import Literal, Optional
 import jax
 
 from parallel.layout import Layout, check_layout
-from ttt_jax.ops import attention_cp_fused, attention_cp_halo, attention_cp_ring, attention_cp_window
+from ttt_jax.ops import (attention_cp_fused, attention_cp_halo, attention_cp_ring, attention_cp_tpu,
+                         attention_cp_window)
 from ttt_jax.ops.attention_cp_window import check_window
 from ttt_jax.ops.attention_reference import check_qkv
-from ttt_jax.ops.kernels import cudnn_blocks, flash, tpu_context
+from ttt_jax.ops.kernels import cudnn_blocks, flash
 
 ContextImpl = Literal["ring", "allgather"]
 CONTEXT_IMPLS = ("ring", "allgather")
@@ -107,7 +110,7 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     not as expected, Pallas -- flash kernels per ring block, one cuDNN call for the sliding window;
     NVIDIA GPU, bf16/fp16; segment ids only in the ring, by the Pallas blocks -- an explicit choice
     that cannot run raises ``ValueError`` naming why), ``"pallas"`` (fused, with the Pallas kernels
-    per ring block), ``"tpu"`` (:mod:`ttt_jax.ops.kernels.tpu_context`: splash (Pallas Mosaic)
+    per ring block), ``"tpu"`` (:mod:`ttt_jax.ops.attention_cp_tpu`: splash (Pallas Mosaic)
     blocks in the ring or the all-gather, one splash call with the halo for the sliding window;
     segment ids everywhere; Pallas interpret mode when the program is not built for TPU) or
     ``"auto"`` (fused where it can run, XLA otherwise).
@@ -134,12 +137,12 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     if kernel == "tpu":
         interpret = not _building_for_tpu()
         if window:
-            return tpu_context.tpu_window_attention(q, k, v, axis_name, window=window,
-                                                    segment_ids=segment_ids, scale=scale,
-                                                    interpret=interpret)
-        return tpu_context.tpu_context_attention(q, k, v, axis_name, kernel=impl, layout=layout,
-                                                 segment_ids=segment_ids, scale=scale,
-                                                 interpret=interpret)
+            return attention_cp_tpu.tpu_window_attention(q, k, v, axis_name, window=window,
+                                                         segment_ids=segment_ids, scale=scale,
+                                                         interpret=interpret)
+        return attention_cp_tpu.tpu_context_attention(q, k, v, axis_name, kernel=impl, layout=layout,
+                                                      segment_ids=segment_ids, scale=scale,
+                                                      interpret=interpret)
     if kernel != "xla":
         reason = fused_unsupported_reason(q, k, segment_ids=segment_ids, window=window, impl=impl,
                                           layout=layout)
