@@ -74,7 +74,8 @@ def _param_count(mcfg) -> int:
 
 
 def build_config(variant: str, args):
-    """The variant's config with ``d_ff`` chosen so its parameter count matches ``swa``'s."""
+    """``(model config, runtime config, parameter target)``: the variant's architecture with
+    ``d_ff`` chosen so its parameter count matches ``swa``'s."""
     import dataclasses
 
     from ttt_jax.config import load_config
@@ -93,7 +94,7 @@ def build_config(variant: str, args):
         d_ff = max(args.ff_multiple, int(round(d_ff / args.ff_multiple)) * args.ff_multiple)
         m = dataclasses.replace(m, d_ff=d_ff)
         m.validate()
-    return m, target
+    return m, cfg.runtime, target
 
 
 def run_variant(args) -> dict:
@@ -105,8 +106,8 @@ def run_variant(args) -> dict:
     from ttt_jax.models.lm import CausalLM, count_params
     from ttt_jax.ops.loss import chunked_cross_entropy
 
-    mcfg, target = build_config(args.variant, args)
-    model = CausalLM(mcfg, rngs=nnx.Rngs(0))
+    mcfg, runtime, target = build_config(args.variant, args)
+    model = CausalLM(mcfg, runtime=runtime, rngs=nnx.Rngs(0))
     n_params = count_params(model)
     optimizer = nnx.Optimizer(model, optax.adamw(1e-5, weight_decay=0.1), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
@@ -164,7 +165,7 @@ def main(argv=None):
     p.add_argument("--mini-batch", type=int, default=16, help="TTT-Linear/MLP mini-batch")
     p.add_argument("--e2e-chunk", type=int, default=1024, help="TTT-E2E chunk size")
     p.add_argument("--ff-multiple", type=int, default=64, help="d_ff rounding when matching params")
-    p.add_argument("--set", nargs="*", default=["model.remat=true"],
+    p.add_argument("--set", nargs="*", default=["runtime.remat=true"],
                    help="config overrides applied to every variant")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--smoke", action="store_true",

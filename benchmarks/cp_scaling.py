@@ -14,11 +14,11 @@ ratio. Each row is its own process (``ttt_jax.bench.model`` runs every variant i
 Example (the weak-scaling rows of benchmarks/README.md, 4 x H100)::
 
     PYTHONPATH=. python benchmarks/cp_scaling.py --mode weak --devices 4 --length 32768 \\
-        --variant split=model.context_halo=split --variant pinned=model.context_halo=split,model.remat_pinned=true \\
+        --variant full=runtime.remat_policy=full \\
         --repeat 2 --out benchmarks/results/cp_weak.json
 
 A variant's entry ``env:NAME=VALUE`` sets an environment variable for its rows instead of a config
-override, e.g. ``--variant olap=model.context_halo=split,env:XLA_FLAGS=--xla_gpu_foo=2``.
+override, e.g. ``--variant olap=runtime.remat_policy=full,env:XLA_FLAGS=--xla_gpu_foo=2``.
 ``--compile-cache DIR`` shares JAX's persistent compilation cache between the rows, so a repeat
 of a row (same program, same flags) skips most of its compile time.
 
@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-DEFAULT_SET = ["model.param_dtype=bfloat16", "model.remat=true"]
+DEFAULT_SET = ["model.param_dtype=bfloat16", "runtime.remat=true"]
 
 
 def parse_variant(spec: str) -> tuple[str, list[str], dict[str, str]]:
@@ -64,7 +64,7 @@ def row_command(args, devices: int, length: int, overrides: Sequence[str], out: 
     mesh = f"context={devices}" if devices > 1 else "data=1"
     sets = DEFAULT_SET + list(args.set) + list(overrides)
     if args.mode == "strong" and devices > 1:
-        sets.append("model.context_layout=zigzag")
+        sets.append("runtime.context.layout=zigzag")
     model_variant = "swa_ttt" if args.mode == "weak" else "ttt"
     return [sys.executable, "-m", "ttt_jax.bench.model", "--preset", args.preset, "--warmup", "1",
             "--iters", str(args.iters), "--variants", model_variant, "--window", str(args.window),

@@ -57,15 +57,15 @@ def model_configs(smoke: bool) -> dict:
     if smoke:
         base = ModelConfig(vocab_size=259, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=128,
                            max_seq_len=1 << 20, compute_dtype="float32", param_dtype="float32",
-                           attention_impl="xla", ttt=TTTConfig(enabled=False))
+                           ttt=TTTConfig(enabled=False))
         window, chunk = 64, 32
     else:
         base = ModelConfig(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8,
                            head_dim=128, d_ff=8192, max_seq_len=1 << 20, compute_dtype="bfloat16",
-                           param_dtype="bfloat16", attention_impl="auto", ttt=TTTConfig(enabled=False))
+                           param_dtype="bfloat16", ttt=TTTConfig(enabled=False))
         window, chunk = 4096, 1024
     swa_ttt = dataclasses.replace(base, attention_window=window, ttt=TTTConfig(
-        enabled=True, every=4, start=0, chunk_size=chunk, lr=1.0, impl="auto"))
+        enabled=True, every=4, start=0, chunk_size=chunk, lr=1.0))
     # The TTT family (opt-in with --variants): as configs/ttt_linear_tiny.yaml / ttt_mlp_tiny.yaml.
     ttt_linear = dataclasses.replace(base, ttt_seq=TTTSeqConfig(enabled=True, kind="linear",
                                                                  mode="replace"))
@@ -81,12 +81,15 @@ def _sync(x):
     return x
 
 
-def _make_model(cfg):
+def _make_model(cfg, smoke: bool = False):
     from flax import nnx
 
+    from ttt_jax.config import RuntimeConfig
     from ttt_jax.models.lm import CausalLM
 
-    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    # The smoke run (CPU) uses XLA attention; the real one lets `auto` pick the GPU kernels.
+    runtime = RuntimeConfig(attention_impl="xla" if smoke else "auto")
+    model = CausalLM(cfg, runtime=runtime, rngs=nnx.Rngs(0))
     # Non-zero TTT target parameters, so the fast weights do real work (values are irrelevant to speed).
     for block in model.layers:
         if block.is_ttt:
@@ -257,7 +260,7 @@ def main(argv=None) -> int:
                "prefill_block": block, "decode_steps": steps, "decode_block": dblock, "variants": {}}
     for name in args.variants.split(","):
         cfg = cfgs[name]
-        model = _make_model(cfg)
+        model = _make_model(cfg, args.smoke)
         engine = Engine(model, prefill_block=block)
         entry = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("ttt", "ttt_seq")},
                  "ttt_seq": dataclasses.asdict(cfg.ttt_seq),

@@ -58,7 +58,8 @@ def main(argv=None) -> collections.Counter:
     cfg = load_config(args.preset, [*args.set, f"data.seq_len={args.seq_len}",
                                     f"mesh.context={args.context}", "mesh.data=1"])
     mesh = sharding.make_mesh(cfg.mesh)
-    fn, _, abs_state, _, _ = benchmark_step(cfg.model, mesh, loss_groups=args.loss_groups)
+    fn, _, abs_state, _, _ = benchmark_step(cfg.model, mesh, loss_groups=args.loss_groups,
+                                             runtime=cfg.runtime)
     batch_sh = sharding.batch_sharding(mesh)
     tokens = jax.ShapeDtypeStruct((1, args.seq_len), jnp.int32, sharding=batch_sh)
     with jax.set_mesh(mesh):

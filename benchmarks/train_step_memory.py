@@ -10,7 +10,7 @@ the outputs) approximates the step's peak; a real run adds the allocator's fragm
 
 Variants: ``segments`` (the batch carries ``[B, T]`` segment ids, as the trainer's packed batches
 do) and ``no_segments`` (``segment_ids=None``). ``--attention-impl`` compiles each variant once per
-listed ``model.attention_impl`` (e.g. ``xla flash`` for "before / after" of a new path); the line
+listed ``runtime.attention_impl`` (e.g. ``xla flash`` for "before / after" of a new path); the line
 also says what ``auto`` resolves to on this device for the variant's shapes.
 
     python benchmarks/train_step_memory.py --preset qwen3_4b_stage1 --seq-len 32768 \\
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="config overrides, e.g. model.param_dtype=bfloat16 train.init_from=null")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--attention-impl", nargs="+", default=[None], metavar="IMPL",
-                   help=f"model.attention_impl values to compile ({', '.join(attention_ops.IMPLS)}); "
+                   help=f"runtime.attention_impl values to compile ({', '.join(attention_ops.IMPLS)}); "
                         "default: the preset's")
     p.add_argument("--smoke", action="store_true", help="tiny preset and length (CPU, seconds)")
     p.add_argument("--out", type=Path, default=None)
@@ -72,8 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _resolved_impl(mcfg, b: int, t: int, segments: bool) -> str:
     """What the model's attention runs for these shapes here (``auto`` resolved)."""
-    if mcfg.attention_impl != "auto":
-        return mcfg.attention_impl
+    if cfg.runtime.attention_impl != "auto":
+        return cfg.runtime.attention_impl
     dtype = jnp.bfloat16 if mcfg.compute_dtype == "bfloat16" else jnp.float32
     q = jax.ShapeDtypeStruct((b, t, mcfg.n_heads, mcfg.resolved_head_dim), dtype)
     seg = jax.ShapeDtypeStruct((b, t), jnp.int32) if segments else None
@@ -86,7 +86,7 @@ def measure(cfg, b: int, t: int, segments: bool) -> dict:
     tx = make_optimizer(tcfg)
 
     def build():
-        model = CausalLM(mcfg, rngs=nnx.Rngs(0))
+        model = CausalLM(mcfg, runtime=cfg.runtime, rngs=nnx.Rngs(0))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     abs_model, abs_opt = nnx.eval_shape(build)
@@ -96,7 +96,7 @@ def measure(cfg, b: int, t: int, segments: bool) -> dict:
     batch = {"inputs": tok, "targets": tok, "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.float32),
              "segment_ids": tok if segments else None, "positions": tok}
     step = make_train_step(model_def, opt_def, learning_rate_schedule(tcfg),
-                           loss_chunk=tcfg.loss_chunk, loss_groups=1)
+                           loss_chunk=cfg.runtime.loss_chunk, loss_groups=1)
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnames=("model_state", "opt_state")).lower(
         model_state, opt_state, batch).compile()
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
           f"preset {args.preset}, overrides {args.set}", flush=True)
     for impl in args.attention_impl:
-        overrides = list(args.set) + ([f"model.attention_impl={impl}"] if impl else [])
+        overrides = list(args.set) + ([f"runtime.attention_impl={impl}"] if impl else [])
         if args.seq_len:
             overrides.append(f"data.seq_len={args.seq_len}")
         cfg = load_config(args.preset, overrides)
@@ -127,14 +127,14 @@ def main(argv=None) -> int:
             segments = variant == "segments"
             resolved = _resolved_impl(cfg.model, args.batch_size, t, segments)
             row = {"preset": args.preset, "overrides": overrides, "batch_size": args.batch_size,
-                   "seq_len": t, "variant": variant, "attention_impl": cfg.model.attention_impl,
+                   "seq_len": t, "variant": variant, "attention_impl": cfg.runtime.attention_impl,
                    "attention_resolved": resolved}
             try:
                 row.update(measure(cfg, args.batch_size, t, segments))
             except Exception as e:  # an impl that cannot compile here: record why, go on
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             rows.append(row)
-            label = f"{variant:12s} attention {cfg.model.attention_impl}->{resolved}"
+            label = f"{variant:12s} attention {cfg.runtime.attention_impl}->{resolved}"
             if "error" in row:
                 print(f"{label:40s} ERROR {row['error']}", flush=True)
             elif row.get("temp_bytes") is None:

@@ -19,11 +19,12 @@ length. Two modes:
   prefix as one weighted sum ``b_in = sum_j w_j B_j`` with scalar weights ``w_j = [j < p] *
   prod_{j<k<p} a_k`` (``p``: its position). That reads the gathered terms once, and its
   transpose is one broadcast multiply (a sequential combine of all prefixes, stacked and indexed,
-  cost several ``[F, D]`` passes each way). One collective; receive volume ``n * |B|``. Best for
-  few devices (the usual ``context`` sizes 2-8).
+  cost several ``[F, D]`` passes each way). One collective; receive volume ``n * |B|``. What the
+  model uses (``ttt_jax.ops.inplace_ttt_cp``).
 * ``"ppermute"`` -- Hillis-Steele: ``ceil(log2 n) + 1`` rounds of ``lax.ppermute`` (one shift for
   exclusivity, then shifts by 1, 2, 4, ...), each moving one summary. Receive volume
-  ``(log2 n + 1) * |B|``: for many devices.
+  ``(log2 n + 1) * |B|``. Kept as the log-depth primitive for large ``n``; at the measured sizes it
+  was no faster and held more memory (benchmarks/README.md), so the model does not use it.
 
 Both are differentiable by ordinary autodiff (the transposes of ``all_gather`` and ``ppermute`` are
 collectives too), so gradients flow back to every device's summary.
@@ -118,39 +119,16 @@ def _where(cond: jax.Array, x: Pair, y: Pair) -> Pair:
     return tuple(jnp.where(cond, u, v) for u, v in zip(x, y))
 
 
-def _check_wire(wire_dtype) -> Optional[np.dtype]:
-    if wire_dtype is None:
-        return None
-    dt = np.dtype(jnp.dtype(wire_dtype))
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(f"wire_dtype must be a floating dtype (e.g. 'bfloat16') or None, got "
-                         f"{wire_dtype!r}")
-    return dt
-
-
-def _send(pair: Pair, wire: Optional[np.dtype]) -> Pair:
-    """The pair as it travels: ``B`` in the wire dtype (``a``, one scalar per batch element, and its
-    exact 0/1 resets stay float32)."""
-    a, b = pair
-    return (a, b) if wire is None else (a, b.astype(wire))
-
-
-def _received(pair: Pair, dtype) -> Pair:
-    a, b = pair
-    return a, b.astype(dtype)
-
-
-def _shift(pair: Pair, axis_name: str, inv: np.ndarray, k: int, wire: Optional[np.dtype]) -> Pair:
+def _shift(pair: Pair, axis_name: str, inv: np.ndarray, k: int) -> Pair:
     """Every position ``p >= k`` receives the value of position ``p - k`` (others receive 0).
 
     ``inv[p]`` is the device at position ``p``."""
     n = len(inv)
     perm = [(int(inv[p - k]), int(inv[p])) for p in range(k, n)]
-    return _received(lax.ppermute(_send(pair, wire), axis_name, perm), pair[1].dtype)
+    return lax.ppermute(pair, axis_name, perm)
 
 
-def _ppermute_exclusive(a: jax.Array, b: jax.Array, axis_name: str, order: np.ndarray,
-                        wire: Optional[np.dtype] = None) -> Pair:
+def _ppermute_exclusive(a: jax.Array, b: jax.Array, axis_name: str, order: np.ndarray) -> Pair:
     n = len(order)
     if n == 1:
         return identity_like(a, b)
@@ -158,10 +136,10 @@ def _ppermute_exclusive(a: jax.Array, b: jax.Array, axis_name: str, order: np.nd
     pos = jnp.asarray(order, jnp.int32)[lax.axis_index(axis_name)]
     x = (a, b)
     # Exclusive: shift by one first (position 0 gets the identity), then an inclusive scan.
-    x = _where(pos == 0, identity_like(a, b), _shift(x, axis_name, inv, 1, wire))
+    x = _where(pos == 0, identity_like(a, b), _shift(x, axis_name, inv, 1))
     k = 1
     while k < n:
-        x = _where(pos >= k, combine(_shift(x, axis_name, inv, k, wire), x), x)
+        x = _where(pos >= k, combine(_shift(x, axis_name, inv, k), x), x)
         k *= 2
     return x
 
@@ -195,11 +173,9 @@ def _weighted(w: jax.Array, gb: jax.Array) -> jax.Array:
     return jnp.sum(w[..., None, None] * gb, axis=0)
 
 
-def _allgather_exclusive(a: jax.Array, b: jax.Array, axis_name: str, order: np.ndarray,
-                         wire: Optional[np.dtype] = None) -> Pair:
+def _allgather_exclusive(a: jax.Array, b: jax.Array, axis_name: str, order: np.ndarray) -> Pair:
     inv = np.argsort(order)
-    # [n, ...], [n, ..., F, D] in device order; combined in float32 whatever the wire dtype.
-    ga, gb = _received(lax.all_gather(_send((a, b), wire), axis_name), b.dtype)
+    ga, gb = lax.all_gather((a, b), axis_name)     # [n, ...], [n, ..., F, D] in device order
     pos = jnp.asarray(order, jnp.int32)[lax.axis_index(axis_name)]
     a_in, w_pos = prefix_weights(ga[inv], pos)      # position order (scalars only)
     # Device i's summary sits at position order[i]: weight the gathered terms where they lie.
@@ -207,7 +183,7 @@ def _allgather_exclusive(a: jax.Array, b: jax.Array, axis_name: str, order: np.n
 
 
 def exclusive_device_scan(a: jax.Array, b: jax.Array, axis_name: str, mode: ScanMode = "allgather",
-                          order: Optional[Sequence[int]] = None, wire_dtype=None) -> Pair:
+                          order: Optional[Sequence[int]] = None) -> Pair:
     """State carried into this device's segment: the composition of all earlier segments' summaries.
 
     Call inside ``jax.shard_map`` with ``axis_name`` manual (e.g. ``"context"``).
@@ -219,8 +195,6 @@ def exclusive_device_scan(a: jax.Array, b: jax.Array, axis_name: str, mode: Scan
       mode: ``"allgather"`` (default; few devices) or ``"ppermute"`` (log depth; many devices).
       order: optional permutation of ``range(n)``, ``n = axis_size(axis_name)``: ``order[i]`` is the
         position rank of device ``i``'s segment in the sequence (default: device order).
-      wire_dtype: optional dtype the ``B`` terms travel in (e.g. ``"bfloat16"``: half the bytes);
-        received terms are combined in float32. ``None`` (default): float32, exact.
 
     Returns:
       ``(a_in [...], b_in [..., F, D])`` float32: ``combine`` of the summaries of every device whose
@@ -231,18 +205,17 @@ def exclusive_device_scan(a: jax.Array, b: jax.Array, axis_name: str, mode: Scan
     if mode not in MODES:
         raise ValueError(f"exclusive_device_scan: mode={mode!r} is not one of {MODES}")
     a, b = _check_pair(a, b, "exclusive_device_scan")
-    wire = _check_wire(wire_dtype)
     n = lax.axis_size(axis_name)
     order_np = _check_order(order, n)
     if n == 1:
         return identity_like(a, b)
     if mode == "allgather":
-        return _allgather_exclusive(a, b, axis_name, order_np, wire)
-    return _ppermute_exclusive(a, b, axis_name, order_np, wire)
+        return _allgather_exclusive(a, b, axis_name, order_np)
+    return _ppermute_exclusive(a, b, axis_name, order_np)
 
 
 def exclusive_device_scan_zigzag(a2: jax.Array, b2: jax.Array, axis_name: str,
-                                 mode: ScanMode = "allgather", wire_dtype=None) -> Pair:
+                                 mode: ScanMode = "allgather") -> Pair:
     """Exclusive scan for the load-balanced ("zigzag") layout: two segments per device.
 
     With ``n = axis_size(axis_name)`` devices the sequence is cut into ``2n`` segments and device
@@ -259,7 +232,6 @@ def exclusive_device_scan_zigzag(a2: jax.Array, b2: jax.Array, axis_name: str,
       mode: ``"allgather"`` (one all-gather of ``2n`` summaries) or ``"ppermute"`` (two chained
         log-depth scans: the early segments in device order, then the late segments in reverse
         device order, seeded on device ``n - 1`` with the total of all early segments).
-      wire_dtype: as :func:`exclusive_device_scan`.
 
     Returns:
       ``(a_in [2, ...], b_in [2, ..., F, D])`` float32: the state carried into each of this
@@ -268,7 +240,6 @@ def exclusive_device_scan_zigzag(a2: jax.Array, b2: jax.Array, axis_name: str,
     if mode not in MODES:
         raise ValueError(f"exclusive_device_scan_zigzag: mode={mode!r} is not one of {MODES}")
     a2, b2 = _check_pair(a2, b2, "exclusive_device_scan_zigzag")
-    wire = _check_wire(wire_dtype)
     if a2.ndim < 1 or a2.shape[0] != 2:
         raise ValueError(f"exclusive_device_scan_zigzag: expected a2 [2, ...] (early, late), got "
                          f"{tuple(a2.shape)}")
@@ -276,7 +247,7 @@ def exclusive_device_scan_zigzag(a2: jax.Array, b2: jax.Array, axis_name: str,
     idx = lax.axis_index(axis_name)
     early, late = (a2[0], b2[0]), (a2[1], b2[1])
     if mode == "allgather":
-        ga, gb = _received(lax.all_gather(_send((a2, b2), wire), axis_name), b2.dtype)  # [n, 2, ...]
+        ga, gb = lax.all_gather((a2, b2), axis_name)  # [n, 2, ...]
         seq_a = jnp.concatenate([ga[:, 0], ga[::-1, 1]], axis=0)  # [2n, ...] position order
         # Position p < n is device p's early segment, p >= n device 2n-1-p's late one: the
         # weights go back to the gathered [n, 2] layout, so the [F, D] terms are never reordered.
@@ -288,10 +259,10 @@ def exclusive_device_scan_zigzag(a2: jax.Array, b2: jax.Array, axis_name: str,
                                           gb.reshape((2 * n,) + gb.shape[2:]))))
         e_in, l_in = pairs
     else:
-        e_in = _ppermute_exclusive(*early, axis_name, np.arange(n), wire)
+        e_in = _ppermute_exclusive(*early, axis_name, np.arange(n))
         last = idx == n - 1
         total_early = combine(e_in, early)  # correct on device n - 1 only
         seed = _where(last, combine(total_early, late), late)
-        l_in = _ppermute_exclusive(*seed, axis_name, np.arange(n)[::-1].copy(), wire)
+        l_in = _ppermute_exclusive(*seed, axis_name, np.arange(n)[::-1].copy())
         l_in = _where(last, total_early, l_in)
     return tuple(jnp.stack([e, l], axis=0) for e, l in zip(e_in, l_in))

@@ -171,10 +171,9 @@ def test_ring_flash_with_segment_ids_matches_reference(layout, n):
     assert np.abs(np.asarray(got[0])[:, t - 5:]).max() == 0.0  # padding rows
 
 
-def test_auto_routes_packed_documents_by_flag(monkeypatch):
+def test_auto_routes_packed_documents_to_the_fused_ring(monkeypatch):
     """Where the fused ring could run (stood in for on CPU), ``kernel="auto"`` sends segment ids to
-    the XLA ring while ``AUTO_FUSED_RING_FOR_SEGMENTS`` is False, and to the fused ring when True
-    (the default)."""
+    the fused ring (with the ids); ``kernel="xla"`` keeps them on the XLA ring."""
     monkeypatch.setattr(F, "flash_unsupported_reason", lambda *a, **k: None)
     q, k, v, _ = _rand(6, 64)
     seg = jnp.asarray(_packed_ids(64, 5))
@@ -185,16 +184,13 @@ def test_auto_routes_packed_documents_by_flag(monkeypatch):
     run = lambda kern: jax.jit(jax.shard_map(
         lambda q, k, v, s: A.context_attention(q, k, v, "context", kernel=kern, segment_ids=s),
         mesh=mesh, in_specs=(spec,) * 4, out_specs=spec))(q, k, v, seg)
-    assert A.AUTO_FUSED_RING_FOR_SEGMENTS
-    monkeypatch.setattr(A, "AUTO_FUSED_RING_FOR_SEGMENTS", False)
-    np.testing.assert_array_equal(np.asarray(run("auto")), np.asarray(run("xla")))
+    run("xla")
     assert not called
     run("fused")
     assert called and called[-1]["segment_ids"] is not None
-    monkeypatch.setattr(A, "AUTO_FUSED_RING_FOR_SEGMENTS", True)
     called.clear()
     run("auto")
-    assert called
+    assert called and called[-1]["segment_ids"] is not None
 
 
 @pytest.mark.parametrize("n,window", [(4, 5), (4, 9), (2, 1)])
@@ -382,8 +378,8 @@ def test_cudnn_ring_lowers_for_gpu(layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("extra", [["model.context_layout=zigzag"], ["model.attention_window=100"],
-                                   ["model.attention_window=100", "model.context_halo=split"]])
+@pytest.mark.parametrize("extra", [["runtime.context.layout=zigzag"], ["model.attention_window=100"],
+                                   ["model.attention_window=100", "runtime.remat=true"]])
 def test_model_fused_equals_xla_on_gpus(extra):
     """The whole model on all local GPUs: context_kernel=fused and =xla give the same loss and grads."""
     from flax import nnx
@@ -402,8 +398,8 @@ def test_model_fused_equals_xla_on_gpus(extra):
     mesh = make_mesh(data=1, context=n, devices=devices)
     results = []
     for kernel in ("xla", "fused"):
-        cfg = load_config(None, base + [f"model.context_kernel={kernel}"]).model
-        graphdef, state = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
+        cfg = load_config(None, base + [f"runtime.context.kernel={kernel}"])
+        graphdef, state = nnx.split(CausalLM(cfg.model, runtime=cfg.runtime, rngs=nnx.Rngs(0)))
 
         def loss(state, tokens):
             logits = nnx.merge(graphdef, state)(tokens).astype(jnp.float32)
@@ -418,8 +414,9 @@ def test_model_fused_equals_xla_on_gpus(extra):
 def test_config_context_kernel():
     from ttt_jax.config import load_config
 
-    assert load_config(None, []).model.context_kernel == "auto"
-    assert load_config(None, ["model.context_kernel=fused"]).model.context_kernel == "fused"
-    assert load_config(None, ["model.context_kernel=pallas"]).model.context_kernel == "pallas"
-    with pytest.raises(ValueError, match="context_kernel"):
-        load_config(None, ["model.context_kernel=triton"])
+    kernel = lambda *o: load_config(None, list(o)).runtime.context.kernel
+    assert kernel() == "auto"
+    assert kernel("runtime.context.kernel=fused") == "fused"
+    assert kernel("runtime.context.kernel=pallas") == "pallas"
+    with pytest.raises(ValueError, match="runtime.context.kernel"):
+        kernel("runtime.context.kernel=triton")

@@ -123,13 +123,15 @@ def test_context_attention_routes_the_halo(monkeypatch):
         run("ring")
 
 
-def test_config_context_halo():
+def test_split_halo_is_the_default_and_not_a_setting():
+    import inspect
+
     from ttt_jax.config import load_config
 
-    assert load_config(None, []).model.context_halo == "single"
-    assert load_config(None, ["model.context_halo=split"]).model.context_halo == "split"
-    with pytest.raises(ValueError, match="context_halo"):
-        load_config(None, ["model.context_halo=zeros"])
+    assert inspect.signature(A.context_attention).parameters["halo"].default == "split"
+    for key in ("model.context_halo=single", "runtime.context.halo=single"):
+        with pytest.raises(ValueError, match="context_halo'; it was removed|did you mean|valid keys"):
+            load_config(None, [key])
 
 
 def test_save_exchanges_keeps_the_halo_block():

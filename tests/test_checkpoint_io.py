@@ -34,13 +34,18 @@ def test_save_then_load_model_only(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     tokens = jnp.arange(2 * cfg.data.seq_len).reshape(2, -1) % cfg.model.vocab_size
     np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(loaded(tokens)))
+    # A runtime override may change the layer layout: the saved (unrolled) layers come back stacked.
+    cfg3, scanned = load_model(tmp_path / "m", overrides=["runtime.scan_layers=true"])
+    assert cfg3.runtime.scan_layers and scanned.period == 2 and len(scanned.layers) == 2
+    assert scanned.layers[1].mlp.down.shape == (1, cfg.model.d_ff, cfg.model.d_model)
+    np.testing.assert_allclose(np.asarray(scanned(tokens)), np.asarray(model(tokens)), rtol=1e-5, atol=1e-5)
 
 
 def test_load_model_from_training_run(tmp_path):
     cfg = load_config(None, TOY + [f"train.run_dir={tmp_path / 'run'}", "train.stop_after=2"])
     train(cfg)
-    cfg2, model = load_model(tmp_path / "run", overrides=["model.attention_impl=xla"])
-    assert cfg2.model.attention_impl == "xla" and cfg2.model.d_model == cfg.model.d_model
+    cfg2, model = load_model(tmp_path / "run", overrides=["runtime.attention_impl=xla"])
+    assert cfg2.runtime.attention_impl == "xla" and cfg2.model.d_model == cfg.model.d_model
     assert count_nonzero_changed(model, cfg)
 
 

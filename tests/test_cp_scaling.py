@@ -15,12 +15,12 @@ spec.loader.exec_module(cp_scaling)
 
 
 def test_parse_variant():
-    assert cp_scaling.parse_variant("split=model.context_halo=split,model.remat_pinned=true") == (
-        "split", ["model.context_halo=split", "model.remat_pinned=true"], {})
+    assert cp_scaling.parse_variant("full=runtime.remat_policy=full,runtime.remat=false") == (
+        "full", ["runtime.remat_policy=full", "runtime.remat=false"], {})
     assert cp_scaling.parse_variant("plain=") == ("plain", [], {})
-    assert cp_scaling.parse_variant("o=model.context_halo=split,env:XLA_FLAGS=--xla_a=2 --xla_b=true") == (
-        "o", ["model.context_halo=split"], {"XLA_FLAGS": "--xla_a=2 --xla_b=true"})
-    for bad in ("nothing", "=a=b", "x=model.remat", "x=env:FOO", "x=env:=1"):
+    assert cp_scaling.parse_variant("o=runtime.remat_policy=full,env:XLA_FLAGS=--xla_a=2 --xla_b=true") == (
+        "o", ["runtime.remat_policy=full"], {"XLA_FLAGS": "--xla_a=2 --xla_b=true"})
+    for bad in ("nothing", "=a=b", "x=runtime.remat", "x=env:FOO", "x=env:=1"):
         with pytest.raises(ValueError, match="--variant"):
             cp_scaling.parse_variant(bad)
 
@@ -39,17 +39,17 @@ def test_ratios_pair_each_row_with_its_repeats_baseline():
 
 
 def test_dry_run_prints_interleaved_commands(capsys):
-    assert cp_scaling.main(["--dry-run", "--repeat", "2", "--variant", "split=model.context_halo=split",
-                            "--variant", "single="]) == {}
+    assert cp_scaling.main(["--dry-run", "--repeat", "2", "--variant", "full=runtime.remat_policy=full",
+                            "--variant", "split="]) == {}
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("$ ")]
-    assert len(lines) == 6                                   # (base, split, single) x 2
+    assert len(lines) == 6                                   # (base, full, split) x 2
     assert lines[0].startswith("$ CUDA_VISIBLE_DEVICES=0 ") and "--mesh data=1" in lines[0]
     assert "--seq-len 32768" in lines[0] and "--seq-len 131072" in lines[1]
-    assert "--mesh context=4" in lines[1] and lines[1].endswith("model.context_halo=split")
+    assert "--mesh context=4" in lines[1] and lines[1].endswith("runtime.remat_policy=full")
     assert lines[3].startswith("$ CUDA_VISIBLE_DEVICES=0 ")
     cp_scaling.main(["--dry-run", "--variant", "o=env:XLA_FLAGS=--xla_a=2 --xla_b=1"])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("$ ")]
     assert "XLA_FLAGS" not in lines[0] and lines[1].startswith("$ XLA_FLAGS='--xla_a=2 --xla_b=1' ")
     strong = cp_scaling.main(["--dry-run", "--mode", "strong", "--length", "131072"])
     out = capsys.readouterr().out
-    assert strong == {} and out.count("--seq-len 131072") == 2 and "model.context_layout=zigzag" in out
+    assert strong == {} and out.count("--seq-len 131072") == 2 and "runtime.context.layout=zigzag" in out

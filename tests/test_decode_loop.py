@@ -32,7 +32,7 @@ def setup(name):
     if name in test_infer.CASES:
         model, block = test_infer.make_model(test_infer.CASES[name]), 12
     else:
-        model = CausalLM(test_infer_ttt_seq.CASES[name], rngs=nnx.Rngs(0))
+        model = CausalLM(test_infer_ttt_seq.CASES[name], runtime=test_infer.REF, rngs=nnx.Rngs(0))
         test_infer_ttt_seq.activate(model)
         block = 6
     tokens = np.random.default_rng(1).integers(0, model.cfg.vocab_size, (3, max(PROMPTS)))

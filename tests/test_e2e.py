@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax.config import ConfigError, E2EConfig, ModelConfig, TTTConfig, load_config
+from ttt_jax.config import ConfigError, E2EConfig, ModelConfig, RuntimeConfig, TTTConfig, load_config
 from ttt_jax.models.lm import CausalLM
 
 pytestmark = pytest.mark.model
@@ -19,9 +19,10 @@ BASE = dict(vocab_size=V, d_model=16, n_layers=3, n_heads=2, n_kv_heads=1, d_ff=
 
 
 def _model(impl="chunked", enabled=True, **e2e):
-    kw = {"enabled": enabled, "last_k": 2, "chunk_size": 4, "lr": 3.0, "grad_clip": 1.0, "impl": impl}
+    kw = {"enabled": enabled, "last_k": 2, "chunk_size": 4, "lr": 3.0, "grad_clip": 1.0}
     kw.update(e2e)
-    return CausalLM(ModelConfig(**BASE, e2e=E2EConfig(**kw)), rngs=nnx.Rngs(0))
+    return CausalLM(ModelConfig(**BASE, e2e=E2EConfig(**kw)), runtime=RuntimeConfig(e2e_impl=impl),
+                    rngs=nnx.Rngs(0))
 
 
 def _tokens(b=2, t=11, seed=0):
@@ -112,7 +113,7 @@ def test_config_errors():
         load_config("tiny", ["model.e2e.enabled=true", "model.e2e.last_k=2"])   # layer 2 has In-Place TTT
     with pytest.raises(ConfigError, match="model.e2e.last_k"):
         load_config("tiny", ["model.e2e.enabled=true", "model.e2e.last_k=9"])
-    with pytest.raises(ConfigError, match="model.scan_layers"):
-        load_config("tiny", ["model.e2e.enabled=true", "model.scan_layers=true", "model.ttt.enabled=false"])
+    with pytest.raises(ConfigError, match="runtime.scan_layers"):
+        load_config("tiny", ["model.e2e.enabled=true", "runtime.scan_layers=true", "model.ttt.enabled=false"])
     with pytest.raises(ConfigError, match="model.e2e.enabled.*mesh.context"):
         load_config("tiny", ["model.e2e.enabled=true", "mesh.context=2", "mesh.data=4"])

@@ -103,17 +103,23 @@ def test_train_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
 
 def _failing_writer(monkeypatch, step, err):
     """Make Orbax's background writer fail with ``err`` while it writes the checkpoint of ``step``
-    (as a full disk, exhausted inodes, a quota, a read-only remount or a failing device would)."""
+    (as a full disk, exhausted inodes, a quota, a read-only remount or a failing device would).
+    Returns a list that receives the time of the first failure."""
+    import time
+
     from orbax.checkpoint._src.path import async_path
 
     real = async_path.write_text
+    failed_at = []
 
     async def write_text(path, text):
         if f"/{step}.orbax-checkpoint-tmp" in str(path):
+            failed_at.append(time.perf_counter())
             raise OSError(err, os.strerror(err), str(path))
         return await real(path, text)
 
     monkeypatch.setattr(async_path, "write_text", write_text)
+    return failed_at
 
 
 @pytest.mark.parametrize("err,words", [(errno.ENOSPC, "no space left on the device (bytes or inodes) (ENOSPC)"),
@@ -127,10 +133,9 @@ def test_failed_background_save_stops_at_once_naming_step_path_and_error(tmp_pat
 
     from ttt_jax.checkpoint import Checkpointer
 
-    _failing_writer(monkeypatch, 4, err)
-    t0 = time.perf_counter()
+    failed_at = _failing_writer(monkeypatch, 4, err)
     assert _train_cli(tmp_path, "train.checkpoint_every=2", "train.log_every=1") == 2
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - failed_at[0]
     out, err_text = capfd.readouterr()
     lines = [ln for ln in err_text.splitlines() if ln.strip()]
     ckdir = tmp_path / "run" / "checkpoints"
@@ -142,25 +147,32 @@ def test_failed_background_save_stops_at_once_naming_step_path_and_error(tmp_pat
     steps = [json.loads(ln)["step"] for ln in open(tmp_path / "run" / "metrics.jsonl")
              if json.loads(ln)["kind"] == "train"]
     assert max(steps) <= 6, steps
-    assert elapsed < 120, elapsed   # no minutes-long wait on Orbax's timeouts (compile included)
+    assert elapsed < 20, elapsed   # seconds, not minutes of Orbax's timeouts
     monkeypatch.undo()
-    assert sorted(p.name for p in ckdir.iterdir()) == ["2"]
-    ck = Checkpointer(ckdir, keep=3)
+    # Step 2 is intact; at most the failed save's temporary directory is left (Orbax's threads may
+    # recreate it after it was removed), which the next run removes with a warning.
+    assert sorted(p.name for p in ckdir.iterdir() if ".orbax-checkpoint-tmp" not in p.name) == ["2"]
+    ck = Checkpointer(ckdir, keep=3, warn=lambda m: None)
     assert ck.all_steps() == [2]
     ck.close()
     assert _train_cli(tmp_path, "train.checkpoint_every=2", "train.log_every=1", "train.stop_after=6") == 0
     assert "resumed from" in capfd.readouterr().out
 
 
+def _truncate_all(step_dir):
+    """Cut every array data file of a step in half (OCDBT may keep more than one data file, and
+    the largest is not always one the arrays are read from)."""
+    for f in (p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
 # --- Quiet fallbacks ------------------------------------------------------------------------------------
 
 
 def test_fallback_from_truncated_step_is_one_warning(tmp_path, capfd):
-    from test_fault_checkpoint import _truncate
-
     assert _train_cli(tmp_path, "train.checkpoint_every=2", "train.stop_after=4") == 0
     ckdir = tmp_path / "run" / "checkpoints"
-    _truncate(ckdir / "4")
+    _truncate_all(ckdir / "4")
     (ckdir / "6.orbax-checkpoint-tmp-123").mkdir()          # a leftover of a killed save
     capfd.readouterr()
     assert _train_cli(tmp_path, "train.checkpoint_every=2", "train.stop_after=6") == 0
@@ -188,7 +200,7 @@ def test_free_space_estimate_is_within_20_percent_of_bytes_written(tmp_path):
     from ttt_jax.checkpoint.integrity import checkpoint_bytes, state_nbytes
     from ttt_jax.checkpoint.tree import to_saveable
     from ttt_jax.config import load_config
-    from ttt_jax.train import mesh as mesh_lib
+    from ttt_jax import sharding as mesh_lib
     from ttt_jax.train.optim import optimizer_fields
     from ttt_jax.train.trainer import _program
 
@@ -243,16 +255,22 @@ def test_exported_safetensors_get_the_umask_mode(tmp_path):
 
 
 def test_generate_falls_back_to_the_newest_intact_step(tmp_path, capfd):
-    from test_fault_checkpoint import _truncate
-
     assert _train_cli(tmp_path, "train.checkpoint_every=2", "train.stop_after=4") == 0
     ckdir = tmp_path / "run" / "checkpoints"
-    _truncate(ckdir / "4")
+    _truncate_all(ckdir / "4")
     capfd.readouterr()
-    assert cli.main(["generate", str(tmp_path / "run"), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
+    import warnings
+
+    from ttt_jax.checkpoint import CheckpointWarning
+
+    with pytest.warns(CheckpointWarning) as caught:
+        assert cli.main(["generate", str(tmp_path / "run"), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
     out, err = capfd.readouterr()
-    warn = [ln for ln in err.splitlines() if ln.startswith("warning:")]
-    assert len(warn) == 1 and f"checkpoint {ckdir / '4'} is corrupt" in warn[0] and \
-        "loading step 2 instead" in warn[0], err[-2000:]
-    assert "Traceback" not in err and "bound method" not in err
+    msgs = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    assert len(msgs) == 1 and f"checkpoint {ckdir / '4'} is corrupt" in msgs[0] and \
+        "loading step 2 instead" in msgs[0], msgs
+    # The command prints it as one line.
+    line = warnings.formatwarning(msgs[0], CheckpointWarning, "x.py", 1)
+    assert line == f"warning: {msgs[0]}\n"
+    assert "Traceback" not in err and "bound method" not in err + msgs[0]
     assert (ckdir / "4").is_dir()     # reading never moves or deletes anything

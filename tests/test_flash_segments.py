@@ -110,11 +110,11 @@ def test_block_kernels_segments_non_causal_and_errors():
 
 @pytest.mark.slow
 def test_model_flash_equals_reference_attention():
-    """A tiny model (GQA, a TTT layer) on packed rows: ``attention_impl="flash"`` gives the loss and
+    """A tiny model (GQA, a TTT layer) on packed rows: ``runtime.attention_impl="flash"`` gives the loss and
     parameter gradients of ``"reference"``."""
     from flax import nnx
 
-    from ttt_jax.config import ModelConfig, TTTConfig
+    from ttt_jax.config import ModelConfig, RuntimeConfig, TTTConfig
     from ttt_jax.models.lm import CausalLM
 
     t = 48
@@ -123,10 +123,10 @@ def test_model_flash_equals_reference_attention():
     grads = []
     for impl in ("reference", "flash"):
         cfg = ModelConfig(vocab_size=259, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
-                          max_seq_len=64, compute_dtype="float32", attention_impl=impl,
-                          ttt=TTTConfig(enabled=True, every=2, start=0, chunk_size=8, lr=1.0,
-                                        impl="reference"))
-        model = CausalLM(cfg, rngs=nnx.Rngs(0))
+                          max_seq_len=64, compute_dtype="float32",
+                          ttt=TTTConfig(enabled=True, every=2, start=0, chunk_size=8, lr=1.0))
+        model = CausalLM(cfg, runtime=RuntimeConfig(attention_impl=impl, ttt_impl="reference"),
+                         rngs=nnx.Rngs(0))
         loss = lambda m: jnp.mean(jnp.sin(m(tokens, segment_ids=seg)))
         value, grad = nnx.jit(nnx.value_and_grad(loss))(model)   # jitted: op by op is slow on CI
         grads.append([value] + jax.tree.leaves(grad))
@@ -137,16 +137,13 @@ def test_auto_picks_flash_only_for_large_segment_masks(monkeypatch):
     """GPU rule: cuDNN unless segment ids would need a dense bias above the limit, then flash;
     fp32 (cuDNN and the GPU kernels both refuse it) goes to XLA. Shapes only: nothing runs."""
     sds = jax.ShapeDtypeStruct
-    t_big = int(np.sqrt(A._CUDNN_MAX_MASK_ELEMENTS)) * 2
+    t_big = int(np.sqrt(A.CUDNN_MAX_MASK_ELEMENTS)) * 2
     q_big, seg_big = sds((1, t_big, 8, 128), jnp.bfloat16), sds((1, t_big), jnp.int32)
     q_small, seg_small = sds((1, 1024, 8, 128), jnp.bfloat16), sds((1, 1024), jnp.int32)
     monkeypatch.setattr(A, "_default_backend", lambda: "gpu")
     assert A._auto_impl(q_big, None) == "cudnn"
     assert A._auto_impl(q_small, seg_small) == "cudnn"
     assert A._auto_impl(q_big, seg_big) == "flash"
-    monkeypatch.setattr(A, "AUTO_FLASH_FOR_SEGMENTS", False)
-    assert A._auto_impl(q_big, seg_big) == "xla"
-    monkeypatch.setattr(A, "AUTO_FLASH_FOR_SEGMENTS", True)
     assert A._auto_impl(sds(q_big.shape, jnp.float32), seg_big) == "xla"
     monkeypatch.setattr(A, "_default_backend", lambda: "tpu")
     assert A._auto_impl(q_big, seg_big) == "pallas"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax.config import ModelConfig, TTTConfig
+from ttt_jax.config import ModelConfig, RuntimeConfig, TTTConfig
 from ttt_jax.infer import Engine, cache_attention, init_cache
 from ttt_jax.infer.attention import cache_mask
 from ttt_jax.models import CausalLM
@@ -18,8 +18,9 @@ pytestmark = pytest.mark.model
 V = 259
 # TTT chunks of 8 tokens: prompts of 13-29 tokens and decoding cross several chunk boundaries.
 TINY = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                   max_seq_len=128, compute_dtype="float32", attention_impl="reference",
-                   ttt=TTTConfig(enabled=True, layers=(0,), chunk_size=8, lr=1.0, impl="reference"))
+                   max_seq_len=128, compute_dtype="float32",
+                   ttt=TTTConfig(enabled=True, layers=(0,), chunk_size=8, lr=1.0))
+REF = RuntimeConfig(attention_impl="reference", ttt_impl="reference")
 
 
 def tiny(**kw) -> ModelConfig:
@@ -40,7 +41,7 @@ def activate_ttt(model: CausalLM, seed: int = 7, scale: float = 2.0) -> None:
 
 
 def make_model(cfg, seed=0):
-    model = CausalLM(cfg, rngs=nnx.Rngs(seed))
+    model = CausalLM(cfg, runtime=REF, rngs=nnx.Rngs(seed))
     activate_ttt(model)
     return model
 

@@ -16,15 +16,14 @@ from ttt_jax.config import ModelConfig, TTTConfig, TTTSeqConfig
 from ttt_jax.infer import Engine, GenerationConfig, generate
 from ttt_jax.models import CausalLM
 
-from test_infer import activate_ttt
+from test_infer import REF, activate_ttt
 
 pytestmark = pytest.mark.model
 
 V = 259
 M = 5
 BASE = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=48,
-                   max_seq_len=64, compute_dtype="float32", attention_impl="reference",
-                   ttt=TTTConfig(enabled=False))
+                   max_seq_len=64, compute_dtype="float32", ttt=TTTConfig(enabled=False))
 CASES = {
     # Every attention layer replaced by TTT-Linear (no KV caches at all).
     "linear_replace": dataclasses.replace(BASE, ttt_seq=TTTSeqConfig(
@@ -33,7 +32,7 @@ CASES = {
     # attention with an In-Place TTT MLP.
     "mlp_beside_window_gate": dataclasses.replace(
         BASE, attention_window=4, full_attention_layers=(1,),
-        ttt=TTTConfig(enabled=True, layers=(1,), chunk_size=4, lr=1.0, impl="reference"),
+        ttt=TTTConfig(enabled=True, layers=(1,), chunk_size=4, lr=1.0),
         ttt_seq=TTTSeqConfig(enabled=True, kind="mlp", mode="beside", mini_batch=M, layers=(0,),
                              base_lr=1.0, output_gate=True)),
 }
@@ -63,7 +62,7 @@ def activate(model: CausalLM, seed: int = 3) -> None:
 
 def setup(name):
     if name not in _SETUPS:
-        model = CausalLM(CASES[name], rngs=nnx.Rngs(0))
+        model = CausalLM(CASES[name], runtime=REF, rngs=nnx.Rngs(0))
         activate(model)
         tokens = np.asarray(jax.random.randint(jax.random.key(1), (3, TOTAL), 0, V))
         ref = np.asarray(_FWD(model, jnp.asarray(tokens)))

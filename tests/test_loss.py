@@ -36,7 +36,7 @@ def test_groups_must_divide_length():
 
 
 def test_train_loss_chunked_equals_full_logits():
-    """The trainer's loss (``train.loss_chunk``) equals the full-logits loss, values and gradients."""
+    """The trainer's loss (``runtime.loss_chunk``) equals the full-logits loss, values and gradients."""
     from flax import nnx
 
     from ttt_jax.config import load_config

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax.config import ModelConfig, TTTConfig
+from ttt_jax.config import ModelConfig, RuntimeConfig, TTTConfig
 from ttt_jax.models import (CausalLM, check_tokens, count_params, effective_keys, flops_per_token,
                             matmul_params, positions_from_segments)
 from ttt_jax.nn import LOGICAL_AXES, RMSNorm, apply_rope, logical_axes
@@ -20,10 +20,10 @@ V = 259
 # Tiny model: TTT on layer 0 of 2. The oracle implementations (explicit attention, sequential TTT)
 # compile fastest; the default ("auto") implementations are exercised by the tests that say so.
 TINY = ModelConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                   max_seq_len=256, compute_dtype="float32", attention_impl="reference",
-                   ttt=TTTConfig(enabled=True, every=2, start=0, chunk_size=8, lr=1.0,
-                                 impl="reference"))
-AUTO = dict(attention_impl="auto", ttt=dict(impl="auto"))
+                   max_seq_len=256, compute_dtype="float32",
+                   ttt=TTTConfig(enabled=True, every=2, start=0, chunk_size=8, lr=1.0))
+REF = RuntimeConfig(attention_impl="reference", ttt_impl="reference")
+AUTO = RuntimeConfig()     # the default implementations
 
 
 def tiny(**kw) -> ModelConfig:
@@ -67,15 +67,13 @@ def _loss(model, tokens, segment_ids=None):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compute_dtype,target_source,impls", [
-    ("float32", "embeddings", AUTO), ("bfloat16", "hidden", {})])
-def test_ttt_at_init_equals_base(compute_dtype, target_source, impls):
-    impls = dict(impls)
-    ttt_kw = dict(impls.pop("ttt", {}))
-    cfg = tiny(compute_dtype=compute_dtype, **impls, ttt=dict(target_source=target_source, **ttt_kw))
+@pytest.mark.parametrize("compute_dtype,target_source,runtime", [
+    ("float32", "embeddings", AUTO), ("bfloat16", "hidden", REF)])
+def test_ttt_at_init_equals_base(compute_dtype, target_source, runtime):
+    cfg = tiny(compute_dtype=compute_dtype, ttt=dict(target_source=target_source))
     base_cfg = dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, enabled=False))
-    ttt_model = CausalLM(cfg, rngs=nnx.Rngs(0))
-    base = CausalLM(base_cfg, rngs=nnx.Rngs(0))
+    ttt_model = CausalLM(cfg, runtime=runtime, rngs=nnx.Rngs(0))
+    base = CausalLM(base_cfg, runtime=runtime, rngs=nnx.Rngs(0))
     assert [b.is_ttt for b in ttt_model.layers] == [True, False]
     assert not any(b.is_ttt for b in base.layers)
     tokens = _tokens(3, 29)
@@ -95,7 +93,7 @@ def test_ttt_at_init_equals_base(compute_dtype, target_source, impls):
         assert_same = lambda x, y: np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
     assert_same(_forward(ttt_model, tokens, seg), _forward(base, tokens, seg))
     # The base path of the TTT model itself: copy its shared weights into a plain model.
-    base2 = CausalLM(base_cfg, rngs=nnx.Rngs(123))
+    base2 = CausalLM(base_cfg, runtime=runtime, rngs=nnx.Rngs(123))
     shared = nnx.state(ttt_model, nnx.Param)
     flat = {p: v for p, v in nnx.to_flat_state(shared) if p[-1] not in ("ttt_conv", "ttt_proj")}
     nnx.update(base2, nnx.from_flat_state(flat))
@@ -114,7 +112,7 @@ def test_ttt_at_init_equals_base(compute_dtype, target_source, impls):
 @pytest.mark.parametrize("target_source", ["embeddings", "hidden"])
 def test_causality(target_source):
     cfg = tiny(attention_window=6, full_attention_layers=(1,), ttt=dict(target_source=target_source))
-    model = CausalLM(cfg, rngs=nnx.Rngs(1))
+    model = CausalLM(cfg, runtime=REF, rngs=nnx.Rngs(1))
     _activate_ttt(model)
     tokens = _tokens(2, 37)
     fwd = _forward
@@ -128,7 +126,7 @@ def test_causality(target_source):
 
 def test_ttt_only_sees_earlier_chunks():
     """The TTT contribution at chunk i depends on chunks < i only (isolates the TTT path)."""
-    model = CausalLM(tiny(), rngs=nnx.Rngs(2))
+    model = CausalLM(tiny(), runtime=REF, rngs=nnx.Rngs(2))
     _activate_ttt(model)
     tokens = _tokens(1, 32)
     block = model.layers[0]
@@ -143,7 +141,8 @@ def test_ttt_only_sees_earlier_chunks():
 
 def test_packed_equals_separate_when_chunk_aligned():
     """Default implementations (auto attention, scan TTT)."""
-    model = CausalLM(tiny(attention_window=10, full_attention_layers=(1,), **AUTO), rngs=nnx.Rngs(4))
+    model = CausalLM(tiny(attention_window=10, full_attention_layers=(1,)), runtime=AUTO,
+                     rngs=nnx.Rngs(4))
     _activate_ttt(model)
     a, b = _tokens(1, 16, seed=5), _tokens(1, 24, seed=6)
     packed = jnp.concatenate([a, b, jnp.zeros((1, 8), jnp.int32)], axis=1)        # + padding
@@ -155,7 +154,7 @@ def test_packed_equals_separate_when_chunk_aligned():
 
 
 def test_no_cross_document_influence_unaligned():
-    model = CausalLM(tiny(), rngs=nnx.Rngs(5))
+    model = CausalLM(tiny(), runtime=REF, rngs=nnx.Rngs(5))
     _activate_ttt(model)
     lens = (11, 13, 9)                                   # documents start mid-chunk
     seg = jnp.asarray([sum(([i + 1] * n for i, n in enumerate(lens)), [])], jnp.int32)
@@ -201,7 +200,7 @@ def _loss_and_grads(model, tokens, seg=None):
 
 def test_gradients_finite_and_reach_ttt_params():
     """The training configuration: bf16 compute, default implementations, packed rows."""
-    model = CausalLM(tiny(compute_dtype="bfloat16", **AUTO), rngs=nnx.Rngs(6))
+    model = CausalLM(tiny(compute_dtype="bfloat16"), runtime=AUTO, rngs=nnx.Rngs(6))
     tokens = _tokens(3, 25)
     seg = jnp.asarray(np.repeat([[1] * 10 + [2] * 12 + [0] * 3], 3, axis=0))
     loss, grads = _loss_and_grads(model, tokens, seg)
@@ -216,7 +215,7 @@ def test_remat_same_loss_and_grads():
     tokens = _tokens(2, 21)
     results = []
     for remat in (False, True):
-        model = CausalLM(tiny(remat=remat), rngs=nnx.Rngs(7))
+        model = CausalLM(tiny(), runtime=dataclasses.replace(REF, remat=remat), rngs=nnx.Rngs(7))
         _activate_ttt(model, scale=0.1)
         results.append(_loss_and_grads(model, tokens))
     (l0, g0), (l1, g1) = results
@@ -233,11 +232,13 @@ def test_remat_same_loss_and_grads():
     dict(attention_window=5, full_attention_layers=(0,), compute_dtype="bfloat16",
          ttt=dict(target_source="hidden", clip_tau=0.5)),
     dict(param_dtype="bfloat16", compute_dtype="bfloat16", n_kv_heads=1, head_dim=8,
-         ttt=dict(layers=(1,), impl="associative")),
+         ttt=dict(layers=(1,)), runtime=dict(ttt_impl="associative")),
 ])
 def test_variants_run(variant):
+    variant = dict(variant)
+    runtime = dataclasses.replace(REF, **variant.pop("runtime", {}))
     cfg = tiny(**variant)
-    model = CausalLM(cfg, rngs=nnx.Rngs(8))
+    model = CausalLM(cfg, runtime=runtime, rngs=nnx.Rngs(8))
     _activate_ttt(model, scale=0.1)
     tokens = _tokens(3, 19)
     logits = _forward(model, tokens)
@@ -251,8 +252,8 @@ def test_variants_run(variant):
 def test_attention_impls_agree_in_model():
     tokens = _tokens(2, 23)
     seg = jnp.asarray(np.repeat([[1] * 9 + [2] * 12 + [0] * 2], 2, axis=0))
-    outs = [_forward(CausalLM(tiny(attention_impl=impl, attention_window=7, n_layers=1),
-                              rngs=nnx.Rngs(9)), tokens, seg) for impl in ("reference", "xla")]
+    outs = [_forward(CausalLM(tiny(attention_window=7, n_layers=1),
+                              runtime=dataclasses.replace(REF, attention_impl=impl), rngs=nnx.Rngs(9)), tokens, seg) for impl in ("reference", "xla")]
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
@@ -262,7 +263,7 @@ def test_attention_impls_agree_in_model():
 
 
 def test_logical_axis_names_on_every_param():
-    model = CausalLM(tiny(tie_embeddings=False), rngs=nnx.Rngs(0))
+    model = CausalLM(tiny(tie_embeddings=False), runtime=REF, rngs=nnx.Rngs(0))
     flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     assert flat
     for path, param in flat:
@@ -292,7 +293,7 @@ def test_logical_axis_names_on_every_param():
 
 def test_init_values():
     cfg = tiny()
-    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    model = CausalLM(cfg, runtime=REF, rngs=nnx.Rngs(0))
     mlp = model.layers[0].mlp
     assert np.all(np.asarray(mlp.ttt_conv[...]) == 0)
     proj = np.asarray(mlp.ttt_proj[...])
@@ -303,7 +304,7 @@ def test_init_values():
 
 def test_count_params_and_flops():
     cfg = tiny(tie_embeddings=False)
-    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    model = CausalLM(cfg, runtime=REF, rngs=nnx.Rngs(0))
     d, f, h, kv, dh, L = 64, 128, 4, 2, 16, 2
     layer = d * h * dh + 2 * d * kv * dh + h * dh * d + 3 * d * f + 2 * d + 2 * dh
     ttt = 5 * d + d * d
@@ -320,7 +321,7 @@ def test_count_params_and_flops():
 
 
 def test_token_range_checked():
-    model = CausalLM(tiny(n_layers=1), rngs=nnx.Rngs(0))
+    model = CausalLM(tiny(n_layers=1), runtime=REF, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"\[0, 259\)"):
         model(jnp.asarray([[1, 2, 259]], jnp.int32))
     with pytest.raises(ValueError, match="must be integers"):
@@ -334,7 +335,7 @@ def test_token_range_checked():
 
 def test_bad_config_rejected():
     with pytest.raises(ValueError, match="n_kv_heads"):
-        CausalLM(tiny(n_kv_heads=3), rngs=nnx.Rngs(0))
+        CausalLM(tiny(n_kv_heads=3), runtime=REF, rngs=nnx.Rngs(0))
 
 
 # ---------------------------------------------------------------------------------------------

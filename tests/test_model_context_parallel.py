@@ -21,8 +21,8 @@ BASE = ["model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_
 
 
 def _model(extra):
-    cfg = load_config(None, BASE + list(extra)).model
-    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    cfg = load_config(None, BASE + list(extra))
+    model = CausalLM(cfg.model, runtime=cfg.runtime, rngs=nnx.Rngs(0))
     # Non-zero TTT conv so the fast weights actually change the output (the test can fail).
     conv = model.layers[0].mlp.ttt_conv
     conv[...] = 0.3 * jax.random.normal(jax.random.key(5), conv[...].shape)
@@ -51,13 +51,12 @@ _SLOW = pytest.mark.slow
 
 @pytest.mark.parametrize("context, window, segs, impls", [
     (4, 0, False, ()),
-    pytest.param(4, 0, True, ("model.context_attention=allgather", "model.context_scan=ppermute"),
-                 marks=_SLOW),
+    pytest.param(4, 0, True, ("runtime.context.attention=allgather",), marks=_SLOW),
     pytest.param(2, 12, True, (), marks=_SLOW),
-    # Remat that keeps the exchanges' results (TTT carried-in state, halo K/V): same values.
-    pytest.param(4, 12, False, ("model.remat=true", "model.remat_policy=save_exchanges"), marks=_SLOW),
-    # ... and with each block's recomputation pinned behind its output's gradient.
-    pytest.param(4, 12, True, ("model.remat=true", "model.remat_pinned=true"), marks=_SLOW)])
+    # Remat that keeps the exchanges' results (TTT carried-in state, halo K/V), each block's
+    # recomputation pinned behind its output's gradient: same values.
+    pytest.param(4, 12, False, ("runtime.remat=true", "runtime.remat_policy=save_exchanges"), marks=_SLOW),
+    pytest.param(4, 12, True, ("runtime.remat=true", "runtime.remat_policy=full"), marks=_SLOW)])
 def test_context_parallel_logits_and_grads(context, window, segs, impls):
     model = _model([f"model.attention_window={window}", *impls])
     tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, 64)
@@ -83,68 +82,12 @@ def test_context_parallel_logits_and_grads(context, window, segs, impls):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-3)
 
 
-def _bf16_exchange_run():
-    """Logits, gradients and step jaxpr with ``context_exchange_dtype=bfloat16`` on context=4, and
-    the unsharded model's logits and gradients."""
-    model = _model(["model.context_exchange_dtype=bfloat16"])
-    tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, 64)
-    graphdef, state = nnx.split(model)
-
-    def loss(state, tokens):
-        logits = nnx.merge(graphdef, state)(tokens)
-        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
-
-    want_grads, want = jax.jit(jax.grad(loss, has_aux=True))(state, tokens)
-    devices = [d for d in jax.devices() if d.platform == jax.default_backend()][:4]
-    mesh = make_mesh(data=1, context=len(devices), devices=devices)
-    with jax.set_mesh(mesh):
-        tok_s = jax.device_put(tokens, NamedSharding(mesh, P(None, "context")))
-        got_grads, got = jax.jit(jax.grad(loss, has_aux=True))(state, tok_s)
-        jaxpr = str(jax.make_jaxpr(lambda s, t: loss(s, t)[0])(state, tok_s))
-    return (got, got_grads, jaxpr), (want, want_grads)
-
-
-def _assert_bf16_close(got, want, got_grads, want_grads):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-2)
-    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-        scale = float(np.abs(np.asarray(b)).max()) + 1e-6
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-2 * scale)
-
-
-@pytest.mark.slow   # ~25 CPU s measured
-def test_bf16_summary_exchange_falls_back_to_fp32_on_cpu(caplog):
-    """On the CPU backend (whose compiler aborts on it) the option is not used: float32 exchange, a
-    warning, and the unsharded model's results. The op itself is tested in bf16 on the CPU
-    (tests/test_inplace_ttt_cp.py); the model in bf16 by the GPU test below."""
-    if jax.default_backend() != "cpu":
-        pytest.skip("the fallback is CPU-only")
-    from ttt_jax.nn.mlp import _warn_cpu_exchange
-    _warn_cpu_exchange.cache_clear()           # the warning is once per process
-    with caplog.at_level("WARNING"):
-        (got, got_grads, jaxpr), (want, want_grads) = _bf16_exchange_run()
-    assert "exchanged in float32" in caplog.text
-    assert not any("all_gather" in ln and "bf16[" in ln for ln in jaxpr.splitlines())
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, rtol=2e-4)
-    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-3)
-
-
-@pytest.mark.gpu
-def test_gpu_bf16_summary_exchange_is_close_and_sends_bf16():
-    """On GPUs: the summaries' all-gather carries bf16, and the model stays within bf16 rounding."""
-    if len([d for d in jax.devices() if d.platform == "gpu"]) < 2:
-        pytest.skip("needs 2 or more GPUs")
-    (got, got_grads, jaxpr), (want, want_grads) = _bf16_exchange_run()
-    assert any("all_gather" in ln and "bf16[" in ln for ln in jaxpr.splitlines())
-    _assert_bf16_close(got, want, got_grads, want_grads)
-
-
 @pytest.mark.slow   # ~40 CPU s measured
 @pytest.mark.parametrize("context, segs", [(4, True)])
 def test_zigzag_layout_logits_and_grads(context, segs):
     """The load-balanced layout: the caller permutes tokens, positions and segment ids into zigzag
     order; the logits, permuted back, and the gradients equal the unsharded model's."""
-    model = _model(["model.context_layout=zigzag"])
+    model = _model(["runtime.context.layout=zigzag"])
     tokens = jax.random.randint(jax.random.key(2), (2, 64), 0, 64)
     seg = _segments(2, 64) if segs else jnp.ones((2, 64), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2, 64))
@@ -171,8 +114,8 @@ def test_zigzag_layout_logits_and_grads(context, segs):
 
 
 def test_zigzag_rejects_sliding_window():
-    with pytest.raises(ValueError, match="model.context_layout"):
-        load_config(None, BASE + ["model.context_layout=zigzag", "model.attention_window=8"])
+    with pytest.raises(ValueError, match="runtime.context.layout"):
+        load_config(None, BASE + ["runtime.context.layout=zigzag", "model.attention_window=8"])
 
 
 def test_local_part_must_be_whole_chunks():

@@ -1,6 +1,6 @@
-"""``model.remat_pinned``: remat whose recomputation waits for the output cotangent and whose input
-cotangent is released only with the parameter gradients. Same values and gradients as no remat and
-as plain remat; the barriers are in the backward pass."""
+"""``runtime.remat``: remat whose recomputation waits for the output cotangent and whose input
+cotangent is released only with the parameter gradients (``ttt_jax.models.lm.pinned_remat``). Same
+values and gradients as no remat; the barriers are in the backward pass."""
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,8 @@ BASE = ["model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_
 
 
 def _grad_fn(extra):
-    model = CausalLM(load_config(None, BASE + list(extra)).model, rngs=nnx.Rngs(0))
+    cfg = load_config(None, BASE + list(extra))
+    model = CausalLM(cfg.model, runtime=cfg.runtime, rngs=nnx.Rngs(0))
     conv = model.layers[0].mlp.ttt_conv          # non-zero: the fast weights change the output
     conv[...] = 0.3 * jax.random.normal(jax.random.key(5), conv[...].shape)
     graphdef, state = nnx.split(model)
@@ -35,17 +36,16 @@ def _grad_fn(extra):
 def test_pinned_remat_equals_no_remat(scan_layers):
     tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 64)
     seg = jnp.asarray([[1] * 20 + [2] * 12, [1] * 32], jnp.int32)
-    common = [f"model.scan_layers={str(scan_layers).lower()}"]
-    f0, state = _grad_fn(common + ["model.remat=false"])
-    f1, _ = _grad_fn(common + ["model.remat=true", "model.remat_pinned=true"])
+    common = [f"runtime.scan_layers={str(scan_layers).lower()}"]
+    f0, state = _grad_fn(common + ["runtime.remat=false"])
+    f1, _ = _grad_fn(common + ["runtime.remat=true"])
     (v0, g0), (v1, g1) = jax.jit(f0)(state, tokens, seg), jax.jit(f1)(state, tokens, seg)
     np.testing.assert_allclose(v1, v0, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
-    # The pinned backward carries two more optimization barriers per block than plain remat (one
-    # on the recomputation's inputs, one on the block's gradients).
-    f_plain, _ = _grad_fn(common + ["model.remat=true", "model.remat_pinned=false"])
+    # The pinned backward carries two optimization barriers per block that no remat lacks (one on
+    # the recomputation's inputs, one on the block's gradients).
     count = {name: str(jax.make_jaxpr(f)(state, tokens, seg)).count("optimization_barrier")
-             for name, f in (("plain", f_plain), ("pinned", f1))}
+             for name, f in (("plain", f0), ("pinned", f1))}
     blocks = 2                # unrolled: 2 blocks; scanned: one traced group of 2 blocks
     assert count["pinned"] >= count["plain"] + 2 * blocks, count

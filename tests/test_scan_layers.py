@@ -1,4 +1,4 @@
-"""``model.scan_layers``: stacked layer parameters run by one ``nnx.scan`` equal the unrolled model.
+"""``runtime.scan_layers``: stacked layer parameters run by one ``nnx.scan`` equal the unrolled model.
 
 Weights of an unrolled model are copied into a scanned one with ``stack_layer_params``; logits and
 gradients must match (fp32, tight) with and without packed segments, with remat on and off, with
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax.config import ConfigError, ModelConfig, TTTConfig, load_config
+from ttt_jax.config import ConfigError, ModelConfig, RuntimeConfig, TTTConfig, load_config
 from ttt_jax.models.layers import LAYERS_AXIS, scan_period, stack_layer_params, unstack_layer_params
 from ttt_jax.models.lm import CausalLM, count_params
 from ttt_jax.nn import logical_axes
@@ -25,8 +25,10 @@ V = 259
 # 4 layers, TTT on layers 0 and 2 (period 2 -> 2 groups). The TTT op is the training default
 # ("scan", with its custom VJP: the op that motivates scan_layers).
 BASE = ModelConfig(vocab_size=V, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=64,
-                   max_seq_len=128, compute_dtype="float32", attention_impl="reference",
-                   ttt=TTTConfig(enabled=True, every=2, start=0, chunk_size=8, lr=1.0, impl="scan"))
+                   max_seq_len=128, compute_dtype="float32",
+                   ttt=TTTConfig(enabled=True, every=2, start=0, chunk_size=8, lr=1.0))
+RT = RuntimeConfig(attention_impl="reference", ttt_impl="scan")     # unrolled layers
+SCAN = dataclasses.replace(RT, scan_layers=True)
 T = 40
 
 
@@ -72,15 +74,15 @@ def _activate_ttt(model: CausalLM, seed: int = 3, scale: float = 0.3) -> None:
 
 
 def _pair(cfg: ModelConfig, **scan_kw):
-    """An unrolled model of ``cfg`` (TTT activated) and a scanned one (``cfg`` with ``scan_kw``,
-    e.g. ``remat=True``) holding the same weights."""
-    unrolled = CausalLM(cfg, rngs=nnx.Rngs(0))
+    """An unrolled model of ``cfg`` (TTT activated) and a scanned one (runtime ``SCAN`` with
+    ``scan_kw``, e.g. ``remat=True``) holding the same weights."""
+    unrolled = CausalLM(cfg, runtime=RT, rngs=nnx.Rngs(0))
     _activate_ttt(unrolled)
-    scfg = dataclasses.replace(cfg, scan_layers=True, **scan_kw)
+    runtime = dataclasses.replace(SCAN, **scan_kw)
     # Built abstractly (no values): every weight of the scanned model must come from the copy.
-    scanned = nnx.eval_shape(lambda: CausalLM(scfg, rngs=nnx.Rngs(1)))
-    nnx.update(scanned, stack_layer_params(nnx.state(unrolled), scfg))
-    return unrolled, scanned, scfg
+    scanned = nnx.eval_shape(lambda: CausalLM(cfg, runtime=runtime, rngs=nnx.Rngs(1)))
+    nnx.update(scanned, stack_layer_params(nnx.state(unrolled), cfg))
+    return unrolled, scanned, cfg
 
 
 def _assert_same_grads(unrolled, scanned, scfg, tokens, seg):
@@ -155,12 +157,12 @@ def test_scan_sliding_window_periodic():
      r"window.*i % 1.*layer 1 has window 0.*scan_layers=false"),
 ])
 def test_non_periodic_structure_rejected(kw, match):
-    cfg = cfg_of(scan_layers=True, **kw)
+    cfg = cfg_of(**kw)
     with pytest.raises(ConfigError, match=match):
-        CausalLM(cfg, rngs=nnx.Rngs(0))
+        CausalLM(cfg, runtime=SCAN, rngs=nnx.Rngs(0))
     assert issubclass(ConfigError, ValueError)
     # The unrolled model accepts the same structure.
-    nnx.eval_shape(lambda: CausalLM(dataclasses.replace(cfg, scan_layers=False), rngs=nnx.Rngs(0)))
+    nnx.eval_shape(lambda: CausalLM(cfg, runtime=RT, rngs=nnx.Rngs(0)))
 
 
 @pytest.mark.parametrize("kw,period", [
@@ -172,9 +174,9 @@ def test_non_periodic_structure_rejected(kw, match):
     (dict(attention_window=5, ttt=dict(enabled=False)), 1),
 ])
 def test_scan_period(kw, period):
-    cfg = cfg_of(scan_layers=True, **kw)
+    cfg = cfg_of(**kw)
     assert scan_period(cfg) == period
-    model = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: CausalLM(cfg, runtime=SCAN, rngs=nnx.Rngs(0)))
     assert model.period == period and len(model.layers) == period
     ttt = set(cfg.ttt.layer_ids(cfg.n_layers))
     for p, block in enumerate(model.layers):
@@ -184,19 +186,20 @@ def test_scan_period(kw, period):
 
 
 def test_scan_layers_config_key():
-    cfg = load_config("tiny", ["model.scan_layers=true"])
-    assert cfg.model.scan_layers is True
+    cfg = load_config("tiny", ["runtime.scan_layers=true"])
+    assert cfg.runtime.scan_layers is True
     assert scan_period(cfg.model) == 2   # the preset's explicit ttt.layers [0, 2] are periodic
-    assert load_config("tiny").model.scan_layers is False
-    with pytest.raises(ConfigError, match="model.scan_layers"):
-        dataclasses.replace(BASE, scan_layers="yes").validate()
+    assert load_config("tiny").runtime.scan_layers is False
+    with pytest.raises(ConfigError, match="runtime.scan_layers"):
+        dataclasses.replace(SCAN, scan_layers="yes").validate()
+    with pytest.raises(ConfigError, match="moved to runtime.scan_layers"):
+        load_config("tiny", ["model.scan_layers=true"])
 
 
 def test_stacked_params_tree_and_axis_names():
-    cfg = cfg_of(scan_layers=True, tie_embeddings=False)
-    model = CausalLM(cfg, rngs=nnx.Rngs(0))
-    unrolled = nnx.eval_shape(lambda: CausalLM(dataclasses.replace(cfg, scan_layers=False),
-                                               rngs=nnx.Rngs(0)))
+    cfg = cfg_of(tie_embeddings=False)
+    model = CausalLM(cfg, runtime=SCAN, rngs=nnx.Rngs(0))
+    unrolled = nnx.eval_shape(lambda: CausalLM(cfg, runtime=RT, rngs=nnx.Rngs(0)))
     assert count_params(model) == count_params(unrolled)
     flat = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     by_path = {"/".join(map(str, p)): v for p, v in flat.items()}
@@ -228,8 +231,8 @@ def test_stacked_params_tree_and_axis_names():
 
 
 def test_unstack_inverts_stack():
-    cfg = cfg_of(scan_layers=True)
-    unrolled = CausalLM(dataclasses.replace(cfg, scan_layers=False), rngs=nnx.Rngs(5))
+    cfg = cfg_of()
+    unrolled = CausalLM(cfg, runtime=RT, rngs=nnx.Rngs(5))
     state = nnx.state(unrolled)
     back = unstack_layer_params(stack_layer_params(state, cfg), cfg)
     flat0, flat1 = list(nnx.to_flat_state(state)), list(nnx.to_flat_state(back))

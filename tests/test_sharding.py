@@ -165,13 +165,13 @@ def test_zigzag_training_matches_contiguous(tmp_path):
     common = ("mesh.data=2", "mesh.fsdp=2", "mesh.context=2", "data.seq_len=64", "model.max_seq_len=64",
               "train.stop_after=2")
     contiguous = train(cfg(tmp_path / "contiguous", *common))
-    zigzag = train(cfg(tmp_path / "zigzag", *common, "model.context_layout=zigzag"))
+    zigzag = train(cfg(tmp_path / "zigzag", *common, "runtime.context.layout=zigzag"))
     np.testing.assert_allclose(train_losses(zigzag), train_losses(contiguous), rtol=LOSS_RTOL)
     np.testing.assert_allclose([v for _, v in zigzag.val_losses], [v for _, v in contiguous.val_losses],
                                rtol=LOSS_RTOL)
     assert_params_close(params(zigzag.model), params(contiguous.model))
     with pytest.raises(ValueError, match=r"multiple of 2 \(zigzag\) x mesh\.context=2 x model\.ttt\.chunk_size=16"):
-        train(cfg(tmp_path / "bad", "mesh.data=2", "mesh.fsdp=2", "mesh.context=2", "model.context_layout=zigzag"))
+        train(cfg(tmp_path / "bad", "mesh.data=2", "mesh.fsdp=2", "mesh.context=2", "runtime.context.layout=zigzag"))
 
 
 def test_context_layout_error(tmp_path):

@@ -34,16 +34,16 @@ def test_loss_groups_keep_the_loss_local_under_context_parallelism():
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8 emulated CPU devices of conftest")
 def test_remat_policy_save_exchanges_repeats_no_collective():
-    """``model.remat_policy=save_exchanges``: the backward pass's recomputation of a block repeats
+    """``runtime.remat_policy=save_exchanges``: the backward pass's recomputation of a block repeats
     neither the halo exchange (collective-permute) nor the TTT summaries' all-gather."""
     args = ["--preset", "tiny", "--context", "8", "--seq-len", "2048",
             "--set", "model.n_layers=2", "model.attention_window=64", "model.ttt.layers=[0]",
-            "model.ttt.chunk_size=64", "model.max_seq_len=2048", "model.remat=true"]
+            "model.ttt.chunk_size=64", "model.max_seq_len=2048", "runtime.remat=true"]
     count = lambda found, kind, pred=lambda s: True: sum(
         n for (k, shape), n in found.items() if k == kind and pred(shape))
     summary = lambda shape: shape.startswith("f32[8,1,")     # [n, B, F, D] fast-weight summaries
-    full = step_collectives.main(args + ["model.remat_policy=full"])
-    saved = step_collectives.main(args + ["model.remat_policy=save_exchanges"])
+    full = step_collectives.main(args + ["runtime.remat_policy=full"])
+    saved = step_collectives.main(args + ["runtime.remat_policy=save_exchanges"])
     # Per layer: K/V halo forward + recomputed forward + gradients back = 3 exchanges, 2 when saved.
     assert count(full, "collective-permute") == 3 * 2 * 2, sorted(full.items())
     assert count(saved, "collective-permute") == 2 * 2 * 2, sorted(saved.items())

@@ -100,6 +100,23 @@ def test_restore_with_other_model_config_names_keys(tmp_path):
         train(toy(tmp_path, "model.d_ff=96", "model.n_layers=3"))
 
 
+@pytest.mark.slow   # three short runs, two compilations
+def test_resume_after_runtime_change(tmp_path):
+    """Runtime settings may change on resume: 2 steps, then the same run dir with remat on and the
+    layers scanned (their parameters and Adam moments are converted from the unrolled layout), to
+    step 4. The parameters match an uninterrupted unrolled run without remat."""
+    straight = train(toy(tmp_path, "train.stop_after=4", name="straight"))
+    train(toy(tmp_path, "train.stop_after=2", name="changed"))
+    resumed = train(toy(tmp_path, "train.stop_after=4", "runtime.remat=true", "runtime.scan_layers=true",
+                        name="changed"))
+    assert resumed.step == 4
+    from ttt_jax.models.layers import unstack_layer_params
+    got = jax.tree.leaves(jax.device_get(unstack_layer_params(nnx.state(resumed.model, nnx.Param),
+                                                              resumed.model.cfg)))
+    for a, b in zip(params_of(straight.model), got, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
 def test_restore_shape_mismatch_names_params(tmp_path):
     from ttt_jax.models.lm import CausalLM
     from ttt_jax.train.optim import make_optimizer
@@ -111,7 +128,7 @@ def test_restore_shape_mismatch_names_params(tmp_path):
     other = toy(tmp_path, "model.d_ff=96")
 
     def build():  # abstract (shape-only) model and optimizer: nothing is computed
-        model = CausalLM(other.model, rngs=nnx.Rngs(0))
+        model = CausalLM(other.model, runtime=other.runtime, rngs=nnx.Rngs(0))
         return model, nnx.Optimizer(model, make_optimizer(other.train), wrt=nnx.Param)
 
     model, opt = nnx.eval_shape(build)

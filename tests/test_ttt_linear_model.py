@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from parallel.mesh import make_mesh
-from ttt_jax.config import ConfigError, ModelConfig, TTTConfig, TTTSeqConfig, load_config
+from ttt_jax.config import ConfigError, ModelConfig, RuntimeConfig, TTTConfig, TTTSeqConfig, load_config
 from ttt_jax.models.layers import stack_layer_params
 from ttt_jax.models.lm import CausalLM
 from ttt_jax.nn.ttt_seq import TTTSeqLayer
@@ -56,7 +56,8 @@ def test_dual_and_reference_models_agree_in_values_and_grads():
     seg = jnp.asarray([[1] * 5 + [2] * 5], jnp.int32)
     res = {}
     for impl in ("dual", "reference"):
-        model = CausalLM(_cfg(kind="mlp", impl=impl, layers=(0,)), rngs=nnx.Rngs(0))
+        model = CausalLM(_cfg(kind="mlp", layers=(0,)), runtime=RuntimeConfig(ttt_seq_impl=impl),
+                         rngs=nnx.Rngs(0))
 
         @nnx.jit
         def value_and_grad(m):
@@ -78,8 +79,8 @@ def test_config_validation_and_context_parallel_error():
     with pytest.raises(ConfigError, match="model.ttt_seq.enabled.*mesh.context"):
         load_config("tiny", ["model.ttt_seq.enabled=true", "mesh.context=2", "mesh.data=4"])
     with pytest.raises(ConfigError, match="model.ttt_seq"):
-        CausalLM(ModelConfig(**{**BASE, "scan_layers": True},
-                             ttt_seq=TTTSeqConfig(enabled=True, layers=(1,))), rngs=nnx.Rngs(0))
+        CausalLM(ModelConfig(**BASE, ttt_seq=TTTSeqConfig(enabled=True, layers=(1,))),
+                 runtime=RuntimeConfig(scan_layers=True), rngs=nnx.Rngs(0))
     layer = TTTSeqLayer(_cfg(), rngs=nnx.Rngs(0))
     x = jnp.zeros((1, 8, BASE["d_model"]))
     pos = jnp.broadcast_to(jnp.arange(8), (1, 8))
@@ -91,7 +92,7 @@ def test_config_validation_and_context_parallel_error():
 def test_scan_layers_equals_unrolled():
     cfg = _cfg(mode="replace")
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
-    scanned = CausalLM(ModelConfig(**{**BASE, "scan_layers": True}, ttt_seq=cfg.ttt_seq), rngs=nnx.Rngs(1))
+    scanned = CausalLM(cfg, runtime=RuntimeConfig(scan_layers=True), rngs=nnx.Rngs(1))
     nnx.update(scanned, stack_layer_params(nnx.state(model), scanned.cfg))
     tok = _tokens(2, 9)
     np.testing.assert_allclose(scanned(tok), model(tok), atol=1e-5, rtol=1e-5)

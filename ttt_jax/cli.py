@@ -9,9 +9,10 @@
 CONFIG is a path or the name of a preset in ``configs/`` (``tiny``, ``small``, ``qwen3_4b_shape``).
 Overrides use dotted keys and YAML values: ``train.steps=200 model.ttt.layers=[0,2] train.peak_tflops=null``.
 Errors a user can fix (bad key or value, data/checkpoint mismatch) print one ``error: ...`` line and
-exit with status 2; a diverged run (non-finite loss) exits with status 3; SIGTERM or SIGINT
-finishes the step in flight, writes a checkpoint of it and exits with status 4 (run the same command
-again to resume).
+exit with status 2 (an unwritable output location or a failed checkpoint write included); a diverged
+run (non-finite loss) exits with status 3; SIGTERM or SIGINT stops dispatching, finishes the step in
+flight, writes a checkpoint of it and exits with status 4 (run the same command again to resume); a
+second signal exits at once with one line and status 128 + the signal number.
 """
 
 from __future__ import annotations

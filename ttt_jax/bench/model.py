@@ -10,7 +10,7 @@ table with tokens/s, MFU (analytic FLOPs, ``ttt_jax.models.flops``) and the TTT 
 Usage (Qwen3-4B shape, 32k tokens, remat, bf16 parameters)::
 
     ttt-jax bench model --preset qwen3_4b_shape --seq-len 32768 \\
-        --set model.param_dtype=bfloat16 model.remat=true --out results/model.json
+        --set model.param_dtype=bfloat16 runtime.remat=true --out results/model.json
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def check_args(args) -> None:
                 f"data.seq_len={length}", f"model.max_seq_len={max(length, 8)}"])
 
 
-def context_comm(mcfg, mesh_shape, batch: int, seq_len: int) -> dict:
+def context_comm(mcfg, runtime, mesh_shape, batch: int, seq_len: int) -> dict:
     """Analytic bytes each device receives over ``context`` per step (:mod:`parallel.comm`)."""
     import jax.numpy as jnp
 
@@ -92,12 +92,13 @@ def context_comm(mcfg, mesh_shape, batch: int, seq_len: int) -> dict:
         kv_heads=max(1, mcfg.n_kv_heads // tp), head_dim=mcfg.resolved_head_dim,
         ttt_layers=len(mcfg.ttt.layer_ids(mcfg.n_layers)) if mcfg.ttt.enabled else 0,
         ttt_shape=(mcfg.d_ff // tp, mcfg.d_model), act_bytes=jnp.dtype(mcfg.compute_dtype).itemsize,
-        attention=mcfg.context_attention, scan=mcfg.context_scan, layout=mcfg.context_layout,
-        remat=mcfg.remat and mcfg.remat_policy == "full")  # saved exchanges are not repeated
+        attention=runtime.context.attention, layout=runtime.context.layout,
+        remat=runtime.remat and runtime.remat_policy == "full")  # saved exchanges are not repeated
 
 
-def benchmark_step(mcfg, mesh, loss_groups: Optional[int] = None, shard_optimizer: bool = False):
-    """The benchmarked train step of model config ``mcfg`` on ``mesh``: forward, chunked loss,
+def benchmark_step(mcfg, mesh, loss_groups: Optional[int] = None, shard_optimizer: bool = False,
+                   runtime=None):
+    """The benchmarked train step of model config ``mcfg`` (run as ``runtime`` says) on ``mesh``: forward, chunked loss,
     backward and an AdamW update, jitted with the state's shardings and donation.
 
     ``loss_groups`` defaults to the context size, as in the trainer: every device computes the loss
@@ -122,7 +123,7 @@ def benchmark_step(mcfg, mesh, loss_groups: Optional[int] = None, shard_optimize
     groups = mesh.shape.get("context", 1) if loss_groups is None else loss_groups
 
     def build():
-        model = CausalLM(mcfg, rngs=nnx.Rngs(0))
+        model = CausalLM(mcfg, runtime=runtime, rngs=nnx.Rngs(0))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     graphdef, abs_state = nnx.split(nnx.eval_shape(build))
@@ -166,15 +167,15 @@ def run_variant(args) -> dict:
     overrides = list(args.set) + variant + mesh_over + [f"data.seq_len={args.seq_len}",
                                                         f"model.max_seq_len={max(args.seq_len, 8)}"]
     cfg = load_config(args.preset, overrides)
-    mcfg = cfg.model
+    mcfg, rt = cfg.model, cfg.runtime
     sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.context]
     # A mesh of explicit sizes smaller than the machine (e.g. --mesh data=1 beside emulated CPU
     # devices) runs on the first devices; on GPUs CUDA_VISIBLE_DEVICES does the same.
     used = int(np.prod(sizes)) if min(sizes) > 0 else len(jax.devices())
     mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:used])
     sharding.check_supported(mesh, args.seq_len, mcfg.ttt.chunk_size if mcfg.ttt.layer_ids(mcfg.n_layers) else None,
-                             mcfg.context_layout)
-    step, graphdef, abs_state, shardings, build = benchmark_step(mcfg, mesh,
+                             rt.context.layout)
+    step, graphdef, abs_state, shardings, build = benchmark_step(mcfg, mesh, runtime=rt,
                                                                  shard_optimizer=cfg.train.shard_optimizer)
     # Created directly in its sharding: a large model is never whole on one device.
     state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
@@ -184,7 +185,7 @@ def run_variant(args) -> dict:
     rows = np.asarray(jax.random.randint(jax.random.key(1), (args.batch, t + 1), 0, mcfg.vocab_size, jnp.int32))
     host = {"inputs": rows[:, :-1], "targets": rows[:, 1:],
             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (args.batch, t)).copy()}
-    batch = sharding.put_batch(host, batch_sh, mcfg.context_layout)
+    batch = sharding.put_batch(host, batch_sh, rt.context.layout)
     tokens = (batch["inputs"], batch["targets"], batch["positions"])
     ctx = jax.set_mesh(mesh)
     ctx.__enter__()
@@ -220,21 +221,20 @@ def run_variant(args) -> dict:
         profile = _profile_step(step, state, tokens, Path(args.profile) / f"{args.variant}_{t}",
                                 hlo_text=compiled.as_text())
         state = profile.pop("state")
-    comm = context_comm(mcfg, mesh.shape, args.batch, t)
+    comm = context_comm(mcfg, rt, mesh.shape, args.batch, t)
     dev = jax.devices()[0]
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat]
     fpt = flops_per_token(mcfg, t)
     return dict(variant=args.variant, device=dev.device_kind, n_devices=mesh.size,
-                mesh={k: int(v) for k, v in mesh.shape.items()}, layout=mcfg.context_layout,
+                mesh={k: int(v) for k, v in mesh.shape.items()}, layout=rt.context.layout,
                 window=mcfg.attention_window, params=n_params, seq_len=t, batch=args.batch,
                 step_s=sec, step_pipelined_s=pipelined, tokens_per_s=args.batch * t / sec,
                 tflops=fpt * args.batch * t / sec / 1e12 / mesh.size,   # per device
                 peak_gib=max(peaks) / 2 ** 30,
                 temp_gib=(mem.temp_size_in_bytes / 2 ** 30) if mem is not None else None,
                 compile_s=compile_s, loss=float(loss), ttt_layers=list(mcfg.ttt.layer_ids(mcfg.n_layers)),
-                context_attention=mcfg.context_attention, context_scan=mcfg.context_scan,
-                context_kernel=mcfg.context_kernel, context_halo=mcfg.context_halo,
-                remat=mcfg.remat, remat_policy=mcfg.remat_policy, remat_pinned=mcfg.remat_pinned,
+                context_attention=rt.context.attention, context_kernel=rt.context.kernel,
+                remat=rt.remat, remat_policy=rt.remat_policy,
                 shard_optimizer=cfg.train.shard_optimizer,
                 comm_bytes_per_device=comm,
                 **({"profile": profile} if profile is not None else {}))
@@ -276,7 +276,7 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=4096, help="sliding window of the swa variants")
     p.add_argument("--mesh", default="", help="mesh axes, e.g. context=4 or context=2,fsdp=2 "
                    "(default: data parallel over all devices)")
-    p.add_argument("--set", nargs="*", default=["model.param_dtype=bfloat16", "model.remat=true"],
+    p.add_argument("--set", nargs="*", default=["model.param_dtype=bfloat16", "runtime.remat=true"],
                    help="config overrides applied to every variant")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--variant", help=argparse.SUPPRESS)

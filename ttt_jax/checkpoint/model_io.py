@@ -16,6 +16,8 @@ which removes unfinished saves of the run that owns it).
 
 from __future__ import annotations
 
+import dataclasses
+
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ttt_jax.checkpoint.compat import config_differences
+from ttt_jax.checkpoint.layout import relayout_model
 from ttt_jax.checkpoint.errors import CheckpointCorruptError, CheckpointWarning
 from ttt_jax.checkpoint.integrity import brief, is_damage, state_checksums, verify_checksums
 from ttt_jax.checkpoint.tree import abstract_of, from_saved, meta_tree, shape_problems, str_keys, to_saveable
@@ -79,21 +82,21 @@ def _read_json_item(step_dir: Path, item: str) -> dict[str, Any]:
 
 def read_checkpoint_config(path: str | Path, step: Optional[int] = None) -> Config:
     """The :class:`Config` a checkpoint was written with (from its ``meta`` record)."""
-    from ttt_jax.config import config_from_dict
+    from ttt_jax.config import config_from_saved
 
     ckdir, step = resolve_checkpoint(path, step)
     mngr = ocp.CheckpointManager(ckdir, item_handlers={"meta": ocp.JsonCheckpointHandler()})
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    return config_from_dict(meta.get("config", {}))
+    return config_from_saved(meta.get("config", {}))
 
 
 def load_model(path: str | Path, *, step: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None,
                overrides: tuple[str, ...] | list[str] = ()) -> tuple[Config, Any]:
     """Load the model of a training or model-only checkpoint: ``(config, CausalLM)``.
 
-    ``path`` as in :func:`resolve_checkpoint`. ``overrides`` (``"model.attention_impl=xla"``, ...)
-    may change how the model computes (implementation, dtype, remat), never its parameters' shapes
-    (``ValueError`` naming the keys). With ``mesh``, every parameter is read directly into its
+    ``path`` as in :func:`resolve_checkpoint`. ``overrides`` (``"runtime.attention_impl=xla"``, ...)
+    may change how the model runs (any ``runtime.*`` key, the compute dtype), never the
+    architecture (``ValueError`` naming the keys). With ``mesh``, every parameter is read directly into its
     sharding under the logical rules (a large model is never whole on one device); without, onto
     the default device. Optimizer state in the checkpoint is not read.
 
@@ -134,7 +137,9 @@ def _load_model(path: str | Path, step: Optional[int], mesh: Optional[jax.shardi
     diffs = config_differences(saved_cfg.to_dict(), cfg.to_dict())
     if diffs:
         raise ValueError("overrides may not change the model's parameters: " + "; ".join(diffs))
-    abs_model = nnx.eval_shape(lambda: CausalLM(cfg.model, rngs=nnx.Rngs(0)))
+    # Read in the layer layout it was saved in; converted below if runtime.scan_layers changed.
+    load_rt = dataclasses.replace(cfg.runtime, scan_layers=saved_cfg.runtime.scan_layers)
+    abs_model = nnx.eval_shape(lambda: CausalLM(cfg.model, runtime=load_rt, rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abs_model)
     target = str_keys(nnx.to_pure_dict(abs_state))
     if mesh is not None:
@@ -169,7 +174,10 @@ def _load_model(path: str | Path, step: Optional[int], mesh: Optional[jax.shardi
     verify_checksums(where, {"model": out["state"]["model"]}, _read_json_item(where, "meta").get("checksums"))
     restored = from_saved(out["state"]["model"], target)
     nnx.replace_by_pure_dict(abs_state, restored)
-    return cfg, nnx.merge(graphdef, abs_state)
+    model = nnx.merge(graphdef, abs_state)
+    if load_rt != cfg.runtime:
+        model = relayout_model(model, cfg.runtime)
+    return cfg, model
 
 
 def save_model(directory: str | Path, model: Any, cfg: Config, *, step: int = 0) -> Path:

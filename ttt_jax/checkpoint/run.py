@@ -51,6 +51,7 @@ from ttt_jax.checkpoint.errors import (CheckpointCorruptError, CheckpointWarning
                                        NonFiniteStateError)
 from ttt_jax.checkpoint.integrity import (brief, checkpoint_bytes, checksums_and_finite, fmt_bytes, free_bytes,
                                           is_damage, state_nbytes, verify_checksums, write_failure)
+from ttt_jax.checkpoint.layout import saved_layout
 from ttt_jax.checkpoint.quiet import contain as contain_library_noise
 from ttt_jax.fs import describe_os_error
 from ttt_jax.checkpoint.tree import abstract_of, from_saved, shape_problems, str_keys, to_saveable
@@ -295,7 +296,9 @@ class Checkpointer:
         where = self.directory / str(step)
         meta = self.read_meta(step)
         self._check_config_of(step, meta, config)
-        target = {"model": nnx.to_pure_dict(model_state), "optimizer": nnx.to_pure_dict(opt_state)}
+        live = {"model": nnx.to_pure_dict(model_state), "optimizer": nnx.to_pure_dict(opt_state)}
+        # Saved with the other runtime.scan_layers layout: read as saved, converted below.
+        target, relayout = saved_layout(live, meta.get("config", {}), config)
         try:
             saved_meta = self._mngr.item_metadata(step)["state"]
             if saved_meta is None:
@@ -319,6 +322,8 @@ class Checkpointer:
             raise CheckpointCorruptError(where, f"reading it failed ({brief(e)})") from e
         verify_checksums(where, out["state"], meta.get("checksums"))
         restored = from_saved(out["state"], target)
+        if relayout is not None:
+            restored = relayout(restored)
         nnx.replace_by_pure_dict(model_state, restored["model"])
         nnx.replace_by_pure_dict(opt_state, restored["optimizer"])
         return model_state, opt_state, out["data"], meta

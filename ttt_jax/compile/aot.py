@@ -117,7 +117,7 @@ def compile_train(cfg: Config, mesh: Mesh, processes: int) -> Compiled:
     cfg.validate()
     ttt_on = bool(cfg.model.ttt.layer_ids(cfg.model.n_layers))
     sharding.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
-                             cfg.model.context_layout)
+                             cfg.runtime.context.layout)
     global_batch = cfg.data.batch_size * processes
     check_batch_divisible(global_batch, mesh)
     prog = train_program(cfg, mesh)
@@ -125,7 +125,7 @@ def compile_train(cfg: Config, mesh: Mesh, processes: int) -> Compiled:
     batch = {k: jax.ShapeDtypeStruct((global_batch, cfg.data.seq_len), dt) for k, dt in BATCH_FIELDS.items()}
     t0 = time.perf_counter()
     try:
-        with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)), quiet_stderr():
+        with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)):
             compiled = prog.step.lower(abs_model, abs_opt, batch).compile()
     except jax.errors.JaxRuntimeError as e:
         m = re.search(r"RESOURCE_EXHAUSTED: .*?temporaries \(([\d.]+)([KMGT])\)", str(e))
@@ -158,11 +158,12 @@ def compile_generate(cfg: Config, mesh: Mesh, processes: int, *, prompt_len: int
     if mesh.shape["context"] > 1:
         raise ValueError("--what generate: cached inference does not split a sequence over devices; "
                          "set mesh.context=1 (give the devices to mesh.data / mesh.fsdp / mesh.tensor)")
-    model_cfg = dc.replace(cfg.model, scan_layers=False)   # the engine walks the layers one by one
+    model_cfg = cfg.model
+    runtime = dc.replace(cfg.runtime, scan_layers=False)   # the engine walks the layers one by one
     check_supported(model_cfg)
     batch = cfg.data.batch_size * processes
     check_batch_divisible(batch, mesh)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(model_cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(model_cfg, runtime=runtime, rngs=nnx.Rngs(0))))
     state_sh = sharding.state_shardings(state, mesh)
     abs_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
     rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
@@ -173,7 +174,7 @@ def compile_generate(cfg: Config, mesh: Mesh, processes: int, *, prompt_len: int
     out = []
     for what in ("prefill", "decode"):
         t0 = time.perf_counter()
-        with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)), quiet_stderr():
+        with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)):
             if what == "prefill":
                 lowered = extend_step.lower(static, abs_state, cache, sds((batch, prefill_block), jnp.int32, sharding=rows),
                                             sds((batch,), jnp.int32, sharding=rows), {}, logits="last",

@@ -113,7 +113,7 @@ def model_config_from_hf(hf: Mapping[str, Any], *, ttt: Optional[TTTConfig] = No
 
     ``ttt``: In-Place TTT settings for the converted model; None takes those of the checkpoint
     (``ttt_mode``), and without them TTT is off. ``overrides``: further ModelConfig fields
-    (``attention_impl``, ``remat``, ...). Raises ``ValueError`` naming unsupported features.
+    (``max_seq_len``, ``attention_window``, ...). Raises ``ValueError`` naming unsupported features.
     """
     arch = architecture(hf)
     problems = []

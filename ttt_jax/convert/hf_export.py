@@ -9,7 +9,6 @@ transformers loads directly.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -46,12 +45,10 @@ def export_hf(ckpt: str | Path, out: str | Path, *, step: Optional[int] = None,
     from ttt_jax.models.layers import unstack_layer_params
 
     ckpt, out = Path(ckpt).expanduser(), Path(out).expanduser()
-    cfg, model = load_model(ckpt, step=step)
+    # Hugging Face's layout is the unrolled one: a stacked (scan_layers) checkpoint is unstacked.
+    cfg, model = load_model(ckpt, step=step, overrides=["runtime.scan_layers=false"])
     mcfg = cfg.model
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    if mcfg.scan_layers:
-        state = unstack_layer_params(state, mcfg)
-        mcfg = dataclasses.replace(mcfg, scan_layers=False)
     dtype = dtype or mcfg.param_dtype
     np_dtype = numpy_dtype(dtype)
     maps = tensor_maps(mcfg)

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ttt_jax.config import Config, DataConfig, TTTConfig
+from ttt_jax.config import Config, DataConfig, RuntimeConfig, TTTConfig
 from ttt_jax.convert.hf_config import model_config_from_hf
 from ttt_jax.convert.mapping import IGNORED_SUFFIXES, TensorMap, tensor_maps
 from ttt_jax.convert.safetensors_io import FLOAT_DTYPES, SafetensorsCheckpoint
@@ -106,7 +106,8 @@ def _unflatten(flat: dict[tuple, Any]) -> dict:
 
 def load_hf(src: str | Path, *, ttt: Optional[TTTConfig] = None, param_dtype: str = "float32",
             compute_dtype: str = "bfloat16", mesh: Optional[jax.sharding.Mesh] = None, seed: int = 0,
-            progress: bool = False, **model_overrides: Any) -> tuple[Config, Any]:
+            progress: bool = False, runtime: Optional[RuntimeConfig] = None,
+            **model_overrides: Any) -> tuple[Config, Any]:
     """Load the Hugging Face model directory ``src`` as ``(Config, CausalLM)``.
 
     Args:
@@ -118,7 +119,8 @@ def load_hf(src: str | Path, *, ttt: Optional[TTTConfig] = None, param_dtype: st
         :mod:`ttt_jax.sharding`); None = the default device.
       seed: initialisation of parameters the checkpoint does not hold (new TTT parameters).
       progress: show a progress bar over tensors.
-      model_overrides: further ``ModelConfig`` fields (``attention_impl``, ``remat``, ...).
+      runtime: how the model runs (kernels, remat; default :class:`~ttt_jax.config.RuntimeConfig`).
+      model_overrides: further ``ModelConfig`` fields (``max_seq_len``, ``attention_window``, ...).
     Raises:
       ValueError: unsupported architecture or feature, missing / unexpected / misshapen tensors.
     """
@@ -130,7 +132,8 @@ def load_hf(src: str | Path, *, ttt: Optional[TTTConfig] = None, param_dtype: st
     mcfg = model_config_from_hf(hf, ttt=ttt, param_dtype=param_dtype, compute_dtype=compute_dtype,
                                 **model_overrides)
     tokenizer = str((src / "tokenizer.json").absolute()) if (src / "tokenizer.json").is_file() else "byte"
-    cfg = Config(model=mcfg, data=DataConfig(tokenizer=tokenizer, seq_len=min(512, mcfg.max_seq_len)))
+    runtime = runtime or RuntimeConfig()
+    cfg = Config(model=mcfg, runtime=runtime, data=DataConfig(tokenizer=tokenizer, seq_len=min(512, mcfg.max_seq_len)))
     cfg.validate()
     ckpt = SafetensorsCheckpoint(src)
     identity_proj = bool(hf.get("ttt_mode")) and hf.get("ttt_proj") is False
@@ -138,7 +141,7 @@ def load_hf(src: str | Path, *, ttt: Optional[TTTConfig] = None, param_dtype: st
                  tied=mcfg.tie_embeddings)
 
     def build():
-        return CausalLM(mcfg, rngs=nnx.Rngs(seed))
+        return CausalLM(mcfg, runtime=runtime, rngs=nnx.Rngs(seed))
 
     graphdef, abs_state = nnx.split(nnx.eval_shape(build))
     abs_flat = _flatten(nnx.to_pure_dict(abs_state))

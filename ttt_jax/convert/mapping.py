@@ -58,10 +58,8 @@ def _t(x):
 
 
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
-    """Every parameter of ``CausalLM(cfg)`` (unrolled layers) with its HF counterpart."""
-    if cfg.scan_layers:
-        raise ValueError("Hugging Face conversion uses the unrolled layer layout; set "
-                         "model.scan_layers=false (stack afterwards with ttt_jax.models.layers.stack_layer_params)")
+    """Every parameter of ``CausalLM(cfg)`` in the unrolled layer layout (``runtime.scan_layers=
+    false``; stack afterwards with ``ttt_jax.models.layers.stack_layer_params``) with its HF counterpart."""
     d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
     h, kv, dh, k = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.ttt.conv_kernel
     out = [TensorMap("model.embed_tokens.weight", ("embed",), (v, d), (v, d), _same, _same)]

@@ -75,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logits-chunk", type=int, default=1024,
                    help="positions per chunk of the output projection (bounds logits memory)")
     p.add_argument("--override", nargs="*", default=[], metavar="key=value",
-                   help="model overrides that keep the parameters (e.g. model.attention_impl=xla)")
+                   help="runtime overrides (e.g. runtime.attention_impl=xla); the architecture cannot change")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -27,8 +27,9 @@ from ttt_jax.nn.params import dense
 from ttt_jax.nn.rope import apply_rope
 
 _NEG = -1e30
-# Largest [B, H, Tq, S] fp32 logits array impl="auto" materialises (1 GiB).
-_AUTO_MAX_LOGITS = 2**28
+# Largest [B, H, Tq, S] fp32 logits array impl="auto" materialises (1 GiB); longer caches are read
+# blockwise.
+AUTO_MAX_LOGITS = 2**28
 IMPLS = ("auto", "reference", "blockwise")
 
 
@@ -136,7 +137,7 @@ def cache_attention(q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, 
         raise ValueError(f"cache_attention impl={impl!r} is not one of {IMPLS}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if impl == "auto":
-        small = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[1] <= _AUTO_MAX_LOGITS
+        small = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[1] <= AUTO_MAX_LOGITS
         impl = "reference" if k.shape[1] <= block or small else "blockwise"
     if impl == "reference":
         return _reference(q, q_pos, k, v, k_pos, window, scale)

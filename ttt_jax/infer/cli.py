@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per decode call, looped on the device and streamed a block at a time "
                         "(0 = one call per token)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="runtime model setting, e.g. model.attention_impl=xla or model.compute_dtype=bfloat16")
+                   help="runtime model setting, e.g. runtime.attention_impl=xla or model.compute_dtype=bfloat16")
     p.add_argument("--mesh", default=None, metavar="AXIS=N,...",
                    help="shard the parameters over a device mesh, e.g. fsdp=4,tensor=2 (axes data, fsdp, "
                         "tensor, context; unnamed axes 1, data -1 = the remaining devices)")

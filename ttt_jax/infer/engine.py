@@ -63,12 +63,12 @@ def check_supported(cfg) -> None:
 
 
 def unrolled_model(model: CausalLM) -> CausalLM:
-    """``model`` itself, or for ``model.scan_layers=true`` an unrolled copy sharing its values
+    """``model`` itself, or for ``runtime.scan_layers=true`` an unrolled copy sharing its values
     (inference walks the layers one by one, each with its own cache)."""
-    if not model.cfg.scan_layers:
+    if not model.runtime.scan_layers:
         return model
-    cfg = dataclasses.replace(model.cfg, scan_layers=False)
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+    runtime = dataclasses.replace(model.runtime, scan_layers=False)
+    abstract = nnx.eval_shape(lambda: CausalLM(model.cfg, runtime=runtime, rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract)
     values = nnx.to_pure_dict(unstack_layer_params(nnx.state(model), model.cfg))
     nnx.replace_by_pure_dict(abs_state, values)
@@ -93,7 +93,7 @@ def extend(model: CausalLM, cache: Cache, tokens: jax.Array, n_valid: jax.Array,
       ``([B, T, D]`` final-normed hidden states (compute dtype; padding rows are garbage), the
       cache after the real tokens, with ``lengths + n_valid``).
     """
-    if model.cfg.scan_layers:
+    if model.runtime.scan_layers:
         raise ValueError("extend needs an unrolled model; pass unrolled_model(model)")
     start = cache.lengths
     n_valid = n_valid.astype(jnp.int32)

@@ -1,6 +1,6 @@
 """The layer stack of :class:`ttt_jax.models.lm.CausalLM`: unrolled, or scanned over stacked groups.
 
-With ``model.scan_layers=true`` the layers are grouped in periods of ``P`` layers (``P =
+With ``runtime.scan_layers=true`` the layers are grouped in periods of ``P`` layers (``P =
 ttt.every`` with In-Place TTT, 1 without; see :func:`scan_period`) and their parameters are stored
 *stacked* over the ``G = L / P`` groups: layer ``i`` is slot ``p = i % P`` of group ``g = i // P``,
 and ``layers/{p}/...`` holds the parameter of ``layers/{i}/...`` (the unrolled tree in
@@ -18,7 +18,7 @@ leading axis whose logical name is ``"layers"`` (:data:`LAYERS_AXIS`)::
 ``ttt_jax.nn.params.LOGICAL_AXES`` and has no rule in ``parallel.rules.DEFAULT_RULES`` yet (map it
 to ``None`` to keep the group axis unsharded). The forward pass runs one ``nnx.scan``
 over ``g`` whose body applies the ``P`` blocks of the group in order (each one under ``nnx.remat``
-when ``model.remat``), so under remat every layer keeps only its ``[B, T, D]`` input for the
+when ``runtime.remat``), so under remat every layer keeps only its ``[B, T, D]`` input for the
 backward pass. :func:`stack_layer_params` / :func:`unstack_layer_params` convert a state between
 the two layouts (weights of an unrolled model into a scanned one, checkpoints, HF conversion).
 
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ttt_jax.config import ConfigError, ModelConfig
+from ttt_jax.config import ConfigError, ModelConfig, RuntimeConfig
 from ttt_jax.nn.block import DecoderBlock
 
 
@@ -45,7 +45,7 @@ _SCAN_METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS}
 
 
 def scan_period(cfg: ModelConfig) -> int:
-    """The period ``P`` of the layer structure that ``model.scan_layers`` scans over.
+    """The period ``P`` of the layer structure that ``runtime.scan_layers`` scans over.
 
     ``P = ttt.every`` when In-Place TTT is on and placed by ``ttt.every``/``ttt.start``; with an
     explicit ``ttt.layers`` list, its spacing (``[1, 3, 5, 7]`` gives 2; a single layer gives
@@ -55,7 +55,7 @@ def scan_period(cfg: ModelConfig) -> int:
     depends only on ``i % P``.
     """
     n, t = cfg.n_layers, cfg.ttt
-    off = "; or set model.scan_layers=false"
+    off = "; or set runtime.scan_layers=false"
     ids = list(t.layer_ids(n))
     if not ids:
         period = 1
@@ -63,7 +63,7 @@ def scan_period(cfg: ModelConfig) -> int:
         period, start = t.every, t.start
         if start >= period:
             raise ConfigError(
-                f"model.scan_layers=true needs model.ttt.start < model.ttt.every (every period of "
+                f"runtime.scan_layers=true needs model.ttt.start < model.ttt.every (every period of "
                 f"{period} layers must hold its TTT layer at the same slot), got ttt.start={start}, "
                 f"ttt.every={period}; set ttt.start={start % period}" + off)
         if n % period:
@@ -76,7 +76,7 @@ def scan_period(cfg: ModelConfig) -> int:
         period = ids[1] - ids[0] if len(ids) > 1 else n
         if start >= period or n % period or ids != list(range(start, n, period)):
             raise ConfigError(
-                f"model.scan_layers=true needs periodic In-Place TTT layers {{i : i % P == start}} "
+                f"runtime.scan_layers=true needs periodic In-Place TTT layers {{i : i % P == start}} "
                 f"with start < P and model.n_layers={n} a multiple of P, but model.ttt.layers="
                 f"{list(t.layers)} is not of that form; use evenly spaced layers (e.g. "
                 "model.ttt.layers=null with ttt.every/ttt.start)" + off)
@@ -84,14 +84,14 @@ def scan_period(cfg: ModelConfig) -> int:
     bad = [i for i in range(n) if (i in seq) != ((i % period) in seq)]
     if bad:
         raise ConfigError(
-            f"model.scan_layers=true needs the TTT sequence layers (model.ttt_seq) to repeat with the "
+            f"runtime.scan_layers=true needs the TTT sequence layers (model.ttt_seq) to repeat with the "
             f"layer period {period}, but layer {bad[0]} differs from layer {bad[0] % period} "
             f"(ttt_seq layers: {sorted(seq)}); place them on every layer or periodically" + off)
     bad = [i for i in range(n) if cfg.layer_window(i) != cfg.layer_window(i % period)]
     if bad:
         i = bad[0]
         raise ConfigError(
-            f"model.scan_layers=true needs the attention window of layer i to depend only on "
+            f"runtime.scan_layers=true needs the attention window of layer i to depend only on "
             f"i % {period} (the layer period), but layer {i} has window {cfg.layer_window(i)} and "
             f"layer {i % period} window {cfg.layer_window(i % period)} "
             f"(model.attention_window={cfg.attention_window}, "
@@ -228,14 +228,15 @@ def unstack_layer_params(state: Mapping, cfg: ModelConfig) -> Mapping:
     return _unflatten(out, state)
 
 
-def stacked_block(cfg: ModelConfig, slot: int, groups: int, rngs: nnx.Rngs) -> DecoderBlock:
+def stacked_block(cfg: ModelConfig, slot: int, groups: int, rngs: nnx.Rngs,
+                  runtime: Optional[RuntimeConfig] = None) -> DecoderBlock:
     """A :class:`DecoderBlock` for slot ``slot`` of the period whose parameters are stacked over
     ``groups`` (independent initialisations: one split of the RNG streams per group)."""
 
     @nnx.split_rngs(splits=groups)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_SCAN_METADATA)
     def make(r: nnx.Rngs) -> DecoderBlock:
-        return DecoderBlock(cfg, slot, rngs=r)
+        return DecoderBlock(cfg, slot, runtime=runtime, rngs=r)
 
     return make(rngs)
 

@@ -22,7 +22,7 @@ Parameter tree of :class:`CausalLM` (``L = n_layers``, ``D = d_model``, ``F = d_
     final_norm/scale            [D]           (norm,)
     lm_head                     [D, V]        (embed, vocab)  -- only when tie_embeddings=false
 
-With ``model.scan_layers=true`` the layers are stored stacked over groups of a period and run by
+With ``runtime.scan_layers=true`` the layers are stored stacked over groups of a period and run by
 one ``nnx.scan``: :mod:`ttt_jax.models.layers` (layouts, conversion between them, the stack's
 forward pass). Remat of the blocks: :mod:`ttt_jax.models.remat`.
 """
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ttt_jax.config import ModelConfig
+from ttt_jax.config import ModelConfig, RuntimeConfig
 from ttt_jax.models.e2e import e2e_hidden, e2e_hidden_reference
 from ttt_jax.models.layers import run_layers, scan_period, stacked_block
 from ttt_jax.models.remat import remat_block
@@ -89,28 +89,34 @@ class CausalLM(nnx.Module):
     * ``positions`` ``[B, T]`` int RoPE positions; default ``arange(T)``, or the position within each
       document when ``segment_ids`` are given.
 
-    With ``cfg.scan_layers`` the layers are stored stacked and run by one ``nnx.scan``
+    ``runtime`` (default :class:`~ttt_jax.config.RuntimeConfig`) says how it runs: kernels, remat,
+    layer scanning, context parallelism; it changes no parameter values.
+    With ``runtime.scan_layers`` the layers are stored stacked and run by one ``nnx.scan``
     (:mod:`ttt_jax.models.layers`); ``self.layers[p]`` is then the block of slot ``p`` of the
     period (``self.period`` slots; ``None`` when unrolled), its parameters carrying a leading axis
     of ``cfg.n_layers // self.period`` groups. Construction raises a ``ValueError`` when the layer
     structure is not periodic (:func:`~ttt_jax.models.layers.scan_period`).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, runtime: Optional[RuntimeConfig] = None, rngs: nnx.Rngs):
+        runtime = runtime or RuntimeConfig()
         cfg.validate()
+        runtime.validate(cfg)
         self.cfg = cfg
+        self.runtime = runtime
         self.dtype = jnp.dtype(cfg.compute_dtype)
         pd = jnp.dtype(cfg.param_dtype)
         self.embed = make_param(normal_init(cfg.initializer_range), rngs.params(),
                                 (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pd)
-        if cfg.scan_layers:
+        if runtime.scan_layers:
             self.period = scan_period(cfg)
             groups = cfg.n_layers // self.period
-            self.layers = nnx.List([stacked_block(cfg, p, groups, rngs)
+            self.layers = nnx.List([stacked_block(cfg, p, groups, rngs, runtime=runtime)
                                     for p in range(self.period)])
         else:
             self.period = None
-            self.layers = nnx.List([DecoderBlock(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+            self.layers = nnx.List([DecoderBlock(cfg, i, runtime=runtime, rngs=rngs)
+                                    for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=pd)
         if cfg.tie_embeddings:
             self.lm_head = None
@@ -143,7 +149,7 @@ class CausalLM(nnx.Module):
         """``[B, T]`` int tokens -> ``[B, T, D]`` final-normed hidden states (compute dtype).
 
         Long-context training uses this with a chunked loss so that ``[B, T, V]`` logits are never
-        materialised at once (``ttt_jax.ops.loss.chunked_cross_entropy``, ``train.loss_chunk``).
+        materialised at once (``ttt_jax.ops.loss.chunked_cross_entropy``, ``runtime.loss_chunk``).
         """
         cfg = self.cfg
         if tokens.ndim != 2:
@@ -169,8 +175,9 @@ class CausalLM(nnx.Module):
         def run_block(block, x, x0, positions, segment_ids):
             return block(x, x0=x0, positions=positions, segment_ids=segment_ids)
 
-        if cfg.remat:
-            run_block = remat_block(run_block, policy=cfg.remat_policy, pinned=cfg.remat_pinned)
+        rt = self.runtime
+        if rt.remat:
+            run_block = remat_block(run_block, policy=rt.remat_policy)
 
         if cfg.e2e.enabled:
             # TTT-E2E: the first blocks once over the sequence, the last ones chunk by chunk with
@@ -182,12 +189,12 @@ class CausalLM(nnx.Module):
             x = x0
             for block in self.layers[:first]:
                 x = run_block(block, x, x0_arg, positions, segment_ids)
-            e2e = e2e_hidden if cfg.e2e.impl == "chunked" else e2e_hidden_reference
+            e2e = e2e_hidden if rt.e2e_impl == "chunked" else e2e_hidden_reference
             return e2e(list(self.layers[first:]), self.final_norm, self.head(), x, tokens, positions,
                        segment_ids, chunk_size=cfg.e2e.chunk_size, lr=float(cfg.e2e.lr),
                        grad_clip=float(cfg.e2e.grad_clip))
         x = run_layers(self.layers, run_block, x0, x0_arg, positions, segment_ids,
-                       scanned=cfg.scan_layers)
+                       scanned=rt.scan_layers)
         return self.final_norm(x)
 
 

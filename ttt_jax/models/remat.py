@@ -1,10 +1,11 @@
-"""Rematerialisation of the decoder blocks: ``nnx.remat``, or the pinned remat of ``model.remat_pinned``.
+"""Rematerialisation of the decoder blocks (``runtime.remat``): the pinned remat.
 
 :func:`remat_block` wraps the model's ``run_block(block, x, x0, positions, segment_ids)`` for the
 backward pass: every block keeps only its input (and, with ``policy="save_exchanges"``, the
 context-parallel exchange results of :data:`ttt_jax.ops.checkpoint_names.SAVE_EXCHANGES_NAMES`) and
-recomputes the rest. :func:`pinned_remat` is the same recomputation as a custom VJP whose
-backward pass runs block by block.
+recomputes the rest, with :func:`pinned_remat`: ``nnx.remat``'s recomputation as a custom VJP
+whose backward pass runs block by block (without it, XLA's GPU schedule kept several blocks'
+recomputed activations live at once: benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -19,20 +20,17 @@ from flax import nnx
 from ttt_jax.ops.checkpoint_names import SAVE_EXCHANGES_NAMES
 
 
-def remat_block(run_block: Callable, *, policy: str, pinned: bool) -> Callable:
+def remat_block(run_block: Callable, *, policy: str) -> Callable:
     """``run_block`` under remat.
 
     Args:
       run_block: ``(block, x, x0, positions, segment_ids) -> y``.
       policy: ``"save_exchanges"`` (keep the context-parallel exchange results, so the
         recomputation repeats no collective) or ``"full"`` (recompute everything).
-      pinned: use :func:`pinned_remat` instead of ``nnx.remat`` (same values and gradients).
     """
     checkpoint_policy = (jax.checkpoint_policies.save_only_these_names(*SAVE_EXCHANGES_NAMES)
                          if policy == "save_exchanges" else None)
-    if pinned:
-        return pinned_remat(run_block, checkpoint_policy)
-    return nnx.remat(run_block, policy=checkpoint_policy)
+    return pinned_remat(run_block, checkpoint_policy)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -69,7 +67,7 @@ _pinned_call.defvjp(_pinned_fwd, _pinned_bwd)
 
 def pinned_remat(run_block, policy):
     """``nnx.remat(run_block, policy=policy)`` whose backward pass runs block by block
-    (``model.remat_pinned``): a block is recomputed only once the gradient of its output is there,
+    (``runtime.remat``): a block is recomputed only once the gradient of its output is there,
     and the gradient of its input is released only together with its parameter gradients.
 
     Plain remat lets the compiler recompute a block as soon as its saved input exists, and finish

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.ops.attention_cp import context_attention
-from ttt_jax.config import ModelConfig
+from ttt_jax.config import ModelConfig, RuntimeConfig
 from ttt_jax.nn.context import AXIS, context_size, run_over_context
 from ttt_jax.nn.norm import RMSNorm
 from ttt_jax.nn.params import dense, make_param, normal_init
@@ -38,22 +38,24 @@ class Attention(nnx.Module):
     """Causal GQA self-attention of one decoder layer.
 
     ``__call__(x [B, T, D], *, positions [B, T] int, segment_ids [B, T] int | None) -> [B, T, D]``
-    in the compute dtype. ``window`` is this layer's sliding window (0 = full causal).
+    in the compute dtype. ``window`` is this layer's sliding window (0 = full causal); ``runtime``
+    picks the kernels (default :class:`~ttt_jax.config.RuntimeConfig`).
     """
 
-    def __init__(self, cfg: ModelConfig, *, window: int = 0, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, window: int = 0, runtime: Optional[RuntimeConfig] = None,
+                 rngs: nnx.Rngs):
+        rt = runtime or RuntimeConfig()
         self.d_model = cfg.d_model
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
         self.head_dim = cfg.resolved_head_dim
         self.window = int(window)
-        self.context_layout = cfg.context_layout
-        self.context_impl = cfg.context_attention
-        self.context_kernel = cfg.context_kernel
-        self.context_halo = cfg.context_halo
+        self.context_layout = rt.context.layout
+        self.context_impl = rt.context.attention
+        self.context_kernel = rt.context.kernel
         self.rope_theta = float(cfg.rope_theta)
         self.rope_scaling = cfg.rope_scaling  # None, or yarn / llama3 frequency scaling
-        self.impl = cfg.attention_impl
+        self.impl = rt.attention_impl
         self.dtype = jnp.dtype(cfg.compute_dtype)
         pd = jnp.dtype(cfg.param_dtype)
         init = normal_init(cfg.initializer_range)
@@ -82,11 +84,11 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions, theta=self.rope_theta, scaling=self.rope_scaling)
         if context_size() > 1:
             # Sequence split over the context axis: ring attention (full) or halo exchange (window),
-            # with fused per-device kernels on GPU (model.context_kernel).
+            # with fused per-device kernels on GPU (runtime.context.kernel).
             def local(q, k, v, seg):
                 return context_attention(q, k, v, AXIS, segment_ids=seg, window=self.window,
                                          layout=self.context_layout, impl=self.context_impl,
-                                         kernel=self.context_kernel, halo=self.context_halo)
+                                         kernel=self.context_kernel)
             out = run_over_context(local, (q, k, v), segment_ids=segment_ids)
         else:
             out = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)

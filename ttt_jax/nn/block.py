@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.config import ModelConfig
+from ttt_jax.config import ModelConfig, RuntimeConfig
 from ttt_jax.nn.attention import Attention
 from ttt_jax.nn.mlp import InPlaceTTTMLP, SwiGLUMLP
 from ttt_jax.nn.norm import RMSNorm
@@ -27,9 +27,11 @@ class DecoderBlock(nnx.Module):
 
     ``__call__(x [B, T, D], *, x0 [B, T, D], positions [B, T], segment_ids [B, T] | None)
     -> [B, T, D]`` in the compute dtype. ``x0`` (token embeddings) feeds the In-Place TTT target.
+    ``runtime`` picks the kernels (default :class:`~ttt_jax.config.RuntimeConfig`).
     """
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, *, runtime: Optional[RuntimeConfig] = None,
+                 rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
         self.layer = layer
         self.is_ttt = layer in cfg.ttt.layer_ids(cfg.n_layers)
@@ -38,10 +40,10 @@ class DecoderBlock(nnx.Module):
         if has_seq and cfg.ttt_seq.mode == "replace":
             self.attn = None
         else:
-            self.attn = Attention(cfg, window=cfg.layer_window(layer), rngs=rngs)
-        self.ttt_seq = TTTSeqLayer(cfg, rngs=rngs) if has_seq else None
+            self.attn = Attention(cfg, window=cfg.layer_window(layer), runtime=runtime, rngs=rngs)
+        self.ttt_seq = TTTSeqLayer(cfg, runtime=runtime, rngs=rngs) if has_seq else None
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=pd)
-        self.mlp = InPlaceTTTMLP(cfg, rngs=rngs) if self.is_ttt else SwiGLUMLP(cfg, rngs=rngs)
+        self.mlp = InPlaceTTTMLP(cfg, runtime=runtime, rngs=rngs) if self.is_ttt else SwiGLUMLP(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, x0: Optional[jax.Array], positions: jax.Array,
                  segment_ids: Optional[jax.Array] = None) -> jax.Array:

@@ -19,44 +19,18 @@ Because ``ttt_conv`` starts at zero the target ``V`` is zero at initialisation, 
 
 from __future__ import annotations
 
-import functools
-import logging
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.config import ModelConfig
+from ttt_jax.config import ModelConfig, RuntimeConfig
 from ttt_jax.nn.params import dense, make_param, normal_init, zeros_init
 from ttt_jax.nn.context import AXIS, context_size, run_over_context
 from ttt_jax.ops import inplace_ttt, inplace_ttt_target
 from ttt_jax.ops.inplace_ttt_cp import inplace_ttt_sharded
 from ttt_jax.ops.precision import matmul_f32_out
-from ttt_jax.platform import target_platform
-
-logger = logging.getLogger(__name__)
-
-
-def _exchange_dtype(requested: Optional[str]) -> Optional[str]:
-    """The dtype the TTT summaries travel in (``model.context_exchange_dtype``), or None for fp32.
-
-    On the CPU platform (the target's, :func:`ttt_jax.platform.target_platform`) a bf16 exchange
-    is not used: XLA's CPU compiler aborts the process on the full model's backward pass with it
-    (a check failure in its all-reduce promotion pass, with jax 0.10). The op alone compiles there
-    and is tested; the CPU is no bandwidth target, so the summaries travel in float32 there, and a
-    warning says so.
-    """
-    if requested is None or target_platform() != "cpu":
-        return requested
-    _warn_cpu_exchange(requested)
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_cpu_exchange(requested: str) -> None:   # once per process, not once per layer
-    logger.warning("model.context_exchange_dtype=%s: not used on the CPU backend (XLA's CPU "
-                   "compiler aborts on it); the TTT summaries are exchanged in float32", requested)
 
 
 def _mlp_keys(rngs: nnx.Rngs) -> jax.Array:
@@ -115,7 +89,8 @@ class InPlaceTTTMLP(SwiGLUMLP):
     ``out = inplace_ttt(z, v, down, lr, chunk_size, segment_ids, impl, clip_tau)``.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, runtime: Optional[RuntimeConfig] = None, rngs: nnx.Rngs):
+        rt = runtime or RuntimeConfig()
         keys = _mlp_keys(rngs)
         self._build(cfg, keys)
         t = cfg.ttt
@@ -123,11 +98,9 @@ class InPlaceTTTMLP(SwiGLUMLP):
         self.chunk_size = int(t.chunk_size)
         self.target_source = t.target_source
         self.target = t.target
-        self.impl = t.impl
+        self.impl = rt.ttt_impl
         self.clip_tau = None if t.clip_tau is None else float(t.clip_tau)
-        self.context_layout = cfg.context_layout
-        self.context_scan = cfg.context_scan
-        self.exchange_dtype = None if cfg.context_exchange_dtype == "float32" else cfg.context_exchange_dtype
+        self.context_layout = rt.context.layout
         pd = jnp.dtype(cfg.param_dtype)
         d = cfg.d_model
         self.ttt_conv = make_param(zeros_init, None, (t.conv_kernel, d), ("conv", "embed"), pd)
@@ -162,8 +135,7 @@ class InPlaceTTTMLP(SwiGLUMLP):
                 def local(z, v, w0, seg):
                     return inplace_ttt_sharded(z, v, w0, lr=self.lr, chunk_size=self.chunk_size,
                                                axis_name=AXIS, segment_ids=seg, clip_tau=self.clip_tau,
-                                               layout=self.context_layout, mode=self.context_scan,
-                                               exchange_dtype=_exchange_dtype(self.exchange_dtype))
+                                               layout=self.context_layout)
                 return run_over_context(local, (z, v), (w0,), segment_ids)
             return inplace_ttt(z, v, w0, lr=self.lr, chunk_size=self.chunk_size,
                                segment_ids=segment_ids, impl=self.impl, clip_tau=self.clip_tau)

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.config import ModelConfig
+from ttt_jax.config import ModelConfig, RuntimeConfig
 from ttt_jax.nn.context import context_size
 from ttt_jax.nn.params import dense, make_param, normal_init, ones_init, zeros_init
 from ttt_jax.nn.rope import apply_rope
@@ -55,15 +55,17 @@ _INNER_AXES = {"w1": ("heads", "head_dim", None), "b1": ("heads", None),
 
 
 class TTTSeqLayer(nnx.Module):
-    """TTT-Linear / TTT-MLP layer of one decoder block (module docstring)."""
+    """TTT-Linear / TTT-MLP layer of one decoder block (module docstring); ``runtime`` picks the
+    implementation and remat grouping (``runtime.ttt_seq_impl``, ``runtime.ttt_seq_remat_group``)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, runtime: Optional[RuntimeConfig] = None, rngs: nnx.Rngs):
         s = cfg.ttt_seq
+        rt = runtime or RuntimeConfig()
         self.kind = s.kind
         self.mini_batch = int(s.mini_batch)
         self.base_lr = s.resolved_base_lr
-        self.impl = s.impl
-        self.remat_group = int(s.remat_group) or None
+        self.impl = rt.ttt_seq_impl
+        self.remat_group = int(rt.ttt_seq_remat_group) or None
         self.rope_theta = float(cfg.rope_theta)
         self.dtype = jnp.dtype(cfg.compute_dtype)
         pd = jnp.dtype(cfg.param_dtype)

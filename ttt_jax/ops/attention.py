@@ -17,7 +17,7 @@ One public function, :func:`attention`, with an ``impl=`` switch:
   into a ``[B, 1, T, T]`` additive bias: correct, but O(B * T^2) memory (measured on one H100,
   B=1, T=8192, 16 heads: about 2x the time of the unmasked kernel, still ~7x faster than
   ``"xla"``). ``impl="auto"`` therefore uses cuDNN with segment ids only while that bias is small
-  (``_CUDNN_MAX_MASK_ELEMENTS``) and beyond it takes ``"flash"`` (see below). Odd lengths are padded
+  (:data:`CUDNN_MAX_MASK_ELEMENTS`) and beyond it takes ``"flash"`` (see below). Odd lengths are padded
   by one token (cuDNN's backward pass needs an even length). An explicit ``impl="cudnn"`` that
   cannot run (no GPU, fp32 inputs, head_dim) raises ``ValueError`` naming the reason.
 * ``"flash"``     -- the Pallas (Triton) flash-attention kernels of :mod:`ttt_jax.ops.kernels.flash` with
@@ -26,17 +26,17 @@ One public function, :func:`attention`, with an ``impl=`` switch:
   TFLOP/s on an H100. Meant for long packed batches, where the XLA path's compiled train step
   needs far more temporaries (compile-only, Qwen3-4B shape at 32k with packed-document ids on an
   H100: 64.8 GiB with ``"xla"``, 25.0 GiB with ``"flash"``); ``"auto"`` picks it for segment ids
-  that cuDNN cannot take (``AUTO_FLASH_FOR_SEGMENTS``). Tested in interpret mode on CPU and
+  that cuDNN cannot take. Tested in interpret mode on CPU and
   compiled on an H100 (GPU-marked tests).
   Lengths are padded to a multiple of the tile (padding gets segment id 0).
   GPU needs bf16/fp16 and head_dim <= 256; off GPU it runs in Pallas interpret mode (slow; CPU
   tests).
 * ``"pallas"``    -- the TPU splash-attention kernel (``jax.experimental.pallas.ops.tpu.
-  splash_attention``) with its lazy causal / local masks and native segment ids. Off TPU it runs
-  in Pallas interpret mode (slow; used by the CPU tests).
+  splash_attention``) through :func:`ttt_jax.ops.kernels.tpu_splash.tpu_attention`: lazy causal /
+  local masks, native segment ids and GQA, lengths padded to 128. Off TPU it runs in Pallas
+  interpret mode (slow; used by the CPU tests).
 * ``"auto"``      -- on GPU: cuDNN when dtype / head_dim allow, except with segment ids whose
-  dense mask would be large, which go to ``"flash"`` (``"xla"`` with
-  ``AUTO_FLASH_FOR_SEGMENTS`` off); Pallas on TPU; XLA otherwise.
+  dense mask would be large, which go to ``"flash"``; Pallas on TPU; XLA otherwise.
 
 Semantics shared by all paths (built by :func:`~ttt_jax.ops.attention_reference.attention_mask`,
 which this module re-exports with the oracle :func:`attention_reference`): query ``t`` sees key ``s`` iff
@@ -68,13 +68,10 @@ from ttt_jax.platform import target_platform
 AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "pallas", "flash"]
 IMPLS = ("auto", "reference", "xla", "cudnn", "pallas", "flash")
 
-# Whether impl="auto" on GPU sends segment ids that cuDNN cannot take (above the dense-mask limit
-# below) to the Pallas flash kernels ("flash") instead of the XLA blockwise path (which keeps
-# ~1 GiB of temporaries per rematerialised layer at 32k: benchmarks/README.md).
-AUTO_FLASH_FOR_SEGMENTS = True
-
-# Largest dense segment mask (B * T * T elements) that impl="auto" hands to cuDNN as a bias.
-_CUDNN_MAX_MASK_ELEMENTS = 2**27
+# Largest dense segment mask (B * T * T elements) that impl="auto" hands to cuDNN as a bias; above
+# it, segment ids go to the Pallas flash kernels, which take them natively (the XLA blockwise path
+# keeps far more temporaries per rematerialised layer: benchmarks/README.md).
+CUDNN_MAX_MASK_ELEMENTS = 2**27
 _NEG = -1e30  # finite "minus infinity" for fp32 logits; masked probabilities are zeroed explicitly
 
 
@@ -99,7 +96,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       impl: ``"auto" | "reference" | "xla" | "cudnn" | "pallas" | "flash"`` (see module
         docstring).
       scale: logit scale; default ``1 / sqrt(Dh)``.
-      block_size: tile length for ``"xla"`` / ``"pallas"`` (default: chosen from T and backend).
+      block_size: tile length for ``"xla"`` (default: chosen from T); ``"pallas"`` picks its own.
 
     Returns:
       ``[B, T, H, Dh]`` in ``q.dtype``.
@@ -121,7 +118,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         return _attention_flash(q, k, v, segment_ids, window=window, scale=scale)
     if impl == "pallas":
         fn = functools.partial(_attention_pallas, window=window, scale=scale, block_size=block_size)
-        return _per_device(fn, q, k, v, segment_ids)
+        return per_device(fn, q, k, v, segment_ids)
     raise AssertionError(impl)
 
 
@@ -148,15 +145,15 @@ def _check_args(q, k, v, segment_ids, window, impl) -> None:
 def cudnn_unsupported_reason(q: jax.Array, segment_ids: Optional[jax.Array] = None,
                              *, for_auto: bool = False) -> Optional[str]:
     """Why the cuDNN path cannot run these inputs here (``None`` when it can). With ``for_auto``,
-    segment ids whose dense mask would exceed ``_CUDNN_MAX_MASK_ELEMENTS`` count as a reason."""
+    segment ids whose dense mask would exceed :data:`CUDNN_MAX_MASK_ELEMENTS` count as a reason."""
     reason = cudnn_blocks.cudnn_unsupported_reason(q, backend=_default_backend())
     if reason is not None:
         return reason
     if for_auto and segment_ids is not None:
         b, t = segment_ids.shape
-        if b * t * t > _CUDNN_MAX_MASK_ELEMENTS:
+        if b * t * t > CUDNN_MAX_MASK_ELEMENTS:
             return ("segment ids reach cuDNN only as a dense [B,1,T,T] bias through the public "
-                    f"JAX API; B*T*T={b * t * t} exceeds {_CUDNN_MAX_MASK_ELEMENTS}")
+                    f"JAX API; B*T*T={b * t * t} exceeds {CUDNN_MAX_MASK_ELEMENTS}")
     return None
 
 
@@ -170,7 +167,7 @@ def _auto_impl(q: jax.Array, segment_ids: Optional[jax.Array]) -> str:
     backend = _default_backend()
     if backend == "gpu" and cudnn_unsupported_reason(q, segment_ids, for_auto=True) is None:
         return "cudnn"
-    if (AUTO_FLASH_FOR_SEGMENTS and backend == "gpu" and segment_ids is not None
+    if (backend == "gpu" and segment_ids is not None
             and cudnn_unsupported_reason(q) is None):
         # cuDNN could run but only with the dense [B,1,T,T] segment bias: the Pallas kernels take
         # the ids natively (every dtype / head_dim cuDNN accepts, they accept too).
@@ -381,7 +378,7 @@ def _attention_flash(q, k, v, segment_ids, *, window: int, scale: float) -> jax.
 _BATCH_AXES, _HEAD_AXIS = ("data", "fsdp"), "tensor"
 
 
-def _per_device(fn, q, k, v, segment_ids) -> jax.Array:
+def per_device(fn, q, k, v, segment_ids, *, check_vma: bool = False) -> jax.Array:
     """``fn(q, k, v, segment_ids)`` once per device when the trace runs under a mesh with automatic
     axes of size > 1. XLA cannot partition a Mosaic kernel ("wrap the call in a shard_map"), and
     attention is independent per (row, head): rows are split over ``data`` x ``fsdp`` and heads over
@@ -404,46 +401,23 @@ def _per_device(fn, q, k, v, segment_ids) -> jax.Array:
     seg_spec = P(batch or None, None)
     if segment_ids is None:
         mapped = jax.shard_map(lambda q_, k_, v_: fn(q_, k_, v_, None), in_specs=(spec,) * 3,
-                               out_specs=spec, axis_names=frozenset(auto), check_vma=False)
+                               out_specs=spec, axis_names=frozenset(auto), check_vma=check_vma)
         return mapped(q, k, v)
-    # check_vma=False: splash's pallas_call declares plain output shapes (no varying-axes info).
+    # check_vma=False (default): splash's pallas_call declares plain output shapes (no varying-axes
+    # info); kernels that type their results varying (ttt_jax.ops.attention_cp_tpu) ask for True.
     mapped = jax.shard_map(fn, in_specs=(spec,) * 3 + (seg_spec,), out_specs=spec,
-                           axis_names=frozenset(auto), check_vma=False)
+                           axis_names=frozenset(auto), check_vma=check_vma)
     return mapped(q, k, v, segment_ids)
 
 
 def _attention_pallas(q, k, v, segment_ids, *, window: int, scale: float,
                       block_size: Optional[int]) -> jax.Array:
-    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    # One splash call through ttt_jax.ops.kernels.tpu_splash: 128-token padding (not a multiple of
+    # the 512 tile), GQA without repeating K/V, a custom VJP that works inside a variance-checking
+    # shard_map. Its tiles follow the length (512 / 256 / 128); ``block_size`` is for "xla".
+    from ttt_jax.ops.kernels.tpu_splash import tpu_attention
 
-    b, t, h, d = q.shape
+    del block_size
     on_tpu = _default_backend() == "tpu"   # the target's platform: Mosaic when compiling for TPU
-    blk = int(block_size) if block_size else (512 if t >= 512 else 128)
-    tp = -(-t // blk) * blk
-    pad = tp - t
-    # splash computes softmax(q k^T) without a scale: fold it into q (in fp32, then back).
-    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
-    qs, ks, vs = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (qs, k, v))
-    qs = jnp.transpose(qs, (0, 2, 1, 3))                                  # [B,H,Tp,Dh]
-    ks = jnp.transpose(ks, (0, 2, 1, 3)).astype(q.dtype)                  # [B,KV,Tp,Dh]
-    vs = jnp.transpose(vs, (0, 2, 1, 3)).astype(q.dtype)
-    if window > 0:
-        head_mask = splash.LocalMask((tp, tp), window_size=(window - 1, 0), offset=0)
-    else:
-        head_mask = splash.CausalMask((tp, tp))
-    mask = splash.MultiHeadMask([head_mask] * h)
-    sizes = splash.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
-                              block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
-                              block_kv_dq=blk)
-    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                    interpret=not on_tpu)
-    if segment_ids is not None:
-        # Padding tokens (id 0) attend among themselves -- no all-masked rows, which splash
-        # forbids -- and are zeroed below; real tokens never see them (different id).
-        seg = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, pad)])
-        out = jax.vmap(lambda q_, k_, v_, s_: kernel(q_, k_, v_, segment_ids=splash.SegmentIds(s_, s_)))(
-            qs, ks, vs, seg)
-    else:
-        out = jax.vmap(kernel)(qs, ks, vs)
-    out = jnp.transpose(out, (0, 2, 1, 3))[:, :t].astype(q.dtype)
-    return _zero_padding_rows(out, segment_ids)
+    return tpu_attention(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
+                         interpret=not on_tpu)

@@ -51,9 +51,11 @@ import jax
 from parallel.layout import Layout, check_layout
 from ttt_jax.ops import (attention_cp_fused, attention_cp_halo, attention_cp_ring, attention_cp_tpu,
                          attention_cp_window)
+from ttt_jax.ops.attention import per_device
 from ttt_jax.ops.attention_cp_window import check_window
 from ttt_jax.ops.attention_reference import check_qkv
 from ttt_jax.ops.kernels import cudnn_blocks, flash
+from ttt_jax.platform import target_platform
 
 ContextImpl = Literal["ring", "allgather"]
 CONTEXT_IMPLS = ("ring", "allgather")
@@ -61,11 +63,9 @@ ContextKernel = Literal["auto", "xla", "fused", "pallas", "tpu"]
 CONTEXT_KERNELS = ("auto", "xla", "fused", "pallas", "tpu")
 CONTEXT_HALOS = ("single", "split")
 # Packed documents (segment ids) in full causal layers: the fused ring runs the Pallas blocks with
-# the ids (``kernel="fused"`` / ``"pallas"``). ``"auto"`` takes that path when this is True. It is:
-# the segmented ring's GPU-marked tests (values and gradients against the unsharded reference,
-# contiguous and zigzag, 4 x H100) pass, and the Qwen3-4B-shape 128k stage-2 run trained with it
-# (benchmarks/README.md). False sends packed documents to the XLA ring.
-AUTO_FUSED_RING_FOR_SEGMENTS = True
+# the ids, ``kernel="auto"`` included (its GPU-marked tests pass against the unsharded reference,
+# contiguous and zigzag, and the Qwen3-4B-shape 128k stage-2 run trained with it:
+# benchmarks/README.md).
 
 
 
@@ -95,7 +95,7 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
                       segment_ids: Optional[jax.Array] = None, window: int = 0,
                       impl: ContextImpl = "ring", layout: Layout = "contiguous",
                       kernel: ContextKernel = "auto", scale: Optional[float] = None,
-                      block_size: Optional[int] = None, halo: str = "single") -> jax.Array:
+                      block_size: Optional[int] = None, halo: str = "split") -> jax.Array:
     """Causal attention of a context-sharded sequence (inside ``shard_map``).
 
     ``window > 0`` runs the sliding window (halo exchange; contiguous layout only); ``window == 0``
@@ -113,11 +113,12 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     per ring block), ``"tpu"`` (:mod:`ttt_jax.ops.attention_cp_tpu`: splash (Pallas Mosaic)
     blocks in the ring or the all-gather, one splash call with the halo for the sliding window;
     segment ids everywhere; Pallas interpret mode when the program is not built for TPU) or
-    ``"auto"`` (fused where it can run, XLA otherwise).
+    ``"auto"`` (``"tpu"`` when the program is built for TPU, :func:`ttt_jax.platform.target_platform`;
+    elsewhere fused where it can run, XLA otherwise).
     ``block_size`` is passed on to the XLA paths (``None``: their default). ``halo`` picks the
-    fused sliding-window computation: ``"single"`` (:func:`ttt_jax.ops.attention_cp_window.
-    halo_window_attention`, one call with zero query rows) or ``"split"``
-    (:func:`ttt_jax.ops.attention_cp_halo.halo_split_attention`, a local call plus a halo block; with
+    fused sliding-window computation: ``"split"`` (the default: faster, benchmarks/README.md) or ``"single"`` (:func:`ttt_jax.ops.attention_cp_window.
+    halo_window_attention`, one call with zero query rows; the test reference) -- ``"split"``
+    (:func:`ttt_jax.ops.attention_cp_halo.halo_split_attention`) is a local call plus a halo block; with
     cuDNN blocks it needs an even ``T_local``, with the Pallas ones a multiple of 16, else the
     single call runs).
     """
@@ -134,21 +135,22 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     check_layout(layout, q.shape[1])
     if window:
         check_window(window, q.shape[1])
+    if kernel == "auto" and target_platform() == "tpu":
+        kernel = "tpu"   # splash (Pallas Mosaic) ring / halo whenever the program is built for TPU
     if kernel == "tpu":
-        interpret = not _building_for_tpu()
+        interpret = target_platform() != "tpu"
         if window:
-            return attention_cp_tpu.tpu_window_attention(q, k, v, axis_name, window=window,
-                                                         segment_ids=segment_ids, scale=scale,
-                                                         interpret=interpret)
-        return attention_cp_tpu.tpu_context_attention(q, k, v, axis_name, kernel=impl, layout=layout,
-                                                      segment_ids=segment_ids, scale=scale,
-                                                      interpret=interpret)
+            fn = functools.partial(_tpu_window, axis_name=axis_name, window=window, scale=scale,
+                                   interpret=interpret)
+        else:
+            fn = functools.partial(_tpu_ring, axis_name=axis_name, impl=impl, layout=layout,
+                                   scale=scale, interpret=interpret)
+        # Mosaic calls cannot be partitioned by XLA: the mesh axes this shard_map leaves automatic
+        # (data, fsdp, tensor) are made manual around them too (rows and heads are independent).
+        return per_device(fn, q, k, v, segment_ids, check_vma=True)
     if kernel != "xla":
         reason = fused_unsupported_reason(q, k, segment_ids=segment_ids, window=window, impl=impl,
                                           layout=layout)
-        if reason is None and segment_ids is not None and kernel == "auto" \
-                and not AUTO_FUSED_RING_FOR_SEGMENTS:
-            reason = "segment ids: 'auto' keeps packed documents on the XLA ring"
         if reason is not None and kernel != "auto":
             raise ValueError(f"context kernel {kernel!r} cannot run here: {reason}; use 'auto' or 'xla'")
         if reason is None:
@@ -178,9 +180,13 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
                                             layout=layout, scale=scale, **kwargs)
 
 
-def _building_for_tpu() -> bool:
-    """Whether the program being traced is for TPU chips: the platform of the mesh the trace runs
-    under (inside ``shard_map`` its abstract mesh), else of the default devices."""
-    dev = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    platform = getattr(dev, "platform", None) or jax.devices()[0].platform
-    return platform == "tpu"
+def _tpu_window(q, k, v, segment_ids, *, axis_name, window, scale, interpret):
+    return attention_cp_tpu.tpu_window_attention(q, k, v, axis_name, window=window,
+                                                 segment_ids=segment_ids, scale=scale,
+                                                 interpret=interpret)
+
+
+def _tpu_ring(q, k, v, segment_ids, *, axis_name, impl, layout, scale, interpret):
+    return attention_cp_tpu.tpu_context_attention(q, k, v, axis_name, kernel=impl, layout=layout,
+                                                  segment_ids=segment_ids, scale=scale,
+                                                  interpret=interpret)

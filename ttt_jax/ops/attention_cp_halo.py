@@ -27,7 +27,7 @@ called with the *merged* output and log-sum-exp, which gives exactly the gradien
 softmax restricted to that block (:mod:`ttt_jax.ops.attention_cp_fused`). The halo exchange itself is an
 ordinary ``ppermute`` outside the custom VJP, so autodiff sends the halo keys' gradients back to
 the left neighbour, and its result is named ``"context_exchange"`` for remat policies
-(``model.remat_policy``); so is the halo block's forward result
+(``runtime.remat_policy``); so is the halo block's forward result
 (:data:`ttt_jax.ops.checkpoint_names.HALO_BLOCK`), which
 ``save_exchanges`` keeps: the backward pass's recomputation then reruns only the local call.
 Work: exactly the pairs the window needs (the local block skips the ``h^2 / 2`` pairs the halo block
@@ -171,7 +171,7 @@ def _fwd_impl(q, k, v, hk, hv, axis_name, window, scale, blocks):
     m = kern.multiple
     with jax.named_scope("attention_halo"):
         o_h, l_h = kern.block_fwd(_to_block(q[:, :h], h, m), hk, hv)   # hk, hv: block form
-        # Named for remat policies (model.remat_policy="save_exchanges"): [B, h, H, Dh] + [B, H, h]
+        # Named for remat policies (runtime.remat_policy="save_exchanges"): [B, h, H, Dh] + [B, H, h]
         # per layer, so the backward pass's recomputation of the layer reruns only the local call
         # (the part a single device runs too), not this block, its reversals and padding.
         o_h, l_h = checkpoint_name((o_h, l_h), HALO_BLOCK)

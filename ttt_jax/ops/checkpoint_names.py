@@ -1,6 +1,6 @@
 """Names that the context-parallel ops give their values with ``jax.ad_checkpoint.checkpoint_name``.
 
-Remat policies refer to them (``model.remat_policy="save_exchanges"`` keeps
+Remat policies refer to them (``runtime.remat_policy="save_exchanges"`` keeps
 :data:`SAVE_EXCHANGES_NAMES` besides each block's input): the results of the cross-device
 exchanges, i.e. the work a single device does not have.
 """
@@ -15,4 +15,4 @@ HALO_BLOCK = "context_halo_block"
 ``ttt_jax.ops.attention_cp_halo``): saving it lets the recomputation rerun only the local call."""
 
 SAVE_EXCHANGES_NAMES = (CONTEXT_EXCHANGE, HALO_BLOCK)
-"""What ``model.remat_policy="save_exchanges"`` saves besides each block's input."""
+"""What ``runtime.remat_policy="save_exchanges"`` saves besides each block's input."""

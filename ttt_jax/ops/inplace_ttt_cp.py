@@ -91,8 +91,7 @@ def _continues(seg_parts, axis_name: str, layout: Layout):
 def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float, chunk_size: int,
                         axis_name: str, segment_ids: Optional[jax.Array] = None,
                         layout: Layout = "contiguous", mode: str = "allgather",
-                        clip_tau: Optional[float] = None, impl: str = "auto",
-                        exchange_dtype: Optional[str] = None) -> jax.Array:
+                        clip_tau: Optional[float] = None, impl: str = "auto") -> jax.Array:
     """``inplace_ttt`` on a sequence sharded along ``axis_name`` (call inside ``jax.shard_map``).
 
     Args:
@@ -104,12 +103,10 @@ def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float,
       axis_name: the context mesh axis.
       layout: ``"contiguous"`` (device ``i`` holds part ``i``) or ``"zigzag"`` (device ``i`` holds
         parts ``i`` and ``2n - 1 - i`` of ``2n``, concatenated; see ``parallel.layout.to_zigzag``).
-      mode: cross-device scan mode, ``"allgather"`` or ``"ppermute"`` (``parallel.scan``).
+      mode: cross-device scan mode, ``"allgather"`` (what the model uses) or ``"ppermute"``
+        (``parallel.scan``). The summaries travel in float32.
       impl: ``"fused"``, ``"correction"`` (module docstring) or ``"auto"`` (``fused``, and
         ``correction`` with ``clip_tau``).
-      exchange_dtype: dtype the summaries travel in between devices (``"bfloat16"``: half the
-        bytes, combined in float32 on arrival; the carried-in state then differs from the
-        unsharded one by bf16 rounding); ``None`` (default): float32, exact.
 
     Returns:
       ``[B, T_local, D]`` in ``z.dtype``: exactly this device's part of the unsharded result.
@@ -145,13 +142,13 @@ def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float,
         lays = tuple(chunk_layout(b, t_seg, chunk_size, s, c) for s, c in zip(segs, conts))
         arrays = tuple((lay.use, lay.upd, lay.a) for lay in lays)
         return _fused(z, v, w0, arrays, float(lr), chunk_size, axis_name, layout, mode,
-                      exchange_dtype, segment_ids is not None)
+                      segment_ids is not None)
     results = [_segment_pass(z[:, p], v[:, p], w0, s, c, lr=float(lr), chunk_size=chunk_size,
                              clip_tau=clip_tau) for p, s, c in zip(pieces, segs, conts)]
     with jax.named_scope("ttt_cp_exchange"):
         states = _exchange([r[1][0] for r in results], [r[1][1] for r in results], axis_name, layout,
-                           mode, exchange_dtype)
-        # Named for remat policies (model.remat_policy="save_exchanges"): the backward pass's
+                           mode)
+        # Named for remat policies (runtime.remat_policy="save_exchanges"): the backward pass's
         # recomputation of the block can then skip the all-gather and the local combine.
         states = [checkpoint_name(s, "context_exchange") for s in states]
     outs = []
@@ -170,14 +167,13 @@ def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float,
 # --------------------------------------------------------------------------------------------------
 
 
-def _exchange(a_parts, b_parts, axis_name: str, layout: Layout, mode: str, wire=None):
+def _exchange(a_parts, b_parts, axis_name: str, layout: Layout, mode: str):
     """States carried into this device's segments: ``[S_in [B, F, D]]`` (one per segment),
-    linear in ``b_parts`` for fixed ``a_parts``; the summaries travel in ``wire`` (None: fp32)."""
+    linear in ``b_parts`` for fixed ``a_parts``."""
     if layout == "contiguous":
         (a,), (b,) = a_parts, b_parts
-        return [exclusive_device_scan(a, b, axis_name, mode=mode, wire_dtype=wire)[1]]
-    _, state_in = exclusive_device_scan_zigzag(jnp.stack(a_parts), jnp.stack(b_parts), axis_name, mode=mode,
-                                               wire_dtype=wire)
+        return [exclusive_device_scan(a, b, axis_name, mode=mode)[1]]
+    _, state_in = exclusive_device_scan_zigzag(jnp.stack(a_parts), jnp.stack(b_parts), axis_name, mode=mode)
     return [state_in[0], state_in[1]]
 
 
@@ -198,7 +194,7 @@ def _pieces(t_local: int, parts: int):
     return [slice(i * t_seg, (i + 1) * t_seg) for i in range(parts)], t_seg
 
 
-def _fused_forward(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, wire, segmented):
+def _fused_forward(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, segmented):
     pieces, t_seg = _pieces(z.shape[1], len(arrays))
     zcs, vms, a_sums, b_sums = [], [], [], []
     for p, (use, upd, a) in zip(pieces, arrays):
@@ -215,7 +211,7 @@ def _fused_forward(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, wi
         b_sums.append(b_sum)
     with jax.named_scope("ttt_cp_exchange"):
         states = [checkpoint_name(st, "context_exchange")
-                  for st in _exchange(a_sums, b_sums, axis_name, layout, mode, wire)]
+                  for st in _exchange(a_sums, b_sums, axis_name, layout, mode)]
     outs = []
     for zc, vm, (use, _, a), s_in in zip(zcs, vms, arrays, states):
         out, _ = scan_forward(zc, vm, w0, use, a, s_in, lr, None, segmented)
@@ -224,18 +220,18 @@ def _fused_forward(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, wi
     return out, (a_sums, states)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10))
-def _fused(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, wire, segmented):
-    return _fused_forward(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, wire, segmented)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _fused(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, segmented):
+    return _fused_forward(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, segmented)[0]
 
 
-def _fused_fwd(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, wire, segmented):
+def _fused_fwd(z, v, w0, arrays, lr, chunk_size, axis_name, layout, mode, segmented):
     out, (a_sums, states) = _fused_forward(z, v, w0, arrays, lr, chunk_size, axis_name, layout,
-                                           mode, wire, segmented)
+                                           mode, segmented)
     return out, (z, v, w0, arrays, a_sums, states)
 
 
-def _fused_bwd(lr, chunk_size, axis_name, layout, mode, wire, segmented, res, dout):
+def _fused_bwd(lr, chunk_size, axis_name, layout, mode, segmented, res, dout):
     z, v, w0, arrays, a_sums, states = res
     pieces, t_seg = _pieces(z.shape[1], len(arrays))
     chunked, d_states = [], []
@@ -252,7 +248,7 @@ def _fused_bwd(lr, chunk_size, axis_name, layout, mode, wire, segmented, res, do
         # The cross-device scan is linear in the summaries: its transpose sends each segment's
         # dL/dS_in back to the summaries of the segments before it. (The states stand in for the
         # summaries' shapes and types, which are the same; their values are not used.)
-        transpose = jax.linear_transpose(lambda bs: _exchange(a_sums, bs, axis_name, layout, mode, wire),
+        transpose = jax.linear_transpose(lambda bs: _exchange(a_sums, bs, axis_name, layout, mode),
                                          list(states))
         (d_sums,) = transpose(d_states)
     dzs, dvs, dw0 = [], [], None

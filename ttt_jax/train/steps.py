@@ -56,7 +56,7 @@ def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef,
                     loss_groups: int = 1) -> Callable[..., Any]:
     """``step(model_state, opt_state, batch) -> (model_state, opt_state, metrics)``.
 
-    ``loss_chunk`` / ``loss_groups``: see :func:`_forward_nll` (``train.loss_chunk``).
+    ``loss_chunk`` / ``loss_groups``: see :func:`_forward_nll` (``runtime.loss_chunk``).
 
     ``batch`` holds ``[B, T]`` arrays ``inputs, targets, loss_mask, segment_ids, positions``.
     ``metrics``: fp32 scalars ``loss`` (mean NLL over ``loss_mask``), ``grad_norm`` (global L2

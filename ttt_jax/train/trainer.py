@@ -14,13 +14,18 @@ bitwise the parameters of one uninterrupted run to N (same devices and mesh; on 
 ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``, since their scatter reductions are otherwise
 non-deterministic). ``train.stop_after`` stops a run early without changing its schedule.
 
-Faults (README "Guarantees"): SIGTERM/SIGINT finish and checkpoint the step in flight
-(:class:`TrainingInterrupted`); on resume, unfinished saves are removed and corrupt checkpoints
-moved aside with a warning, and the newest intact one is restored (:mod:`ttt_jax.checkpoint`);
-too little disk space is an error before training and before every save; a step with a non-finite
+Faults (README "Guarantees", docs/guarantees.md): the run directory and its checkpoints/ are
+checked writable before any compute (:func:`ttt_jax.fs.ensure_writable`). One step is in flight at
+a time, so SIGTERM/SIGINT stop dispatching at once: the step in flight finishes and is checkpointed
+(:class:`TrainingInterrupted`); a second signal exits at once with one line. On resume, unfinished
+saves are removed and corrupt checkpoints moved aside with a warning, and the newest intact one is
+restored (:mod:`ttt_jax.checkpoint`); ``metrics.jsonl`` is cut back to its step. Too little disk
+space is an error before training and before every save, and a background save that fails is
+reported at the next step boundary naming its step, path and OS error. A step with a non-finite
 loss or gradient norm is not applied by the jitted step and handled by ``train.on_nonfinite``
-(skip, counted, up to ``train.max_nonfinite_steps``; or stop), and no checkpoint is written right
-after a skipped update or of a state holding NaN/inf.
+(skip, counted, up to ``train.max_nonfinite_steps``, and at once when the parameters themselves
+are non-finite; or stop), and no checkpoint is written right after a skipped update or of a state
+holding NaN/inf.
 
 Parallelism (``mesh``): the batch is split over ``data`` x ``fsdp``; parameters and Adam moments
 are sharded by the logical-axis rules (``embed`` over ``fsdp``, ``vocab`` / ``heads`` / ``kv_heads``
@@ -48,7 +53,7 @@ import yaml
 from flax import nnx
 
 from ttt_jax import sharding
-from ttt_jax.config import Config, ModelConfig, TrainConfig
+from ttt_jax.config import Config, ModelConfig, RuntimeConfig, TrainConfig
 from ttt_jax.data import check_data, load_tokenizer, make_batches
 from ttt_jax.fs import ensure_writable
 from ttt_jax.models.flops import flops_per_token
@@ -238,10 +243,11 @@ class _Program:
 
 
 @functools.lru_cache(maxsize=4)
-def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sharding.Mesh) -> _Program:
+def _program(model_cfg: ModelConfig, runtime: RuntimeConfig, seed: int, opt_fields: tuple,
+             mesh: jax.sharding.Mesh) -> _Program:
     """Build (once per process for a given setup) the jitted functions of a run.
 
-    Cached so that calling :func:`train` again with the same model, seed, optimizer settings and
+    Cached so that calling :func:`train` again with the same model, runtime, seed, optimizer settings and
     mesh -- a resumed run, a sweep over data or run dirs, the test-suite -- reuses the compiled
     executables instead of recompiling them (XLA compilation dominates short runs on CPU).
     """
@@ -249,7 +255,7 @@ def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sha
     tx = make_optimizer(tcfg)
 
     def build():
-        model = CausalLM(model_cfg, rngs=nnx.Rngs(seed))
+        model = CausalLM(model_cfg, runtime=runtime, rngs=nnx.Rngs(seed))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     abs_model, abs_opt = nnx.eval_shape(build)
@@ -270,7 +276,7 @@ def _program(model_cfg: ModelConfig, seed: int, opt_fields: tuple, mesh: jax.sha
     # A jitted init with out_shardings creates every array directly in its sharding, so a large
     # model is never materialised whole on one device.
     init = jax.jit(init, out_shardings=(model_sh, opt_sh))
-    loss_kw = {"loss_chunk": tcfg.loss_chunk, "loss_groups": mesh.shape.get("context", 1)}
+    loss_kw = {"loss_chunk": runtime.loss_chunk, "loss_groups": mesh.shape.get("context", 1)}
     step = jit_train_step(make_train_step(model_def, opt_def, learning_rate_schedule(tcfg), **loss_kw),
                           model_sh, opt_sh, batch_sh, scalar_sh)
     eval_ = jit_eval_step(make_eval_step(model_def, **loss_kw), model_sh, batch_sh, scalar_sh)
@@ -281,7 +287,7 @@ def train_program(cfg: Config, mesh: jax.sharding.Mesh) -> _Program:
     """The jitted init/train/eval functions :func:`train` runs for ``cfg`` on ``mesh``. Nothing is
     traced or compiled yet: ``ttt-jax compile`` lowers ``.step`` with ``jax.ShapeDtypeStruct``
     arguments (``jax.eval_shape(.init)``) for a mesh of TPU devices described on any host."""
-    return _program(cfg.model, cfg.train.seed, optimizer_fields(cfg.train), mesh)
+    return _program(cfg.model, cfg.runtime, cfg.train.seed, optimizer_fields(cfg.train), mesh)
 
 
 def _eval(eval_fn, model_state, batches, batch_sh, layout: str = "contiguous") -> float:
@@ -355,7 +361,7 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     mesh = sharding.make_mesh(cfg.mesh)
     ttt_on = bool(cfg.model.ttt.layer_ids(cfg.model.n_layers))
     sharding.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
-                             cfg.model.context_layout)
+                             cfg.runtime.context.layout)
     global_batch = cfg.data.batch_size * jax.process_count()  # data.batch_size is per process
     check_batch_divisible(global_batch, mesh)
     # Shape-only: the parameter shardings are checked against the mesh (ValueError naming the
@@ -443,7 +449,7 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
                 else "No checkpoint was written. ")
 
     def evaluate(step: int) -> None:
-        loss = _eval(prog.eval, model_state, val_batches, prog.batch_sh, cfg.model.context_layout)
+        loss = _eval(prog.eval, model_state, val_batches, prog.batch_sh, cfg.runtime.context.layout)
         val_losses.append((step, loss))
         writer.write({"kind": "eval", "step": step, "val_loss": loss})
         say(f"step {step}: validation loss {loss:.4f}")
@@ -521,7 +527,8 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
         ckpt.wait()
         latest = step if step in saved else ckpt.latest_step()
         checkpoint = ckpt.directory / str(latest) if latest is not None else ckpt.directory
-        say(f"{stop.received}: checkpoint of step {step} written; stopping")
+        say(f"{stop.received}: checkpoint of step {step} written; stopping" if step in saved else
+            f"{stop.received}: stopping before step {step + 1} (newest checkpoint: {checkpoint})")
         raise TrainingInterrupted(step, checkpoint, stop.received)
 
     end = tcfg.stop_after if tcfg.stop_after is not None else tcfg.steps
@@ -541,7 +548,7 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
         _check_batch(host_batch, cfg.model.vocab_size)
         model_state, opt_state, metrics = prog.step(model_state, opt_state,
                                                   sharding.put_batch(host_batch, prog.batch_sh,
-                                                                    cfg.model.context_layout))
+                                                                    cfg.runtime.context.layout))
         interval.pending.append((step, metrics))
         # One step in flight at a time: a signal then waits for this step only, not for every
         # step dispatched ahead of the device. (The host work of the next step is small next to a

@@ -25,9 +25,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ttt_jax.config import Config
-from ttt_jax.checkpoint.compat import MODEL_RUNTIME_KEYS
 from ttt_jax.checkpoint.model_io import read_checkpoint_config, resolve_checkpoint
 from ttt_jax.checkpoint.tree import flatten as _flatten, meta_tree as _meta_tree, str_keys as _str_keys
+from ttt_jax.config import checkpoint_view
 
 TTT_PARAM_NAMES = ("ttt_conv", "ttt_proj")
 
@@ -37,11 +37,11 @@ def _is_ttt(key: str) -> bool:
 
 
 def model_differences(saved: Config, current: Config) -> list[str]:
-    """``model.<key>: checkpoint X -> run Y`` for every model field that differs (runtime-only
-    fields such as ``attention_impl`` excluded)."""
-    s, c = _flatten(saved.to_dict()["model"]), _flatten(current.to_dict()["model"])
-    return [f"model.{k}: checkpoint {s.get(k)!r} -> run {c.get(k)!r}" for k in sorted(set(s) | set(c))
-            if k not in MODEL_RUNTIME_KEYS and s.get(k) != c.get(k)]
+    """``model.<key>: checkpoint X -> run Y`` for every architecture field that differs (runtime
+    settings and the resumable model fields excluded)."""
+    s, c = checkpoint_view(saved.to_dict()), checkpoint_view(current.to_dict())
+    return [f"{k}: checkpoint {s[k]!r} -> run {c[k]!r}" for k in s
+            if k.startswith("model.") and s[k] != c[k]]
 
 
 def _unflatten_str(flat: dict[str, Any]) -> dict:
@@ -65,11 +65,11 @@ def restore_model_params(path: str | Path, model_state: nnx.State, cfg: Config,
     ckdir, step = resolve_checkpoint(path)
     where = ckdir / str(step)
     saved_cfg = read_checkpoint_config(ckdir, step)
-    if saved_cfg.model.scan_layers != cfg.model.scan_layers:
+    if saved_cfg.runtime.scan_layers != cfg.runtime.scan_layers:
         raise ValueError(f"train.init_from={path}: the checkpoint stores its layers "
-                         f"{'stacked' if saved_cfg.model.scan_layers else 'unrolled'} "
-                         f"(model.scan_layers={saved_cfg.model.scan_layers}) but this run has "
-                         f"model.scan_layers={cfg.model.scan_layers}; use the same setting")
+                         f"{'stacked' if saved_cfg.runtime.scan_layers else 'unrolled'} "
+                         f"(runtime.scan_layers={saved_cfg.runtime.scan_layers}) but this run has "
+                         f"runtime.scan_layers={cfg.runtime.scan_layers}; use the same setting")
     target = _flatten(_str_keys(nnx.to_pure_dict(model_state)))
     mngr = ocp.CheckpointManager(ckdir, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
     saved = {k: tuple(v.shape) for k, v in

@@ -42,6 +42,7 @@ ahead-of-time compile for TPU on a CPU host emits the Mosaic kernels.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import inspect
 import math
@@ -93,11 +94,18 @@ def _kernel(tq: int, tk: int, heads: int, causal: bool, window: int, offset: int
     bq, bk = tile_length(tq), tile_length(tk)
     sizes = _sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
                            block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
-    # Concrete mask tables even when first built inside a trace (the kernel is cached).
-    with jax.ensure_compile_time_eval():
-        return _sk.make_splash_mha(_sm.MultiHeadMask([head_mask] * heads), block_sizes=sizes,
-                                   head_shards=1, q_seq_shards=1, save_residuals=residuals,
-                                   interpret=interpret)
+    def build():
+        # Concrete mask tables even when first built inside a trace (the kernel is cached).
+        with jax.ensure_compile_time_eval():
+            return _sk.make_splash_mha(_sm.MultiHeadMask([head_mask] * heads), block_sizes=sizes,
+                                       head_shards=1, q_seq_shards=1, save_residuals=residuals,
+                                       interpret=interpret)
+
+    # On a thread of its own: JAX's trace and mesh contexts are per thread, so the tables are plain
+    # host arrays also when the first call is traced under a mesh of TPU devices that a CPU host
+    # only describes (`ttt-jax compile`), where placing an array on the mesh fails.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(build).result()
 
 
 def _heads_major(x):
@@ -219,7 +227,9 @@ def _unchecked(fn, *args):
     rejects; the kernels are per-device computations, so their results vary as their inputs do.
     Every caller sits under a custom VJP, so no transpose rule sees the unchecked region.
     """
-    with _jax_config._check_vma(False):
+    # Mosaic takes its dots at the default precision: a process-wide "highest" (the CPU tests set
+    # it) would ask it for fp32 passes on bf16 operands, which it rejects ("Bad lhs type").
+    with _jax_config._check_vma(False), jax.default_matmul_precision("default"):
         out = fn(*args)
     likes = [x for x in jax.tree.leaves(args) if isinstance(x, jax.Array)]
     return jax.tree.map(lambda x: vary_like(x, *likes), out)
