@@ -51,7 +51,7 @@ import jax
 from parallel.layout import Layout, check_layout
 from ttt_jax.ops import (attention_cp_fused, attention_cp_halo, attention_cp_ring, attention_cp_tpu,
                          attention_cp_window)
-from ttt_jax.ops.attention import per_device
+from ttt_jax.ops.attention_kernels import per_device
 from ttt_jax.ops.attention_cp_window import check_window
 from ttt_jax.ops.attention_reference import check_qkv
 from ttt_jax.ops.kernels import cudnn_blocks, flash
