@@ -125,7 +125,7 @@ class TrainConfig:
     shard_optimizer: bool = False
     """ZeRO-1: split the Adam moments further over every mesh axis of size > 1 that replicates
     their parameter (``data``, ``context``); each device updates its share and the parameters are
-    all-gathered. A memory option, not a speed one (benchmarks/README.md). Same values up to
+    all-gathered. A memory option, not a speed one (benchmarks/history/2026-11-notes.md). Same values up to
     reduction order."""
 
     def validate(self) -> None:
