@@ -30,8 +30,9 @@ One public function, :func:`attention`, with an ``impl=`` switch:
   GPU needs bf16/fp16 and head_dim <= 256; off GPU it runs in Pallas interpret mode (slow; CPU
   tests).
 * ``"pallas"``    -- the TPU splash-attention kernel (``jax.experimental.pallas.ops.tpu.
-  splash_attention``) with its lazy causal / local masks and native segment ids. Off TPU it runs
-  in Pallas interpret mode (slow; used by the CPU tests).
+  splash_attention``) through :func:`ttt_jax.ops.kernels.tpu_splash.tpu_attention`: lazy causal /
+  local masks, native segment ids and GQA, lengths padded to 128. Off TPU it runs in Pallas
+  interpret mode (slow; used by the CPU tests).
 * ``"auto"``      -- on GPU: cuDNN when dtype / head_dim allow, except with segment ids whose
   dense mask would be large, which go to ``"flash"``; Pallas on TPU; XLA otherwise.
 
@@ -93,7 +94,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       impl: ``"auto" | "reference" | "xla" | "cudnn" | "pallas" | "flash"`` (see module
         docstring).
       scale: logit scale; default ``1 / sqrt(Dh)``.
-      block_size: tile length for ``"xla"`` / ``"pallas"`` (default: chosen from T and backend).
+      block_size: tile length for ``"xla"`` (default: chosen from T); ``"pallas"`` picks its own.
 
     Returns:
       ``[B, T, H, Dh]`` in ``q.dtype``.
@@ -409,36 +410,12 @@ def per_device(fn, q, k, v, segment_ids, *, check_vma: bool = False) -> jax.Arra
 
 def _attention_pallas(q, k, v, segment_ids, *, window: int, scale: float,
                       block_size: Optional[int]) -> jax.Array:
-    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    # One splash call through ttt_jax.ops.kernels.tpu_splash: 128-token padding (not a multiple of
+    # the 512 tile), GQA without repeating K/V, a custom VJP that works inside a variance-checking
+    # shard_map. Its tiles follow the length (512 / 256 / 128); ``block_size`` is for "xla".
+    from ttt_jax.ops.kernels.tpu_splash import tpu_attention
 
-    b, t, h, d = q.shape
+    del block_size
     on_tpu = _default_backend() == "tpu"   # the target's platform: Mosaic when compiling for TPU
-    blk = int(block_size) if block_size else (512 if t >= 512 else 128)
-    tp = -(-t // blk) * blk
-    pad = tp - t
-    # splash computes softmax(q k^T) without a scale: fold it into q (in fp32, then back).
-    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
-    qs, ks, vs = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (qs, k, v))
-    qs = jnp.transpose(qs, (0, 2, 1, 3))                                  # [B,H,Tp,Dh]
-    ks = jnp.transpose(ks, (0, 2, 1, 3)).astype(q.dtype)                  # [B,KV,Tp,Dh]
-    vs = jnp.transpose(vs, (0, 2, 1, 3)).astype(q.dtype)
-    if window > 0:
-        head_mask = splash.LocalMask((tp, tp), window_size=(window - 1, 0), offset=0)
-    else:
-        head_mask = splash.CausalMask((tp, tp))
-    mask = splash.MultiHeadMask([head_mask] * h)
-    sizes = splash.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
-                              block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
-                              block_kv_dq=blk)
-    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                    interpret=not on_tpu)
-    if segment_ids is not None:
-        # Padding tokens (id 0) attend among themselves -- no all-masked rows, which splash
-        # forbids -- and are zeroed below; real tokens never see them (different id).
-        seg = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, pad)])
-        out = jax.vmap(lambda q_, k_, v_, s_: kernel(q_, k_, v_, segment_ids=splash.SegmentIds(s_, s_)))(
-            qs, ks, vs, seg)
-    else:
-        out = jax.vmap(kernel)(qs, ks, vs)
-    out = jnp.transpose(out, (0, 2, 1, 3))[:, :t].astype(q.dtype)
-    return _zero_padding_rows(out, segment_ids)
+    return tpu_attention(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
+                         interpret=not on_tpu)

@@ -227,7 +227,9 @@ def _unchecked(fn, *args):
     rejects; the kernels are per-device computations, so their results vary as their inputs do.
     Every caller sits under a custom VJP, so no transpose rule sees the unchecked region.
     """
-    with _jax_config._check_vma(False):
+    # Mosaic takes its dots at the default precision: a process-wide "highest" (the CPU tests set
+    # it) would ask it for fp32 passes on bf16 operands, which it rejects ("Bad lhs type").
+    with _jax_config._check_vma(False), jax.default_matmul_precision("default"):
         out = fn(*args)
     likes = [x for x in jax.tree.leaves(args) if isinstance(x, jax.Array)]
     return jax.tree.map(lambda x: vary_like(x, *likes), out)
