@@ -46,3 +46,34 @@ def test_link_pattern_finds_relative_links():
 def test_relative_links_resolve(page):
     broken = [t for t in _relative_links(page) if not (page.parent / t.split("#")[0]).exists()]
     assert not broken, f"{page.relative_to(ROOT)}: links to missing files: {broken}"
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation other than ``-`` dropped, spaces -> ``-``."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    heads = [ln.lstrip("#").strip().lower() for ln in text.splitlines() if ln.startswith("#")]
+    return {re.sub(r"[^\w\- ]", "", h).replace(" ", "-") for h in heads}
+
+
+def test_anchor_rule_matches_github():
+    assert _anchors_of("## Context parallelism: weak scaling, 4 x H100\n## `ttt-jax train tiny`") == {
+        "context-parallelism-weak-scaling-4-x-h100", "ttt-jax-train-tiny"}
+
+
+def _anchors_of(text: str) -> set[str]:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".md", delete=False) as f:
+        f.write(text)
+    return _anchors(Path(f.name))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_anchors_resolve(page):
+    broken = []
+    for target in _relative_links(page):
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path) if path else page
+        if anchor and dest.suffix == ".md" and dest.exists() and anchor not in _anchors(dest):
+            broken.append(target)
+    assert not broken, f"{page.relative_to(ROOT)}: links to missing headings: {broken}"
