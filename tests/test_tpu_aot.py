@@ -140,11 +140,12 @@ _TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_
          "train.warmup_steps=0", "train.learning_rate=1e-3", "mesh.data=2", "mesh.context=2"]
 FORMS = {"full_ring_ttt": ["model.attention_window=0", "runtime.context.attention=ring"],
          "window_ttt": ["model.attention_window=128"]}
-# Known failure: with mesh.data=2 beside mesh.context=2 the TPU train step does not compile yet
-# ("Mosaic kernels cannot be automatically partitioned"): a Mosaic call under context parallelism
-# is still left to XLA's partitioner on the data axis. Strict, so a fix shows up as XPASS.
+# Known failure: the context-parallel train step does not compile for TPU yet ("Mosaic kernels
+# cannot be automatically partitioned"): a splash (Mosaic) call of it reaches XLA's partitioner.
+# Seen with mesh.data=2 x mesh.context=2 and with mesh.data=1 x mesh.context=4, so not only the data
+# axis. Strict, so a fix shows up as XPASS.
 DATA_AND_CONTEXT = pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
-    "mesh.data=2 x mesh.context=2 on TPU: a Mosaic call is left to XLA's partitioner "
+    "context-parallel train step on TPU: a splash (Mosaic) call reaches XLA's partitioner "
     "(NotImplementedError: Mosaic kernels cannot be automatically partitioned)"))
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,16 @@ One public function, :func:`attention`, with an ``impl=`` switch:
   map onto cuDNN's native ``is_causal`` / ``local_window_size``. The public JAX API has no
   segment-id (packed THD) input -- cuDNN's packed layout is only reachable through the private
   ``jax._src.cudnn`` module -- so segment ids are passed as a dense boolean ``mask`` which JAX turns
-  into a ``[B, 1, T, T]`` additive bias: correct, but O(B * T^2) memory (measured on one H100,
-  B=1, T=8192, 16 heads: about 2x the time of the unmasked kernel, still ~7x faster than
-  ``"xla"``). ``impl="auto"`` therefore uses cuDNN with segment ids only while that bias is small
+  into a ``[B, 1, T, T]`` additive bias: correct, but O(B * T^2) memory and slower than the
+  unmasked kernel. ``impl="auto"`` therefore uses cuDNN with segment ids only while that bias is small
   (:data:`CUDNN_MAX_MASK_ELEMENTS`) and beyond it takes ``"flash"`` (see below). Odd lengths are padded
   by one token (cuDNN's backward pass needs an even length). An explicit ``impl="cudnn"`` that
   cannot run (no GPU, fp32 inputs, head_dim) raises ``ValueError`` naming the reason.
 * ``"flash"``     -- the Pallas (Triton) flash-attention kernels of :mod:`ttt_jax.ops.kernels.flash` with
   native segment ids and window: O(T) memory, no dense mask, causal (and window) tiles beyond
-  the diagonal skipped. Without segment ids the same kernels run at about a third of cuDNN's
-  TFLOP/s on an H100. Meant for long packed batches, where the XLA path's compiled train step
-  needs far more temporaries (compile-only, Qwen3-4B shape at 32k with packed-document ids on an
-  H100: 64.8 GiB with ``"xla"``, 25.0 GiB with ``"flash"``); ``"auto"`` picks it for segment ids
+  the diagonal skipped. Slower than cuDNN without segment ids; meant for long packed batches,
+  where the XLA path's compiled train step needs far more temporaries (figures in
+  benchmarks/README.md, "Trainer at the Qwen3-4B shape"); ``"auto"`` picks it for segment ids
   that cuDNN cannot take. Tested in interpret mode on CPU and
   compiled on an H100 (GPU-marked tests).
   Lengths are padded to a multiple of the tile (padding gets segment id 0).

@@ -64,8 +64,8 @@ CONTEXT_KERNELS = ("auto", "xla", "fused", "pallas", "tpu")
 CONTEXT_HALOS = ("single", "split")
 # Packed documents (segment ids) in full causal layers: the fused ring runs the Pallas blocks with
 # the ids, ``kernel="auto"`` included (its GPU-marked tests pass against the unsharded reference,
-# contiguous and zigzag, and the Qwen3-4B-shape 128k stage-2 run trained with it:
-# benchmarks/README.md).
+# contiguous and zigzag, and the Qwen3-4B-shape 128k stage-2 run trained with it: benchmarks/README.md,
+# "Trainer at the Qwen3-4B shape").
 
 
 
@@ -116,7 +116,7 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     ``"auto"`` (``"tpu"`` when the program is built for TPU, :func:`ttt_jax.platform.target_platform`;
     elsewhere fused where it can run, XLA otherwise).
     ``block_size`` is passed on to the XLA paths (``None``: their default). ``halo`` picks the
-    fused sliding-window computation: ``"split"`` (the default: faster, benchmarks/README.md) or ``"single"`` (:func:`ttt_jax.ops.attention_cp_window.
+    fused sliding-window computation: ``"split"`` (the default: faster, benchmarks/history/2026-11-notes.md) or ``"single"`` (:func:`ttt_jax.ops.attention_cp_window.
     halo_window_attention`, one call with zero query rows; the test reference) -- ``"split"``
     (:func:`ttt_jax.ops.attention_cp_halo.halo_split_attention`) is a local call plus a halo block; with
     cuDNN blocks it needs an even ``T_local``, with the Pallas ones a multiple of 16, else the
