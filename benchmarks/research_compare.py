@@ -354,9 +354,9 @@ def write_report(out: Path, results: dict, meta: dict) -> str:
 
 
 def _plot_ruler_mean(means: dict, lengths, path: Path) -> None:
-    from ttt_jax.eval.plots import _pyplot
+    from ttt_jax.eval.plots import agg_pyplot
 
-    plt = _pyplot()
+    plt = agg_pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for n, m in means.items():
         ax.plot(lengths, [m[str(L)] for L in lengths], marker="o", label=n)

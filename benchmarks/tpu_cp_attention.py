@@ -2,7 +2,7 @@
 bytes (ahead-of-time compile for a TPU topology on any host; needs libtpu).
 
 For each kernel (``ring``, ``allgather``) and layout it compiles forward + backward of the splash
-context-parallel attention (:mod:`ttt_jax.ops.kernels.tpu_context`) inside ``shard_map`` over the
+context-parallel attention (:mod:`ttt_jax.ops.attention_cp_tpu`) inside ``shard_map`` over the
 ``context`` axis of the topology's chips, and records per chip: argument / output / temporary bytes
 from ``memory_analysis()``, the Mosaic (``tpu_custom_call``) count, and for each collective kind
 the bytes it produces per step (result bytes of every collective in the optimised HLO, times the
@@ -109,7 +109,7 @@ def measure(kernel: str, layout: str, mesh, seq_len: int, heads: int, kv_heads: 
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from ttt_jax.ops.kernels.tpu_context import tpu_context_attention
+    from ttt_jax.ops.attention_cp_tpu import tpu_context_attention
 
     spec = P(None, "context")
     fn = jax.shard_map(lambda q, k, v: tpu_context_attention(q, k, v, "context", kernel=kernel,

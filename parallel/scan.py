@@ -24,7 +24,7 @@ length. Two modes:
 * ``"ppermute"`` -- Hillis-Steele: ``ceil(log2 n) + 1`` rounds of ``lax.ppermute`` (one shift for
   exclusivity, then shifts by 1, 2, 4, ...), each moving one summary. Receive volume
   ``(log2 n + 1) * |B|``. Kept as the log-depth primitive for large ``n``; at the measured sizes it
-  was no faster and held more memory (benchmarks/README.md), so the model does not use it.
+  was no faster and held more memory (benchmarks/history/2026-11-notes.md), so the model does not use it.
 
 Both are differentiable by ordinary autodiff (the transposes of ``all_gather`` and ``ppermute`` are
 collectives too), so gradients flow back to every device's summary.

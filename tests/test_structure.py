@@ -5,9 +5,9 @@
   package (``from ttt_jax.ops import attention_cp_ring`` in ``ttt_jax.ops.attention_cp``) is not an
   edge: Python initialises the package first anyway.
 * ``parallel`` imports only JAX, numpy and the standard library, never ``ttt_jax``.
-* No private name (leading underscore) imported from another module in the library layers
-  (``parallel``, ``ttt_jax.ops``, ``ttt_jax.nn``, ``ttt_jax.models``, ``ttt_jax.sharding``,
-  ``ttt_jax.config``): a helper shared by two modules is public and named for what it does.
+* No private name (leading underscore) imported from another module, or read from an imported
+  module (``mod._name``), anywhere in ``ttt_jax`` or ``parallel`` (library layers and applications
+  alike): a helper shared by two modules is public and named for what it does.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ttt_jax", "parallel")
-LIBRARY = ("parallel", "ttt_jax.ops", "ttt_jax.nn", "ttt_jax.models", "ttt_jax.sharding",
-           "ttt_jax.config")
 PARALLEL_MAY_IMPORT = {"jax", "jaxlib", "numpy", "parallel"}
 
 
@@ -42,17 +40,21 @@ def _imports(path: Path, module: str) -> list[tuple[str, str | None]]:
     """``(imported module, imported name or None)`` for every absolute import in the file; relative
     imports are resolved against ``module``."""
     out = []
-    is_pkg = path.name == "__init__.py"
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             out.extend((a.name, None) for a in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = module.split(".")[: len(module.split(".")) - node.level + (1 if is_pkg else 0)]
-                base = ".".join(parent + ([base] if base else []))
-            out.extend((base, a.name) for a in node.names)
+            out.extend(_imports_of(node, path, module))
     return out
+
+
+def _imports_of(node: ast.ImportFrom, path: Path, module: str) -> list[tuple[str, str]]:
+    base = node.module or ""
+    if node.level:
+        is_pkg = path.name == "__init__.py"
+        parent = module.split(".")[: len(module.split(".")) - node.level + (1 if is_pkg else 0)]
+        base = ".".join(parent + ([base] if base else []))
+    return [(base, a.name) for a in node.names]
 
 
 def _graph(mods: dict[str, Path]) -> dict[str, set[str]]:
@@ -121,7 +123,24 @@ def _private_imports(mods: dict[str, Path], scope) -> list[str]:
             if (name and name.startswith("_") and not name.startswith("__") and mod in mods
                     and mod != m and f"{mod}.{name}" not in mods):
                 bad.append(f"{m} imports {mod}.{name}")
+        bad.extend(f"{m} uses {target}.{attr}" for target, attr in _module_attributes(f, m, mods)
+                   if attr.startswith("_") and not attr.startswith("__") and target != m)
     return bad
+
+
+def _module_attributes(path: Path, module: str, mods: dict[str, Path]) -> list[tuple[str, str]]:
+    """``(module, attribute)`` for every ``alias.attr`` where ``alias`` names an imported module of
+    the packages (``from ttt_jax.ops import attention as A`` ... ``A._auto_impl``)."""
+    alias, tree = {}, ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            alias.update({a.asname or a.name: a.name for a in node.names if a.name in mods})
+        elif isinstance(node, ast.ImportFrom):
+            for (mod, name), a in zip(_imports_of(node, path, module), node.names):
+                if f"{mod}.{name}" in mods:
+                    alias[a.asname or a.name] = f"{mod}.{name}"
+    return [(alias[n.value.id], n.attr) for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in alias]
 
 
 def test_no_import_cycle():
@@ -141,9 +160,21 @@ def test_parallel_imports_only_jax_numpy_and_the_standard_library():
     assert not bad, bad
 
 
-def test_no_private_name_imported_across_library_modules():
-    bad = _private_imports(_modules(), LIBRARY)
+def test_no_private_name_imported_across_modules():
+    bad = _private_imports(_modules(), PACKAGES)
     assert not bad, bad
+
+
+def test_every_subpackage_is_checked():
+    """Every folder of modules under ``ttt_jax`` / ``parallel`` is a package (has ``__init__.py``)
+    that the module walk finds, so the checks above cover the applications too."""
+    mods = _modules()
+    subpackages = {".".join(d.relative_to(ROOT).parts) for pkg in PACKAGES
+                   for d in [ROOT / pkg, *(ROOT / pkg).rglob("*")] if d.is_dir()
+                   and d.name != "__pycache__" and any(d.glob("*.py"))}
+    assert subpackages and subpackages <= set(mods), sorted(subpackages - set(mods))
+    assert {"ttt_jax.bench", "ttt_jax.compile", "ttt_jax.convert", "ttt_jax.infer",
+            "ttt_jax.train"} <= subpackages
 
 
 def test_the_checks_catch_what_they_look_for(tmp_path):
@@ -153,7 +184,16 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
         (tmp_path / pkg / "__init__.py").write_text("")
     (tmp_path / "parallel" / "a.py").write_text("from parallel.b import _helper\nimport ttt_jax\n")
     (tmp_path / "parallel" / "b.py").write_text("def f():\n    from parallel import a\n")
+    (tmp_path / "ttt_jax" / "app").mkdir()
+    (tmp_path / "ttt_jax" / "app" / "__init__.py").write_text("")
+    (tmp_path / "ttt_jax" / "app" / "cli.py").write_text(
+        "def main():\n    from ttt_jax.app.engine import _pad\n")
+    (tmp_path / "ttt_jax" / "app" / "engine.py").write_text("def _pad():\n    pass\n")
+    (tmp_path / "ttt_jax" / "app" / "plots.py").write_text(
+        "from ttt_jax.app import engine as E\nE._pad()\n")
     mods = _modules(tmp_path)
     assert _cycles(_graph(mods)) == [["parallel.a", "parallel.b"]]
-    assert _private_imports(mods, LIBRARY) == ["parallel.a imports parallel.b._helper"]
+    assert sorted(_private_imports(mods, PACKAGES)) == [
+        "parallel.a imports parallel.b._helper", "ttt_jax.app.cli imports ttt_jax.app.engine._pad",
+        "ttt_jax.app.plots uses ttt_jax.app.engine._pad"]
     assert ("ttt_jax", None) in _imports(mods["parallel.a"], "parallel.a")

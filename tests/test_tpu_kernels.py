@@ -21,7 +21,7 @@ from parallel.mesh import make_mesh
 from ttt_jax.ops.attention_cp import context_attention
 from ttt_jax.ops.attention_reference import attention_reference
 from ttt_jax.ops.kernels import tpu_splash as S
-from ttt_jax.ops.kernels.tpu_context import tpu_context_attention, tpu_window_attention
+from ttt_jax.ops.attention_cp_tpu import tpu_context_attention, tpu_window_attention
 
 pytestmark = pytest.mark.unit
 

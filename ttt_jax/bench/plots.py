@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ttt_jax.eval.plots import _pyplot
+from ttt_jax.eval.plots import agg_pyplot
 
 
 def _length_axis(ax, lengths: Sequence[int]) -> None:
@@ -39,7 +39,7 @@ def _save(plt, fig, path: str | Path, title: str) -> Path:
 
 def plot_op(result: Mapping[str, Any], path: str | Path) -> Path:
     """``result``: ``{"device", "rows": [{"T", "chunk", "impl", "ratio", "temp_gib", ...}]}``."""
-    plt = _pyplot()
+    plt = agg_pyplot()
     rows = [r for r in result["rows"] if "ms" in r]
     chunks = sorted({r["chunk"] for r in rows})
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -66,7 +66,7 @@ def plot_op(result: Mapping[str, Any], path: str | Path) -> Path:
 def plot_model_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """``rows``: records of ``ttt_jax.bench.model`` (``variant``, ``seq_len``, ``tokens_per_s``,
     ``peak_gib``); rows with an ``error`` are left out."""
-    plt = _pyplot()
+    plt = agg_pyplot()
     ok = [r for r in rows if "error" not in r]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for v in dict.fromkeys(r["variant"] for r in ok):
@@ -86,7 +86,7 @@ def plot_model_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Pat
 
 def plot_decode(result: Mapping[str, Any], path: str | Path) -> Path:
     """``result``: the JSON of ``benchmarks/decode_bench.py`` (one or several variants)."""
-    plt = _pyplot()
+    plt = agg_pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     lengths = []
     for name, entry in result["variants"].items():

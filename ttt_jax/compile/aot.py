@@ -150,7 +150,7 @@ def compile_generate(cfg: Config, mesh: Mesh, processes: int, *, prompt_len: int
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from ttt_jax.infer.cache import init_cache
-    from ttt_jax.infer.engine import _decode_jit, _extend_jit, _Static, check_supported
+    from ttt_jax.infer.engine import decode_step, extend_step, StaticGraph, check_supported
     from ttt_jax import sharding
     from ttt_jax.models.lm import CausalLM
     from ttt_jax.train.trainer import check_batch_divisible
@@ -169,18 +169,18 @@ def compile_generate(cfg: Config, mesh: Mesh, processes: int, *, prompt_len: int
     rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
     cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows if x.ndim else None),
                          jax.eval_shape(lambda: init_cache(model_cfg, batch, prompt_len + 1)))
-    static = _Static(graphdef)
+    static = StaticGraph(graphdef)
     sds = jax.ShapeDtypeStruct
     out = []
     for what in ("prefill", "decode"):
         t0 = time.perf_counter()
         with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)):
             if what == "prefill":
-                lowered = _extend_jit.lower(static, abs_state, cache, sds((batch, prefill_block), jnp.int32, sharding=rows),
+                lowered = extend_step.lower(static, abs_state, cache, sds((batch, prefill_block), jnp.int32, sharding=rows),
                                             sds((batch,), jnp.int32, sharding=rows), {}, logits="last",
                                             attn_impl="auto", attn_block=512)
             else:
-                lowered = _decode_jit.lower(static, abs_state, cache, sds((batch,), jnp.int32, sharding=rows),
+                lowered = decode_step.lower(static, abs_state, cache, sds((batch,), jnp.int32, sharding=rows),
                                             sds((batch,), jnp.bool_, sharding=rows), {},
                                             jax.eval_shape(lambda: jax.random.key(0)), sds((), jnp.float32),
                                             sds((), jnp.int32), sds((), jnp.float32), attn_impl="auto",

@@ -45,6 +45,10 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = resumable_field("raise")
     """A malformed record (bad UTF-8, invalid JSON line, missing field, unreadable Parquet):
     ``raise`` an error naming file and line/row, or ``skip`` it (counted, with a warning)."""
+    check: bool = resumable_field(True)
+    """Before the first step, read every record the run will use once and apply ``on_error`` then
+    (:mod:`ttt_jax.data.check`; linear in the data, with a progress bar), so malformed data fails
+    the run before any compute; ``false`` skips that pass."""
 
     def validate(self) -> None:
         check(self.seq_len >= 2, "data.seq_len", self.seq_len, "an integer >= 2")
@@ -121,7 +125,7 @@ class TrainConfig:
     shard_optimizer: bool = False
     """ZeRO-1: split the Adam moments further over every mesh axis of size > 1 that replicates
     their parameter (``data``, ``context``); each device updates its share and the parameters are
-    all-gathered. A memory option, not a speed one (benchmarks/README.md). Same values up to
+    all-gathered. A memory option, not a speed one (benchmarks/history/2026-11-notes.md). Same values up to
     reduction order."""
 
     def validate(self) -> None:

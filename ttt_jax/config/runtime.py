@@ -20,10 +20,10 @@ class ContextConfig:
     without it. The In-Place TTT layers always exchange their fast-weight summaries in float32 with
     one all-gather (``parallel.scan``, ``mode="allgather"``): a log-depth ``ppermute`` scan moved
     the same bytes at 4 devices, was no faster and took more memory, and a bfloat16 exchange did
-    not change the step time. The fused kernels compute a sliding-window layer as a local call
-    plus a small halo block merged by log-sum-exp (``ttt_jax.ops.attention_cp_halo``): faster than
-    one call over ``[halo | local]`` keys, and its extra peak memory under remat is removed by the
-    pinned remat (benchmarks/README.md, context parallelism)."""
+    not change the step time (benchmarks/history/2026-11-notes.md). The fused kernels compute a sliding-window layer as a local call
+    plus a small halo block merged by log-sum-exp (``ttt_jax.ops.attention_cp_halo``), which was
+    faster than one call over ``[halo | local]`` keys (benchmarks/history/2026-11-notes.md; the
+    current weak-scaling table is in benchmarks/README.md)."""
 
     layout: Literal["contiguous", "zigzag"] = "contiguous"
     """How a row is split over the ``n`` devices. ``contiguous``: device ``i`` holds the ``i``-th
@@ -74,14 +74,14 @@ class RuntimeConfig:
     """Rematerialise each decoder block in the backward pass (keep only its input). The backward
     pass then runs block by block: a block is recomputed only once the gradient of its output is
     there, and the gradient of its input is released only with its parameter gradients, so the
-    compiler cannot keep several blocks' recomputed activations live at once (without that, peak
-    memory on GPUs doubled in context-parallel runs; benchmarks/README.md)."""
+    compiler cannot keep several blocks' recomputed activations live at once (without that it did,
+    raising peak memory in context-parallel runs; benchmarks/history/2026-11-notes.md)."""
     remat_policy: Literal["full", "save_exchanges"] = "save_exchanges"
     """With ``remat``: ``full`` keeps only each block's input. ``save_exchanges`` also keeps the
     results of the block's cross-device exchanges under context parallelism (the TTT carried-in
     state, the halo keys/values, the split halo block's output), so the recomputation repeats no
     collective; without context parallelism the two are the same. ``full`` saves a little memory
-    for a slower step (benchmarks/README.md)."""
+    for a slower step (benchmarks/history/2026-11-notes.md)."""
     scan_layers: bool = False
     """Store the decoder layers' parameters stacked and run them as one ``lax.scan`` over periods
     of layers (:mod:`ttt_jax.models.lm`) instead of an unrolled loop: one compilation per period,

@@ -21,7 +21,7 @@ from flax import nnx
 from ttt_jax.convert.hf_config import hf_config_from_model
 from ttt_jax.convert.hf_import import HF_CONFIG_COPY, TOKENIZER_FILES
 from ttt_jax.convert.mapping import tensor_maps
-from ttt_jax.convert.safetensors_io import _np_dtype, write_safetensors
+from ttt_jax.convert.safetensors_io import numpy_dtype, write_safetensors
 
 
 def _checkpoint_root(path: Path) -> Path:
@@ -50,7 +50,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, step: Optional[int] = None,
     mcfg = cfg.model
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     dtype = dtype or mcfg.param_dtype
-    np_dtype = _np_dtype(dtype)
+    np_dtype = numpy_dtype(dtype)
     maps = tensor_maps(mcfg)
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:

@@ -27,7 +27,8 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
-def _np_dtype(name: str) -> np.dtype:
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype for a JAX dtype name (``"bfloat16"`` through ``ml_dtypes``)."""
     if name == "bfloat16":
         import ml_dtypes
         return np.dtype(ml_dtypes.bfloat16)
@@ -119,7 +120,7 @@ class SafetensorsCheckpoint:
             (n,) = struct.unpack("<Q", f.read(8))
             f.seek(8 + n + start)
             buf = f.read(end - start)
-        return np.frombuffer(buf, dtype=_np_dtype(_DTYPES[meta["dtype"]])).reshape(meta["shape"])
+        return np.frombuffer(buf, dtype=numpy_dtype(_DTYPES[meta["dtype"]])).reshape(meta["shape"])
 
     def close(self) -> None:
         self._open.clear()

@@ -8,7 +8,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 
-def _pyplot():
+def agg_pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display); imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,7 +23,7 @@ def plot_context_loss(curves: Mapping[str, Any], path: str | Path, *,
                       window: Optional[int] = None) -> Path:
     """One line per model: ``curves[name] = PerplexityResult`` (or a dict with ``context_lengths``
     and ``loss``); log2 x axis. ``window`` draws a vertical line (a sliding-window size)."""
-    plt = _pyplot()
+    plt = agg_pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, r in curves.items():
         d = r if isinstance(r, Mapping) else r.to_dict()
@@ -34,7 +35,7 @@ def plot_context_loss(curves: Mapping[str, Any], path: str | Path, *,
 def plot_position_loss(curves: Mapping[str, Any], path: str | Path, *, bins: int = 64,
                        title: str = "Loss by position", window: Optional[int] = None) -> Path:
     """Mean loss per position bin of the longest window, one line per model (log2 x axis)."""
-    plt = _pyplot()
+    plt = agg_pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, r in curves.items():
         d = r["position_loss"] if isinstance(r, Mapping) else r.binned_position_loss(bins)
@@ -64,7 +65,7 @@ def _finish_log2_plot(plt, fig, ax, path, *, window: Optional[int], title: str, 
 def plot_ruler_heatmap(accuracy: Mapping[str, Mapping[Any, float]], lengths: Sequence[int],
                        path: str | Path, *, title: str = "RULER-style exact match") -> Path:
     """Task x length heat map of accuracies in [0, 1], annotated."""
-    plt = _pyplot()
+    plt = agg_pyplot()
     tasks = list(accuracy)
     grid = np.array([[accuracy[t].get(n, accuracy[t].get(str(n), np.nan)) for n in lengths]
                      for t in tasks], dtype=float)

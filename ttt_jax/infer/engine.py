@@ -214,7 +214,7 @@ def _block_size(longest: int, prefill_block: int) -> int:
     return min(size, prefill_block)
 
 
-class _Static:
+class StaticGraph:
     """A graph definition as a static jit argument, hashed once (hashing a GraphDef walks the whole
     graph, which would cost about a millisecond on every decode step)."""
 
@@ -226,15 +226,18 @@ class _Static:
         return self._hash
 
     def __eq__(self, other):
-        return self is other or (isinstance(other, _Static) and self.graphdef == other.graphdef)
+        return self is other or (isinstance(other, StaticGraph) and self.graphdef == other.graphdef)
 
 
 # Jitted at module level with the graph definition static: engines of the same model structure
 # (a reloaded checkpoint, another Engine over the same model) share compilations.
 @functools.partial(jax.jit, static_argnames=("graphdef", "logits", "attn_impl", "attn_block"),
                    donate_argnames=("cache",))
-def _extend_jit(graphdef, state, cache, tokens, n_valid, q_deltas, *, logits: str, attn_impl: str,
+def extend_step(graphdef, state, cache, tokens, n_valid, q_deltas, *, logits: str, attn_impl: str,
                 attn_block: int):
+    """Jitted :func:`extend` of ``tokens [B, T]`` plus logits (``logits="all"``: ``[B, T, V]``;
+    ``"last"``: ``[B, V]`` at each row's last real token), with the cache donated. ``graphdef`` is a
+    :class:`StaticGraph`. Public so that ``ttt-jax compile`` lowers the same program."""
     model = nnx.merge(graphdef.graphdef, state)
     hidden, cache = extend(model, cache, tokens, n_valid, q_deltas=q_deltas, attn_impl=attn_impl,
                            attn_block=attn_block)
@@ -245,8 +248,10 @@ def _extend_jit(graphdef, state, cache, tokens, n_valid, q_deltas, *, logits: st
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "attn_block"),
                    donate_argnames=("cache",))
-def _decode_jit(graphdef, state, cache, tokens, active, q_deltas, key, temperature, top_k, top_p, *,
+def decode_step(graphdef, state, cache, tokens, active, q_deltas, key, temperature, top_k, top_p, *,
                 attn_impl: str, attn_block: int):
+    """One jitted decode step: feed ``tokens [B]`` (rows with ``active`` false leave their cache
+    unchanged), sample the next ``[B]`` tokens; returns ``(next tokens, logits [B, V], cache)``."""
     model = nnx.merge(graphdef.graphdef, state)
     hidden, cache = extend(model, cache, tokens[:, None], active.astype(jnp.int32), q_deltas=q_deltas,
                            attn_impl=attn_impl, attn_block=attn_block)
@@ -263,7 +268,7 @@ def _decode_loop_jit(graphdef, state, cache, tokens, active, stop, q_deltas, key
     vocab = model.cfg.vocab_size
 
     def step(i, cache, tok, active):
-        # Exactly the one-token step of _decode_jit: feed `tok`, sample with fold_in(key, step0 + i).
+        # Exactly the one-token step of decode_step: feed `tok`, sample with fold_in(key, step0 + i).
         hidden, cache = extend(model, cache, tok[:, None], active.astype(jnp.int32), q_deltas=q_deltas,
                                attn_impl=attn_impl, attn_block=attn_block)
         logits = model.logits(hidden)[:, 0]
@@ -342,14 +347,14 @@ class Engine:
         self.attn_block = int(attn_block)
         self.attn_impl = attn_impl
         self.graphdef, self.state = nnx.split(model)
-        self._static = _Static(self.graphdef)
+        self._static = StaticGraph(self.graphdef)
 
     def model(self, state=None) -> CausalLM:
         """The model (``state`` replaces the parameters, e.g. inside a jitted function)."""
         return nnx.merge(self.graphdef, self.state if state is None else state)
 
     def _extend(self, cache, tokens, n_valid, q_deltas, *, logits: str):
-        return _extend_jit(self._static, self.state, cache, tokens, n_valid, q_deltas, logits=logits,
+        return extend_step(self._static, self.state, cache, tokens, n_valid, q_deltas, logits=logits,
                            attn_impl=self.attn_impl, attn_block=self.attn_block)
 
     # -- host API -------------------------------------------------------------------------------
@@ -382,7 +387,7 @@ class Engine:
         """
         if logits not in ("last", "all"):
             raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
-        tokens, lens = _pad_prompts(prompts, lengths)
+        tokens, lens = pad_prompts(prompts, lengths)
         if tokens.shape[0] != cache.batch_size:
             raise ValueError(f"{tokens.shape[0]} prompts for a cache of batch {cache.batch_size}")
         check_tokens(tokens, self.cfg.vocab_size)
@@ -449,7 +454,7 @@ class Engine:
         tokens = jnp.asarray(tokens, jnp.int32).reshape(b)
         active = jnp.ones((b,), bool) if active is None else jnp.asarray(active, bool).reshape(b)
         key = jax.random.key(0) if key is None else key
-        return _decode_jit(self._static, self.state, cache, tokens, active, dict(q_deltas or {}), key,
+        return decode_step(self._static, self.state, cache, tokens, active, dict(q_deltas or {}), key,
                            jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
                            attn_impl=self.attn_impl, attn_block=self.attn_block)
 
@@ -493,7 +498,7 @@ class Engine:
                                 attn_block=self.attn_block)
 
 
-def _pad_prompts(prompts, lengths) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(prompts, lengths) -> tuple[np.ndarray, np.ndarray]:
     """Prompts -> ``([B, L]`` int32 right-padded with 0, ``[B]`` lengths)."""
     if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) == 2:
         arr = np.asarray(prompts).astype(np.int32)

@@ -185,7 +185,7 @@ def adapt_queries(engine, cache: Cache, prompts: Sequence[Sequence[int]], cfg: Q
       ``(q_deltas, losses)``: ``{layer: [B, D, H, Dh]}`` for :meth:`Engine.decode` (empty when
       ``steps == 0``) and the ``[steps, B]`` span losses measured at each step before its update.
     """
-    from ttt_jax.infer.engine import _pad_prompts
+    from ttt_jax.infer.engine import pad_prompts
 
     model_cfg = engine.cfg
     cfg.validate(model_cfg.n_layers)
@@ -193,7 +193,7 @@ def adapt_queries(engine, cache: Cache, prompts: Sequence[Sequence[int]], cfg: Q
         raise ValueError("qTTT does not support models with TTT-Linear/MLP layers (model.ttt_seq)")
     if cfg.steps == 0:
         return {}, np.zeros((0, cache.batch_size), np.float32)
-    tokens, lens = _pad_prompts(prompts, None)
+    tokens, lens = pad_prompts(prompts, None)
     if not np.array_equal(np.asarray(cache.lengths), lens):
         raise ValueError("qTTT needs the cache right after prefilling exactly these prompts")
     for i, lc in enumerate(cache.layers):

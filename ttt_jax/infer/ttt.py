@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ttt_jax.infer.cache import TTTCache, round_up
-from ttt_jax.ops import inplace_ttt, inplace_ttt_target
+from ttt_jax.ops import inplace_ttt
 from ttt_jax.ops.inplace_ttt_layout import clip_update
 
 _F32 = jnp.float32
@@ -34,23 +34,6 @@ def _op_impl(mlp) -> str:
     return "scan" if mlp.impl == "attention" else mlp.impl
 
 
-def _conv(mlp) -> jax.Array:
-    """The target conv as the module applies it: with ``ttt.target="reconstruction"`` (ablation) the
-    future taps are held at zero."""
-    dt = mlp.dtype
-    conv = mlp.ttt_conv[...].astype(dt)
-    if getattr(mlp, "target", "aligned") == "reconstruction":
-        k = conv.shape[0]
-        conv = conv * (jnp.arange(k) <= (k - 1) // 2)[:, None].astype(dt)
-    return conv
-
-
-def _target(mlp, src: jax.Array, chunk_size: Optional[int] = None) -> jax.Array:
-    dt = mlp.dtype
-    return inplace_ttt_target(src.astype(dt), _conv(mlp), mlp.ttt_proj[...].astype(dt),
-                              chunk_size=chunk_size or mlp.chunk_size)
-
-
 def chunk_update(mlp, h_rows: jax.Array, x0_rows: Optional[jax.Array], *,
                  chunk_size: Optional[int] = None) -> jax.Array:
     """``clip(lr * z^T v)`` of one whole chunk per row: ``h_rows [B, C, D]`` (and ``x0_rows``) ->
@@ -58,7 +41,7 @@ def chunk_update(mlp, h_rows: jax.Array, x0_rows: Optional[jax.Array], *,
     and the result is their unclipped sum (only valid without ``clip_tau``)."""
     z = mlp.activation(h_rows)
     src = x0_rows if mlp.target_source == "embeddings" else h_rows
-    v = _target(mlp, src, chunk_size or h_rows.shape[1])
+    v = mlp.target_values(src, chunk_size=chunk_size or h_rows.shape[1])
     dw = jnp.einsum("bcf,bcd->bfd", z, v.astype(z.dtype), preferred_element_type=_F32)
     if chunk_size is not None:
         assert mlp.clip_tau is None
@@ -89,7 +72,7 @@ def _extend_block(mlp, h, x0, start, n_valid, st: TTTCache):
     hc = combine(st.h, h)
     xc = combine(st.x0, x0) if mlp.target_source == "embeddings" else None
     z = mlp.activation(hc)
-    v = _target(mlp, xc if xc is not None else hc)
+    v = mlp.target_values(xc if xc is not None else hc)
     complete = ((r // c + 1) * c <= (offset + n_valid)[:, None])[..., None]
     out, delta = inplace_ttt(z, jnp.where(complete, v, 0), mlp.down[...].astype(dt), lr=mlp.lr,
                              chunk_size=c, impl=_op_impl(mlp), clip_tau=mlp.clip_tau,

@@ -5,7 +5,7 @@ backward pass: every block keeps only its input (and, with ``policy="save_exchan
 context-parallel exchange results of :data:`ttt_jax.ops.checkpoint_names.SAVE_EXCHANGES_NAMES`) and
 recomputes the rest, with :func:`pinned_remat`: ``nnx.remat``'s recomputation as a custom VJP
 whose backward pass runs block by block (without it, XLA's GPU schedule kept several blocks'
-recomputed activations live at once: benchmarks/README.md).
+recomputed activations live at once: benchmarks/history/2026-11-notes.md).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _pinned_bwd(f, vjp_fn, dy):
     # The second ties the block's gradients together: the input cotangent (which the block below
     # waits for) is released only with the parameter gradients. Without it XLA may postpone the
     # weight-gradient matmuls, keeping the recomputed activations they read live across several
-    # blocks (benchmarks/README.md: the 4-GPU strong row's memory). Integer inputs' float0
+    # blocks (benchmarks/history/2026-11-notes.md: "the strong row's memory, located"). Integer inputs' float0
     # cotangents stay outside the barrier.
     flat, gtree = jax.tree.flatten(grads)
     floats = [i for i, g in enumerate(flat) if jnp.issubdtype(g.dtype, jnp.inexact)]
@@ -72,8 +72,8 @@ def pinned_remat(run_block, policy):
 
     Plain remat lets the compiler recompute a block as soon as its saved input exists, and finish
     its weight gradients whenever it likes; XLA's GPU scheduler then keeps several blocks'
-    recomputed activations live together (benchmarks/README.md: the split halo's and the 4-GPU
-    strong row's extra memory). Same values and gradients as plain remat (tested).
+    recomputed activations live together (benchmarks/history/2026-11-notes.md: the split halo's and the
+    4-GPU strong row's extra memory). Same values and gradients as plain remat (tested).
 
     ``run_block(block, x, x0, positions, segment_ids) -> y``; the block's parameters and the float
     inputs get gradients, ``positions`` / ``segment_ids`` (integers) none.

@@ -107,6 +107,28 @@ class InPlaceTTTMLP(SwiGLUMLP):
         self.ttt_proj = make_param(_diag_normal_init(cfg.initializer_range), keys[3], (d, d),
                                    ("embed", None), pd)
 
+    def target_conv(self) -> jax.Array:
+        """The target conv ``[K, D]`` in the compute dtype, as every path applies it (the training
+        forward here, cached inference in :mod:`ttt_jax.infer.ttt`): with
+        ``ttt.target="reconstruction"`` (ablation: no look-ahead, so the target describes the
+        current token and earlier ones, not the next) the future taps ``j > (K - 1) // 2`` are held
+        at zero."""
+        dt = self.dtype
+        conv = self.ttt_conv[...].astype(dt)
+        if self.target == "reconstruction":
+            k = conv.shape[0]
+            conv = conv * (jnp.arange(k) <= (k - 1) // 2)[:, None].astype(dt)
+        return conv
+
+    def target_values(self, src: jax.Array, *, chunk_size: Optional[int] = None,
+                      segment_ids: Optional[jax.Array] = None) -> jax.Array:
+        """``v = inplace_ttt_target(src, target_conv, ttt_proj)``: ``src [B, T, D]`` (the token
+        embeddings or the normed hidden states, per ``target_source``) -> ``[B, T, D]`` in the
+        compute dtype; ``chunk_size`` defaults to the layer's."""
+        dt = self.dtype
+        return inplace_ttt_target(src.astype(dt), self.target_conv(), self.ttt_proj[...].astype(dt),
+                                  chunk_size=chunk_size or self.chunk_size, segment_ids=segment_ids)
+
     def __call__(self, h: jax.Array, *, x0: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None) -> jax.Array:
         dt = self.dtype
@@ -118,16 +140,8 @@ class InPlaceTTTMLP(SwiGLUMLP):
             src = x0
         else:
             src = h
-        conv = self.ttt_conv[...].astype(dt)
-        if self.target == "reconstruction":
-            # Ablation: no look-ahead, so the target describes the current token (and earlier
-            # ones), not the next. Future taps (j > (K-1)//2) are held at zero.
-            k = conv.shape[0]
-            conv = conv * (jnp.arange(k) <= (k - 1) // 2)[:, None].astype(dt)
         with jax.named_scope("ttt_target"):
-            v = inplace_ttt_target(src.astype(dt), conv,
-                                   self.ttt_proj[...].astype(dt), chunk_size=self.chunk_size,
-                                   segment_ids=segment_ids)
+            v = self.target_values(src, segment_ids=segment_ids)
         w0 = self.down[...].astype(dt)
         with jax.named_scope("ttt_scan"):
             if context_size() > 1:

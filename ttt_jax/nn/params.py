@@ -89,8 +89,8 @@ def dense(x: jax.Array, kernel: jax.Array, eq: str, dtype) -> jax.Array:
     The dot is asked for its result in ``dtype`` directly (GPU and TPU matmul units accumulate
     low-precision products in fp32 regardless), not in fp32 followed by a cast: the cast's
     transpose would hand the backward pass an fp32 cotangent, and both gradient matmuls would then
-    run in fp32 (TF32 on an H100, half the bf16 rate; see "Mixed precision" in
-    benchmarks/README.md) and all-reduce fp32 weight gradients under context or data
+    run in fp32 (TF32 on an H100, half the bf16 rate; see "the mixed-precision fix" in
+    benchmarks/history/2026-11-notes.md) and all-reduce fp32 weight gradients under context or data
     parallelism. This way the backward matmuls run in ``dtype`` too, as in mixed-precision
     PyTorch.
     """

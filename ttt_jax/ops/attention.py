@@ -14,18 +14,16 @@ One public function, :func:`attention`, with an ``impl=`` switch:
   map onto cuDNN's native ``is_causal`` / ``local_window_size``. The public JAX API has no
   segment-id (packed THD) input -- cuDNN's packed layout is only reachable through the private
   ``jax._src.cudnn`` module -- so segment ids are passed as a dense boolean ``mask`` which JAX turns
-  into a ``[B, 1, T, T]`` additive bias: correct, but O(B * T^2) memory (measured on one H100,
-  B=1, T=8192, 16 heads: about 2x the time of the unmasked kernel, still ~7x faster than
-  ``"xla"``). ``impl="auto"`` therefore uses cuDNN with segment ids only while that bias is small
+  into a ``[B, 1, T, T]`` additive bias: correct, but O(B * T^2) memory and slower than the
+  unmasked kernel. ``impl="auto"`` therefore uses cuDNN with segment ids only while that bias is small
   (:data:`CUDNN_MAX_MASK_ELEMENTS`) and beyond it takes ``"flash"`` (see below). Odd lengths are padded
   by one token (cuDNN's backward pass needs an even length). An explicit ``impl="cudnn"`` that
   cannot run (no GPU, fp32 inputs, head_dim) raises ``ValueError`` naming the reason.
 * ``"flash"``     -- the Pallas (Triton) flash-attention kernels of :mod:`ttt_jax.ops.kernels.flash` with
   native segment ids and window: O(T) memory, no dense mask, causal (and window) tiles beyond
-  the diagonal skipped. Without segment ids the same kernels run at about a third of cuDNN's
-  TFLOP/s on an H100. Meant for long packed batches, where the XLA path's compiled train step
-  needs far more temporaries (compile-only, Qwen3-4B shape at 32k with packed-document ids on an
-  H100: 64.8 GiB with ``"xla"``, 25.0 GiB with ``"flash"``); ``"auto"`` picks it for segment ids
+  the diagonal skipped. Slower than cuDNN without segment ids; meant for long packed batches,
+  where the XLA path's compiled train step needs far more temporaries (figures in
+  benchmarks/README.md, "Trainer at the Qwen3-4B shape"); ``"auto"`` picks it for segment ids
   that cuDNN cannot take. Tested in interpret mode on CPU and
   compiled on an H100 (GPU-marked tests).
   Lengths are padded to a multiple of the tile (padding gets segment id 0).
@@ -37,6 +35,10 @@ One public function, :func:`attention`, with an ``impl=`` switch:
   interpret mode (slow; used by the CPU tests).
 * ``"auto"``      -- on GPU: cuDNN when dtype / head_dim allow, except with segment ids whose
   dense mask would be large, which go to ``"flash"``; Pallas on TPU; XLA otherwise.
+
+This module holds the entry point, the ``"auto"`` rule and the XLA path; the adapters of the kernel
+paths (checks, padding, the per-device ``shard_map`` that Mosaic kernels need under a mesh) are in
+:mod:`ttt_jax.ops.attention_kernels`.
 
 Semantics shared by all paths (built by :func:`~ttt_jax.ops.attention_reference.attention_mask`,
 which this module re-exports with the oracle :func:`attention_reference`): query ``t`` sees key ``s`` iff
@@ -59,10 +61,11 @@ from typing import Literal, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
+from ttt_jax.ops.attention_kernels import (attention_cudnn, attention_flash, attention_splash,
+                                           per_device, zero_padding_rows)
 from ttt_jax.ops.attention_reference import attention_mask, attention_reference
-from ttt_jax.ops.kernels import cudnn_blocks, flash
+from ttt_jax.ops.kernels import cudnn_blocks
 from ttt_jax.platform import target_platform
 
 AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "pallas", "flash"]
@@ -113,11 +116,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if impl == "xla":
         return _attention_xla(q, k, v, segment_ids, window=window, scale=scale, block_size=block_size)
     if impl == "cudnn":
-        return _attention_cudnn(q, k, v, segment_ids, window=window, scale=scale)
+        return attention_cudnn(q, k, v, segment_ids, window=window, scale=scale)
     if impl == "flash":
-        return _attention_flash(q, k, v, segment_ids, window=window, scale=scale)
+        return attention_flash(q, k, v, segment_ids, window=window, scale=scale)
     if impl == "pallas":
-        fn = functools.partial(_attention_pallas, window=window, scale=scale, block_size=block_size)
+        fn = functools.partial(attention_splash, window=window, scale=scale, block_size=block_size)
         return per_device(fn, q, k, v, segment_ids)
     raise AssertionError(impl)
 
@@ -177,11 +180,6 @@ def _auto_impl(q: jax.Array, segment_ids: Optional[jax.Array]) -> str:
     return "xla"
 
 
-def _zero_padding_rows(out: jax.Array, segment_ids: Optional[jax.Array]) -> jax.Array:
-    """Padding queries (segment id 0) output exactly 0; also blocks their gradient."""
-    if segment_ids is None:
-        return out
-    return jnp.where((segment_ids != 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,7 +213,7 @@ def _attention_xla(q, k, v, segment_ids, *, window: int, scale: float,
     n_diag = nb if window <= 0 else min(nb, -(-(window - 1) // blk) + 1)
     out = _flash(qp, kp, vp, seg, window, scale, n_diag)                 # [B,nb,blk,KV,G,Dh]
     out = out.reshape(b, tp, h, d)[:, :t]
-    return _zero_padding_rows(out, segment_ids)
+    return zero_padding_rows(out, segment_ids)
 
 
 def _block_mask(nb: int, blk: int, r, seg, window: int) -> jax.Array:
@@ -306,120 +304,3 @@ def _flash_bwd(window, scale, n_diag, res, dout):
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
-
-# --------------------------------------------------------------------------------------------------
-# cuDNN (jax.nn.dot_product_attention)
-# --------------------------------------------------------------------------------------------------
-
-
-def _attention_cudnn(q, k, v, segment_ids, *, window: int, scale: float) -> jax.Array:
-    reason = cudnn_unsupported_reason(q, segment_ids)
-    if reason is not None:
-        raise ValueError(f"attention impl='cudnn' cannot run here: {reason}; use impl='auto' or "
-                         "impl='xla'")
-    b, t, h, d = q.shape
-    mask = None
-    # cuDNN's backward pass rejects odd sequence lengths: pad at the end (invisible to real
-    # queries under the causal mask; the padded rows are dropped).
-    pad = t % 2
-    if pad:
-        q, k, v = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k, v))
-    if segment_ids is not None:
-        seg = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, pad)])
-        idx = jnp.arange(t + pad)
-        # Padding query rows are fully masked here; cuDNN gives them finite values we zero below.
-        mask = attention_mask(idx, idx, window=window, q_segment_ids=seg,
-                              k_segment_ids=seg)[:, None]                     # [B,1,T,T]
-    out = jax.nn.dot_product_attention(
-        q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=scale, is_causal=True,
-        local_window_size=(window - 1, 0) if window > 0 else None, implementation="cudnn")
-    out = out[:, :t]
-    return _zero_padding_rows(out, segment_ids)
-
-
-# --------------------------------------------------------------------------------------------------
-# Pallas (Triton) flash kernels with native segment ids
-# --------------------------------------------------------------------------------------------------
-
-
-def _flash_length(t: int) -> int:
-    """Padded length for the flash kernels: a multiple of their 128-row tiles (16 when short)."""
-    m = 128 if t >= 128 else 16
-    return -(-t // m) * m
-
-
-def _attention_flash(q, k, v, segment_ids, *, window: int, scale: float) -> jax.Array:
-    interpret = _default_backend() != "gpu"
-    b, t, h, d = q.shape
-    tp = _flash_length(t)
-    pad = tp - t
-    # Padding at the end: invisible to real queries (causal; segment id 0 with packed ids), and
-    # the padded rows are dropped.
-    q, k, v = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k.astype(q.dtype),
-                                                                       v.astype(q.dtype)))
-    reason = flash.flash_unsupported_reason(q, k, causal=True, interpret=interpret)
-    if reason is not None:
-        raise ValueError(f"attention impl='flash' cannot run here: {reason}; use impl='auto' or "
-                         "impl='xla'")
-    seg = None
-    if segment_ids is not None:
-        seg = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, pad)])
-    out = flash.flash_attention(q, k, v, True, scale, interpret, segment_ids=seg, window=window)
-    return out[:, :t]
-
-
-# --------------------------------------------------------------------------------------------------
-# Pallas (TPU splash attention)
-# --------------------------------------------------------------------------------------------------
-
-
-# Mesh axes that split the batch and the heads of attention's operands (the trainer's layout,
-# ttt_jax.sharding).
-_BATCH_AXES, _HEAD_AXIS = ("data", "fsdp"), "tensor"
-
-
-def per_device(fn, q, k, v, segment_ids, *, check_vma: bool = False) -> jax.Array:
-    """``fn(q, k, v, segment_ids)`` once per device when the trace runs under a mesh of more than one
-    device: inside a ``shard_map`` of its own over every mesh axis still automatic. XLA cannot partition a Mosaic kernel ("wrap the call in a shard_map"), and
-    attention is independent per (row, head): rows are split over ``data`` x ``fsdp`` and heads over
-    ``tensor`` where they divide, any other axis sees whole operands (XLA reshards at the boundary
-    if the operands are laid out otherwise)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return fn(q, k, v, segment_ids)
-    manual = set(getattr(mesh, "manual_axes", ()))
-    # Every automatic axis, size 1 included: a Mosaic call lowers only where the whole mesh is
-    # manual (JAX refuses it inside a shard_map that leaves any axis automatic).
-    auto = [a for a in mesh.axis_names if a not in manual]
-    if not auto or (not manual and all(mesh.shape[a] == 1 for a in auto)):
-        return fn(q, k, v, segment_ids)
-    batch = tuple(a for a in _BATCH_AXES if a in auto and mesh.shape[a] > 1)
-    if q.shape[0] % math.prod(mesh.shape[a] for a in batch):
-        batch = ()
-    heads = _HEAD_AXIS if _HEAD_AXIS in auto and mesh.shape[_HEAD_AXIS] > 1 else None
-    if heads and (q.shape[2] % mesh.shape[heads] or k.shape[2] % mesh.shape[heads]):
-        heads = None
-    spec = P(batch or None, None, heads, None)
-    seg_spec = P(batch or None, None)
-    if segment_ids is None:
-        mapped = jax.shard_map(lambda q_, k_, v_: fn(q_, k_, v_, None), in_specs=(spec,) * 3,
-                               out_specs=spec, axis_names=frozenset(auto), check_vma=check_vma)
-        return mapped(q, k, v)
-    # check_vma=False (default): splash's pallas_call declares plain output shapes (no varying-axes
-    # info); kernels that type their results varying (ttt_jax.ops.kernels.tpu_context) ask for True.
-    mapped = jax.shard_map(fn, in_specs=(spec,) * 3 + (seg_spec,), out_specs=spec,
-                           axis_names=frozenset(auto), check_vma=check_vma)
-    return mapped(q, k, v, segment_ids)
-
-
-def _attention_pallas(q, k, v, segment_ids, *, window: int, scale: float,
-                      block_size: Optional[int]) -> jax.Array:
-    # One splash call through ttt_jax.ops.kernels.tpu_splash: 128-token padding (not a multiple of
-    # the 512 tile), GQA without repeating K/V, a custom VJP that works inside a variance-checking
-    # shard_map. Its tiles follow the length (512 / 256 / 128); ``block_size`` is for "xla".
-    from ttt_jax.ops.kernels.tpu_splash import tpu_attention
-
-    del block_size
-    on_tpu = _default_backend() == "tpu"   # the target's platform: Mosaic when compiling for TPU
-    return tpu_attention(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
-                         interpret=not on_tpu)

@@ -31,7 +31,9 @@ The paths, by role:
   cuDNN's kernels (:mod:`ttt_jax.ops.kernels.cudnn_blocks`) where this JAX has its private cuDNN
   functions as expected, else the Pallas (Triton) kernels of :mod:`ttt_jax.ops.kernels.flash`;
 * :mod:`ttt_jax.ops.attention_cp_halo` -- the split sliding window: a local call plus a halo block
-  merged by log-sum-exp.
+  merged by log-sum-exp;
+* :mod:`ttt_jax.ops.attention_cp_tpu` -- ``kernel="tpu"``: the ring, the all-gather and the halo
+  window with TPU splash (Pallas Mosaic) blocks of :mod:`ttt_jax.ops.kernels.tpu_splash`.
 
 ``kernel="auto"`` (the default) takes the fused path where it can run (NVIDIA GPU, bf16/fp16, no
 segment ids with a window, block lengths multiples of 16) and the XLA path otherwise -- so CPU and
@@ -47,11 +49,12 @@ from typing import Literal, Optional
 import jax
 
 from parallel.layout import Layout, check_layout
-from ttt_jax.ops import attention_cp_fused, attention_cp_halo, attention_cp_ring, attention_cp_window
-from ttt_jax.ops.attention import per_device
+from ttt_jax.ops import (attention_cp_fused, attention_cp_halo, attention_cp_ring, attention_cp_tpu,
+                         attention_cp_window)
+from ttt_jax.ops.attention_kernels import per_device
 from ttt_jax.ops.attention_cp_window import check_window
 from ttt_jax.ops.attention_reference import check_qkv
-from ttt_jax.ops.kernels import cudnn_blocks, flash, tpu_context
+from ttt_jax.ops.kernels import cudnn_blocks, flash
 from ttt_jax.platform import target_platform
 
 ContextImpl = Literal["ring", "allgather"]
@@ -61,8 +64,8 @@ CONTEXT_KERNELS = ("auto", "xla", "fused", "pallas", "tpu")
 CONTEXT_HALOS = ("single", "split")
 # Packed documents (segment ids) in full causal layers: the fused ring runs the Pallas blocks with
 # the ids, ``kernel="auto"`` included (its GPU-marked tests pass against the unsharded reference,
-# contiguous and zigzag, and the Qwen3-4B-shape 128k stage-2 run trained with it:
-# benchmarks/README.md).
+# contiguous and zigzag, and the Qwen3-4B-shape 128k stage-2 run trained with it: benchmarks/README.md,
+# "Trainer at the Qwen3-4B shape").
 
 
 
@@ -114,13 +117,13 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
     not as expected, Pallas -- flash kernels per ring block, one cuDNN call for the sliding window;
     NVIDIA GPU, bf16/fp16; segment ids only in the ring, by the Pallas blocks -- an explicit choice
     that cannot run raises ``ValueError`` naming why), ``"pallas"`` (fused, with the Pallas kernels
-    per ring block), ``"tpu"`` (:mod:`ttt_jax.ops.kernels.tpu_context`: splash (Pallas Mosaic)
+    per ring block), ``"tpu"`` (:mod:`ttt_jax.ops.attention_cp_tpu`: splash (Pallas Mosaic)
     blocks in the ring or the all-gather, one splash call with the halo for the sliding window;
     segment ids everywhere; Pallas interpret mode when the program is not built for TPU) or
     ``"auto"`` (``"tpu"`` when the program is built for TPU, :func:`ttt_jax.platform.target_platform`;
     elsewhere fused where it can run, XLA otherwise).
     ``block_size`` is passed on to the XLA paths (``None``: their default). ``halo`` picks the
-    fused sliding-window computation: ``"split"`` (the default: faster, benchmarks/README.md) or ``"single"`` (:func:`ttt_jax.ops.attention_cp_window.
+    fused sliding-window computation: ``"split"`` (the default: faster, benchmarks/history/2026-11-notes.md) or ``"single"`` (:func:`ttt_jax.ops.attention_cp_window.
     halo_window_attention`, one call with zero query rows; the test reference) -- ``"split"``
     (:func:`ttt_jax.ops.attention_cp_halo.halo_split_attention`) is a local call plus a halo block; with
     cuDNN blocks it needs an even ``T_local``, with the Pallas ones a multiple of 16, else the
@@ -151,8 +154,9 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
                                    scale=scale, interpret=interpret)
         # Mosaic calls cannot be partitioned by XLA: mesh axes a caller's shard_map leaves automatic
         # (data, fsdp, tensor) are made manual around them too (rows and heads are independent).
-        # This holds for the sliding window; the ring's collectives over ``axis_name`` need the
-        # caller's shard_map to be manual over every axis (runs_mosaic; ttt_jax.nn.context).
+        # The halo's and the ring's collectives over ``axis_name`` cannot sit in such a nested
+        # shard_map, so the model's is manual over every axis already (runs_mosaic;
+        # ttt_jax.nn.context.run_over_context) and this one is then a no-op.
         return per_device(fn, q, k, v, segment_ids, check_vma=True)
     if kernel != "xla":
         reason = fused_unsupported_reason(q, k, segment_ids=segment_ids, window=window, impl=impl,
@@ -187,10 +191,12 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis_name: str, 
 
 
 def _tpu_window(q, k, v, segment_ids, *, axis_name, window, scale, interpret):
-    return tpu_context.tpu_window_attention(q, k, v, axis_name, window=window, segment_ids=segment_ids,
-                                            scale=scale, interpret=interpret)
+    return attention_cp_tpu.tpu_window_attention(q, k, v, axis_name, window=window,
+                                                 segment_ids=segment_ids, scale=scale,
+                                                 interpret=interpret)
 
 
 def _tpu_ring(q, k, v, segment_ids, *, axis_name, impl, layout, scale, interpret):
-    return tpu_context.tpu_context_attention(q, k, v, axis_name, kernel=impl, layout=layout,
-                                             segment_ids=segment_ids, scale=scale, interpret=interpret)
+    return attention_cp_tpu.tpu_context_attention(q, k, v, axis_name, kernel=impl, layout=layout,
+                                                  segment_ids=segment_ids, scale=scale,
+                                                  interpret=interpret)

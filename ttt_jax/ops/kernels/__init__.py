@@ -8,11 +8,8 @@
   sliding-window call, and :func:`~ttt_jax.ops.kernels.cudnn_blocks.cudnn_unsupported_reason`.
 * :mod:`ttt_jax.ops.kernels.tpu_splash`   -- TPU (Pallas Mosaic) splash attention: single-device
   ``tpu_attention``, and block forward / backward with the merged log-sum-exp.
-* :mod:`ttt_jax.ops.kernels.tpu_context`  -- context-parallel attention on TPU with those blocks:
-  ring (contiguous / zigzag), all-gather K/V, and the halo sliding window.
 
-Kernels know nothing about meshes (``tpu_context`` excepted: the TPU ring, all-gather and halo
-live beside their blocks until the dispatcher takes them): the context-parallel attention of ``ttt_jax.ops.attention_cp``
-runs them per device, between its collectives. Each kernel is tested against a dense reference
-(values and gradients).
+Kernels know nothing about meshes: the context-parallel attention of :mod:`ttt_jax.ops.attention_cp`
+(on TPU with splash blocks, :mod:`ttt_jax.ops.attention_cp_tpu`) runs them per device, between its
+collectives. Each kernel is tested against a dense reference (values and gradients).
 """
