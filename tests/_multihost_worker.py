@@ -26,8 +26,7 @@ import numpy as np  # noqa: E402
 
 from ttt_jax.config import load_config  # noqa: E402
 from ttt_jax import sharding  # noqa: E402
-from ttt_jax.train.optim import optimizer_fields  # noqa: E402
-from ttt_jax.train.trainer import _program  # noqa: E402
+from ttt_jax.train.trainer import train_program  # noqa: E402
 
 cfg = load_config(None, [
     "model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
@@ -36,7 +35,7 @@ cfg = load_config(None, [
     "train.learning_rate=1e-2", "train.warmup_steps=1"])
 assert jax.device_count() == 8, jax.devices()
 mesh = sharding.make_mesh(cfg.mesh)
-prog = _program(cfg.model, cfg.train.seed, optimizer_fields(cfg.train), mesh)
+prog = train_program(cfg, mesh)
 rng = np.random.default_rng(0)
 losses = []
 with jax.set_mesh(mesh):

@@ -201,11 +201,10 @@ def test_free_space_estimate_is_within_20_percent_of_bytes_written(tmp_path):
     from ttt_jax.checkpoint.tree import to_saveable
     from ttt_jax.config import load_config
     from ttt_jax import sharding as mesh_lib
-    from ttt_jax.train.optim import optimizer_fields
-    from ttt_jax.train.trainer import _program
+    from ttt_jax.train.trainer import train_program
 
     cfg = load_config("tiny", [])
-    prog = _program(cfg.model, 0, optimizer_fields(cfg.train), mesh_lib.make_mesh(cfg.mesh))
+    prog = train_program(cfg, mesh_lib.make_mesh(cfg.mesh))
     rng = np.random.default_rng(0)
 
     def trained_like(x):   # values like those of a trained state (Adam moments no longer zero)

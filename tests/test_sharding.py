@@ -122,8 +122,7 @@ def test_context_parallel_training_matches_data_parallel(runs, tmp_path):
     """mesh.context=2 (each row split into two 16-token halves = one TTT chunk per device, with ring
     attention and the cross-device fast-weight scan), with the optimizer sharded (ZeRO-1,
     train.shard_optimizer), trains like data parallelism."""
-    from ttt_jax.train.optim import optimizer_fields
-    from ttt_jax.train.trainer import _program
+    from ttt_jax.train.trainer import train_program
 
     _, rep, _ = runs
     c = cfg(tmp_path / "cp", "mesh.data=2", "mesh.fsdp=2", "mesh.context=2", "train.shard_optimizer=true")
@@ -134,7 +133,7 @@ def test_context_parallel_training_matches_data_parallel(runs, tmp_path):
     assert_params_close(params(cp.model), params(rep.model))
     # The run's compiled program (cached per setup) kept the moments split over data and context
     # as well as fsdp: the down-projection's [F=64, D=32] moment is 64 / 2 x 32 / 4 per device.
-    prog = _program(c.model, c.train.seed, optimizer_fields(c.train), sharding.make_mesh(c.mesh))
+    prog = train_program(c, sharding.make_mesh(c.mesh))
     flat = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(prog.opt_sh)[0]}
     down = [s for k, s in flat.items() if "'mu'" in k and "['layers'][0]['mlp']['down']" in k]
     assert [s.spec for s in down] == [P(("data", "context"), "fsdp")]
