@@ -14,7 +14,7 @@ from flax import nnx
 
 from ttt_jax.bench import op as op_bench
 from ttt_jax.bench.hlo_dots import dots, f32_operand_dots
-from ttt_jax.config import ModelConfig, TTTConfig
+from ttt_jax.config import ModelConfig, RuntimeConfig, TTTConfig
 from ttt_jax.models import CausalLM
 
 pytestmark = pytest.mark.structure
@@ -68,9 +68,9 @@ def test_bf16_model_train_step_dense_layers_are_bf16():
     from ttt_jax.ops.loss import chunked_cross_entropy
 
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                      max_seq_len=64, compute_dtype="bfloat16", attention_impl="auto",
-                      ttt=TTTConfig(enabled=True, every=2, start=0, chunk_size=8, lr=1.0, impl="auto"))
-    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+                      max_seq_len=64, compute_dtype="bfloat16",
+                      ttt=TTTConfig(enabled=True, every=2, start=0, chunk_size=8, lr=1.0))
+    model = CausalLM(cfg, runtime=RuntimeConfig(attention_impl="auto", ttt_impl="auto"), rngs=nnx.Rngs(0))
     graph, state = nnx.split(model)
     tokens = jnp.asarray(np.arange(2 * 33).reshape(2, 33) % 64, jnp.int32)
 

@@ -60,7 +60,7 @@ class RuntimeConfig:
     attention_impl: Literal["auto", "xla", "cudnn", "pallas", "flash", "reference"] = "auto"
     """Single-device attention kernel (:func:`ttt_jax.ops.attention.attention`); ``auto`` picks
     cuDNN or the Pallas flash kernel on GPUs where they apply, XLA otherwise."""
-    ttt_impl: Literal["auto", "reference", "associative", "scan", "attention"] = "auto"
+    ttt_impl: Literal["auto", "reference", "associative", "scan", "attention", "pallas"] = "auto"
     """In-Place TTT op implementation (:func:`ttt_jax.ops.inplace_ttt`)."""
     ttt_seq_impl: Literal["dual", "reference"] = "dual"
     """TTT-Linear/MLP implementation: ``dual`` (fast) or ``reference`` (the primal form)."""
