@@ -54,6 +54,18 @@ def _update(zi, vmi, lr: float, clip_tau: Optional[float]):
     return clip_update(lr * _mm("bcf,bcd->bfd", zi, vmi), clip_tau)
 
 
+def _advance(state, ai, k, segmented: bool):
+    """``S_{i+1} = a_i S_i + K_i``.
+
+    Unsegmented, ``a`` is 1 before the last chunk (:func:`chunk_layout`), so the step is
+    ``S + K``, which XLA turns into one GEMM accumulating into the state (``beta = 1``) instead of
+    a GEMM writing ``K`` and a pass reading ``S`` and ``K``: the ``[F, D]`` fp32 traffic is what
+    bounds this loop. The last chunk's ``a`` is applied after the loop (its ``K`` is 0 whenever
+    that ``a`` is: the masks drop updates no later token reads).
+    """
+    return ai[:, None, None] * state + k if segmented else state + k
+
+
 def _clip_grad(dk, p, clip_tau: float):
     """Gradient w.r.t. ``p`` of ``<dk, clip(p)>`` for per-example Frobenius-norm clipping."""
     sq = jnp.sum(jnp.square(p), axis=(-2, -1), keepdims=True)
@@ -151,12 +163,14 @@ def _forward(z, vm, w0, use, a, s0, lr, clip_tau, segmented):
     def step(state, xs):
         zi, vi, ui, ai = xs
         out = _apply(zi, ui, state, w0, segmented).astype(z.dtype)
-        state = ai[:, None, None] * state + _update(zi, vi, lr, clip_tau)
+        state = _advance(state, ai, _update(zi, vi, lr, clip_tau), segmented)
         return state, out
 
     likes = (z, vm, use, a, w0)
     state0 = _vary_like(_tie(s0.astype(_F32), z), *likes)
     state, out = _scan_stacked(step, state0, (zt, vt, ut, at), tie=z, likes=likes)
+    if not segmented:
+        state = a[:, -1, None, None] * state  # see _advance
     return jnp.moveaxis(out, 0, 1), state
 
 
@@ -197,7 +211,7 @@ def _scan_bwd(lr, clip_tau, segmented, res, cotangents):
     def fwd_step(state, xs):
         zi, vi, ui, ai, gi = xs
         dz_apply = _apply_grad(gi, ui, state, w0, segmented).astype(z.dtype)
-        state = ai[:, None, None] * state + _update(zi, vi, lr, clip_tau)
+        state = _advance(state, ai, _update(zi, vi, lr, clip_tau), segmented)
         return state, dz_apply
 
     likes = (z, vm, use, a, w0, g)
@@ -221,18 +235,23 @@ def _scan_bwd(lr, clip_tau, segmented, res, cotangents):
         if segmented:
             g_state = _mm("bcf,bcd->bfd", zi, gi * ui[..., None].astype(gi.dtype))
             dw0 = dw0 + _mm("bcf,bcd->fd", zi, gi)
+            grad = ai[:, None, None] * grad_next + g_state
         else:
-            g_state = _mm("bcf,bcd->bfd", zi, gi)
-            dw0 = dw0 + jnp.sum(g_state, axis=0)
-        grad = ai[:, None, None] * grad_next + g_state
+            # One GEMM accumulating into the carry (as _advance); dw0 comes from the carry below.
+            grad = grad_next + _mm("bcf,bcd->bfd", zi, gi)
         return (grad, dw0, dz_buf), dv.astype(vm.dtype)
 
     likes = (z, vm, use, a, w0, g, g_state)
-    carry0 = (_vary_like(_tie(g_state.astype(_F32), g), *likes), _zeros_tied(w0.shape, _F32, g, likes),
-              dz_apply)
+    grad0 = _vary_like(_tie(g_state.astype(_F32), g), *likes)
+    if not segmented:
+        grad0 = a[:, -1, None, None] * grad0  # the forward's final a (see _advance)
+    # Unsegmented, dw0 = sum_i z_i^T g_i is the carry's growth: no [F, D] accumulator in the loop.
+    dw0_0 = _zeros_tied(w0.shape, _F32, g, likes) if segmented else jnp.zeros((), _F32)
     idx = jnp.arange(zt.shape[0])
     (ds0, dw0, dz), dv = _scan_stacked(
-        bwd_step, carry0, (idx, zt, vt, ut, at, gt), tie=g, likes=likes, reverse=True)
+        bwd_step, (grad0, dw0_0, dz_apply), (idx, zt, vt, ut, at, gt), tie=g, likes=likes, reverse=True)
+    if not segmented:
+        dw0 = jnp.sum(ds0 - grad0, axis=0)
     dz, dv = jnp.moveaxis(dz, 0, 1), jnp.moveaxis(dv, 0, 1)
     zeros = jnp.zeros_like
     # dw0 is summed over devices in fp32 (then cast): more accurate, and XLA's CPU compiler crashes
