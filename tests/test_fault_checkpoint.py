@@ -297,8 +297,8 @@ def test_writer_reporting_enospc_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ck._mngr, "save", no_space)
     with pytest.raises(CheckpointWriteError, match=rf"saving the checkpoint of step 2 to {tmp_path / '2'} failed: "
-                                                   r"no space left on the device \(bytes or inodes\) \(ENOSPC\) "
-                                                   r"\(.* free\)"):
+                                                   r"no space left on the device \(bytes or inodes\) \(ENOSPC\); "
+                                                   r"now .* free:"):
         ck.save(2, *_states(2), data_state={}, config=CONFIG)
 
     # A background write failing later (TensorStore reports the errno as text, Orbax re-raises it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -104,6 +105,37 @@ def free_bytes(directory: Path) -> int:
     while not p.exists() and p != p.parent:
         p = p.parent
     return int(shutil.disk_usage(p).free)
+
+
+def free_inodes(directory: Path) -> Optional[int]:
+    """Free inodes (file entries, for unprivileged users) on the filesystem holding ``directory``;
+    ``None`` where the filesystem has no fixed inode table (it reports 0 inodes in all)."""
+    p = Path(directory)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return None
+    return int(st.f_favail) if st.f_files else None
+
+
+def describe_no_space(directory: Path, code: int) -> str:
+    """What ran out, for an ``ENOSPC`` / ``EDQUOT`` met while writing into ``directory``, measured
+    now (call it before the failed write's files are removed): ``"no inodes (file entries) left on
+    the device (ENOSPC), though 63.9 MiB are free"`` when the inode table is full, ``"no space left
+    on the device (ENOSPC): 1.2 MiB free"`` when the bytes ran out, both figures otherwise (a quota,
+    or space freed since)."""
+    name = errno.errorcode.get(code, str(code))
+    free, inodes = fmt_bytes(free_bytes(directory)), free_inodes(directory)
+    if code == errno.EDQUOT:
+        return f"the disk quota is exceeded ({name})"
+    if inodes == 0:
+        return f"no inodes (file entries) left on the device ({name}), though {free} are free"
+    if free_bytes(directory) < 1 << 20:
+        return f"no space left on the device ({name}): {free} free"
+    left = f"{free} and {inodes:,} inodes" if inodes is not None else free
+    return f"no space left on the device (bytes or inodes) ({name}); now {left} free"
 
 
 # What a damaged checkpoint looks like in the errors of Orbax, TensorStore and json. Anything else

@@ -12,6 +12,12 @@ records coming from Orbax or TensorStore (and Orbax's routine "Waiting for previ
 and an unraisable-exception hook that drops the "Event loop is closed" echoes of collected
 coroutines; everything else passes. The dropped records are kept (the last :data:`KEPT` of them)
 in :data:`dropped` for debugging. Idempotent and process-wide: a training run enters it once.
+
+:func:`abandon` ends what a failed save leaves running. A save that fails before its writes start
+(a read-only directory) leaves Orbax's signalling threads waiting for the signals of its steps;
+they are not daemon threads, so the process could not exit until their timeout (300 s) ran out.
+:func:`abandon` cancels them and sets the signals they wait for, so they return at once, and keeps
+the failed save's never-run coroutines from warning ("coroutine ... was never awaited") at exit.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from __future__ import annotations
 import collections
 import logging
 import sys
-from typing import Any
+import threading
+import warnings
+from typing import Any, Optional
 
 KEPT = 50
 dropped: collections.deque = collections.deque(maxlen=KEPT)
@@ -70,3 +78,36 @@ def contain() -> None:
     _previous_hook = sys.unraisablehook
     sys.unraisablehook = _unraisable
     _installed = True
+
+
+def current_operation() -> Optional[str]:
+    """The id of Orbax's latest save operation (its signalling threads carry it); ``None`` when
+    this Orbax version has no such id."""
+    try:
+        from orbax.checkpoint._src.futures import synchronization
+
+        return synchronization.OperationIdGenerator.get_current_operation_id()
+    except Exception:  # noqa: BLE001 - an Orbax without signalled saves has nothing to end
+        return None
+
+
+def abandon(operation: Optional[str]) -> int:
+    """After the save of Orbax ``operation`` failed: end its signalling threads still waiting (see
+    the module docstring) and silence its never-run coroutines. Returns how many threads were
+    released. Call it only once nothing more will be written by this process's checkpointer."""
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+    if operation is None:
+        return 0
+    try:  # private API: another Orbax version degrades to waiting for the timeout, never worse
+        from orbax.checkpoint._src.futures import future
+
+        thread_cls, set_signals = future._SignalingThread, future.set_signals
+    except (ImportError, AttributeError):
+        return 0
+    released = 0
+    for t in threading.enumerate():
+        if isinstance(t, thread_cls) and t.is_alive() and getattr(t, "_operation_id", None) == operation:
+            t.cancel()   # once its signals are set, it returns without running its step
+            set_signals(getattr(t, "_receive_signals", ()), operation_id=operation)
+            released += 1
+    return released

@@ -49,10 +49,10 @@ from flax import nnx
 from ttt_jax.checkpoint.compat import config_differences
 from ttt_jax.checkpoint.errors import (CheckpointCorruptError, CheckpointWarning, CheckpointWriteError,
                                        NonFiniteStateError)
-from ttt_jax.checkpoint.integrity import (brief, checkpoint_bytes, checksums_and_finite, fmt_bytes, free_bytes,
-                                          is_damage, state_nbytes, verify_checksums, write_failure)
+from ttt_jax.checkpoint.integrity import (brief, checkpoint_bytes, checksums_and_finite, describe_no_space,
+                                          fmt_bytes, free_bytes, is_damage, state_nbytes, verify_checksums, write_failure)
 from ttt_jax.checkpoint.layout import saved_layout
-from ttt_jax.checkpoint.quiet import contain as contain_library_noise
+from ttt_jax.checkpoint.quiet import abandon, contain as contain_library_noise, current_operation
 from ttt_jax.fs import describe_os_error
 from ttt_jax.checkpoint.tree import abstract_of, from_saved, shape_problems, str_keys, to_saveable
 
@@ -91,6 +91,7 @@ class Checkpointer:
         self.set_aside: list[Path] = []   # corrupt steps moved to <step>.corrupt by this instance
         self._pending: Optional[int] = None   # the step of a save that may still be writing
         self._failed = False                  # a write failed: nothing more is written or waited for
+        self._operation: Optional[str] = None  # Orbax's id of the latest save (its threads carry it)
         contain_library_noise()
         self._discard_unfinished()
         # Handlers named up front, so that metadata and single items of an existing checkpoint can
@@ -148,9 +149,12 @@ class Checkpointer:
             return
         code, detail = found
         self._failed = True
+        abandon(self._operation)   # else its threads keep the process from exiting for minutes
         where = self.directory / str(step) if step is not None else self.directory
+        # Measured before the failed save's files are removed (they hold the inodes or bytes).
+        reason = describe_no_space(self.directory, code) if code in (errno.ENOSPC, errno.EDQUOT) else \
+            describe_os_error(OSError(code, ""))
         self._discard_partial(step)
-        space = f" ({fmt_bytes(free_bytes(self.directory))} free)" if code in (errno.ENOSPC, errno.EDQUOT) else ""
         hint = {errno.ENOSPC: "free some space (bytes and inodes: df -h, df -i) or set train.run_dir on a "
                               "larger disk",
                 errno.EDQUOT: "free some of the quota or set train.run_dir elsewhere",
@@ -158,7 +162,7 @@ class Checkpointer:
             code, "make it writable or set train.run_dir to a writable location")
         what = f"saving the checkpoint of step {step}" if step is not None else "writing a checkpoint"
         raise CheckpointWriteError(
-            f"{what} to {where} failed: {describe_os_error(OSError(code, ''))}{space}: {detail}; {hint}"
+            f"{what} to {where} failed: {reason}: {detail}; {hint}"
             + self._intact_note(), code, step) from e
 
     def _discard_partial(self, step: Optional[int]) -> None:
@@ -214,9 +218,10 @@ class Checkpointer:
                 data=ocp.args.JsonSave(data_state if data_state is not None else {}),
                 meta=ocp.args.JsonSave(meta)))
         except Exception as e:
-            self._pending = None
+            self._pending, self._operation = None, current_operation()
             self._write_failed(e, step)
             raise
+        self._operation = current_operation()
 
     def wait(self) -> None:
         """Block until every pending save is durable on disk (:class:`CheckpointWriteError` naming
