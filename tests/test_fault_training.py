@@ -366,3 +366,30 @@ sys.exit(cli.main(["train", {str(tmp_path / "toy.yaml")!r}]))
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines[-1].startswith("SIGTERM received again: exiting at once without a checkpoint"), err[-2000:]
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("second", ["SIGTERM", "SIGINT"])
+def test_second_signal_is_exactly_one_line_off_a_terminal(second):
+    """The signal handler on its own (no training): SIGTERM, then SIGTERM or SIGINT. Off a terminal
+    (a log file, a scheduler's capture) stderr is exactly one line, no blank line before it and no
+    KeyboardInterrupt traceback; the status is 128 + the second signal."""
+    import subprocess
+    import sys
+
+    script = """
+import os, signal, time
+from ttt_jax.train.trainer import _StopSignals
+with _StopSignals(lambda: "kept") as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    while stop.received is None:
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.%s)
+    time.sleep(30)
+""" % second
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
+                              [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == 128 + getattr(signal, second), proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [f"{second} received again: exiting at once without a checkpoint of "
+                                        "the step in flight; kept"], proc.stderr[-2000:]

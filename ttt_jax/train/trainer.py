@@ -142,7 +142,10 @@ class _StopSignals:
                     self.received = name
                     continue
                 where = self._where()
-                os.write(2, (f"\n{name} received again: exiting at once without a checkpoint of the "
+                # A newline first ends a progress bar's line on a terminal; elsewhere the message
+                # is the one line written.
+                lead = "\n" if os.isatty(2) else ""
+                os.write(2, (f"{lead}{name} received again: exiting at once without a checkpoint of the "
                              f"step in flight{'; ' + where if where else ''}\n").encode())
                 os._exit(128 + signum)
 
