@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ttt_jax.config import ConfigError, DataConfig
-from ttt_jax.data import (ByteTokenizer, HFTokenizer, check_data, describe, document_tokens, iter_packed_rows,
-                          load_tokenizer, make_batches, open_corpus, pack_documents, read_documents,
+from ttt_jax.data import (ByteTokenizer, DataWarning, HFTokenizer, check_data, describe, document_tokens,
+                          iter_packed_rows, load_tokenizer, make_batches, open_corpus, pack_documents, read_documents,
                           validation_batches)
 
 pytestmark = pytest.mark.unit
@@ -567,9 +567,18 @@ def test_check_finds_bad_utf8_in_a_text_directory(tmp_path):
     with pytest.raises(ValueError, match=r"f005\.txt:line 2: invalid UTF-8 at byte 18 \(set data.on_error=skip"):
         check_data(cfg, progress=False)
     lines = []
-    with pytest.warns(UserWarning, match=r"1 malformed record\(s\) will be skipped.*f005\.txt:line 2"):
+    with pytest.warns(DataWarning, match=r"1 malformed record\(s\) will be skipped.*f005\.txt:line 2") \
+            as caught:
         res = check_data(dataclasses.replace(cfg, on_error="skip"), progress=False, log=lines.append)
     assert res.malformed == 1 and res.files == 12 and res.documents == 12
+    # The command line prints the project's warnings as one line (not file:line: UserWarning + source).
+    import warnings
+
+    from ttt_jax import cli
+
+    cli._one_line_warnings()
+    w = caught[0]
+    assert warnings.formatwarning(w.message, w.category, w.filename, w.lineno) == f"warning: {w.message}\n"
     assert len(lines) == 1 and "12 file(s)" in lines[0] and "1 malformed" in lines[0]
     # A clean corpus passes, the byte count is the corpus's size.
     (d / "f005.txt").write_text("fine\n")

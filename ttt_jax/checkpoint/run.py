@@ -50,7 +50,8 @@ from ttt_jax.checkpoint.compat import config_differences
 from ttt_jax.checkpoint.errors import (CheckpointCorruptError, CheckpointWarning, CheckpointWriteError,
                                        NonFiniteStateError)
 from ttt_jax.checkpoint.integrity import (brief, checkpoint_bytes, checksums_and_finite, describe_no_space,
-                                          fmt_bytes, free_bytes, is_damage, state_nbytes, verify_checksums, write_failure)
+                                          fmt_bytes, free_bytes, is_damage, state_nbytes, verify_checksums,
+                                          write_failure)
 from ttt_jax.checkpoint.layout import saved_layout
 from ttt_jax.checkpoint.quiet import abandon, contain as contain_library_noise, current_operation
 from ttt_jax.fs import describe_os_error

@@ -15,12 +15,13 @@ from ttt_jax.data.packing import (FIELDS, RowPacker, document_tokens, empty_rows
                                   pack_documents)
 from ttt_jax.data.pipeline import (BatchIterator, PackedRowsDataset, describe, make_batches,
                                    validation_batches)
-from ttt_jax.data.sources import Corpus, corpus_from_config, open_corpus, read_documents, stdlib_root
+from ttt_jax.data.sources import (Corpus, DataWarning, corpus_from_config, open_corpus, read_documents,
+                                  stdlib_root)
 from ttt_jax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer",
-    "Corpus", "open_corpus", "corpus_from_config", "read_documents", "stdlib_root",
+    "Corpus", "DataWarning", "open_corpus", "corpus_from_config", "read_documents", "stdlib_root",
     "FIELDS", "RowPacker", "document_tokens", "empty_rows", "iter_packed_rows", "pack_documents",
     "BatchIterator", "PackedRowsDataset", "make_batches", "validation_batches", "describe",
     "DataCheck", "check_data",

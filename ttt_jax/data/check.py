@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from ttt_jax.data.records import Malformed, first_utf8_error, parquet_value, parse_jsonl, pyarrow_parquet
+from ttt_jax.data.records import (DataWarning, Malformed, first_utf8_error, parquet_value, parse_jsonl,
+                                  pyarrow_parquet)
 from ttt_jax.data.sources import Corpus, corpus_from_config
 
 __all__ = ["DataCheck", "check_data", "check_corpora"]
@@ -107,7 +108,7 @@ def check_corpora(corpora: list[Corpus], *, on_error: str = "raise", progress: b
     out.seconds = time.perf_counter() - t0
     if out.malformed:
         warnings.warn(f"data check: {out.malformed} malformed record(s) will be skipped "
-                      f"(data.on_error=skip); the first: {out.first_malformed}", stacklevel=3)
+                      f"(data.on_error=skip); the first: {out.first_malformed}", DataWarning, stacklevel=3)
     return out
 
 

@@ -39,6 +39,11 @@ class Malformed(ValueError):
     """A record that cannot be a document (bad encoding or format); the message names no file."""
 
 
+class DataWarning(UserWarning):
+    """Records were skipped (``data.on_error=skip``) or a file could not be read; the command line
+    prints it as one ``warning: ...`` line."""
+
+
 def decode_utf8(raw: bytes, offset: int = 0) -> str:
     """``raw`` as UTF-8; :class:`Malformed` names the first bad byte (``offset`` + its index)."""
     try:

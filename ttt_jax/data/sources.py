@@ -35,8 +35,8 @@ the rest. ``max_documents`` then keeps the first ``max_documents`` documents of 
 Malformed records (invalid UTF-8, invalid JSON, a line that is not an object, a missing or
 non-string field, a null Parquet value, an unreadable Parquet file) raise ``ValueError`` naming the
 file and line/row when ``on_error="raise"`` (default); with ``on_error="skip"`` they are dropped,
-counted in :attr:`Corpus.skipped`, and reported with a ``UserWarning``. :mod:`ttt_jax.data.check`
-finds them all in one pass before training.
+counted in :attr:`Corpus.skipped`, and reported with a :class:`DataWarning` (a ``UserWarning``).
+:mod:`ttt_jax.data.check` finds them all in one pass before training.
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ import numpy as np
 from ttt_jax.data.discovery import expand_paths as _expand
 from ttt_jax.data.discovery import stdlib_root
 from ttt_jax.data.discovery import walk as _walk
-from ttt_jax.data.records import (Malformed, carve_point, decode_python, decode_utf8, parquet_value,
-                                  parse_jsonl, pyarrow_parquet, text_pieces)
+from ttt_jax.data.records import (DataWarning, Malformed, carve_point, decode_python, decode_utf8,
+                                  parquet_value, parse_jsonl, pyarrow_parquet, text_pieces)
 
-__all__ = ["Corpus", "open_corpus", "read_documents", "stdlib_root", "SOURCES", "SPLITS"]
+__all__ = ["Corpus", "DataWarning", "open_corpus", "read_documents", "stdlib_root", "SOURCES", "SPLITS"]
 
 SOURCES = ("stdlib", "text", "jsonl", "parquet")
 SPLITS = ("train", "validation", "all")
@@ -159,7 +159,7 @@ class Corpus:
             if not self._warned:
                 self._warned = True
                 warnings.warn(f"skipping malformed record {self.where(i)}: {e} (further skips are "
-                              "counted in Corpus.skipped)", stacklevel=2)
+                              "counted in Corpus.skipped)", DataWarning, stacklevel=2)
             return None
 
     def __iter__(self) -> Iterator[str]:
@@ -224,7 +224,7 @@ def _parquet_rows(files: list[Path], column: str, on_error: str) -> tuple[list[i
             if on_error == "raise":
                 raise ValueError(f"{path}: unreadable Parquet file ({e}) (set data.on_error=skip to "
                                  "drop it)") from None
-            warnings.warn(f"skipping unreadable Parquet file {path}: {e}", stacklevel=3)
+            warnings.warn(f"skipping unreadable Parquet file {path}: {e}", DataWarning, stacklevel=3)
             rows.append(0)
             bad += 1
             continue
@@ -344,7 +344,7 @@ def read_documents(source: str = "stdlib", paths: Sequence[str] = (), *, split: 
                    max_documents: Optional[int] = None, on_error: str = "raise") -> Iterator[str]:
     """Yield the documents (``str``) of a split in a deterministic order.
 
-    Same arguments as :func:`open_corpus`. With ``on_error="skip"``, a ``UserWarning`` at the end
+    Same arguments as :func:`open_corpus`. With ``on_error="skip"``, a :class:`DataWarning` at the end
     reports how many malformed records were dropped.
     """
     corpus = open_corpus(source, paths, split=split, field=field, column=column,
@@ -357,4 +357,4 @@ def read_documents(source: str = "stdlib", paths: Sequence[str] = (), *, split: 
             yield text
     if corpus.skipped:
         warnings.warn(f"read_documents: skipped {corpus.skipped} malformed record(s) in "
-                      f"{source} {split} split (on_error='skip')", stacklevel=2)
+                      f"{source} {split} split (on_error='skip')", DataWarning, stacklevel=2)
