@@ -273,3 +273,28 @@ def test_generate_falls_back_to_the_newest_intact_step(tmp_path, capfd):
     assert line == f"warning: {msgs[0]}\n"
     assert "Traceback" not in err and "bound method" not in err + msgs[0]
     assert (ckdir / "4").is_dir()     # reading never moves or deletes anything
+
+
+def test_model_readers_keep_orbax_restore_warnings_off_the_console(tmp_path):
+    """Reading only some items of a checkpoint (`convert export`, `eval`, `generate` load the model
+    and the meta record) made Orbax log "Item ... was found in the checkpoint, but could not be
+    restored" through absl, four lines per export. A fresh process, so that no earlier checkpoint
+    use in this one installed the filter."""
+    import subprocess
+    import sys
+
+    from flax import nnx
+
+    from ttt_jax.checkpoint import save_model
+    from ttt_jax.models.lm import CausalLM
+
+    cfg = toy(tmp_path)
+    save_model(tmp_path / "m", CausalLM(cfg.model, runtime=cfg.runtime, rngs=nnx.Rngs(0)), cfg)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "ttt_jax.cli", "convert", "export", str(tmp_path / "m"),
+                        str(tmp_path / "hf"), "--no-progress"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu",
+                            "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert "could not be restored" not in r.stderr and "absl" not in r.stderr, r.stderr[-2000:]

@@ -4,7 +4,9 @@ conversion, warm starts).
 A model-only checkpoint has the layout of a run checkpoint (``<dir>/checkpoints/<step>/`` with the
 items ``state``, ``data``, ``meta``) without optimizer or data state, so :func:`load_model` reads
 both kinds. Reading never changes the directory (unlike :class:`~ttt_jax.checkpoint.Checkpointer`,
-which removes unfinished saves of the run that owns it).
+which removes unfinished saves of the run that owns it). Each of them keeps Orbax's log noise off
+the console (:func:`ttt_jax.checkpoint.quiet.contain`): reading some items of a checkpoint makes
+Orbax log "Item ... was found in the checkpoint, but could not be restored" for the others.
 
 * :func:`resolve_checkpoint` -- a run directory, checkpoints directory or step directory ->
   ``(checkpoints_dir, step)``;
@@ -30,6 +32,7 @@ from ttt_jax.checkpoint.compat import config_differences
 from ttt_jax.checkpoint.layout import relayout_model
 from ttt_jax.checkpoint.errors import CheckpointCorruptError, CheckpointWarning
 from ttt_jax.checkpoint.integrity import brief, is_damage, state_checksums, verify_checksums
+from ttt_jax.checkpoint.quiet import contain as contain_library_noise
 from ttt_jax.checkpoint.tree import abstract_of, from_saved, meta_tree, shape_problems, str_keys, to_saveable
 from ttt_jax.config import Config
 
@@ -84,6 +87,7 @@ def read_checkpoint_config(path: str | Path, step: Optional[int] = None) -> Conf
     """The :class:`Config` a checkpoint was written with (from its ``meta`` record)."""
     from ttt_jax.config import config_from_saved
 
+    contain_library_noise()
     ckdir, step = resolve_checkpoint(path, step)
     mngr = ocp.CheckpointManager(ckdir, item_handlers={"meta": ocp.JsonCheckpointHandler()})
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -131,6 +135,7 @@ def _load_model(path: str | Path, step: Optional[int], mesh: Optional[jax.shardi
     from ttt_jax.models.lm import CausalLM
     from ttt_jax import sharding
 
+    contain_library_noise()
     ckdir, step = resolve_checkpoint(path, step)
     saved_cfg = read_checkpoint_config(ckdir, step)
     cfg = apply_overrides(saved_cfg, list(overrides)) if overrides else saved_cfg
@@ -186,6 +191,7 @@ def save_model(directory: str | Path, model: Any, cfg: Config, *, step: int = 0)
     ``<directory>/config.yaml``. Returns the step directory. Blocks until written."""
     import yaml
 
+    contain_library_noise()
     directory = Path(directory).expanduser().absolute()
     directory.mkdir(parents=True, exist_ok=True)
     mngr = ocp.CheckpointManager(
@@ -212,6 +218,7 @@ def verify_checkpoint(path: str | Path, step: Optional[int] = None) -> Path:
     :func:`resolve_checkpoint`. The arrays are read onto the default device, one checkpoint at a
     time (a check for a model that fits one device; :func:`load_model` with a mesh verifies a
     sharded model as it loads it)."""
+    contain_library_noise()
     ckdir, step = resolve_checkpoint(path, step)
     where = ckdir / str(step)
     meta = _read_json_item(where, "meta")
