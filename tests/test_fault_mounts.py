@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -168,7 +169,7 @@ def test_a_save_that_fails_before_writing_leaves_no_thread_waiting(tmp_path, mon
     assert not alive, f"{len(alive)} Orbax signalling thread(s) still waiting for the failed save"
     # Its coroutines that never ran are closed: collected at exit, each printed "coroutine ... was
     # never awaited" (a warnings filter alone does not hold where a harness resets the filters).
-    unstarted = [c.cr_code.co_name for c in gc.get_objects() if inspect.iscoroutine(c)
+    unstarted = [c.cr_code.co_name for c in gc.get_objects() if type(c) is types.CoroutineType
                  and "/orbax/" in c.cr_code.co_filename and inspect.getcoroutinestate(c) == inspect.CORO_CREATED]
     assert not unstarted, unstarted
     ck.close()
