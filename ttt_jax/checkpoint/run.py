@@ -27,9 +27,11 @@ Integrity:
   invisible: TensorStore reads them back as wrong values without an error.)
 * **A full disk is an error, not a hang.** Before each save the free space of the checkpoint
   directory is compared with the size of the state (:meth:`Checkpointer.check_free_space`), and a
-  writer failing with ``ENOSPC``/``EDQUOT`` (at the save, or later from the background write) is
-  turned into :class:`CheckpointWriteError` naming the directory and its free space. The older
-  checkpoints are untouched (Orbax deletes the oldest of ``keep`` only after a save completed).
+  writer failing with an OS error (at the save, or later from the background write) is turned
+  into :class:`CheckpointWriteError` naming the step, the path and the error (for ``ENOSPC``,
+  whether the inodes or the bytes ran out). The older checkpoints are untouched (Orbax deletes the
+  oldest of ``keep`` only after a save completed), and Orbax's threads of the failed save are
+  released (:func:`~ttt_jax.checkpoint.quiet.abandon`), so the process can exit at once.
 """
 
 from __future__ import annotations
