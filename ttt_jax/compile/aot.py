@@ -150,9 +150,9 @@ def compile_generate(cfg: Config, mesh: Mesh, processes: int, *, prompt_len: int
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from ttt_jax.infer.cache import init_cache
-    from ttt_jax.infer.engine import decode_step, extend_step, StaticGraph, check_supported
+    from ttt_jax.infer.engine import decode_step, extend_step, StaticGraph
     from ttt_jax import sharding
-    from ttt_jax.models.lm import CausalLM
+    from ttt_jax.models.lm import CausalLM, check_cacheable
     from ttt_jax.train.trainer import check_batch_divisible
 
     if mesh.shape["context"] > 1:
@@ -160,7 +160,7 @@ def compile_generate(cfg: Config, mesh: Mesh, processes: int, *, prompt_len: int
                          "set mesh.context=1 (give the devices to mesh.data / mesh.fsdp / mesh.tensor)")
     model_cfg = cfg.model
     runtime = dc.replace(cfg.runtime, scan_layers=False)   # the engine walks the layers one by one
-    check_supported(model_cfg)
+    check_cacheable(model_cfg)
     batch = cfg.data.batch_size * processes
     check_batch_divisible(batch, mesh)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(model_cfg, runtime=runtime, rngs=nnx.Rngs(0))))
