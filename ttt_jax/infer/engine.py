@@ -224,7 +224,7 @@ class Engine:
       model: a :class:`CausalLM` (scanned layers are unrolled, sharing the values).
       prefill_block: prompt tokens per prefill call (bounds activation memory).
       attn_block: keys per block of the blockwise cache attention.
-      attn_impl: :func:`ttt_jax.infer.attention.cache_attention` implementation.
+      attn_impl: :func:`ttt_jax.ops.attention_cache.cache_attention` implementation.
     """
 
     def __init__(self, model: CausalLM, *, prefill_block: int = 1024, attn_block: int = 512,
