@@ -17,7 +17,11 @@ def row(path: Path) -> str:
     mesh = " x ".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "1 device"
     peak = f"{r['peak_bytes'] / GIB:.1f} / {r['hbm_bytes'] / GIB:.0f} GiB ({100 * r['peak_bytes'] / r['hbm_bytes']:.0f}%)"
     if "est_step_s" in r:
-        est = f"{r['est_step_s']:.2f} s, {100 * r['est_mfu']:.0f}%"
+        if "est_step_serial_s" in r:   # bounds: all overlapped .. none overlapped
+            est = (f"{r['est_step_s']:.2f}-{r['est_step_serial_s']:.2f} s, "
+                   f"{100 * r['est_mfu_serial']:.0f}-{100 * r['est_mfu']:.0f}%")
+        else:
+            est = f"{r['est_step_s']:.2f} s, {100 * r['est_mfu']:.0f}% (compute floor only)"
         tokens = f"{r['global_batch']} x {r['seq_len'] // 1024}k"
         fb = "XLA (no Pallas TPU CP kernel)" if r["attention_fallback"] else f"Mosaic ({r['mosaic_calls']} calls)"
     else:   # refused by the compiler: only its memory figure

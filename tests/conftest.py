@@ -9,6 +9,12 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu" if os.environ.get("TTT_TEST_GPU") is None else "")
+# CPU runs: LLVM code generation at -O0 without its expensive passes. Most of the suite's time is
+# XLA compiling small programs that then run for milliseconds; this halves the compile CPU time
+# (HLO-level optimisation, which the structure tests inspect, is unchanged). Inherited by the CLI
+# subprocesses the tests start.
+if os.environ.get("TTT_TEST_GPU") is None and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # One persistent compilation cache per test run, shared by the xdist workers and the CLI
 # subprocesses they start: many tests compile the same programs (the same toy trainer step, the same
 # model), and on a 2-core CI machine compiling is most of the suite's time. A fresh directory per

@@ -1,18 +1,25 @@
-"""Inference: KV caches, In-Place TTT and TTT-Linear/MLP state, prefill/decode, generation, qTTT."""
+"""Inference: prefill/decode of the model's cached blocks, generation, sampling, qTTT.
 
-from ttt_jax.infer.attention import attention_extend, cache_attention
-from ttt_jax.infer.cache import (Cache, KVCache, LayerCache, TTTCache, TTTSeqCache, cache_bytes,
-                                 init_cache)
-from ttt_jax.infer.engine import DecodeLoop, Engine, extend, unrolled_model
+The caches: :class:`Cache` (lengths and one :class:`LayerCache` per layer) of :class:`KVCache`,
+:class:`TTTCache` and :class:`TTTSeqCache` -- the per-layer pieces live beside their modules in
+``ttt_jax.nn`` and are exported here too.
+"""
+
+from ttt_jax.infer.cache import Cache, cache_bytes, init_cache
+from ttt_jax.infer.engine import DecodeLoop, Engine, extend, prefill_forward
 from ttt_jax.infer.generate import GenerationConfig, GenerationResult, generate
 from ttt_jax.infer.qttt import QTTTConfig, adapt_queries
 from ttt_jax.infer.sampling import filter_logits, sample_logits
-from ttt_jax.infer.ttt import ttt_extend
-from ttt_jax.infer.ttt_seq import ttt_seq_extend
+from ttt_jax.models.lm import unrolled_model
+from ttt_jax.nn.block import LayerCache
+from ttt_jax.nn.kv_cache import KVCache
+from ttt_jax.nn.ttt_cache import TTTCache
+from ttt_jax.nn.ttt_seq_cache import TTTSeqCache
+from ttt_jax.ops.attention_cache import cache_attention
 
 __all__ = [
-    "Cache", "DecodeLoop", "Engine", "GenerationConfig", "GenerationResult", "KVCache", "QTTTConfig", "adapt_queries",
-    "generate", "LayerCache", "TTTCache", "TTTSeqCache", "attention_extend", "cache_attention",
-    "cache_bytes", "extend", "filter_logits", "init_cache", "sample_logits", "ttt_extend",
-    "ttt_seq_extend", "unrolled_model",
+    "Cache", "DecodeLoop", "Engine", "GenerationConfig", "GenerationResult", "KVCache", "LayerCache",
+    "QTTTConfig", "TTTCache", "TTTSeqCache", "adapt_queries", "cache_attention", "cache_bytes",
+    "extend", "filter_logits", "generate", "init_cache", "prefill_forward", "sample_logits",
+    "unrolled_model",
 ]

@@ -1,13 +1,15 @@
 """Prefill and decode of a :class:`~ttt_jax.models.lm.CausalLM` with a :class:`~ttt_jax.infer.cache.Cache`.
 
 :func:`extend` is the whole model over ``T`` new tokens of every sequence of a batch, each sequence
-at its own position (``cache.lengths``); it reuses the model's modules and parameters and computes,
+at its own position (``cache.lengths``): the model's own blocks run with their layer caches
+(``CausalLM.hidden(tokens, cache=..., step=CacheStep(...))``; attention from its KV cache,
+:mod:`ttt_jax.nn.kv_cache`, In-Place TTT from its fast weight, :mod:`ttt_jax.nn.ttt_cache`,
+TTT-Linear/MLP layers from their inner models' states, :mod:`ttt_jax.nn.ttt_seq_cache`) and compute,
 for those tokens, what one forward pass over the whole sequence computes (tested: prefill in
-blocks plus token-by-token decode gives the logits of ``model(tokens)``) -- attention from KV caches
-(:mod:`ttt_jax.infer.attention`), In-Place TTT from its fast weights (:mod:`ttt_jax.infer.ttt`),
-TTT-Linear/MLP layers from their inner models' states (:mod:`ttt_jax.infer.ttt_seq`). TTT-E2E models
-are not supported (:func:`check_supported`). :class:`Engine` wraps it
-in jitted functions over the split model state:
+blocks plus token-by-token decode gives the logits of ``model(tokens)``). The engine keeps the
+lengths, builds the step, and samples. TTT-E2E models are not supported
+(:func:`~ttt_jax.models.lm.check_cacheable`). :class:`Engine` wraps it in jitted functions over the
+split model state:
 
 * :meth:`Engine.prefill` -- prompts of different lengths, consumed in blocks of ``prefill_block``
   tokens (memory bounded by the block, not the prompt), returning the logits of each prompt's last
@@ -24,7 +26,6 @@ the state as an argument, so XLA keeps each weight where it lives and partitions
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Mapping, NamedTuple, Optional, Sequence
 
@@ -33,46 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ttt_jax.infer.attention import attention_extend
-from ttt_jax.infer.cache import Cache, LayerCache, init_cache, round_up
+from ttt_jax.infer.cache import Cache, init_cache
 from ttt_jax.infer.sampling import sample_logits
-from ttt_jax.infer.ttt import ttt_extend
-from ttt_jax.infer.ttt_seq import ttt_seq_extend
-from ttt_jax.models.layers import unstack_layer_params
-from ttt_jax.models.lm import CausalLM, check_tokens
-
-
-def check_supported(cfg) -> None:
-    """Raise a ``ValueError`` for model kinds the cached inference path does not implement.
-
-    TTT-E2E (``model.e2e``) is not implemented. What its decode needs, per sequence: the fast MLP
-    weights of the last ``k`` blocks (fp32, ``3 D F k`` values); KV caches of those blocks that hold
-    the window before the open chunk as well as the chunk itself (``window + chunk`` slots: keys as
-    computed with the weights of their own chunk); and the open chunk's inputs to the first fast
-    block. A chunk's SGD step needs the next-token target of its last token, i.e. the first token
-    of the next chunk: when that token arrives, the last ``k`` blocks are re-run over the completed
-    chunk from the chunk-start KV window with the chunk's weights, differentiated (mean NLL, global
-    norm clip per sequence) and the weights updated -- before the new token is answered. So decode
-    is cheap except at chunk boundaries (a ``chunk``-token forward and backward through ``k`` blocks,
-    under ``lax.cond`` as for In-Place TTT), and ragged batches cross boundaries at different steps.
-    """
-    e2e = getattr(cfg, "e2e", None)
-    if e2e is not None and e2e.enabled:
-        raise ValueError("cached inference does not support TTT-E2E models (model.e2e) yet; "
-                         "evaluate them with the full forward pass")
-
-
-def unrolled_model(model: CausalLM) -> CausalLM:
-    """``model`` itself, or for ``runtime.scan_layers=true`` an unrolled copy sharing its values
-    (inference walks the layers one by one, each with its own cache)."""
-    if not model.runtime.scan_layers:
-        return model
-    runtime = dataclasses.replace(model.runtime, scan_layers=False)
-    abstract = nnx.eval_shape(lambda: CausalLM(model.cfg, runtime=runtime, rngs=nnx.Rngs(0)))
-    graphdef, abs_state = nnx.split(abstract)
-    values = nnx.to_pure_dict(unstack_layer_params(nnx.state(model), model.cfg))
-    nnx.replace_by_pure_dict(abs_state, values)
-    return nnx.merge(graphdef, abs_state)
+from ttt_jax.models.lm import CausalLM, check_cacheable, check_tokens, unrolled_model
+from ttt_jax.nn.cache import CacheStep, round_up
 
 
 def extend(model: CausalLM, cache: Cache, tokens: jax.Array, n_valid: jax.Array, *,
@@ -81,56 +46,35 @@ def extend(model: CausalLM, cache: Cache, tokens: jax.Array, n_valid: jax.Array,
     """The model over ``T`` new tokens of every sequence, continuing from ``cache``.
 
     Args:
-      model: an unrolled :class:`CausalLM` (see :func:`unrolled_model`).
+      model: an unrolled :class:`CausalLM` (see :func:`~ttt_jax.models.lm.unrolled_model`).
       cache: the state after ``cache.lengths[b]`` tokens of sequence ``b``.
       tokens: ``[B, T]`` int32; row ``b`` holds ``n_valid[b]`` real tokens then padding (any id in
         the vocabulary).
       n_valid: ``[B]`` int32 in ``[0, T]``.
       q_deltas: optional ``{layer: [B, D, H, Dh]}`` query-kernel additions (query-only TTT).
-      attn_impl, attn_block: :func:`ttt_jax.infer.attention.cache_attention` options.
+      attn_impl, attn_block: :func:`ttt_jax.ops.attention_cache.cache_attention` options.
 
     Returns:
       ``([B, T, D]`` final-normed hidden states (compute dtype; padding rows are garbage), the
       cache after the real tokens, with ``lengths + n_valid``).
     """
-    if model.runtime.scan_layers:
-        raise ValueError("extend needs an unrolled model; pass unrolled_model(model)")
-    start = cache.lengths
     n_valid = n_valid.astype(jnp.int32)
-    q_deltas = q_deltas or {}
-    x0 = model.embed_tokens(tokens)
-    x = x0
-    layers = []
-    for i, (block, lc) in enumerate(zip(model.layers, cache.layers)):
-        a = block.attn_norm(x)
-        mix, kv, seq = None, lc.kv, lc.seq
-        if block.ttt_seq is not None:              # TTT-Linear/MLP: instead of or beside attention
-            mix, seq = ttt_seq_extend(block.ttt_seq, a, start, n_valid, lc.seq)
-        if block.attn is not None:
-            att, kv = attention_extend(block.attn, a, start, n_valid, lc.kv, q_delta=q_deltas.get(i),
-                                       impl=attn_impl, block=attn_block)
-            mix = att if mix is None else mix + att
-        x = x + mix
-        h = block.mlp_norm(x)
-        if block.is_ttt:
-            out, st = ttt_extend(block.mlp, h, x0, start, n_valid, lc.ttt)
-        else:
-            out, st = block.mlp(h), None
-        x = x + out
-        layers.append(LayerCache(kv=kv, ttt=st, seq=seq))
-    return model.final_norm(x), Cache(lengths=start + n_valid, layers=tuple(layers))
+    step = CacheStep(start=cache.lengths, n_valid=n_valid, q_deltas=dict(q_deltas or {}),
+                     attn_impl=attn_impl, attn_block=attn_block)
+    hidden, layers = model.hidden(tokens, cache=cache.layers, step=step)
+    return hidden, Cache(lengths=cache.lengths + n_valid, layers=layers)
 
 
 def prefill_forward(model: CausalLM, cache: Cache, tokens: jax.Array) -> tuple[jax.Array, Cache]:
-    """Fill *empty* caches with whole prompts of equal length through the model's own forward pass.
+    """Fill *empty* caches with whole prompts of equal length through the model's forward pass.
 
-    The layer outputs come from the modules' ``__call__`` -- under a mesh with a ``context`` axis that
-    is the context-parallel forward (ring / halo attention, the cross-device In-Place TTT scan), so a
-    long prompt is split over devices -- and the cache contents are position-wise: keys and values of
-    every position (the last ``window`` for ring buffers), the fast weight after the complete chunks
-    (``sum_i clip(lr z_i^T v_i)``, one reduction over the sequence) and the rows of the final partial
-    chunk. TTT-Linear/MLP layers are sequential in their state and run as in :func:`extend` (one
-    device along the sequence). Equal to :func:`extend` from an empty cache (tested).
+    The layer outputs come from the modules' forward pass -- under a mesh with a ``context`` axis
+    that is the context-parallel forward (ring / halo attention, the cross-device In-Place TTT
+    scan), so a long prompt is split over devices -- and the caches are filled position-wise
+    (``CacheStep(fill=True)``): keys and values of every position (the last ``window`` for ring
+    buffers), the fast weight after the complete chunks and the rows of the final partial chunk.
+    TTT-Linear/MLP layers are sequential in their state and run as in :func:`extend` (one device
+    along the sequence). Equal to :func:`extend` from an empty cache (tested).
 
     Args:
       model: an unrolled :class:`CausalLM`.
@@ -140,63 +84,10 @@ def prefill_forward(model: CausalLM, cache: Cache, tokens: jax.Array) -> tuple[j
     Returns:
       ``([B, T, D]`` final-normed hidden states, the cache with ``lengths = T``).
     """
-    from ttt_jax.infer.attention import project_qkv
-    from ttt_jax.infer.cache import KVCache, TTTCache
-    from ttt_jax.infer.ttt import chunk_update
-
     b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x0 = model.embed_tokens(tokens)
-    x = x0
-    layers = []
-    for block, lc in zip(model.layers, cache.layers):
-        a = block.attn_norm(x)
-        mix, kv, seq = None, lc.kv, lc.seq
-        if block.ttt_seq is not None:
-            mix, seq = ttt_seq_extend(block.ttt_seq, a, cache.lengths, jnp.full((b,), t, jnp.int32),
-                                      lc.seq)
-        if block.attn is not None:
-            _, k, v = project_qkv(block.attn, a, positions)
-            keep = positions >= t - kv.capacity
-            slots = jnp.where(keep, positions % kv.capacity, kv.capacity)
-            bidx = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-            kv = KVCache(kv.k.at[bidx, slots].set(k.astype(kv.k.dtype), mode="drop"),
-                         kv.v.at[bidx, slots].set(v.astype(kv.v.dtype), mode="drop"),
-                         window=kv.window, ring=kv.ring)
-            att = block.attn(a, positions=positions)
-            mix = att if mix is None else mix + att
-        x = x + mix
-        h = block.mlp_norm(x)
-        st = None
-        if block.is_ttt:
-            mlp = block.mlp
-            out = mlp(h, x0=x0)
-            c = mlp.chunk_size
-            done = (t // c) * c
-            delta = lc.ttt.delta
-            if done:
-                n = done // c
-                hc = h[:, :done].reshape(b * n, c, -1)
-                xc = x0[:, :done].reshape(b * n, c, -1) if lc.ttt.x0 is not None else None
-                if mlp.clip_tau is None:
-                    # No per-chunk clipping: one reduction over all complete chunks.
-                    delta = delta + chunk_update(mlp, h[:, :done], None if xc is None else x0[:, :done],
-                                                 chunk_size=c)
-                else:
-                    delta = delta + chunk_update(mlp, hc, xc).reshape(b, n, *delta.shape[1:]).sum(axis=1)
-
-            def pending(rows, buf):
-                # Rows of the final, incomplete chunk (positions done .. t-1) at buffer rows 0 ...
-                if buf is None:
-                    return None
-                return jnp.zeros_like(buf).at[:, :t - done].set(rows[:, done:].astype(buf.dtype))
-
-            st = TTTCache(delta=delta, h=pending(h, lc.ttt.h), x0=pending(x0, lc.ttt.x0))
-        else:
-            out = block.mlp(h)
-        x = x + out
-        layers.append(LayerCache(kv=kv, ttt=st, seq=seq))
-    return model.final_norm(x), Cache(lengths=cache.lengths + t, layers=tuple(layers))
+    step = CacheStep(start=cache.lengths, n_valid=jnp.full((b,), t, jnp.int32), fill=True)
+    hidden, layers = model.hidden(tokens, cache=cache.layers, step=step)
+    return hidden, Cache(lengths=cache.lengths + t, layers=layers)
 
 
 def _last_rows(x: jax.Array, n_valid: jax.Array) -> jax.Array:
@@ -333,14 +224,14 @@ class Engine:
       model: a :class:`CausalLM` (scanned layers are unrolled, sharing the values).
       prefill_block: prompt tokens per prefill call (bounds activation memory).
       attn_block: keys per block of the blockwise cache attention.
-      attn_impl: :func:`ttt_jax.infer.attention.cache_attention` implementation.
+      attn_impl: :func:`ttt_jax.ops.attention_cache.cache_attention` implementation.
     """
 
     def __init__(self, model: CausalLM, *, prefill_block: int = 1024, attn_block: int = 512,
                  attn_impl: str = "auto"):
         if prefill_block < 1:
             raise ValueError(f"prefill_block must be >= 1, got {prefill_block}")
-        check_supported(model.cfg)
+        check_cacheable(model.cfg)
         model = unrolled_model(model)
         self.cfg = model.cfg
         self.prefill_block = int(prefill_block)

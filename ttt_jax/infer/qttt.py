@@ -37,8 +37,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ttt_jax.infer.attention import cache_attention, project_qkv
 from ttt_jax.infer.cache import Cache
+from ttt_jax.ops.attention_cache import cache_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ def span_hidden(model, cache: Cache, tokens: jax.Array, start: jax.Array,
     x = model.embed_tokens(tokens)
     for i, (block, lc) in enumerate(zip(model.layers, cache.layers)):
         attn = block.attn
-        q, _, _ = project_qkv(attn, block.attn_norm(x), positions, q_deltas.get(i))
+        q, _, _ = attn.project(block.attn_norm(x), positions, q_deltas.get(i))
         kv = lc.kv
         out = cache_attention(q, positions, jax.lax.stop_gradient(kv.k), jax.lax.stop_gradient(kv.v),
                               kv.slot_positions(cache.lengths), window=kv.window)

@@ -41,14 +41,19 @@ def effective_keys(seq_len: int, window: int = 0) -> float:
     return (w * (w + 1) / 2 + (t - w) * w) / t
 
 
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """The ``attention`` term of :func:`flops_per_token` (forward + backward, all layers)."""
+    h, dh = cfg.n_heads, cfg.resolved_head_dim
+    return sum(12.0 * effective_keys(seq_len, cfg.layer_window(layer)) * h * dh
+               for layer in range(cfg.n_layers))
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training (forward + backward) FLOPs per token at sequence length ``seq_len``; see module doc."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    d, f, h, dh = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.resolved_head_dim
-    total = 6.0 * matmul_params(cfg)
-    for layer in range(cfg.n_layers):
-        total += 12.0 * effective_keys(seq_len, cfg.layer_window(layer)) * h * dh
+    d, f = cfg.d_model, cfg.d_ff
+    total = 6.0 * matmul_params(cfg) + attention_flops_per_token(cfg, seq_len)
     n_ttt = len(cfg.ttt.layer_ids(cfg.n_layers))
     total += n_ttt * 3.0 * (2 * d * d + 2 * cfg.ttt.conv_kernel * d + 4 * f * d)
     return total

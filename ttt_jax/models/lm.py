@@ -25,11 +25,17 @@ Parameter tree of :class:`CausalLM` (``L = n_layers``, ``D = d_model``, ``F = d_
 With ``runtime.scan_layers=true`` the layers are stored stacked over groups of a period and run by
 one ``nnx.scan``: :mod:`ttt_jax.models.layers` (layouts, conversion between them, the stack's
 forward pass). Remat of the blocks: :mod:`ttt_jax.models.remat`.
+
+The same blocks run cached inference: ``hidden(tokens, cache=layer_caches, step=CacheStep(...))``
+walks the (unrolled) layers, each :class:`~ttt_jax.nn.block.DecoderBlock` with its own
+:class:`~ttt_jax.nn.block.LayerCache`, and returns the new caches with the hidden states
+(``ttt_jax.infer.engine`` keeps the lengths, builds the step and samples).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +44,10 @@ from flax import nnx
 
 from ttt_jax.config import ModelConfig, RuntimeConfig
 from ttt_jax.models.e2e import e2e_hidden, e2e_hidden_reference
-from ttt_jax.models.layers import run_layers, scan_period, stacked_block
+from ttt_jax.models.layers import run_layers, scan_period, stacked_block, unstack_layer_params
 from ttt_jax.models.remat import remat_block
-from ttt_jax.nn.block import DecoderBlock
+from ttt_jax.nn.block import DecoderBlock, LayerCache
+from ttt_jax.nn.cache import CacheStep
 from ttt_jax.nn.context import context_size
 from ttt_jax.nn.norm import RMSNorm
 from ttt_jax.nn.params import make_param, normal_init
@@ -145,16 +152,26 @@ class CausalLM(nnx.Module):
                           preferred_element_type=jnp.float32)
 
     def hidden(self, tokens: jax.Array, *, segment_ids: Optional[jax.Array] = None,
-               positions: Optional[jax.Array] = None) -> jax.Array:
+               positions: Optional[jax.Array] = None, cache: Optional[Sequence[LayerCache]] = None,
+               step: Optional[CacheStep] = None):
         """``[B, T]`` int tokens -> ``[B, T, D]`` final-normed hidden states (compute dtype).
 
         Long-context training uses this with a chunked loss so that ``[B, T, V]`` logits are never
         materialised at once (``ttt_jax.ops.loss.chunked_cross_entropy``, ``runtime.loss_chunk``).
+
+        The cached call: with ``cache`` (one :class:`~ttt_jax.nn.block.LayerCache` per layer) and
+        ``step`` (a :class:`~ttt_jax.nn.cache.CacheStep`: where the new tokens sit, how many are
+        real, prefill or continue) the tokens are the next ``T`` of each sequence, every block runs
+        with its cache, and the result is ``(hidden, new layer caches)``; the positions are
+        ``step.positions(T)``. It needs unrolled layers (:func:`unrolled_model`) and a model kind
+        that :func:`check_cacheable` accepts; packed documents (``segment_ids``) are not supported.
         """
         cfg = self.cfg
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
         check_tokens(tokens, cfg.vocab_size)
+        if cache is not None:
+            return self._cached_hidden(tokens, cache, step, segment_ids, positions)
         b, t = tokens.shape
         if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
             raise ValueError(f"segment_ids must be [B, T] = {(b, t)}, got {tuple(segment_ids.shape)}")
@@ -167,10 +184,7 @@ class CausalLM(nnx.Module):
             raise ValueError(f"positions must be [B, T] = {(b, t)}, got {tuple(positions.shape)}")
 
         x0 = self.embed_tokens(tokens)
-        # Only In-Place TTT layers with target_source="embeddings" read x0; otherwise it is not
-        # passed into the (rematerialised / scanned) blocks, where it would be saved per layer.
-        needs_x0 = bool(cfg.ttt.layer_ids(cfg.n_layers)) and cfg.ttt.target_source == "embeddings"
-        x0_arg = x0 if needs_x0 else None
+        x0_arg = x0 if self.needs_x0 else None
 
         def run_block(block, x, x0, positions, segment_ids):
             return block(x, x0=x0, positions=positions, segment_ids=segment_ids)
@@ -196,6 +210,66 @@ class CausalLM(nnx.Module):
         x = run_layers(self.layers, run_block, x0, x0_arg, positions, segment_ids,
                        scanned=rt.scan_layers)
         return self.final_norm(x)
+
+    def _cached_hidden(self, tokens, cache, step, segment_ids, positions):
+        check_cacheable(self.cfg)
+        if self.runtime.scan_layers:
+            raise ValueError("a cached call needs unrolled layers; pass unrolled_model(model)")
+        if step is None or segment_ids is not None or positions is not None:
+            raise ValueError("a cached call takes step= (a CacheStep), and neither segment_ids nor "
+                             "positions (they follow from step.start)")
+        if len(cache) != len(self.layers):
+            raise ValueError(f"{len(cache)} layer caches for a model of {len(self.layers)} layers")
+        x0 = self.embed_tokens(tokens)
+        x0_arg = x0 if self.needs_x0 else None
+        positions = step.positions(tokens.shape[1])
+        x, new = x0, []
+        for block, lc in zip(self.layers, cache):
+            x, lc = block(x, x0=x0_arg, positions=positions, cache=lc, step=step)
+            new.append(lc)
+        return self.final_norm(x), tuple(new)
+
+    @property
+    def needs_x0(self) -> bool:
+        """Whether blocks read the token embeddings: only In-Place TTT layers with
+        ``target_source="embeddings"`` do (elsewhere ``x0`` is not passed into the possibly
+        rematerialised / scanned blocks, where it would be saved per layer)."""
+        cfg = self.cfg
+        return bool(cfg.ttt.layer_ids(cfg.n_layers)) and cfg.ttt.target_source == "embeddings"
+
+
+def check_cacheable(cfg: ModelConfig) -> None:
+    """Raise a ``ValueError`` for model kinds the cached call (and so cached inference) does not
+    implement.
+
+    TTT-E2E (``model.e2e``) is not implemented. What its decode needs, per sequence: the fast MLP
+    weights of the last ``k`` blocks (fp32, ``3 D F k`` values); KV caches of those blocks that hold
+    the window before the open chunk as well as the chunk itself (``window + chunk`` slots: keys as
+    computed with the weights of their own chunk); and the open chunk's inputs to the first fast
+    block. A chunk's SGD step needs the next-token target of its last token, i.e. the first token
+    of the next chunk: when that token arrives, the last ``k`` blocks are re-run over the completed
+    chunk from the chunk-start KV window with the chunk's weights, differentiated (mean NLL, global
+    norm clip per sequence) and the weights updated -- before the new token is answered. So decode
+    is cheap except at chunk boundaries (a ``chunk``-token forward and backward through ``k`` blocks,
+    under ``lax.cond`` as for In-Place TTT), and ragged batches cross boundaries at different steps.
+    """
+    e2e = getattr(cfg, "e2e", None)
+    if e2e is not None and e2e.enabled:
+        raise ValueError("cached inference does not support TTT-E2E models (model.e2e) yet; "
+                         "evaluate them with the full forward pass")
+
+
+def unrolled_model(model: CausalLM) -> CausalLM:
+    """``model`` itself, or for ``runtime.scan_layers=true`` an unrolled copy sharing its values
+    (the cached call walks the layers one by one, each with its own cache)."""
+    if not model.runtime.scan_layers:
+        return model
+    runtime = dataclasses.replace(model.runtime, scan_layers=False)
+    abstract = nnx.eval_shape(lambda: CausalLM(model.cfg, runtime=runtime, rngs=nnx.Rngs(0)))
+    graphdef, abs_state = nnx.split(abstract)
+    values = nnx.to_pure_dict(unstack_layer_params(nnx.state(model), model.cfg))
+    nnx.replace_by_pure_dict(abs_state, values)
+    return nnx.merge(graphdef, abs_state)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -27,7 +27,9 @@ from flax import nnx
 
 from ttt_jax.ops.attention_cp import context_attention, runs_mosaic
 from ttt_jax.config import ModelConfig, RuntimeConfig
+from ttt_jax.nn.cache import CacheStep
 from ttt_jax.nn.context import AXIS, context_size, run_over_context
+from ttt_jax.nn.kv_cache import KVCache
 from ttt_jax.nn.norm import RMSNorm
 from ttt_jax.nn.params import dense, make_param, normal_init
 from ttt_jax.nn.rope import apply_rope
@@ -40,6 +42,12 @@ class Attention(nnx.Module):
     ``__call__(x [B, T, D], *, positions [B, T] int, segment_ids [B, T] int | None) -> [B, T, D]``
     in the compute dtype. ``window`` is this layer's sliding window (0 = full causal); ``runtime``
     picks the kernels (default :class:`~ttt_jax.config.RuntimeConfig`).
+
+    With ``cache=`` (the layer's :class:`~ttt_jax.nn.kv_cache.KVCache`) and ``step=`` (a
+    :class:`~ttt_jax.nn.cache.CacheStep`) it returns ``(output, new cache)``: the new tokens attend
+    to the cache and are written into it (:meth:`KVCache.extend
+    <ttt_jax.nn.kv_cache.KVCache.extend>`), or with ``step.fill`` the output is the forward pass
+    above and the empty cache is filled. ``q_delta [B, D, H, Dh]`` adds to the query kernel.
     """
 
     def __init__(self, cfg: ModelConfig, *, window: int = 0, runtime: Optional[RuntimeConfig] = None,
@@ -71,10 +79,15 @@ class Attention(nnx.Module):
             self.q_norm = None
             self.k_norm = None
 
-    def __call__(self, x: jax.Array, *, positions: jax.Array,
-                 segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    def project(self, x: jax.Array, positions: jax.Array,
+                q_delta: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Projections of ``x [B, T, D]`` at ``positions [B, T]``: ``(q, k, v)``, each
+        ``[B, T, heads, Dh]`` after QK-norm and RoPE. ``q_delta``: optional per-sequence addition
+        to the query kernel, ``[B, D, H, Dh]`` (query-only TTT, :mod:`ttt_jax.infer.qttt`)."""
         dt = self.dtype
         q = dense(x, self.q[...], "btd,dhk->bthk", dt)
+        if q_delta is not None:
+            q = q + dense(x, q_delta, "btd,bdhk->bthk", dt)
         k = dense(x, self.k[...], "btd,dhk->bthk", dt)
         v = dense(x, self.v[...], "btd,dhk->bthk", dt)
         if self.q_norm is not None:
@@ -82,6 +95,21 @@ class Attention(nnx.Module):
             k = self.k_norm(k)
         q = apply_rope(q, positions, theta=self.rope_theta, scaling=self.rope_scaling)
         k = apply_rope(k, positions, theta=self.rope_theta, scaling=self.rope_scaling)
+        return q, k, v
+
+    def output(self, out: jax.Array) -> jax.Array:
+        """The output projection: ``[B, T, H, Dh]`` attention output -> ``[B, T, D]``."""
+        return dense(out, self.o[...], "bthk,hkd->btd", self.dtype)
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: Optional[jax.Array] = None,
+                 cache: Optional[KVCache] = None, step: Optional[CacheStep] = None,
+                 q_delta: Optional[jax.Array] = None):
+        q, k, v = self.project(x, positions, q_delta)
+        if cache is not None and not step.fill:
+            # New tokens against the cache (``positions`` are ``step.positions(T)``).
+            out, cache = cache.extend(q, k, v, step.start, step.n_valid, impl=step.attn_impl,
+                                      block=step.attn_block)
+            return self.output(out), cache
         if context_size() > 1:
             # Sequence split over the context axis: ring attention (full) or halo exchange (window),
             # with fused per-device kernels on GPU (runtime.context.kernel).
@@ -94,4 +122,6 @@ class Attention(nnx.Module):
                                    whole_mesh=runs_mosaic(self.context_kernel))
         else:
             out = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)
-        return dense(out, self.o[...], "bthk,hkd->btd", dt)
+        if cache is None:
+            return self.output(out)
+        return self.output(out), cache.fill(k, v)          # step.fill: whole prompts, empty cache

@@ -26,8 +26,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.config import ModelConfig, RuntimeConfig
-from ttt_jax.nn.params import dense, make_param, normal_init, zeros_init
+from ttt_jax.nn.cache import CacheStep
 from ttt_jax.nn.context import AXIS, context_size, run_over_context
+from ttt_jax.nn.params import dense, make_param, normal_init, zeros_init
+from ttt_jax.nn.ttt_cache import TTTCache, ttt_extend, ttt_fill
 from ttt_jax.ops import inplace_ttt, inplace_ttt_target
 from ttt_jax.ops.inplace_ttt_cp import inplace_ttt_sharded
 from ttt_jax.ops.precision import matmul_f32_out
@@ -87,6 +89,11 @@ class InPlaceTTTMLP(SwiGLUMLP):
     token embeddings) or ``h`` (``"hidden"``); ``v = inplace_ttt_target(t, ttt_conv, ttt_proj)``
     (with ``ttt.target="reconstruction"`` the conv's future taps are zeroed: no look-ahead);
     ``out = inplace_ttt(z, v, down, lr, chunk_size, segment_ids, impl, clip_tau)``.
+
+    With ``cache=`` (the layer's :class:`~ttt_jax.nn.ttt_cache.TTTCache`) and ``step=`` (a
+    :class:`~ttt_jax.nn.cache.CacheStep`) it returns ``(out, new cache)``: the new tokens continue
+    from the carried fast weight (:func:`~ttt_jax.nn.ttt_cache.ttt_extend`), or with ``step.fill``
+    ``out`` is the forward pass and the empty state is filled (:func:`~ttt_jax.nn.ttt_cache.ttt_fill`).
     """
 
     def __init__(self, cfg: ModelConfig, *, runtime: Optional[RuntimeConfig] = None, rngs: nnx.Rngs):
@@ -109,7 +116,7 @@ class InPlaceTTTMLP(SwiGLUMLP):
 
     def target_conv(self) -> jax.Array:
         """The target conv ``[K, D]`` in the compute dtype, as every path applies it (the training
-        forward here, cached inference in :mod:`ttt_jax.infer.ttt`): with
+        forward here, cached inference in :mod:`ttt_jax.nn.ttt_cache`): with
         ``ttt.target="reconstruction"`` (ablation: no look-ahead, so the target describes the
         current token and earlier ones, not the next) the future taps ``j > (K - 1) // 2`` are held
         at zero."""
@@ -130,7 +137,17 @@ class InPlaceTTTMLP(SwiGLUMLP):
                                   chunk_size=chunk_size or self.chunk_size, segment_ids=segment_ids)
 
     def __call__(self, h: jax.Array, *, x0: Optional[jax.Array] = None,
-                 segment_ids: Optional[jax.Array] = None) -> jax.Array:
+                 segment_ids: Optional[jax.Array] = None, cache: Optional[TTTCache] = None,
+                 step: Optional[CacheStep] = None):
+        if cache is None:
+            return self.forward(h, x0, segment_ids)
+        if step.fill:
+            return self.forward(h, x0, None), ttt_fill(self, h, x0, cache)
+        return ttt_extend(self, h, x0, step.start, step.n_valid, cache)
+
+    def forward(self, h: jax.Array, x0: Optional[jax.Array],
+                segment_ids: Optional[jax.Array]) -> jax.Array:
+        """The forward pass over whole sequences (context parallel under a ``context`` mesh axis)."""
         dt = self.dtype
         z = self.activation(h)
         if self.target_source == "embeddings":

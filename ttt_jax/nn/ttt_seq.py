@@ -9,9 +9,12 @@
     z       = LayerNorm(z over H*Dh)                        (+ gelu(x W_g) * z with output_gate)
     out     = z W_o
 
-The pieces are methods so that cached inference (``ttt_jax.infer.ttt_seq``) computes exactly the
-same: :meth:`TTTSeqLayer.project` (views and inner lr), :meth:`TTTSeqLayer.token_factor`,
-:meth:`TTTSeqLayer.ln_params`, :meth:`TTTSeqLayer.output` (norm, gate, output projection).
+The pieces are methods so that the cached call (``cache=``, ``step=``; the state and its carry in
+:mod:`ttt_jax.nn.ttt_seq_cache`) computes exactly the same: :meth:`TTTSeqLayer.project` (views and
+inner lr), :meth:`TTTSeqLayer.token_factor`, :meth:`TTTSeqLayer.ln_params`,
+:meth:`TTTSeqLayer.output` (norm, gate, output projection). With ``cache=`` (a
+:class:`~ttt_jax.nn.ttt_seq_cache.TTTSeqCache`) and ``step=`` (a :class:`~ttt_jax.nn.cache.CacheStep`)
+``__call__`` returns ``(out, new cache)``.
 
 The position factor of the inner lr is ``max(1/(i+1) + token_bias[i], 0)`` with a learnable
 ``token_bias`` (zeros at init). ``H = model.n_heads``, ``Dh = model.head_dim``.
@@ -45,9 +48,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.config import ModelConfig, RuntimeConfig
+from ttt_jax.nn.cache import CacheStep
 from ttt_jax.nn.context import context_size
 from ttt_jax.nn.params import dense, make_param, normal_init, ones_init, zeros_init
 from ttt_jax.nn.rope import apply_rope
+from ttt_jax.nn.ttt_seq_cache import TTTSeqCache, ttt_seq_extend
 from ttt_jax.ops.ttt_layer import default_token_factor, layer_norm, ttt_layer
 
 _INNER_AXES = {"w1": ("heads", "head_dim", None), "b1": ("heads", None),
@@ -141,8 +146,12 @@ class TTTSeqLayer(nnx.Module):
             z = jax.nn.gelu(g, approximate=True) * z
         return dense(z.astype(self.dtype), self.o[...], "bthk,hkd->btd", self.dtype)
 
-    def __call__(self, x: jax.Array, *, positions: jax.Array,
-                 segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: Optional[jax.Array] = None,
+                 cache: Optional[TTTSeqCache] = None, step: Optional[CacheStep] = None):
+        if cache is not None:
+            # New tokens continue from the carried state; with step.fill too (the layer is sequential
+            # in its state: no context-parallel forward to take the outputs from).
+            return ttt_seq_extend(self, x, step.start, step.n_valid, cache)
         if context_size() > 1:
             raise ValueError(
                 "model.ttt_seq (TTT-Linear/TTT-MLP layers) does not support context parallelism "

@@ -2,8 +2,9 @@
 
 * In-Place TTT: ``inplace_ttt`` (+ ``_reference``, ``_layout``, ``_scan``, ``_cp`` context parallel).
 * Attention: ``attention`` (single device, ``impl=`` switch), ``attention_reference`` (the mask and
-  the oracles), ``attention_cp`` (context parallel: ``_ring``, ``_window``, ``_fused``, ``_halo``);
-  their per-device kernels in :mod:`ttt_jax.ops.kernels`.
+  the oracles), ``attention_cp`` (context parallel: ``_ring``, ``_window``, ``_fused``, ``_halo``),
+  ``attention_cache`` (new queries against a KV cache, for cached inference); their per-device
+  kernels in :mod:`ttt_jax.ops.kernels`.
 * The target conv (``conv``), losses, the TTT-Linear/MLP inner loop (``ttt_layer``), precision.
 """
 

@@ -168,13 +168,16 @@ def ring_bwd_step(rel, grads, kv, q, qs, do, out, lse, delta, layout, kernels: R
     return lax.switch(rel, branches, grads)
 
 
-def _ring_flash_fwd_impl(q, k, v, seg, axis_name, layout, scale, blocks):
+def ring_blocks_forward(q, k, v, seg, axis_name, layout, kernels: RingBlocks):
+    """The forward ring with block kernels ``kernels``: ``(out [B, T, H, Dh] in q.dtype,
+    lse [B, H, T] fp32)``. K/V (and their segment ids) travel one hop per step; each step's
+    ppermute is issued before the step's compute so the two can overlap. Shared by the GPU blocks
+    (:func:`ring_block_kernels`) and the TPU splash blocks (``attention_cp_tpu``)."""
     n, idx, perm = ring_meta(axis_name)
     # Initial state built from q so that, inside shard_map, it varies over the same mesh axes.
     out = jnp.zeros_like(q, jnp.float32)
     lse = jnp.moveaxis(out[..., 0], 1, 2) + NEG_INF
-    step = functools.partial(ring_fwd_step, q=q, qs=seg, layout=layout,
-                             kernels=ring_block_kernels(blocks, scale))
+    step = functools.partial(ring_fwd_step, q=q, qs=seg, layout=layout, kernels=kernels)
     kv = (k, v, seg)  # key segment ids travel with their block
     nxt = lax.ppermute(kv, axis_name, perm) if n > 1 else kv
     state = step(0, (out, lse), kv)
@@ -192,24 +195,12 @@ def _ring_flash_fwd_impl(q, k, v, seg, axis_name, layout, scale, blocks):
     return out.astype(q.dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _ring_flash(q, k, v, seg, axis_name, layout, scale, blocks):
-    return _ring_flash_fwd_impl(q, k, v, seg, axis_name, layout, scale, blocks)[0]
-
-
-def _ring_flash_fwd(q, k, v, seg, axis_name, layout, scale, blocks):
-    out, lse = _ring_flash_fwd_impl(q, k, v, seg, axis_name, layout, scale, blocks)
-    return out, (q, k, v, seg, out, lse)
-
-
-def _ring_flash_bwd(axis_name, layout, scale, blocks, res, dout):
-    q, k, v, seg, out, lse = res
+def ring_blocks_backward(q, k, v, seg, out, lse, do, delta, axis_name, layout, kernels: RingBlocks):
+    """The backward ring of :func:`ring_blocks_forward`: ``(dq, dk, dv, dseg)`` in the inputs'
+    dtypes. The K/V gradients travel with their block and take an n-th hop back to the owner."""
     n, idx, perm = ring_meta(axis_name)
-    do = dout.astype(q.dtype)
-    # cuDNN's backward forms rowsum(dO * O) itself from ``out``; the Pallas kernels take it.
-    delta = None if blocks == "cudnn" else flash_delta(out, dout)
     step = functools.partial(ring_bwd_step, q=q, qs=seg, do=do, out=out, lse=lse, delta=delta,
-                             layout=layout, kernels=ring_block_kernels(blocks, scale))
+                             layout=layout, kernels=kernels)
     kv = (k, v, seg)
     grads = (jnp.zeros_like(q, jnp.float32), jnp.zeros_like(k, jnp.float32),
              jnp.zeros_like(v, jnp.float32))
@@ -232,6 +223,28 @@ def _ring_flash_bwd(axis_name, layout, scale, blocks, res, dout):
     dk, dv = dkv
     dseg = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)  # integer input
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dseg
+
+
+def _ring_flash_fwd_impl(q, k, v, seg, axis_name, layout, scale, blocks):
+    return ring_blocks_forward(q, k, v, seg, axis_name, layout, ring_block_kernels(blocks, scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _ring_flash(q, k, v, seg, axis_name, layout, scale, blocks):
+    return _ring_flash_fwd_impl(q, k, v, seg, axis_name, layout, scale, blocks)[0]
+
+
+def _ring_flash_fwd(q, k, v, seg, axis_name, layout, scale, blocks):
+    out, lse = _ring_flash_fwd_impl(q, k, v, seg, axis_name, layout, scale, blocks)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _ring_flash_bwd(axis_name, layout, scale, blocks, res, dout):
+    q, k, v, seg, out, lse = res
+    # cuDNN's backward forms rowsum(dO * O) itself from ``out``; the Pallas kernels take it.
+    delta = None if blocks == "cudnn" else flash_delta(out, dout)
+    return ring_blocks_backward(q, k, v, seg, out, lse, dout.astype(q.dtype), delta, axis_name, layout,
+                                ring_block_kernels(blocks, scale))
 
 
 _ring_flash.defvjp(_ring_flash_fwd, _ring_flash_bwd)

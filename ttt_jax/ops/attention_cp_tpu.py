@@ -37,8 +37,8 @@ import numpy as np
 from jax import lax
 
 from parallel.layout import check_layout
-from ttt_jax.ops.attention_cp_fused import RingBlocks, ring_bwd_step, ring_fwd_step
-from ttt_jax.ops.attention_cp_ring import ring_meta, ring_source
+from ttt_jax.ops.attention_cp_fused import (RingBlocks, ring_blocks_backward, ring_blocks_forward, ring_bwd_step,
+                                            ring_fwd_step)
 from ttt_jax.ops.attention_reference import NEG_INF
 from ttt_jax.ops.kernels.tpu_splash import (padded_length, splash_attention_call, splash_block_bwd,
                                             splash_block_fwd, vary_like)
@@ -70,23 +70,7 @@ def _init_state(q):
 
 
 def _ring_fwd_impl(q, k, v, seg, axis_name, layout, scale, interpret):
-    n, idx, perm = ring_meta(axis_name)
-    step = functools.partial(ring_fwd_step, q=q, qs=seg, layout=layout,
-                             kernels=_blocks(scale, interpret))
-    kv = (k, v, seg)
-    nxt = lax.ppermute(kv, axis_name, perm) if n > 1 else kv
-    state = step(0, _init_state(q), kv)
-
-    def body(s, carry):
-        state, kv = carry
-        nxt = lax.ppermute(kv, axis_name, perm)  # issued before the compute: overlappable
-        return step(ring_source(idx, s, n)[1], state, kv), nxt
-
-    if n > 1:
-        state, kv = lax.fori_loop(1, n - 1, body, (state, nxt))
-        state = step(ring_source(idx, n - 1, n)[1], state, kv)
-    out, lse = state
-    return out.astype(q.dtype), lse
+    return ring_blocks_forward(q, k, v, seg, axis_name, layout, _blocks(scale, interpret))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -106,28 +90,8 @@ def _zero_grads(q, k, v):
 
 def _ring_bwd(axis_name, layout, scale, interpret, res, dout):
     q, k, v, seg, out, lse = res
-    n, idx, perm = ring_meta(axis_name)
-    step = functools.partial(ring_bwd_step, q=q, qs=seg, do=dout.astype(q.dtype), out=out, lse=lse,
-                             delta=None, layout=layout, kernels=_blocks(scale, interpret))
-    kv = (k, v, seg)
-    nxt = lax.ppermute(kv, axis_name, perm) if n > 1 else kv
-    dq, dk, dv = step(0, _zero_grads(q, k, v), kv)
-
-    def body(s, carry):
-        dq, dkv, kv = carry
-        dkv = lax.ppermute(dkv, axis_name, perm)  # the gradients follow their K/V block
-        nxt = lax.ppermute(kv, axis_name, perm)
-        dq, dk, dv = step(ring_source(idx, s, n)[1], (dq,) + dkv, kv)
-        return dq, (dk, dv), nxt
-
-    dkv = (dk, dv)
-    if n > 1:
-        dq, dkv, kv = lax.fori_loop(1, n - 1, body, (dq, dkv, nxt))
-        dkv = lax.ppermute(dkv, axis_name, perm)
-        dq, dk, dv = step(ring_source(idx, n - 1, n)[1], (dq,) + dkv, kv)
-        dkv = lax.ppermute((dk, dv), axis_name, perm)  # n-th hop: back to the owner
-    dk, dv = dkv
-    return _grads_out(q, k, v, seg, dq, dk, dv)
+    return ring_blocks_backward(q, k, v, seg, out, lse, dout.astype(q.dtype), None, axis_name, layout,
+                                _blocks(scale, interpret))
 
 
 def _grads_out(q, k, v, seg, dq, dk, dv):

@@ -56,7 +56,7 @@ them from the carried state). The inner loop runs in fp32.
 **Partial state.** ``keep_mini_batches [B]`` returns, for sequence ``b``, the state after its first
 ``keep_mini_batches[b]`` mini-batches only; later mini-batches still answer their tokens from the
 state in force, but do not move it. A decoder lays every sequence's open mini-batch and new tokens
-on its own mini-batch grid and keeps the mini-batches it has completed (``ttt_jax.infer.ttt_seq``);
+on its own mini-batch grid and keeps the mini-batches it has completed (``ttt_jax.nn.ttt_seq_cache``);
 then ``T`` need not be a multiple of the mini-batch size.
 """
 

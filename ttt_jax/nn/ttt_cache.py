@@ -1,10 +1,10 @@
-"""The In-Place TTT MLP over new tokens with its fast-weight state (prefill blocks and decode).
+"""The fast-weight state of one In-Place TTT MLP: its type, its initial value and its carry.
 
 Semantics are those of training (DESIGN.md section 1): token ``p`` of chunk ``i = p // C`` outputs
 ``z_p (W0 + S_i)`` with ``S_i = sum_{j<i} clip(lr z_j^T v_j)``, and ``v`` is the chunk-local conv
 target, whose last taps read up to two tokens ahead *inside* the chunk. So a chunk's update is
-formed exactly when its last token arrives, from the chunk's buffered rows
-(:class:`~ttt_jax.infer.cache.TTTCache`), and only later chunks use it.
+formed exactly when its last token arrives, from the chunk's buffered rows (:class:`TTTCache`), and
+only later chunks use it. :class:`ttt_jax.nn.mlp.InPlaceTTTMLP` calls, with a cache:
 
 * :func:`ttt_extend` with ``T > 1`` (a prefill block): every sequence's buffered rows and its new
   rows are laid out on its own absolute chunk grid and run through the training op
@@ -13,18 +13,56 @@ formed exactly when its last token arrives, from the chunk's buffered rows
 * ``T == 1`` (decode): the token's output uses the carried state; its row is buffered; when it is
   the last row of its chunk, the chunk update is formed and added (under ``lax.cond``, so steps
   where no sequence completes a chunk pay nothing for it).
+* :func:`ttt_fill` (empty cache, whole prompts, outputs from the full forward pass): the state after
+  the complete chunks, ``sum_i clip(lr z_i^T v_i)`` (one reduction over the sequence), and the rows
+  of the final partial chunk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from ttt_jax.infer.cache import TTTCache, round_up
+from ttt_jax.config import ModelConfig
+from ttt_jax.nn.cache import gather_rows, round_up
 from ttt_jax.ops import inplace_ttt
 from ttt_jax.ops.inplace_ttt_layout import clip_update
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTCache:
+    """Fast-weight state of one In-Place TTT layer.
+
+    Attributes:
+      delta: ``[B, F, D]`` fp32 accumulated update ``S`` (of ``W = W0 + S``) in force for the
+        current chunk.
+      h: ``[B, C, D]`` compute dtype, MLP inputs of the current chunk's tokens so far (``z`` is
+        recomputed from them). Row ``r`` holds position ``chunk_start + r``; rows at or after
+        ``lengths % C`` are stale.
+      x0: ``[B, C, D]`` compute dtype, their token embeddings (``target_source="embeddings"``), or
+        ``None`` (``"hidden"``: the target source is ``h`` itself).
+    """
+
+    delta: jax.Array
+    h: jax.Array
+    x0: Optional[jax.Array] = None
+
+
+jax.tree_util.register_dataclass(TTTCache, data_fields=["delta", "h", "x0"], meta_fields=[])
+
+
+def init_ttt_cache(cfg: ModelConfig, batch_size: int) -> TTTCache:
+    """The state of an In-Place TTT layer before any token: ``delta = 0``, empty row buffers."""
+    cdt = jnp.dtype(cfg.compute_dtype)
+    c, d = cfg.ttt.chunk_size, cfg.d_model
+    return TTTCache(
+        delta=jnp.zeros((batch_size, cfg.d_ff, d), jnp.float32),
+        h=jnp.zeros((batch_size, c, d), cdt),
+        x0=jnp.zeros((batch_size, c, d), cdt) if cfg.ttt.target_source == "embeddings" else None)
+
 
 _F32 = jnp.float32
 
@@ -49,11 +87,6 @@ def chunk_update(mlp, h_rows: jax.Array, x0_rows: Optional[jax.Array], *,
     return clip_update(mlp.lr * dw, mlp.clip_tau)
 
 
-def _gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """``x [B, S, D]``, ``idx [B, T]`` -> ``x[b, idx[b, t]]`` as ``[B, T, D]``."""
-    return jnp.take_along_axis(x, idx[..., None], axis=1)
-
-
 def _extend_block(mlp, h, x0, start, n_valid, st: TTTCache):
     b, t, _ = h.shape
     c = mlp.chunk_size
@@ -67,7 +100,7 @@ def _extend_block(mlp, h, x0, start, n_valid, st: TTTCache):
     real = (r < (offset + n_valid)[:, None])[..., None]
 
     def combine(buf, new):
-        return jnp.where(real, _gather_rows(jnp.concatenate([buf.astype(dt), new.astype(dt)], axis=1), take), 0)
+        return jnp.where(real, gather_rows(jnp.concatenate([buf.astype(dt), new.astype(dt)], axis=1), take), 0)
 
     hc = combine(st.h, h)
     xc = combine(st.x0, x0) if mlp.target_source == "embeddings" else None
@@ -77,12 +110,12 @@ def _extend_block(mlp, h, x0, start, n_valid, st: TTTCache):
     out, delta = inplace_ttt(z, jnp.where(complete, v, 0), mlp.down[...].astype(dt), lr=mlp.lr,
                              chunk_size=c, impl=_op_impl(mlp), clip_tau=mlp.clip_tau,
                              initial_state=st.delta, return_state=True)
-    out = _gather_rows(out, offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :])
+    out = gather_rows(out, offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :])
     # The new incomplete chunk: rows [k C, k C + C) of the combined layout.
     first = ((offset + n_valid) // c) * c
     rows = jnp.clip(first[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :], 0, length - 1)
-    new = TTTCache(delta=delta, h=_gather_rows(hc, rows).astype(st.h.dtype),
-                   x0=None if xc is None else _gather_rows(xc, rows).astype(st.x0.dtype))
+    new = TTTCache(delta=delta, h=gather_rows(hc, rows).astype(st.h.dtype),
+                   x0=None if xc is None else gather_rows(xc, rows).astype(st.x0.dtype))
     return out, new
 
 
@@ -133,3 +166,31 @@ def ttt_extend(mlp, h: jax.Array, x0: Optional[jax.Array], start: jax.Array, n_v
     if h.shape[1] == 1:
         return _extend_one(mlp, h, x0, start, n_valid, st)
     return _extend_block(mlp, h, x0, start, n_valid, st)
+
+
+def ttt_fill(mlp, h: jax.Array, x0: Optional[jax.Array], st: TTTCache) -> TTTCache:
+    """The state of an *empty* ``st`` after whole prompts ``h [B, T, D]`` (MLP inputs of positions
+    ``0 .. T-1``; ``x0`` their token embeddings or ``None``): the fast weight after the complete
+    chunks and the rows of the final, incomplete one. The outputs come from the module's forward."""
+    b, t = h.shape[:2]
+    c = mlp.chunk_size
+    done = (t // c) * c
+    delta = st.delta
+    if done:
+        n = done // c
+        hc = h[:, :done].reshape(b * n, c, -1)
+        xc = x0[:, :done].reshape(b * n, c, -1) if st.x0 is not None else None
+        if mlp.clip_tau is None:
+            # No per-chunk clipping: one reduction over all complete chunks.
+            delta = delta + chunk_update(mlp, h[:, :done], None if xc is None else x0[:, :done],
+                                         chunk_size=c)
+        else:
+            delta = delta + chunk_update(mlp, hc, xc).reshape(b, n, *delta.shape[1:]).sum(axis=1)
+
+    def pending(rows, buf):
+        # Rows of the final, incomplete chunk (positions done .. t-1) at buffer rows 0 ...
+        if buf is None:
+            return None
+        return jnp.zeros_like(buf).at[:, :t - done].set(rows[:, done:].astype(buf.dtype))
+
+    return TTTCache(delta=delta, h=pending(h, st.h), x0=pending(x0, st.x0))

@@ -1,4 +1,4 @@
-"""A TTT-Linear / TTT-MLP layer over new tokens with its per-sequence state (prefill blocks and decode).
+"""The state of one TTT-Linear / TTT-MLP layer over new tokens: its type, its initial value, its carry.
 
 Semantics are those of the full forward pass (``ttt_jax.ops.ttt_layer``, mini-batch ``M``): token
 ``t`` at position ``i`` of its mini-batch is answered with
@@ -6,31 +6,67 @@ Semantics are those of the full forward pass (``ttt_jax.ops.ttt_layer``, mini-ba
 gradient taken at the mini-batch's start parameters ``W_start``; the next mini-batch starts from the
 last token's ``W_t``. So a token arriving in the middle of a mini-batch needs ``W_start`` and the
 earlier tokens of its mini-batch (their train/label views and learning rates), which is exactly what
-:class:`~ttt_jax.infer.cache.TTTSeqCache` keeps; the state moves only when a mini-batch completes.
+:class:`TTTSeqCache` keeps; the state moves only when a mini-batch completes.
 
-:func:`ttt_seq_extend` handles ``T`` new tokens per sequence (a prefill block, or ``T = 1`` when
-decoding) the same way: each sequence's buffered rows and new rows are laid out on its own absolute
-mini-batch grid (``round_up(M - 1 + T, M)`` rows: the open mini-batch first) and run through the
-training op from the carried state, which keeps the state after the mini-batches that are now
-complete (``keep_mini_batches``) and answers the new tokens; the rows of the mini-batch left open
-become the buffer. Decoding thus replays the open mini-batch's rows (at most ``M - 1``) at every
-step: ``M`` times the flops of a recurrent update, but the same memory traffic (the per-sequence
-state is read once either way), and the op's own arithmetic rather than a second implementation.
-Prompts, blocks and mini-batches need not align; ragged batches are exact per sequence.
+:func:`ttt_seq_extend` (what :class:`ttt_jax.nn.ttt_seq.TTTSeqLayer` calls with a cache) handles
+``T`` new tokens per sequence (a prefill block, or ``T = 1`` when decoding) the same way: each
+sequence's buffered rows and new rows are laid out on its own absolute mini-batch grid
+(``round_up(M - 1 + T, M)`` rows: the open mini-batch first) and run through the training op from
+the carried state, which keeps the state after the mini-batches that are now complete
+(``keep_mini_batches``) and answers the new tokens; the rows of the mini-batch left open become the
+buffer. Decoding thus replays the open mini-batch's rows (at most ``M - 1``) at every step: ``M``
+times the flops of a recurrent update, but the same memory traffic (the per-sequence state is read
+once either way), and the op's own arithmetic rather than a second implementation. Prompts, blocks
+and mini-batches need not align; ragged batches are exact per sequence.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from ttt_jax.infer.cache import TTTSeqCache, round_up
-from ttt_jax.ops.ttt_layer import ttt_layer
+from ttt_jax.config import ModelConfig
+from ttt_jax.nn.cache import gather_rows, round_up
+from ttt_jax.ops.ttt_layer import param_shapes, ttt_layer
 
 
-def _gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """``x [B, S, ...]``, ``idx [B, L]`` -> ``x[b, idx[b, l]]`` as ``[B, L, ...]``."""
-    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+@dataclasses.dataclass(frozen=True)
+class TTTSeqCache:
+    """State of one TTT-Linear / TTT-MLP layer (``ttt_jax.ops.ttt_layer``).
+
+    Attributes:
+      params: the inner model's parameters per sequence and head at the start of the open
+        mini-batch, fp32: ``{"w1": [B, H, Dh, F], "b1": [B, H, F]}`` (+ ``"w2" [B, H, F, Dh]``,
+        ``"b2" [B, H, Dh]`` for TTT-MLP). Read only once the sequence has completed a mini-batch
+        (``lengths >= M``); before that the layer's learned initial parameters are in force (a
+        cache built from the config alone cannot hold them, so it starts at zeros).
+      k, v: ``[B, M, H, Dh]`` compute dtype, train and label views (after RoPE) of the open
+        mini-batch's tokens so far (``M`` = mini-batch size); row ``r`` holds position
+        ``mini_batch_start + r``, rows at or after ``lengths % M`` are stale.
+      lr: ``[B, M, H]`` fp32, their inner learning rates.
+    """
+
+    params: dict
+    k: jax.Array
+    v: jax.Array
+    lr: jax.Array
+
+
+jax.tree_util.register_dataclass(TTTSeqCache, data_fields=["params", "k", "v", "lr"], meta_fields=[])
+
+
+def init_ttt_seq_cache(cfg: ModelConfig, batch_size: int) -> TTTSeqCache:
+    """An empty :class:`TTTSeqCache` (``params`` zeros: unread until a mini-batch completes)."""
+    s = cfg.ttt_seq
+    h, dh, m = cfg.n_heads, cfg.resolved_head_dim, s.mini_batch
+    shapes = param_shapes(s.kind, h, dh)
+    params = {n: jnp.zeros((batch_size,) + shape, jnp.float32) for n, shape in shapes.items()}
+    cdt = jnp.dtype(cfg.compute_dtype)
+    return TTTSeqCache(params=params, k=jnp.zeros((batch_size, m, h, dh), cdt),
+                       v=jnp.zeros((batch_size, m, h, dh), cdt),
+                       lr=jnp.zeros((batch_size, m, h), jnp.float32))
 
 
 def _where_rows(mask: jax.Array, a: jax.Array, b) -> jax.Array:
@@ -54,7 +90,7 @@ def ttt_seq_extend(layer, x: jax.Array, start: jax.Array, n_valid: jax.Array,
       start: ``[B]`` int32 tokens of each sequence consumed before this call.
       n_valid: ``[B]`` int32 real rows per sequence; later rows are padding (garbage outputs,
         never buffered or learned from). A sequence with ``n_valid = 0`` keeps its state bit for bit.
-      st: the layer's :class:`~ttt_jax.infer.cache.TTTSeqCache`.
+      st: the layer's :class:`TTTSeqCache`.
 
     Returns:
       ``([B, T, D]`` layer outputs in the compute dtype, the updated state).
@@ -74,7 +110,7 @@ def ttt_seq_extend(layer, x: jax.Array, start: jax.Array, n_valid: jax.Array,
     real = r < (offset + n_valid)[:, None]
 
     def combine(buf, new):
-        rows = _gather_rows(jnp.concatenate([buf.astype(new.dtype), new], axis=1), take)
+        rows = gather_rows(jnp.concatenate([buf.astype(new.dtype), new], axis=1), take)
         return _where_rows(real, rows, 0)
 
     kc, vc, lrc = combine(st.k, k), combine(st.v, v), combine(st.lr, lr)
@@ -89,7 +125,7 @@ def ttt_seq_extend(layer, x: jax.Array, start: jax.Array, n_valid: jax.Array,
     z, state = ttt_layer(qc, kc, vc, lrc, init, *layer.ln_params(), mini_batch=m,
                          token_factor=layer.token_factor(), impl=layer.impl, initial_state=s0,
                          return_state=True, keep_mini_batches=done, remat_group=length // m)
-    z = _gather_rows(z, jnp.clip(offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], 0,
+    z = gather_rows(z, jnp.clip(offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], 0,
                                  length - 1))
     out = layer.output(z, x)
 
@@ -97,9 +133,9 @@ def ttt_seq_extend(layer, x: jax.Array, start: jax.Array, n_valid: jax.Array,
     rows = jnp.clip(done[:, None] * m + jnp.arange(m, dtype=jnp.int32)[None, :], 0, length - 1)
     moved = n_valid > 0
     new = TTTSeqCache(params=_where_seq(done > 0, state, st.params),
-                      k=_gather_rows(kc, rows).astype(st.k.dtype),
-                      v=_gather_rows(vc, rows).astype(st.v.dtype),
-                      lr=_gather_rows(lrc, rows).astype(st.lr.dtype))
+                      k=gather_rows(kc, rows).astype(st.k.dtype),
+                      v=gather_rows(vc, rows).astype(st.v.dtype),
+                      lr=gather_rows(lrc, rows).astype(st.lr.dtype))
     new = TTTSeqCache(params=new.params, k=_where_seq(moved, new.k, st.k),
                       v=_where_seq(moved, new.v, st.v), lr=_where_seq(moved, new.lr, st.lr))
     return out, new
