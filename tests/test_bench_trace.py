@@ -101,6 +101,7 @@ def test_a_real_cpu_profile(tmp_path):
     assert dev["top"]
 
 
+@pytest.mark.slow
 def test_bench_model_profile_end_to_end(tmp_path, capsys, monkeypatch):
     """``ttt-jax bench model --profile``: the variant's subprocess traces a step, the JSON row
     carries the summary and the table is preceded by its digest."""

@@ -41,6 +41,7 @@ def test_save_then_load_model_only(tmp_path):
     np.testing.assert_allclose(np.asarray(scanned(tokens)), np.asarray(model(tokens)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_load_model_from_training_run(tmp_path):
     cfg = load_config(None, TOY + [f"train.run_dir={tmp_path / 'run'}", "train.stop_after=2"])
     train(cfg)

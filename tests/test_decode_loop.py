@@ -51,6 +51,7 @@ def _same(a, b):
 # In-Place TTT (chunks of 4) beside TTT-MLP and a window; TTT-Linear in place of attention. (In-Place
 # TTT with full attention: the two tests below.)
 @pytest.mark.parametrize("name", ["mlp_beside_window_gate", "linear_replace"])
+@pytest.mark.slow
 def test_blocks_equal_the_per_token_loop(name):
     """Greedy and seeded top-k/top-p sampling; then a stop token that ends the sequences at
     different steps (and one that never comes): the same tokens, stop reasons and logits."""

@@ -246,6 +246,7 @@ def test_disk_filling_up_mid_run_is_a_clear_error_and_keeps_checkpoints(tmp_path
     assert run(monkeypatch, toy(tmp_path, "train.checkpoint_every=2")).step == 12
 
 
+@pytest.mark.slow
 def test_nonfinite_parameters_stop_at_once_instead_of_skipping(tmp_path, monkeypatch):
     """An update that overflows the parameters themselves (an infinite learning rate from step 7
     on): the next step's loss is non-finite, and since skipping cannot bring the parameters back,
@@ -289,6 +290,7 @@ def _slow_steps(monkeypatch, seconds):
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+@pytest.mark.slow
 def test_signal_stops_within_one_step_and_checkpoints_the_step_in_flight(tmp_path, monkeypatch, signame):
     """A signal arriving while step 3 runs (steps of 0.5 s, no log or checkpoint due at step 3):
     no further step is dispatched; step 3 finishes, is checkpointed, and the run stops within

@@ -43,6 +43,7 @@ def test_sampling_greedy_seeded_and_filtered():
         assert all(draw[i] in top3[i] for i in range(4))
 
 
+@pytest.mark.slow
 def test_greedy_generation_is_the_argmax_of_the_forward_pass():
     model, engine, tokens, _ = setup("full_attention_embeddings")
     prompts = [tokens[i, :n].tolist() for i, n in enumerate(PROMPTS)]
@@ -124,6 +125,7 @@ def _cli(argv):
     return code, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.slow
 def test_cli_generate_streams_the_greedy_continuation(checkpoint, tmp_path):
     from ttt_jax.data.tokenizer import ByteTokenizer
 
@@ -147,6 +149,7 @@ def test_cli_generate_streams_the_greedy_continuation(checkpoint, tmp_path):
     assert "prompt tokens" in err
 
 
+@pytest.mark.slow
 def test_cli_generate_prompt_ids(checkpoint, tmp_path):
     """Token ids in, token ids out: the same greedy continuation, even where the configured
     tokenizer does not fit the model (a converted model without tokenizer.json)."""

@@ -204,6 +204,7 @@ def _cli_greedy_is_the_forward_argmax(model, cfg, path, prompt, n_new, block):
     return engine
 
 
+@pytest.mark.slow
 def test_cli_generate(tmp_path):
     """A tiny checkpoint with TTT-MLP beside sliding-window attention: a 14-token prompt and 12 new
     tokens cross mini-batch boundaries in prefill and in decode."""

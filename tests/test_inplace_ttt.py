@@ -305,6 +305,7 @@ def test_shape_errors():
         inplace_ttt_target(v, jnp.zeros((4, D)), jnp.zeros((D, D)), chunk_size=4)
 
 
+@pytest.mark.slow
 def test_scan_memory_does_not_grow_with_chunks():
     """The custom VJP keeps only inputs as residuals: no per-chunk [F, D] state is saved."""
     z, v, w0 = _inputs(1, 64, jnp.float32)

@@ -211,6 +211,7 @@ def test_gradients_finite_and_reach_ttt_params():
     assert float(jnp.max(jnp.abs(grads["layers"][0]["mlp"]["ttt_conv"][...]))) > 0
 
 
+@pytest.mark.slow
 def test_remat_same_loss_and_grads():
     tokens = _tokens(2, 21)
     results = []

@@ -47,6 +47,7 @@ def op_case(draw):
 # took ~6 s); 20 per run keeps the suite's time in bounds, and hypothesis draws new cases each run.
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(op_case(), st.sampled_from(["scan", "associative"]))
+@pytest.mark.slow
 def test_op_matches_oracle_on_random_layouts(case, impl):
     b, t, c, f, d, seg, seed = case
     k = jax.random.split(jax.random.key(seed), 3)

@@ -33,6 +33,7 @@ def _grad_fn(extra):
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.slow
 def test_pinned_remat_equals_no_remat(scan_layers):
     tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 64)
     seg = jnp.asarray([[1] * 20 + [2] * 12, [1] * 32], jnp.int32)

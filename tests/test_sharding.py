@@ -66,6 +66,7 @@ def runs(tmp_path_factory):
     return tmp, train(cfg(tmp / "replicated", *REPLICATED)), train(cfg(tmp / "sharded", *SHARDED))
 
 
+@pytest.mark.slow
 def test_sharded_training_matches_data_parallel(runs):
     _, rep, sh = runs
     assert sh.step == rep.step == 4
@@ -118,6 +119,7 @@ def test_indivisible_mesh_names_parameter_and_fix(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()   # nothing ran
 
 
+@pytest.mark.slow
 def test_context_parallel_training_matches_data_parallel(runs, tmp_path):
     """mesh.context=2 (each row split into two 16-token halves = one TTT chunk per device, with ring
     attention and the cross-device fast-weight scan), with the optimizer sharded (ZeRO-1,
@@ -158,6 +160,7 @@ def test_split_further_places_zero_axes():
     assert sharding.split_further(ns(None,), (8,), ("context",)).spec == P("context",)
 
 
+@pytest.mark.slow
 def test_zigzag_training_matches_contiguous(tmp_path):
     """The load-balanced layout trains like the contiguous one (64-token rows over context=2:
     four 16-token segments, one TTT chunk each)."""
@@ -181,6 +184,7 @@ def test_context_layout_error(tmp_path):
 
 
 @needs_determinism
+@pytest.mark.slow
 def test_sharded_resume_is_bitwise_exact_and_restores_on_other_meshes(runs, tmp_path):
     _, rep, straight = runs
     first = train(cfg(tmp_path / "resumed", *SHARDED, "train.stop_after=2"))

@@ -22,6 +22,7 @@ def _hidden_gathers(found, d_model):
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8 emulated CPU devices of conftest")
+@pytest.mark.slow
 def test_loss_groups_keep_the_loss_local_under_context_parallelism():
     args = ["--preset", "tiny", "--context", "8", "--seq-len", "8192",
             "--set", "model.n_layers=3", "model.ttt.enabled=false", "model.max_seq_len=8192"]
@@ -33,6 +34,7 @@ def test_loss_groups_keep_the_loss_local_under_context_parallelism():
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8 emulated CPU devices of conftest")
+@pytest.mark.slow
 def test_remat_policy_save_exchanges_repeats_no_collective():
     """``runtime.remat_policy=save_exchanges``: the backward pass's recomputation of a block repeats
     neither the halo exchange (collective-permute) nor the TTT summaries' all-gather."""

@@ -57,6 +57,7 @@ def straight_30(tmp_path_factory):
 # functions are reused across them instead of recompiled.
 
 
+@pytest.mark.slow
 def test_toy_trains_and_writes_metrics(tmp_path):
     res = train(toy(tmp_path))
     assert res.step == 12
@@ -176,6 +177,7 @@ def test_batch_and_mesh_must_fit(tmp_path):
         train(toy(tmp_path, f"mesh.data={n + 1}"))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
     train(toy(tmp_path, "train.stop_after=6"))  # a good checkpoint at step 6
     ckpt_dir = tmp_path / "run" / "checkpoints"

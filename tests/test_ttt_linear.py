@@ -149,6 +149,7 @@ def test_keep_mini_batches_returns_the_state_after_them(impl):
         ttt_layer(q, k, v, lr, params, scale, bias, mini_batch=K, keep_mini_batches=keep)
 
 
+@pytest.mark.slow
 def test_packed_documents_equal_separate_runs():
     """Documents starting on mini-batch boundaries (and one starting mid-mini-batch) are computed as
     if alone; the packed row never leaks one document into another."""
@@ -167,6 +168,7 @@ def test_packed_documents_equal_separate_runs():
     np.testing.assert_allclose(other[:, 14:], packed[:, 14:], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_causal_and_remat_group_invariant():
     q, k, v, lr, scale, bias = _inputs(1, 21)
     params = _params("linear")

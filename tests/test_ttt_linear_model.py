@@ -89,6 +89,7 @@ def test_config_validation_and_context_parallel_error():
             layer(x, positions=pos)
 
 
+@pytest.mark.slow
 def test_scan_layers_equals_unrolled():
     cfg = _cfg(mode="replace")
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
