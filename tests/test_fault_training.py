@@ -263,15 +263,18 @@ def test_nonfinite_parameters_stop_at_once_instead_of_skipping(tmp_path, monkeyp
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["6"]
 
 
-def _slow_steps(monkeypatch, seconds):
+def _slow_steps(monkeypatch, seconds, announce=False):
     """Make every training step take ``seconds`` on the device side (a host callback in the
-    program that produces the step's loss), so that a signal's timing can be told apart."""
+    program that produces the step's loss), so that a signal's timing can be told apart. With
+    ``announce``, each step prints ``IN STEP`` to stdout as its sleep starts."""
     import dataclasses
     import time
 
     real = trainer._program
 
     def sleepy(x):
+        if announce:
+            print("IN STEP", flush=True)
         time.sleep(seconds)
         return x
 
@@ -342,22 +345,17 @@ import pytest
 from test_fault_training import _slow_steps
 from ttt_jax import cli
 mp = pytest.MonkeyPatch()
-import ttt_jax.train.trainer as trainer, time
-_real = trainer._StopSignals.__enter__
-def enter(self):
-    out = _real(self)
-    print("READY", flush=True)
-    return out
-mp.setattr(trainer._StopSignals, "__enter__", enter)
-_slow_steps(mp, 10.0)
+_slow_steps(mp, 10.0, announce=True)
 sys.exit(cli.main(["train", {str(tmp_path / "toy.yaml")!r}]))
 """
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     for line in proc.stdout:
-        if line.startswith("READY"):
+        if line.startswith("IN STEP"):
             break
-    time.sleep(2.0)   # inside step 1 (10 s)
+    # Inside step 1 (10 s): after the first evaluation and the step's compilation, which on a
+    # loaded machine can take longer than any fixed wait.
+    time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     t0 = time.perf_counter()
