@@ -92,7 +92,7 @@ def main(argv=None):
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
-    from parallel.mesh import make_mesh
+    from ttt_jax.parallel.mesh import make_mesh
     from ttt_jax.ops import attention_cp as A
     from ttt_jax.ops import attention_cp_fused as FA
     from ttt_jax.ops import attention_cp_window as W

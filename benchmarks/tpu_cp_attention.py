@@ -153,7 +153,7 @@ def main(argv=None) -> list:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from jax.experimental import topologies
 
-    from parallel.mesh import make_mesh
+    from ttt_jax.parallel.mesh import make_mesh
 
     devices = topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices
     mesh = make_mesh(data=1, context=len(devices), devices=devices)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from parallel import layout as L
-from parallel.mesh import make_mesh
+from ttt_jax.parallel import layout as L
+from ttt_jax.parallel.mesh import make_mesh
 from ttt_jax.ops import attention_cp as A
 from ttt_jax.ops import attention_cp_fused as FA
 from ttt_jax.ops import attention_cp_window as W

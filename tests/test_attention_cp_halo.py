@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from parallel.mesh import make_mesh
+from ttt_jax.parallel.mesh import make_mesh
 from ttt_jax.ops import attention_cp as A
 from ttt_jax.ops import attention_cp_halo as HA
 from ttt_jax.ops import attention_cp_window as W

@@ -191,7 +191,7 @@ def test_cli_generate_errors(checkpoint, tmp_path):
 def test_generation_with_sharded_parameters_matches_unsharded(checkpoint):
     """load_model(path, mesh=...) places every parameter in its FSDP sharding; prefill and
     decode then run partitioned over the 8 emulated devices with the unsharded model's logits."""
-    from parallel.mesh import make_mesh
+    from ttt_jax.parallel.mesh import make_mesh
     from ttt_jax.checkpoint import load_model
 
     path, _, model = checkpoint

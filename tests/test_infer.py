@@ -187,7 +187,7 @@ def test_cache_too_small_is_a_clear_error():
 def test_context_parallel_prefill_equals_prefill(name):
     """prefill_parallel under a mesh with context=4 (the model's ring / halo attention and
     cross-device TTT scan) fills the same cache as the single-device blockwise prefill."""
-    from parallel.mesh import make_mesh
+    from ttt_jax.parallel.mesh import make_mesh
 
     model, engine, tokens, ref = setup(name)
     prompt = tokens[:2, :32]                     # a multiple of 4 devices x chunks of 8

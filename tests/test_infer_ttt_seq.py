@@ -153,7 +153,7 @@ def test_batched_sequence_equals_it_alone_and_inactive_rows_are_untouched():
 def test_parallel_prefill_and_unsupported_paths():
     """``prefill_parallel`` (one device) fills the same cache; context parallelism and qTTT refuse
     these layers with a clear error; TTT-E2E models are still refused."""
-    from parallel.mesh import make_mesh
+    from ttt_jax.parallel.mesh import make_mesh
     from ttt_jax.infer import QTTTConfig, adapt_queries
 
     model, engine, tokens, ref = setup("linear_replace")
@@ -238,7 +238,7 @@ def test_cli_generate_with_shipped_configs(config, tmp_path):
 def test_generation_with_sharded_parameters_matches_unsharded(tmp_path):
     """Parameters in their FSDP sharding over the 8 emulated devices: the same greedy tokens and
     logits as unsharded."""
-    from parallel.mesh import make_mesh
+    from ttt_jax.parallel.mesh import make_mesh
     from ttt_jax.config import Config, DataConfig
     from ttt_jax.checkpoint import load_model, save_model
 

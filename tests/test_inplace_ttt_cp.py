@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from parallel.layout import from_zigzag, to_zigzag
-from parallel.mesh import make_mesh
+from ttt_jax.parallel.layout import from_zigzag, to_zigzag
+from ttt_jax.parallel.mesh import make_mesh
 from ttt_jax.ops import inplace_ttt
 from ttt_jax.ops.inplace_ttt_cp import inplace_ttt_sharded
 

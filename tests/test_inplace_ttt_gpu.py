@@ -122,7 +122,7 @@ def test_gpu_context_parallel_op_matches_oracle(impl, packed):
     linear-attention oracle of the whole sequence, values and gradients."""
     from jax.sharding import PartitionSpec as P
 
-    from parallel.mesh import make_mesh
+    from ttt_jax.parallel.mesh import make_mesh
     from ttt_jax.ops.inplace_ttt_cp import inplace_ttt_sharded
 
     n = len(jax.devices())

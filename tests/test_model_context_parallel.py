@@ -8,8 +8,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from parallel.layout import from_zigzag, to_zigzag
-from parallel.mesh import make_mesh
+from ttt_jax.parallel.layout import from_zigzag, to_zigzag
+from ttt_jax.parallel.mesh import make_mesh
 from ttt_jax.config import load_config
 from ttt_jax.models.lm import CausalLM
 

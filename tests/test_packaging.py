@@ -3,7 +3,7 @@
 Nothing is downloaded: the wheel is built with this environment's setuptools (no build isolation),
 installed without dependencies, and the fresh environment reaches this environment's packages (jax,
 flax, ...) through a ``.pth`` file. ``PYTHONPATH`` is cleared, so the CLI can only find ``ttt_jax``,
-its presets and ``parallel`` inside the installed wheel.
+its presets and ``ttt_jax.parallel`` inside the installed wheel.
 """
 
 import os
@@ -46,7 +46,11 @@ def test_wheel_installs_and_runs_cli_from_any_directory(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     presets = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
     assert presets and all(f"ttt_jax/configs/{p}" in names for p in presets)
-    assert "parallel/__init__.py" in names
+    # The source tree's top-level parallel/ ships as ttt_jax.parallel: the wheel installs no other
+    # top-level name that could clash with another distribution's module.
+    assert "ttt_jax/parallel/__init__.py" in names
+    assert {n.split("/")[0] for n in names} == {"ttt_jax", wheel.name.split("-")[0] + "-" +
+                                                 wheel.name.split("-")[1] + ".dist-info"}
 
     # No PYTHONPATH anywhere below: pip would take a checkout's metadata for an installed ttt-jax, and
     # the CLI must find everything inside the wheel.
@@ -65,8 +69,8 @@ def test_wheel_installs_and_runs_cli_from_any_directory(tmp_path):
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = _run([str(vpy), "-c", "import ttt_jax, ttt_jax.config as c, parallel; "
-                  "print(ttt_jax.__file__); print(c.CONFIG_DIR); print(parallel.__file__)"],
+    where = _run([str(vpy), "-c", "import ttt_jax, ttt_jax.config as c, ttt_jax.parallel as p; "
+                  "print(ttt_jax.__file__); print(c.CONFIG_DIR); print(p.__file__)"],
                  cwd=elsewhere, env=env).split()
     assert all(Path(w).is_relative_to(vsite) for w in where), where
 
@@ -77,11 +81,16 @@ def test_wheel_installs_and_runs_cli_from_any_directory(tmp_path):
     assert got["model"]["n_layers"] == want["model"]["n_layers"]
 
 
-def test_a_foreign_parallel_module_is_refused(tmp_path):
-    """A ``parallel.py`` earlier on ``sys.path`` stops ``import ttt_jax`` with a message naming it."""
+def test_a_foreign_parallel_module_changes_nothing(tmp_path):
+    """A user's own ``parallel.py`` first on ``sys.path`` (run from a source checkout) is neither
+    imported by ttt_jax nor shadowed by it: both are importable side by side."""
     (tmp_path / "parallel.py").write_text("x = 1\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
-    out = subprocess.run([sys.executable, "-c", "import ttt_jax"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0
-    assert str(tmp_path / "parallel.py") in out.stderr
+    out = subprocess.run([sys.executable, "-c", "import ttt_jax, ttt_jax.parallel as ours, parallel as theirs; "
+                          "print(ours.__file__); print(theirs.__file__); print(ours.make_mesh.__module__)"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    ours, theirs, module = out.stdout.split()
+    assert Path(ours) == ROOT / "parallel" / "__init__.py"
+    assert Path(theirs) == tmp_path / "parallel.py"
+    assert module == "ttt_jax.parallel.mesh"

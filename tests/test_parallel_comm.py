@@ -1,6 +1,6 @@
 """Analytic context-parallel communication volume (parallel/comm.py)."""
 
-from parallel.comm import context_comm_bytes
+from ttt_jax.parallel.comm import context_comm_bytes
 import pytest
 
 pytestmark = pytest.mark.unit

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from parallel.mesh import MESH_AXES, detect_multihost, make_mesh, maybe_initialize_distributed
-from parallel.rules import DEFAULT_RULES, logical_to_spec, shard_pytree, with_logical_constraint
+from ttt_jax.parallel.mesh import MESH_AXES, detect_multihost, make_mesh, maybe_initialize_distributed
+from ttt_jax.parallel.rules import DEFAULT_RULES, logical_to_spec, shard_pytree, with_logical_constraint
 
 pytestmark = pytest.mark.unit
 
@@ -116,7 +116,7 @@ def test_logical_to_spec_indivisible(caplog):
         logical_to_spec(("kv_heads", "head_dim"), mesh=mesh, shape=(3, 8))
     assert logical_to_spec(("kv_heads", "head_dim"), mesh=mesh, shape=(4, 8)) == P("tensor", None)
     # opt-in fallback: drop minor axes until the rest divides, with a warning
-    with caplog.at_level(logging.WARNING, logger="parallel.rules"):
+    with caplog.at_level(logging.WARNING, logger="ttt_jax.parallel.rules"):
         spec = logical_to_spec(("batch", "kv_heads"), mesh=mesh, shape=(2, 3), on_indivisible="replicate")
     assert spec == P("data", None)
     assert "not divisible" in caplog.text

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from parallel import scan
-from parallel.layout import from_zigzag, to_zigzag
-from parallel.mesh import make_mesh
+from ttt_jax.parallel import scan
+from ttt_jax.parallel.layout import from_zigzag, to_zigzag
+from ttt_jax.parallel.mesh import make_mesh
 
 pytestmark = pytest.mark.unit
 

@@ -144,7 +144,7 @@ def test_context_parallel_training_matches_data_parallel(runs, tmp_path):
 
 def test_split_further_places_zero_axes():
     """ZeRO-1's layout rule: the free replicating axes go to the largest dimension they divide."""
-    from parallel.mesh import make_mesh
+    from ttt_jax.parallel.mesh import make_mesh
 
     mesh = make_mesh(data=2, fsdp=1, tensor=2, context=2)
     ns = lambda *spec: jax.sharding.NamedSharding(mesh, P(*spec))

@@ -4,7 +4,7 @@
   count too: a lazy import hides a cycle, it does not remove it). A module importing an ancestor
   package (``from ttt_jax.ops import attention_cp_ring`` in ``ttt_jax.ops.attention_cp``) is not an
   edge: Python initialises the package first anyway.
-* ``parallel`` imports only JAX, numpy and the standard library, never ``ttt_jax``.
+* ``ttt_jax.parallel`` (the top-level ``parallel/`` folder) imports only JAX, numpy and the standard library, never the rest of ``ttt_jax``.
 * No private name (leading underscore) imported from another module, or read from an imported
   module (``mod._name``), anywhere in ``ttt_jax`` or ``parallel`` (library layers and applications
   alike): a helper shared by two modules is public and named for what it does.
@@ -21,8 +21,10 @@ import pytest
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("ttt_jax", "parallel")
-PARALLEL_MAY_IMPORT = {"jax", "jaxlib", "numpy", "parallel"}
+PACKAGES = ("ttt_jax", "parallel")      # source folders
+# The folder each is imported as: the top-level parallel/ is ttt_jax.parallel (see ttt_jax/__init__.py).
+IMPORTED_AS = {"ttt_jax": "ttt_jax", "parallel": "ttt_jax.parallel"}
+PARALLEL_MAY_IMPORT = {"jax", "jaxlib", "numpy"}
 
 
 def _modules(root: Path = ROOT) -> dict[str, Path]:
@@ -30,6 +32,7 @@ def _modules(root: Path = ROOT) -> dict[str, Path]:
     for pkg in PACKAGES:
         for f in sorted((root / pkg).rglob("*.py")):
             parts = list(f.relative_to(root).with_suffix("").parts)
+            parts[0:1] = IMPORTED_AS[pkg].split(".")
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             mods[".".join(parts)] = f
@@ -152,16 +155,16 @@ def test_parallel_imports_only_jax_numpy_and_the_standard_library():
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
     bad = []
     for m, f in _modules().items():
-        if _in(m, ("parallel",)):
+        if _in(m, ("ttt_jax.parallel",)):
             for mod, _ in _imports(f, m):
                 top = mod.split(".")[0]
-                if top not in stdlib and top not in PARALLEL_MAY_IMPORT:
+                if top not in stdlib and top not in PARALLEL_MAY_IMPORT and not _in(mod, ("ttt_jax.parallel",)):
                     bad.append(f"{m} imports {mod}")
     assert not bad, bad
 
 
 def test_no_private_name_imported_across_modules():
-    bad = _private_imports(_modules(), PACKAGES)
+    bad = _private_imports(_modules(), ("ttt_jax",))
     assert not bad, bad
 
 
@@ -169,7 +172,7 @@ def test_every_subpackage_is_checked():
     """Every folder of modules under ``ttt_jax`` / ``parallel`` is a package (has ``__init__.py``)
     that the module walk finds, so the checks above cover the applications too."""
     mods = _modules()
-    subpackages = {".".join(d.relative_to(ROOT).parts) for pkg in PACKAGES
+    subpackages = {".".join([IMPORTED_AS[pkg], *d.relative_to(ROOT / pkg).parts]) for pkg in PACKAGES
                    for d in [ROOT / pkg, *(ROOT / pkg).rglob("*")] if d.is_dir()
                    and d.name != "__pycache__" and any(d.glob("*.py"))}
     assert subpackages and subpackages <= set(mods), sorted(subpackages - set(mods))
@@ -182,8 +185,8 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     for pkg in PACKAGES:
         (tmp_path / pkg).mkdir()
         (tmp_path / pkg / "__init__.py").write_text("")
-    (tmp_path / "parallel" / "a.py").write_text("from parallel.b import _helper\nimport ttt_jax\n")
-    (tmp_path / "parallel" / "b.py").write_text("def f():\n    from parallel import a\n")
+    (tmp_path / "parallel" / "a.py").write_text("from ttt_jax.parallel.b import _helper\nimport ttt_jax\n")
+    (tmp_path / "parallel" / "b.py").write_text("def f():\n    from . import a\n")
     (tmp_path / "ttt_jax" / "app").mkdir()
     (tmp_path / "ttt_jax" / "app" / "__init__.py").write_text("")
     (tmp_path / "ttt_jax" / "app" / "cli.py").write_text(
@@ -192,8 +195,8 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     (tmp_path / "ttt_jax" / "app" / "plots.py").write_text(
         "from ttt_jax.app import engine as E\nE._pad()\n")
     mods = _modules(tmp_path)
-    assert _cycles(_graph(mods)) == [["parallel.a", "parallel.b"]]
-    assert sorted(_private_imports(mods, PACKAGES)) == [
-        "parallel.a imports parallel.b._helper", "ttt_jax.app.cli imports ttt_jax.app.engine._pad",
-        "ttt_jax.app.plots uses ttt_jax.app.engine._pad"]
-    assert ("ttt_jax", None) in _imports(mods["parallel.a"], "parallel.a")
+    assert _cycles(_graph(mods)) == [["ttt_jax.parallel.a", "ttt_jax.parallel.b"]]
+    assert sorted(_private_imports(mods, ("ttt_jax",))) == [
+        "ttt_jax.app.cli imports ttt_jax.app.engine._pad", "ttt_jax.app.plots uses ttt_jax.app.engine._pad",
+        "ttt_jax.parallel.a imports ttt_jax.parallel.b._helper"]
+    assert ("ttt_jax", None) in _imports(mods["ttt_jax.parallel.a"], "ttt_jax.parallel.a")

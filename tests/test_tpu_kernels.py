@@ -16,8 +16,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from parallel.layout import from_zigzag, to_zigzag
-from parallel.mesh import make_mesh
+from ttt_jax.parallel.layout import from_zigzag, to_zigzag
+from ttt_jax.parallel.mesh import make_mesh
 from ttt_jax.ops.attention_cp import context_attention
 from ttt_jax.ops.attention_reference import attention_reference
 from ttt_jax.ops.kernels import tpu_splash as S

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from parallel.mesh import make_mesh
+from ttt_jax.parallel.mesh import make_mesh
 from ttt_jax.ops.inplace_ttt_cp import inplace_ttt_sharded
 from ttt_jax.ops.kernels.tpu_ttt import (f32_operand_matmuls, matmul_operand_dtypes,
                                          mxu_tiling_problem)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from parallel.mesh import make_mesh
+from ttt_jax.parallel.mesh import make_mesh
 from ttt_jax.config import ConfigError, ModelConfig, RuntimeConfig, TTTConfig, TTTSeqConfig, load_config
 from ttt_jax.models.layers import stack_layer_params
 from ttt_jax.models.lm import CausalLM

@@ -4,7 +4,7 @@ convert, infer and eval share them): data parallelism, FSDP, tensor and context 
 The mesh has the four axes ``("data", "fsdp", "tensor", "context")`` of :mod:`parallel.mesh`.
 
 * The global batch (``[B, T]`` arrays) is split over ``data`` x ``fsdp`` (:data:`BATCH_AXES`, the
-  ``batch`` rule of :data:`parallel.rules.DEFAULT_RULES`) and the sequence over ``context``
+  ``batch`` rule of :data:`ttt_jax.parallel.rules.DEFAULT_RULES`) and the sequence over ``context``
   (contiguous layout; the attention and In-Place TTT layers then run their context-parallel
   collectives, see :mod:`ttt_jax.nn.context`).
 * Every NNX variable that carries logical axis names (``out_sharding`` metadata, see
@@ -34,9 +34,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from parallel import mesh as parallel_mesh
-from parallel import rules as parallel_rules
-from parallel.layout import to_zigzag
+from ttt_jax.parallel import mesh as parallel_mesh
+from ttt_jax.parallel import rules as parallel_rules
+from ttt_jax.parallel.layout import to_zigzag
 from ttt_jax.config import MeshConfig
 
 # Mesh axes the batch dimension is split over.
@@ -58,7 +58,7 @@ _AXIS_HINT = {"fsdp": "mesh.fsdp must divide model.d_model (the 'embed' dimensio
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The 4-axis mesh of ``cfg`` over ``devices`` (default: all), via :func:`parallel.mesh.make_mesh`
+    """The 4-axis mesh of ``cfg`` over ``devices`` (default: all), via :func:`ttt_jax.parallel.mesh.make_mesh`
     (``AxisType.Auto`` axes; a ``ValueError`` naming the sizes when they do not fit the devices)."""
     return parallel_mesh.make_mesh(cfg.data, cfg.fsdp, cfg.tensor, cfg.context, devices=devices)
 
@@ -211,7 +211,7 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
               layout: str = "contiguous") -> dict[str, jax.Array]:
     """Place a host batch (numpy ``[B, T]`` arrays, the process-local rows of the global batch) on
     the mesh. With ``layout="zigzag"`` and a ``context`` axis of size ``n > 1`` every array is first
-    permuted along ``T`` into the load-balanced order (:func:`parallel.layout.to_zigzag`: device
+    permuted along ``T`` into the load-balanced order (:func:`ttt_jax.parallel.layout.to_zigzag`: device
     ``i`` receives segments ``i`` and ``2n - 1 - i``); the batch's ``positions`` travel with their
     tokens, so the model sees each token at its true position."""
     n = sharding.mesh.shape.get("context", 1)

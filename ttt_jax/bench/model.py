@@ -82,7 +82,7 @@ def context_comm(mcfg, runtime, mesh_shape, batch: int, seq_len: int) -> dict:
     """Analytic bytes each device receives over ``context`` per step (:mod:`parallel.comm`)."""
     import jax.numpy as jnp
 
-    from parallel.comm import context_comm_bytes
+    from ttt_jax.parallel.comm import context_comm_bytes
 
     tp = int(mesh_shape.get("tensor", 1))
     rows = max(1, batch // (int(mesh_shape.get("data", 1)) * int(mesh_shape.get("fsdp", 1))))

@@ -77,7 +77,7 @@ def build_mesh(cfg: Config, devices: list, num_slices: int = 1) -> Mesh:
     """The config's ``(data, fsdp, tensor, context)`` mesh over ``devices``. Multi-slice: ``data``
     spans the slices (its gradient all-reduce is the only traffic over DCN); it must be a multiple
     of ``num_slices``."""
-    from parallel import mesh as parallel_mesh
+    from ttt_jax.parallel import mesh as parallel_mesh
     from ttt_jax import sharding
 
     if num_slices == 1:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 class ContextConfig:
     """Context parallelism (``mesh.context > 1``: every sequence split over devices). Ignored
     without it. The In-Place TTT layers always exchange their fast-weight summaries in float32 with
-    one all-gather (``parallel.scan``, ``mode="allgather"``): a log-depth ``ppermute`` scan moved
+    one all-gather (``ttt_jax.parallel.scan``, ``mode="allgather"``): a log-depth ``ppermute`` scan moved
     the same bytes at 4 devices, was no faster and took more memory, and a bfloat16 exchange did
     not change the step time (benchmarks/history/2026-11-notes.md). The fused kernels compute a sliding-window layer as a local call
     plus a small halo block merged by log-sum-exp (``ttt_jax.ops.attention_cp_halo``), which was

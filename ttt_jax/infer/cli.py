@@ -104,7 +104,7 @@ def _layers(spec: str):
 
 def _mesh(spec: str):
     """``"fsdp=4,tensor=2"`` -> the mesh over all devices."""
-    from parallel.mesh import make_mesh
+    from ttt_jax.parallel.mesh import make_mesh
 
     sizes = {"data": -1, "fsdp": 1, "tensor": 1, "context": 1}
     for part in filter(None, (x.strip() for x in spec.split(","))):

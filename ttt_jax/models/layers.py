@@ -15,7 +15,7 @@ leading axis whose logical name is ``"layers"`` (:data:`LAYERS_AXIS`)::
     ...                                         (every layers/{i}/... entry above likewise)
 
 ``embed``, ``final_norm`` and ``lm_head`` are unchanged. ``"layers"`` is not one of
-``ttt_jax.nn.params.LOGICAL_AXES`` and has no rule in ``parallel.rules.DEFAULT_RULES`` yet (map it
+``ttt_jax.nn.params.LOGICAL_AXES`` and has no rule in ``ttt_jax.parallel.rules.DEFAULT_RULES`` yet (map it
 to ``None`` to keep the group axis unsharded). The forward pass runs one ``nnx.scan``
 over ``g`` whose body applies the ``P`` blocks of the group in order (each one under ``nnx.remat``
 when ``runtime.remat``), so under remat every layer keeps only its ``[B, T, D]`` input for the

@@ -48,7 +48,7 @@ from typing import Literal, Optional
 
 import jax
 
-from parallel.layout import Layout, check_layout
+from ttt_jax.parallel.layout import Layout, check_layout
 from ttt_jax.ops import (attention_cp_fused, attention_cp_halo, attention_cp_ring, attention_cp_tpu,
                          attention_cp_window)
 from ttt_jax.ops.attention_kernels import per_device

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from parallel.layout import check_layout
+from ttt_jax.parallel.layout import check_layout
 from ttt_jax.ops.attention_cp_ring import ring_meta, ring_source
 from ttt_jax.ops.attention_reference import NEG_INF
 from ttt_jax.ops.kernels.cudnn_blocks import (cudnn_block_bwd, cudnn_block_fwd, cudnn_unsupported_reason,

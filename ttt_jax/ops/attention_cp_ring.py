@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from parallel.layout import Layout, check_layout, global_positions
+from ttt_jax.parallel.layout import Layout, check_layout, global_positions
 from ttt_jax.ops.attention_reference import (NEG_INF, check_qkv, gqa_scores, masked_attention,
                                              position_mask, split_heads)
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from parallel.layout import check_layout
+from ttt_jax.parallel.layout import check_layout
 from ttt_jax.ops.attention_cp_fused import (RingBlocks, ring_blocks_backward, ring_blocks_forward, ring_bwd_step,
                                             ring_fwd_step)
 from ttt_jax.ops.attention_reference import NEG_INF

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from parallel.layout import global_positions
+from ttt_jax.parallel.layout import global_positions
 from ttt_jax.ops.attention_cp_ring import largest_divisor
 from ttt_jax.ops.attention_reference import check_qkv, masked_attention
 from ttt_jax.ops.checkpoint_names import CONTEXT_EXCHANGE

@@ -7,7 +7,7 @@ two parts: segment ``i`` and segment ``2n - 1 - i`` of ``2n``). For each of its 
    from earlier segments, and its summary ``(A, B)``: the affine map from the state entering the
    segment to the state leaving it (``A`` = product of the carry factors, 0 if a document starts
    inside; ``B`` = the state left when entering with 0);
-2. gets the state carried into the segment from ``parallel.scan`` (an exclusive scan of the
+2. gets the state carried into the segment from ``ttt_jax.parallel.scan`` (an exclusive scan of the
    summaries across devices, in sequence-position order);
 3. adds the carried state's contribution ``use * A_prefix * (z @ S_in)`` to the tokens of the
    document that was open when the segment began.
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from parallel.scan import exclusive_device_scan, exclusive_device_scan_zigzag
+from ttt_jax.parallel.scan import exclusive_device_scan, exclusive_device_scan_zigzag
 from ttt_jax.ops.inplace_ttt_layout import chunk_layout, pad_to_chunks, unchunk
 from ttt_jax.ops.inplace_ttt_scan import scan_backward, scan_chunks, scan_forward
 
@@ -102,9 +102,9 @@ def inplace_ttt_sharded(z: jax.Array, v: jax.Array, w0: jax.Array, *, lr: float,
         ``[B, T_local]`` part. Documents may span device boundaries.
       axis_name: the context mesh axis.
       layout: ``"contiguous"`` (device ``i`` holds part ``i``) or ``"zigzag"`` (device ``i`` holds
-        parts ``i`` and ``2n - 1 - i`` of ``2n``, concatenated; see ``parallel.layout.to_zigzag``).
+        parts ``i`` and ``2n - 1 - i`` of ``2n``, concatenated; see ``ttt_jax.parallel.layout.to_zigzag``).
       mode: cross-device scan mode, ``"allgather"`` (what the model uses) or ``"ppermute"``
-        (``parallel.scan``). The summaries travel in float32.
+        (``ttt_jax.parallel.scan``). The summaries travel in float32.
       impl: ``"fused"``, ``"correction"`` (module docstring) or ``"auto"`` (``fused``, and
         ``correction`` with ``clip_tau``).
 

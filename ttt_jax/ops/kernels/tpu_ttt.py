@@ -1,7 +1,7 @@
 """The In-Place TTT op on TPU: what it needs from the chip, and the checks that prove it.
 
 Choice: the op stays the XLA formulation of ``ttt_jax.ops.inplace_ttt_scan`` (and, under context
-parallelism, ``ttt_jax.ops.inplace_ttt_cp`` with the summary exchange of ``parallel.scan``); no
+parallelism, ``ttt_jax.ops.inplace_ttt_cp`` with the summary exchange of ``ttt_jax.parallel.scan``); no
 Pallas kernel. Why:
 
 * Its matmuls are plain ``[C, F] x [F, D]``, ``[F, C] x [C, D]`` and ``[C, D] x [D, F]`` products
@@ -9,7 +9,7 @@ Pallas kernel. Why:
   by fusing the state update into the apply, which the chunk scan already keeps in one loop body.
 * Every matmul takes the input dtype (bf16 in training) with fp32 accumulation: the fp32 state
   ``S`` is cast to the operand dtype at the matmul (``_mm`` of ``inplace_ttt_scan``), and the
-  cross-device combine of ``parallel.scan`` is a weighted *sum* (no dot). The compiled TPU program
+  cross-device combine of ``ttt_jax.parallel.scan`` is a weighted *sum* (no dot). The compiled TPU program
   is checked for it: :func:`f32_operand_matmuls` lists every ``dot`` / ``convolution`` of an
   optimised HLO module whose operands are fp32 (the AOT test compiles the sharded op, forward and
   backward, for a v5p slice and expects none).
