@@ -380,8 +380,8 @@ def test_second_signal_is_exactly_one_line_off_a_terminal(second):
 
     script = """
 import os, signal, time
-from ttt_jax.train.trainer import _StopSignals
-with _StopSignals(lambda: "kept") as stop:
+from ttt_jax.train.stop import StopSignals
+with StopSignals(lambda: "kept") as stop:
     os.kill(os.getpid(), signal.SIGTERM)
     while stop.received is None:
         time.sleep(0.01)

@@ -125,7 +125,7 @@ def _cmd_train(cfg: Config) -> int:
     import jax  # deferred: `ttt-jax config` and `--help` should not pay for initialising JAX
 
     from ttt_jax.parallel.mesh import maybe_initialize_distributed
-    from ttt_jax.train.trainer import NonFiniteLossError, TrainingInterrupted, train
+    from ttt_jax.train import NonFiniteLossError, TrainingInterrupted, train
 
     # Before any other JAX call: joins the other processes when a multi-host launcher started us
     # (no-op on one host).
