@@ -108,11 +108,12 @@ def _load(config: str, overrides: Sequence[str], note=print) -> Config:
 
 
 def _check_init_from(cfg: Config) -> None:
-    """A ``train.init_from`` that does not exist is one line before anything starts (the run
-    directory and its checkpoints are checked by the trainer, :func:`ttt_jax.fs.ensure_writable`)."""
-    from pathlib import Path
+    """A ``train.init_from`` that does not exist (local or a URL) is one line before anything
+    starts (the run directory and its checkpoints are checked by the trainer,
+    :func:`ttt_jax.fs.ensure_writable`)."""
+    from ttt_jax.fs import as_path
 
-    if cfg.train.init_from and not Path(cfg.train.init_from).expanduser().exists():
+    if cfg.train.init_from and not as_path(cfg.train.init_from, "train.init_from").exists():
         raise ValueError(f"train.init_from {cfg.train.init_from!r} does not exist")
 
 

@@ -8,6 +8,8 @@
 * :mod:`~ttt_jax.checkpoint.compat` -- :func:`config_differences`, which config changes forbid a
   restore;
 * :mod:`~ttt_jax.checkpoint.integrity` -- checksums, sizes, free space, error sorting;
+* :mod:`~ttt_jax.checkpoint.storage` -- which steps of a directory are complete, local or at a URL
+  (``gs://...``, :mod:`ttt_jax.fs`);
 * :mod:`~ttt_jax.checkpoint.errors` -- the exceptions.
 """
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,6 +14,7 @@ import numpy as np
 
 from ttt_jax.checkpoint.errors import CheckpointCorruptError
 from ttt_jax.checkpoint.tree import flatten, is_key_array
+from ttt_jax.fs import free_bytes, free_inodes  # noqa: F401 - re-exported (ttt_jax.checkpoint.free_bytes)
 
 
 
@@ -98,28 +97,6 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-def free_bytes(directory: Path) -> int:
-    """Free space (for unprivileged users) on the filesystem holding ``directory`` (or its nearest
-    existing parent)."""
-    p = Path(directory)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return int(shutil.disk_usage(p).free)
-
-
-def free_inodes(directory: Path) -> Optional[int]:
-    """Free inodes (file entries, for unprivileged users) on the filesystem holding ``directory``;
-    ``None`` where the filesystem has no fixed inode table (it reports 0 inodes in all)."""
-    p = Path(directory)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        st = os.statvfs(p)
-    except OSError:
-        return None
-    return int(st.f_favail) if st.f_files else None
-
-
 def describe_no_space(directory: Path, code: int) -> str:
     """What ran out, for an ``ENOSPC`` / ``EDQUOT`` met while writing into ``directory``, measured
     now (call it before the failed write's files are removed): ``"no inodes (file entries) left on
@@ -127,9 +104,11 @@ def describe_no_space(directory: Path, code: int) -> str:
     on the device (ENOSPC): 1.2 MiB free"`` when the bytes ran out, both figures otherwise (a quota,
     or space freed since)."""
     name = errno.errorcode.get(code, str(code))
-    free, inodes = fmt_bytes(free_bytes(directory)), free_inodes(directory)
     if code == errno.EDQUOT:
         return f"the disk quota is exceeded ({name})"
+    if free_bytes(directory) is None:   # a URL: no free-space figure to give
+        return f"no space left (bytes or inodes) ({name})"
+    free, inodes = fmt_bytes(free_bytes(directory)), free_inodes(directory)
     if inodes == 0:
         return f"no inodes (file entries) left on the device ({name}), though {free} are free"
     if free_bytes(directory) < 1 << 20:

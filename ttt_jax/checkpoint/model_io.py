@@ -28,30 +28,31 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from ttt_jax import fs
 from ttt_jax.checkpoint.compat import config_differences
 from ttt_jax.checkpoint.layout import relayout_model
 from ttt_jax.checkpoint.errors import CheckpointCorruptError, CheckpointWarning
 from ttt_jax.checkpoint.integrity import brief, is_damage, state_checksums, verify_checksums
 from ttt_jax.checkpoint.quiet import contain as contain_library_noise
+from ttt_jax.checkpoint.storage import complete_steps, is_complete, manager_options
 from ttt_jax.checkpoint.tree import abstract_of, from_saved, meta_tree, shape_problems, str_keys, to_saveable
 from ttt_jax.config import Config
 
 
 def resolve_checkpoint(path: str | Path, step: Optional[int] = None) -> tuple[Path, int]:
     """``(checkpoints_dir, step)`` for ``path``: a run directory (holding ``checkpoints/``), a
-    checkpoints directory, or one step's directory (``.../checkpoints/<step>``). Without ``step``
-    (and unless ``path`` names a step), the newest complete step is used. ``ValueError`` names the
-    path when there is no checkpoint."""
-    p = Path(path).expanduser().absolute()
+    checkpoints directory, or one step's directory (``.../checkpoints/<step>``), local or a URL
+    (:func:`ttt_jax.fs.as_path`). Without ``step`` (and unless ``path`` names a step), the newest
+    complete step is used. ``ValueError`` names the path when there is no checkpoint."""
+    p = fs.as_path(path, "checkpoint path")
     if not p.exists():
         raise ValueError(f"checkpoint path {p} does not exist")
-    if p.name.isdigit() and (p / "state").exists():
+    if p.name.isdigit() and is_complete(p):
         if step is not None and step != int(p.name):
             raise ValueError(f"{p} is step {p.name} but step {step} was asked for")
         return p.parent, int(p.name)
     ckdir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    steps = sorted(int(c.name) for c in ckdir.iterdir() if c.name.isdigit() and (c / "state").exists()) \
-        if ckdir.is_dir() else []
+    steps = complete_steps(ckdir)
     if not steps:
         raise ValueError(f"no checkpoint under {p} (expected a run directory with checkpoints/<step>/, "
                          "a checkpoints directory, or a step directory)")
@@ -89,7 +90,8 @@ def read_checkpoint_config(path: str | Path, step: Optional[int] = None) -> Conf
 
     contain_library_noise()
     ckdir, step = resolve_checkpoint(path, step)
-    mngr = ocp.CheckpointManager(ckdir, item_handlers={"meta": ocp.JsonCheckpointHandler()})
+    mngr = ocp.CheckpointManager(ckdir, item_handlers={"meta": ocp.JsonCheckpointHandler()},
+                                 options=manager_options(ckdir))
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     return config_from_saved(meta.get("config", {}))
 
@@ -109,11 +111,11 @@ def load_model(path: str | Path, *, step: Optional[int] = None, mesh: Optional[j
     :class:`CheckpointWarning` naming it and the reason, and the next older one is loaded;
     :class:`CheckpointCorruptError` when none is intact. With ``step``, that step or the error.
     """
-    p = Path(path).expanduser().absolute()
-    if step is not None or (p.name.isdigit() and (p / "state").exists()):
-        return _load_model(path, step, mesh, overrides)
-    ckdir, newest = resolve_checkpoint(path)
-    candidates = [s for s in _complete_steps(ckdir) if s <= newest]
+    p = fs.as_path(path, "checkpoint path")
+    if step is not None or (p.name.isdigit() and is_complete(p)):
+        return _load_model(p, step, mesh, overrides)
+    ckdir, newest = resolve_checkpoint(p)
+    candidates = [s for s in complete_steps(ckdir) if s <= newest]
     for k in range(len(candidates) - 1, -1, -1):
         try:
             return _load_model(ckdir, candidates[k], mesh, overrides)
@@ -123,10 +125,6 @@ def load_model(path: str | Path, *, step: Optional[int] = None, mesh: Optional[j
             warnings.warn(f"{e}; skipped, loading step {candidates[k - 1]} instead (pass a step to choose "
                           "another)", CheckpointWarning, stacklevel=2)
     raise AssertionError("unreachable")  # pragma: no cover - resolve_checkpoint found a step
-
-
-def _complete_steps(ckdir: Path) -> list[int]:
-    return sorted(int(c.name) for c in ckdir.iterdir() if c.name.isdigit() and (c / "state").exists())
 
 
 def _load_model(path: str | Path, step: Optional[int], mesh: Optional[jax.sharding.Mesh],
@@ -152,7 +150,8 @@ def _load_model(path: str | Path, step: Optional[int], mesh: Optional[jax.shardi
     else:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: dev, target)
-    mngr = ocp.CheckpointManager(ckdir, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    mngr = ocp.CheckpointManager(ckdir, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                 options=manager_options(ckdir))
     where = ckdir / str(step)
     try:
         saved_meta = meta_tree(mngr.item_metadata(step)["state"])
@@ -192,13 +191,13 @@ def save_model(directory: str | Path, model: Any, cfg: Config, *, step: int = 0)
     import yaml
 
     contain_library_noise()
-    directory = Path(directory).expanduser().absolute()
+    directory = fs.as_path(directory, "checkpoint directory")
     directory.mkdir(parents=True, exist_ok=True)
     mngr = ocp.CheckpointManager(
         directory / "checkpoints",
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
+        options=manager_options(directory, create=True, enable_async_checkpointing=False))
     state = {"model": to_saveable(nnx.to_pure_dict(nnx.state(model)))}
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({}),
@@ -206,7 +205,7 @@ def save_model(directory: str | Path, model: Any, cfg: Config, *, step: int = 0)
                                 "checksums": state_checksums(state)})), force=True)
     mngr.wait_until_finished()
     mngr.close()
-    (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    fs.write_text(directory / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return directory / "checkpoints" / str(step)
 
 
@@ -222,7 +221,8 @@ def verify_checkpoint(path: str | Path, step: Optional[int] = None) -> Path:
     ckdir, step = resolve_checkpoint(path, step)
     where = ckdir / str(step)
     meta = _read_json_item(where, "meta")
-    mngr = ocp.CheckpointManager(ckdir, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    mngr = ocp.CheckpointManager(ckdir, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                 options=manager_options(ckdir))
     try:
         saved_meta = mngr.item_metadata(step)["state"]
         if saved_meta is None:

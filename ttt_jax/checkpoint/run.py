@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -51,16 +49,16 @@ from flax import nnx
 from ttt_jax.checkpoint.compat import config_differences
 from ttt_jax.checkpoint.errors import (CheckpointCorruptError, CheckpointWarning, CheckpointWriteError,
                                        NonFiniteStateError)
+from ttt_jax import fs
 from ttt_jax.checkpoint.integrity import (brief, checkpoint_bytes, checksums_and_finite, describe_no_space,
-                                          fmt_bytes, free_bytes, is_damage, state_nbytes, verify_checksums,
+                                          fmt_bytes, is_damage, state_nbytes, verify_checksums,
                                           write_failure)
 from ttt_jax.checkpoint.layout import saved_layout
 from ttt_jax.checkpoint.quiet import abandon, contain as contain_library_noise, current_operation
+from ttt_jax.checkpoint.storage import TMP_MARKER, manager_options, unfinished
 from ttt_jax.fs import describe_os_error
 from ttt_jax.checkpoint.tree import abstract_of, from_saved, shape_problems, str_keys, to_saveable
 
-# Orbax's marker in the name of a step directory that is still being (or was never fully) written.
-TMP_MARKER = ".orbax-checkpoint-tmp"
 # Suffix given to a step directory found corrupt; Orbax does not parse it as a step.
 CORRUPT_SUFFIX = ".corrupt"
 
@@ -88,7 +86,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep: int, async_save: bool = True,
                  warn: Optional[Callable[[str], None]] = None):
-        self.directory = Path(directory).absolute()
+        self.directory = fs.as_path(directory, "checkpoint directory")   # local, or a URL
         self._warn = warn if warn is not None else \
             (lambda msg: warnings.warn(msg, CheckpointWarning, stacklevel=3))
         self.set_aside: list[Path] = []   # corrupt steps moved to <step>.corrupt by this instance
@@ -103,17 +101,15 @@ class Checkpointer:
             self.directory,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()},
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=async_save))
+            options=manager_options(self.directory, max_to_keep=keep, create=True,
+                                    enable_async_checkpointing=async_save))
 
     def _discard_unfinished(self) -> None:
-        unfinished = sorted(p for p in self.directory.iterdir() if TMP_MARKER in p.name) \
-            if self.directory.is_dir() else []
-        for p in unfinished:
+        for p in unfinished(self.directory):
             self._warn(f"checkpoint {p} was interrupted while being written and is incomplete; "
                        "skipped and removed")
             if jax.process_index() == 0:
-                shutil.rmtree(p, ignore_errors=True)
+                fs.rmtree(p)
         sync_processes("ttt_jax_checkpoint_discard_unfinished")
 
     def latest_step(self) -> Optional[int]:
@@ -129,8 +125,8 @@ class Checkpointer:
         free space than a checkpoint of ``nbytes`` of arrays (``n_arrays`` of them) is estimated to
         take (:func:`~ttt_jax.checkpoint.integrity.checkpoint_bytes`)."""
         need = checkpoint_bytes(nbytes, n_arrays)
-        free = free_bytes(self.directory)
-        if free < need:
+        free = fs.free_bytes(self.directory)
+        if free is not None and free < need:   # None: a URL (an object store reports no free space)
             raise CheckpointWriteError(
                 f"not enough free disk space for a checkpoint in {self.directory}: {fmt_bytes(free)} "
                 f"free, a checkpoint needs about {fmt_bytes(need)}; free some space or set "
@@ -170,11 +166,10 @@ class Checkpointer:
 
     def _discard_partial(self, step: Optional[int]) -> None:
         """Remove what a failed save left (its temporary directory); never a complete step."""
-        if step is None or jax.process_index() != 0 or not self.directory.is_dir():
+        if step is None or jax.process_index() != 0:
             return
-        for p in self.directory.iterdir():
-            if p.name.startswith(f"{step}{TMP_MARKER}"):
-                shutil.rmtree(p, ignore_errors=True)
+        for p in unfinished(self.directory, step):
+            fs.rmtree(p)
 
     def check(self) -> None:
         """Report a background save that failed since the last call (:class:`CheckpointWriteError`
@@ -357,7 +352,7 @@ class Checkpointer:
         while dst.exists():
             dst, i = self.directory / f"{step}{CORRUPT_SUFFIX}-{i}", i + 1
         if jax.process_index() == 0:
-            os.replace(src, dst)
+            fs.move(src, dst)
         sync_processes(f"ttt_jax_checkpoint_set_aside_{step}")
         self.set_aside.append(dst)
         self._warn(f"checkpoint {src} is corrupt ({reason}); skipped and moved to {dst}")

@@ -10,7 +10,6 @@ transformers loads directly.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -44,7 +43,9 @@ def export_hf(ckpt: str | Path, out: str | Path, *, step: Optional[int] = None,
     from ttt_jax.checkpoint import load_model
     from ttt_jax.models.layers import unstack_layer_params
 
-    ckpt, out = Path(ckpt).expanduser(), Path(out).expanduser()
+    from ttt_jax.fs import as_path
+
+    ckpt, out = as_path(ckpt, "checkpoint"), Path(out).expanduser()   # the checkpoint may be a URL
     # Hugging Face's layout is the unrolled one: a stacked (scan_layers) checkpoint is unstacked.
     cfg, model = load_model(ckpt, step=step, overrides=["runtime.scan_layers=false"])
     mcfg = cfg.model
@@ -82,5 +83,5 @@ def export_hf(ckpt: str | Path, out: str | Path, *, step: Optional[int] = None,
     for name in TOKENIZER_FILES:
         for d in tok_dirs:
             if (d / name).is_file() and not (out / name).exists():
-                shutil.copy2(d / name, out / name)
+                (out / name).write_bytes((d / name).read_bytes())
     return out

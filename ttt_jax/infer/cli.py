@@ -115,11 +115,12 @@ def _mesh(spec: str):
     return make_mesh(**sizes)
 
 
-def _resolve_tokenizer(spec: str, checkpoint: Path):
+def _resolve_tokenizer(spec: str, checkpoint):
     from ttt_jax.data.tokenizer import load_tokenizer
+    from ttt_jax.fs import is_remote
 
     path = Path(spec).expanduser()
-    if spec != "byte" and not path.is_absolute() and not path.exists():
+    if spec != "byte" and not path.is_absolute() and not path.exists() and not is_remote(checkpoint):
         # A relative path saved in the config: try it next to the run directory too.
         for base in (checkpoint, *checkpoint.parents):
             if (base / spec).exists():
@@ -165,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     from ttt_jax.infer.generate import GenerationConfig, generate
     from ttt_jax.infer.qttt import QTTTConfig
     from ttt_jax.checkpoint import load_model, read_checkpoint_config
+    from ttt_jax.fs import as_path
 
     if args.prompt_file is not None:
         try:
@@ -177,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--prompt-file {args.prompt_file}: invalid UTF-8 at byte {e.start}") from None
     else:
         prompt = args.prompt
-    checkpoint = Path(args.checkpoint).expanduser()
+    checkpoint = as_path(args.checkpoint, "CHECKPOINT")   # local, or a URL (gs://...)
     saved = read_checkpoint_config(checkpoint, args.step)
     vocab = saved.model.vocab_size
     if args.prompt_ids is not None:
@@ -185,13 +187,13 @@ def run(args: argparse.Namespace) -> int:
         if max(ids) >= vocab:
             raise ValueError(f"--prompt-ids: token id {max(ids)} is outside the model's vocabulary of {vocab}")
         try:  # only for the default stop token: ids in, ids out
-            tok = _resolve_tokenizer(args.tokenizer or saved.data.tokenizer, checkpoint.absolute())
+            tok = _resolve_tokenizer(args.tokenizer or saved.data.tokenizer, checkpoint)
         except (ValueError, OSError):
             tok = None
         if tok is not None and tok.vocab_size > vocab:
             tok = None
     else:
-        tok = _resolve_tokenizer(args.tokenizer or saved.data.tokenizer, checkpoint.absolute())
+        tok = _resolve_tokenizer(args.tokenizer or saved.data.tokenizer, checkpoint)
         if tok.vocab_size > vocab:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "
                              f"{vocab}; pass the tokenizer the model was trained with (--tokenizer), "

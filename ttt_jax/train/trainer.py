@@ -14,6 +14,11 @@ bitwise the parameters of one uninterrupted run to N (same devices and mesh; on 
 ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``, since their scatter reductions are otherwise
 non-deterministic). ``train.stop_after`` stops a run early without changing its schedule.
 
+``train.run_dir`` may be a URL (``gs://bucket/run``, any scheme etils.epath knows): every file of
+the run goes through :mod:`ttt_jax.fs` -- Orbax writes the checkpoints there directly, the metrics
+and TensorBoard files are staged locally and copied up at each checkpoint and at the end
+(:class:`~ttt_jax.train.metrics.MetricsWriter`), and the free-space checks are skipped.
+
 Faults (README "Guarantees", docs/guarantees.md): the run directory and its checkpoints/ are
 checked writable before any compute (:func:`ttt_jax.fs.ensure_writable`). One step is in flight at
 a time, so SIGTERM/SIGINT stop dispatching at once: the step in flight finishes and is checkpointed
@@ -45,7 +50,6 @@ import dataclasses
 import functools
 import itertools
 import time
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
@@ -53,10 +57,9 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from ttt_jax import sharding
+from ttt_jax import fs, sharding
 from ttt_jax.config import Config, ModelConfig, RuntimeConfig, TrainConfig
 from ttt_jax.data import check_data, load_tokenizer, make_batches
-from ttt_jax.fs import ensure_writable
 from ttt_jax.models.flops import flops_per_token
 from ttt_jax.models.lm import CausalLM, check_tokens, count_params
 from ttt_jax.checkpoint import Checkpointer, CheckpointCorruptError, NonFiniteStateError, state_nbytes
@@ -77,10 +80,10 @@ class TrainResult:
     step: int
     train_loss: Optional[float]
     val_losses: list[tuple[int, float]]
-    run_dir: Path
+    run_dir: fs.AnyPath          # a local Path, or an etils.epath.Path for a URL
     param_count: int
-    checkpoint_dir: Path
-    metrics_path: Path
+    checkpoint_dir: fs.AnyPath
+    metrics_path: fs.AnyPath
     model: Any = dataclasses.field(default=None, repr=False)  # the trained CausalLM (final state)
     nonfinite_skipped: int = 0   # updates skipped for a non-finite loss/gradient, over the whole run
 
@@ -267,8 +270,8 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     preflight(cfg, tokenizer)
     # Every output location can be written (one line naming the path otherwise), before the
     # checkpoint directory is opened and before any data is read or anything is computed.
-    ensure_writable(tcfg.run_dir, "run directory (train.run_dir)")
-    ensure_writable(Path(tcfg.run_dir) / "checkpoints", "checkpoint directory")
+    run_dir = fs.ensure_writable(tcfg.run_dir, "run directory (train.run_dir)", urls=True)
+    fs.ensure_writable(run_dir / "checkpoints", "checkpoint directory", urls=True)
     mesh = sharding.make_mesh(cfg.mesh)
     ttt_on = bool(cfg.model.ttt.layer_ids(cfg.model.n_layers))
     sharding.check_supported(mesh, cfg.data.seq_len, cfg.model.ttt.chunk_size if ttt_on else None,
@@ -282,7 +285,6 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
     if cfg.data.check:  # every record the run will read, before anything is written or computed
         check_data(cfg.data, progress=tcfg.progress and is_main, log=say)
 
-    run_dir = Path(tcfg.run_dir)
     # Opening the directory removes saves a killed process left unfinished (with a warning).
     ckpt = Checkpointer(run_dir / "checkpoints", keep=tcfg.keep_checkpoints,
                         warn=lambda msg: say(f"warning: {msg}"))
@@ -335,7 +337,7 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
         model_state = restore_model_params(tcfg.init_from, model_state, cfg, log=say)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        fs.write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     tokens_per_step = global_batch * cfg.data.seq_len
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -430,6 +432,7 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
                                      + "Lower train.learning_rate or raise train.warmup_steps, "
                                      "then resume") from e
         saved.append(step)
+        writer.sync()   # the records up to a checkpoint are in the run directory with it
 
     def interrupt(step: int) -> None:
         if step not in saved and step > start:

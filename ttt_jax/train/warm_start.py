@@ -26,6 +26,7 @@ from flax import nnx
 
 from ttt_jax.config import Config
 from ttt_jax.checkpoint.model_io import read_checkpoint_config, resolve_checkpoint
+from ttt_jax.checkpoint.storage import manager_options
 from ttt_jax.checkpoint.tree import flatten as _flatten, meta_tree as _meta_tree, str_keys as _str_keys
 from ttt_jax.config import checkpoint_view
 
@@ -71,7 +72,8 @@ def restore_model_params(path: str | Path, model_state: nnx.State, cfg: Config,
                          f"(runtime.scan_layers={saved_cfg.runtime.scan_layers}) but this run has "
                          f"runtime.scan_layers={cfg.runtime.scan_layers}; use the same setting")
     target = _flatten(_str_keys(nnx.to_pure_dict(model_state)))
-    mngr = ocp.CheckpointManager(ckdir, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    mngr = ocp.CheckpointManager(ckdir, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                 options=manager_options(ckdir))
     saved = {k: tuple(v.shape) for k, v in
              _flatten(_meta_tree(mngr.item_metadata(step)["state"]).get("model", {})).items()}
     missing = sorted(k for k in target.keys() - saved.keys() if not _is_ttt(k))
