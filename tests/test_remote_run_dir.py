@@ -217,7 +217,7 @@ def test_training_at_a_url_crashes_resumes_exactly_and_keeps_its_files(bucket, t
     """A run at ``mock://bkt/run`` crashes at step 9 (checkpoint at 6, metrics to 8 copied up as it
     ends), then resumes to 12: the parameters are bitwise those of an uninterrupted local run,
     ``metrics.jsonl`` holds every step once, TensorBoard's events of both runs arrived, and the
-    model loads back from the URL."""
+    model loads back from the URL (``load_model``, a warm start, an export)."""
     url = "mock://bkt/run"
     extra = ("train.tensorboard=true", "train.keep_checkpoints=3")
     made = _record_staging(monkeypatch)
@@ -245,8 +245,16 @@ def test_training_at_a_url_crashes_resumes_exactly_and_keeps_its_files(bucket, t
     events = sorted((run_dir / "tensorboard").iterdir())
     assert len(events) == 2 and all(e.name.startswith("events.out.tfevents") for e in events)
     assert all(b"train/loss" in e.read_bytes() and b"eval/val_loss" in e.read_bytes() for e in events)
-    assert len(made) == 3 and not any(os.path.exists(d) for d in made)   # staged, then removed
+    assert len(made) == 2 and not any(os.path.exists(d) for d in made)   # staged, then removed
 
     _, model = load_model(url)                      # what eval / generate read
     assert_same_params(params_of(model), params_of(res.model))
+    said = []
+    run(monkeypatch, toy(tmp_path, *extra, f"train.init_from={url}", "train.stop_after=1", name="warm"),
+        log=said.append)
+    assert any(m.startswith(f"initialised ") and m.endswith(f"from {url}/checkpoints/12") for m in said)
+    from ttt_jax.convert.hf_export import export_hf
+
+    export_hf(url, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 2
     _no_local_fallback(tmp_path)

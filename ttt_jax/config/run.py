@@ -88,7 +88,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of the parameter initialisation."""
     run_dir: str = "runs/default"
-    """Directory of the run: checkpoints, metrics, config."""
+    """Directory of the run: checkpoints, metrics, config. A local path or a URL (``gs://bucket/run``)."""
     log_every: int = 10
     """Steps between log lines and metric records."""
     eval_every: int = 200
