@@ -16,7 +16,9 @@ Integrity:
   the device; Orbax writes them in the background into ``<step>.orbax-checkpoint-tmp-<time>`` and
   renames that directory to ``<step>`` only when every item is complete. A process killed while
   saving leaves only such a temporary directory: Orbax never lists it as a step, and the next
-  :class:`Checkpointer` on the directory removes it with a warning naming it.
+  :class:`Checkpointer` on the directory removes it with a warning naming it. At a URL
+  (``gs://...``) a step is written in place and completed by its commit file instead
+  (:mod:`ttt_jax.checkpoint.storage`); a ``<step>/`` without it is removed the same way.
 * **Corruption is detected.** Every array's checksum (two sums mod 2**32 of its raw bits, one
   position-weighted; exact integer arithmetic, so they do not depend on sharding or reduction
   order) is recorded in ``meta`` when it is saved and recomputed on the device after a restore.
@@ -26,7 +28,8 @@ Integrity:
   naming it and falls back to the next older step. (Bit flips inside array files are otherwise
   invisible: TensorStore reads them back as wrong values without an error.)
 * **A full disk is an error, not a hang.** Before each save the free space of the checkpoint
-  directory is compared with the size of the state (:meth:`Checkpointer.check_free_space`), and a
+  directory is compared with the size of the state (:meth:`Checkpointer.check_free_space`; not at
+  a URL, where an object store reports no free space), and a
   writer failing with an OS error (at the save, or later from the background write) is turned
   into :class:`CheckpointWriteError` naming the step, the path and the error (for ``ENOSPC``,
   whether the inodes or the bytes ran out). The older checkpoints are untouched (Orbax deletes the
