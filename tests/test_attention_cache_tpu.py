@@ -163,20 +163,22 @@ def test_gradients_through_the_custom_vjp():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-4, atol=1e-4)
 
 
-def test_fetch_table_skips_blocks_no_query_sees():
-    """Key blocks of 128 over 512 slots. Decode at position 130 of a full cache: blocks 0 and 1
-    are visible, 2 and 3 are empty and re-use block 1's index (no new fetch). Window 2: only block 1
-    for position 130, only block 2 for position 300. A ring whose visible block is the last: the earlier steps load it already.
-    No key at all: -1."""
+def test_block_skipping_ranges():
+    """Key blocks of 128 over 512 slots. Decode at position 130 of a full cache: blocks 0-1 are
+    visible, steps 2 and 3 re-load block 1 (no new fetch). Position 300: blocks 0-2. A ring whose
+    only filled block is the last: every step loads it. No key at all: nothing, block 0. Window 2:
+    only block 1 for position 130, only block 2 for position 300."""
     kp = np.full((4, 512), -1, np.int32)
     kp[0, :131] = np.arange(131)
     kp[1, :301] = np.arange(301)
     kp[2, 384:400] = np.arange(16)
-    q = np.asarray([[130], [300], [20], [5]], np.int32)
-    tables = [np.asarray(tpu_cache._fetch_table(jnp.asarray(q)[:, None], jnp.asarray(kp).reshape(4, 4, 128), w))
+    q = jnp.asarray([[130], [300], [20], [5]], jnp.int32)[:, None]      # [B, nq=1, rows=1]
+    ranges = [np.asarray(tpu_cache.visible_blocks(q, jnp.asarray(kp).reshape(4, 4, 128), w))[:, 0]
               for w in (0, 2)]
-    assert tables[0][:, 0].tolist() == [[0, 1, 1, 1], [0, 1, 2, 2], [3, 3, 3, 3], [-1] * 4]
-    assert tables[1][:2, 0].tolist() == [[1, 1, 1, 1], [2, 2, 2, 2]]
+    assert ranges[0].tolist() == [[0, 1], [0, 2], [3, 3], [0, -1]]
+    assert ranges[1][:2].tolist() == [[1, 1], [2, 2]]
+    loads = [[int(tpu_cache.fetched_block(j, f, l)) for j in range(4)] for f, l in ranges[0]]
+    assert loads == [[0, 1, 1, 1], [0, 1, 2, 2], [3, 3, 3, 3], [0, 0, 0, 0]]
 
 
 def test_auto_takes_the_kernel_for_a_tpu_target_only():

@@ -29,11 +29,12 @@ Layout, flash-decoding style:
   (TPU lanes: the logits tile is ``[rows, block]``); a cache of at most 128 slots is one block; a
   length that is not a multiple of the block leaves the last block partial (its rows past ``S`` are
   masked: their positions are padded with -1 and their values zeroed).
-* Block skipping. The wrapper computes, per (row tile, key block), whether any pair can be visible
-  (from the blocks' position ranges) and a scalar-prefetched table maps each grid step to the key
-  block it loads: a skipped step repeats the previous block index, so Pallas does not fetch it again.
-  A decode step over a long, mostly empty cache reads only the filled blocks; a sliding-window query
-  only the blocks of its window.
+* Block skipping. The wrapper computes, per row tile, the range of key blocks that some query of
+  the tile may see (from the blocks' position ranges; :func:`visible_blocks`), scalar-prefetched
+  into SMEM (two int32 per row tile). Steps outside the range compute nothing, and their block
+  index repeats the range's nearest end, so Pallas fetches nothing for them: a decode step over a
+  long, partly filled cache reads only the filled blocks, a sliding-window query only the blocks of
+  its window.
 
 Off TPU the kernel runs in Pallas interpret mode (``interpret=True``; CPU tests). Callers decide
 ``interpret`` from the platform the program is built for (:mod:`ttt_jax.platform`), so an
@@ -83,14 +84,15 @@ def row_tile(rows: int, kv_heads: int, dtype) -> int:
     return min(cap, _round_up(rows, sub))
 
 
-def _fetch_table(q_rows_pos, k_pos_blocks, window: int):
-    """``[B, nq, nk]`` int32: the key block each grid step loads; equal to the step's own key block
-    exactly where some (query, key) pair of the two blocks may be visible.
+def visible_blocks(q_rows_pos, k_pos_blocks, window: int):
+    """``[B, nq, 2]`` int32: the first and last key block that some query of each row tile may see
+    (``(0, -1)``: none). Blocks in between count as visible (their masks decide): a ring buffer's
+    visible slots may wrap around, but the range stays two scalars per row tile in SMEM.
 
     ``q_rows_pos [B, nq, tr]`` (-1 for padding rows), ``k_pos_blocks [B, nk, bk]`` (-1 = empty).
-    A step with nothing visible loads the last visible block before it (the first visible block of
-    its row tile when there is none before), so the pipeline does not fetch anything new for it; a
-    row tile with nothing visible at all gets -1 everywhere (block 0 is loaded, nothing computed).
+    A block may be visible when it has a filled slot, its lowest position is at most the tile's
+    highest query position and, with a window, its highest position is within the window of the
+    tile's lowest query.
     """
     big = jnp.iinfo(jnp.int32).max
     q_ok = q_rows_pos >= 0
@@ -102,12 +104,16 @@ def _fetch_table(q_rows_pos, k_pos_blocks, window: int):
     vis = (q_hi[:, :, None] >= 0) & (k_hi[:, None, :] >= 0) & (k_lo[:, None, :] <= q_hi[:, :, None])
     if window > 0:
         vis = vis & (k_hi[:, None, :] > q_lo[:, :, None] - window)
-    nk = k_pos_blocks.shape[1]
-    j = jnp.arange(nk, dtype=jnp.int32)
-    idx = jnp.where(vis, j, -1)
-    last = jax.lax.cummax(idx, axis=2)                                  # last visible at or before j
-    first = jnp.min(jnp.where(vis, j, nk), axis=2, keepdims=True)       # first visible (nk: none)
-    return jnp.where(last >= 0, last, jnp.where(first < nk, first, -1)).astype(jnp.int32)
+    j = jnp.arange(k_pos_blocks.shape[1], dtype=jnp.int32)
+    first = jnp.min(jnp.where(vis, j, big), axis=-1)
+    last = jnp.max(jnp.where(vis, j, -1), axis=-1)
+    return jnp.stack([jnp.where(last >= 0, first, 0), last], axis=-1).astype(jnp.int32)
+
+
+def fetched_block(j, first, last):
+    """The key block grid step ``j`` loads: ``j`` inside ``[first, last]``, else the nearest end
+    (so steps outside the range repeat an index and Pallas fetches nothing new), 0 when none."""
+    return jnp.maximum(jnp.minimum(j, last), first)
 
 
 def _lanes(x, n: int):
@@ -115,7 +121,7 @@ def _lanes(x, n: int):
     return jnp.broadcast_to(x, (x.shape[0], n))
 
 
-def _kernel(fetch_ref, q_ref, qp_ref, kp_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *,
+def _kernel(bounds_ref, q_ref, qp_ref, kp_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *,
             kv_heads: int, scale: float, window: int, n_keys: int, squeeze_kv: bool):
     b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nq, nk = pl.num_programs(1), pl.num_programs(2)
@@ -127,7 +133,9 @@ def _kernel(fetch_ref, q_ref, qp_ref, kp_ref, k_ref, v_ref, o_ref, m_sc, l_sc, a
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    @pl.when(fetch_ref[(b * nq + i) * nk + j] == j)
+    first, last = bounds_ref[2 * (b * nq + i)], bounds_ref[2 * (b * nq + i) + 1]
+
+    @pl.when((first <= j) & (j <= last))
     def _block():
         qp = qp_ref[...]                                                # [tr, 1]
         kp = kp_ref[...]                                                # [1, bk]
@@ -195,13 +203,16 @@ def tpu_cache_attention(q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Arr
     qp = jnp.pad(jnp.repeat(q_pos.astype(jnp.int32), g, axis=1), [(0, 0), (0, rp - rows)],
                  constant_values=-1)                                    # [B, Rp]
     kp = jnp.pad(k_pos.astype(jnp.int32), [(0, 0), (0, nk * bk - s)], constant_values=-1)
-    fetch = _fetch_table(qp.reshape(b, nq, tr), kp.reshape(b, nk, bk), int(window))
+    bounds = visible_blocks(qp.reshape(b, nq, tr), kp.reshape(b, nk, bk), int(window))
 
-    def kv_index(bi, i, j, fetch_ref):
-        return (bi, jnp.maximum(fetch_ref[(bi * nq + i) * nk + j], 0), 0, 0)
+    def block_of(bi, i, j, bounds_ref):
+        return fetched_block(j, bounds_ref[2 * (bi * nq + i)], bounds_ref[2 * (bi * nq + i) + 1])
 
-    def kp_index(bi, i, j, fetch_ref):
-        return (bi, 0, jnp.maximum(fetch_ref[(bi * nq + i) * nk + j], 0))
+    def kv_index(bi, i, j, bounds_ref):
+        return (bi, block_of(bi, i, j, bounds_ref), 0, 0)
+
+    def kp_index(bi, i, j, bounds_ref):
+        return (bi, 0, block_of(bi, i, j, bounds_ref))
 
     squeeze_kv = kvh == 1   # a lone kv head is squeezed out of the block: [bk, Dh] tiles, no padding
     kv_block = (None, bk, None, dh) if squeeze_kv else (None, bk, kvh, dh)
@@ -231,6 +242,6 @@ def tpu_cache_attention(q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Arr
             compiler_params=pltpu.CompilerParams(
                 dimension_semantics=("parallel", "parallel", "arbitrary")),
             interpret=interpret, name="tpu_cache_attention",
-        )(fetch.reshape(-1), qr, qp[:, :, None], kp[:, None, :], k, v)
+        )(bounds.reshape(-1), qr, qp[:, :, None], kp[:, None, :], k, v)
     out = out[:, :, :rows].reshape(b, kvh, tq, g, dh)
     return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, tq, h, dh)
