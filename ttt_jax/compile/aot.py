@@ -14,14 +14,11 @@ FLOPs (:mod:`ttt_jax.models.flops`), collective bytes over ICI and DCN and the M
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
-import sys
-import tempfile
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,27 +36,6 @@ BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.floa
                 "segment_ids": jnp.int32, "positions": jnp.int32}
 
 
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """Send file descriptor 2 to a temporary file for the block (libtpu's C++ start-up warnings about
-    ``TPU_ACCELERATOR_TYPE`` / ``TPU_WORKER_HOSTNAMES`` do not apply to a compile-only host). What
-    was written is replayed if the block raises, so no real error is hidden."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            tmp.seek(0)
-            sys.stderr.write(tmp.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def topology_devices(topo: Topology) -> list:
     """The devices of ``topo`` (``TpuDevice`` descriptions, no hardware needed)."""
     from jax.experimental import topologies
@@ -68,7 +44,9 @@ def topology_devices(topo: Topology) -> list:
     # a compile touches no chip, so several compiles (or a compile beside a run) may load it.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kwargs = {"num_slices": topo.num_slices} if topo.num_slices > 1 else {}
-    with quiet_stderr():
+    # libtpu's start-up warnings (TPU_ACCELERATOR_TYPE, ...) do not apply to a compile-only host;
+    # what was written is replayed if loading fails.
+    with platform_lib.captured_stderr():
         desc = topologies.get_topology_desc(topology_name=topo.topology_name, platform="tpu", **kwargs)
     return list(desc.devices)
 
