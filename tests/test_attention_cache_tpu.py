@@ -129,14 +129,14 @@ def test_ring_cache_through_kv_cache_extend(t):
     np.testing.assert_array_equal(np.asarray(c1.k), np.asarray(c2.k))
 
 
-def test_mqa_bfloat16():
+@pytest.mark.parametrize("tq", [1, 5])
+def test_mqa_bfloat16(tq):
     """bf16 inputs, one kv head (the squeezed-block path), decode and a 5-query block, window 30."""
     b, s = 2, 200
     k_pos = _full_slots(s, [180, 60])
-    for tq in (1, 5):
-        q, k, v = _qkv(b, tq, s, 4, 1, 32, jnp.bfloat16)
-        q_pos = jnp.asarray([np.arange(180 - tq, 180), np.arange(60 - tq, 60)], jnp.int32)
-        _close(_both(q, q_pos, k, v, k_pos, (0, 30)), dict(rtol=2e-2, atol=2e-2))
+    q, k, v = _qkv(b, tq, s, 4, 1, 32, jnp.bfloat16)
+    q_pos = jnp.asarray([np.arange(180 - tq, 180), np.arange(60 - tq, 60)], jnp.int32)
+    _close(_both(q, q_pos, k, v, k_pos, (0, 30)), dict(rtol=2e-2, atol=2e-2))
 
 
 def test_gradients_through_the_custom_vjp():
