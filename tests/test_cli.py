@@ -83,3 +83,23 @@ def test_bench_op_tiny(capsys, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["plain", "scan"] and all("ms" in r for r in rows)
     assert "ratio" in capsys.readouterr().out
+
+
+def test_error_after_backend_start_is_one_line_with_libtpu_installed(tmp_path):
+    """A mistake found after JAX's backends start (here a missing ``train.init_from``) is still one
+    line: with the ``tpu`` extra installed on a host without TPU chips, libtpu's start-up warnings
+    (TPU_ACCELERATOR_TYPE, TPU_WORKER_HOSTNAMES; five lines) are dropped. Run without
+    ``JAX_PLATFORMS=cpu`` (which the suite sets, and which skips loading libtpu)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-m", "ttt_jax.cli", "train", "tiny", f"train.run_dir={tmp_path / 'run'}",
+                          f"train.init_from={tmp_path / 'missing'}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [f"error: train.init_from '{tmp_path / 'missing'}' does not exist"], out.stderr

@@ -364,3 +364,36 @@ def test_load_model_skips_unreadable_steps_and_verifies_arrays(tmp_path):
     _swap_arrays(ckdir / "1", ckdir / "2")
     with pytest.raises(CheckpointCorruptError, match=r"checkpoints/1 is corrupt: .*do not match the checksums"):
         load_model(tmp_path / "m", step=1)
+
+
+def test_prepared_checksum_program_is_used_and_agrees_with_jit():
+    """``prepare_checksums`` compiles the save's checksum program ahead (so a signal before the
+    first checkpoint does not wait for that compile); a save of a state with the same shapes,
+    dtypes and shardings runs that program and gets the checksums the jitted one gives; another
+    sharding falls back to the jitted program."""
+    from concurrent.futures import Future
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from ttt_jax.checkpoint import integrity
+
+    mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
+    tree = {"a": jax.device_put(jnp.arange(32, dtype=jnp.float32).reshape(8, 4), NamedSharding(mesh, P("x"))),
+            "b": jax.device_put(jnp.ones((3,), jnp.bfloat16).at[1].set(jnp.nan), NamedSharding(mesh, P()))}
+    want = integrity.checksums_and_finite(tree)
+    assert want[1] == ["b"]
+    integrity.prepare_checksums(tree)
+    key = integrity._signature(tree)
+    compiled = integrity._PREPARED[key].result(timeout=300)
+    calls = []
+    counted: Future = Future()
+    counted.set_result(lambda t: (calls.append(1), compiled(t))[1])
+    integrity._PREPARED[key] = counted
+    try:
+        assert integrity.checksums_and_finite(tree) == want
+        assert calls == [1]
+        other = dict(tree, a=jax.device_put(tree["a"], NamedSharding(mesh, P(None, "x"))))
+        assert integrity.checksums_and_finite(other) == want   # checksums do not depend on sharding
+        assert calls == [1]
+    finally:
+        integrity._PREPARED.pop(key, None)

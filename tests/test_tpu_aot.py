@@ -252,3 +252,62 @@ def test_compile_cli_errors_are_one_line(capsys):
     assert len(err) == 1 and "GPU platforms are not supported" in err[0]
     assert main(["compile", "tiny", "--topology", "v5p-8", "mesh.nope=2"]) == 2
     assert "mesh.nope" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# The inference engine's prefill and decode steps on a 4-chip v5p slice (`--what generate`)
+# ------------------------------------------------------------------------------------------------
+
+# GQA (4 query heads, 2 kv heads), layer 0 a sliding window of 128 (a ring-buffer cache) with TTT,
+# layer 1 full attention; batch over fsdp and heads over tensor, so the kernel runs per device.
+_GEN = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.head_dim=128", "model.d_ff=128", "model.vocab_size=256", "model.max_seq_len=512",
+        "model.compute_dtype=bfloat16",
+        "model.attention_window=128", "model.full_attention_layers=[1]", "model.ttt.layers=[0]",
+        "model.ttt.chunk_size=128", "data.seq_len=512", "data.batch_size=2", "mesh.data=1",
+        "mesh.fsdp=2", "mesh.tensor=2", "mesh.context=1"]
+
+
+@pytest.mark.slow
+def test_tpu_generate_steps_attention_is_mosaic(aot):
+    """`ttt-jax compile --what generate`: the cache attention of prefill (a ring cache read with the
+    block's own keys, and a full cache) and of decode is the Pallas TPU kernel in every layer, and
+    no attention softmax is left to XLA."""
+    cfg = load_config("tiny", _GEN)
+    topo = chips.parse_topology("v5p:2x2x1")
+    devices = aot.topology_devices(topo)
+    mesh = aot.build_mesh(cfg, devices)
+    with jax.default_matmul_precision("default"):   # as a run (see above)
+        steps = aot.compile_generate(cfg, mesh, aot.processes_of(devices), prompt_len=cfg.data.seq_len,
+                                     prefill_block=128)
+    assert [c.what for c in steps] == ["prefill", "decode"]
+    for c in steps:
+        r = aot.analyse(cfg, c, topo, mesh)
+        assert r.fits
+        assert r.attention_fallback == [], (c.what, r.attention_fallback)
+        names = [n for n in hlo.kernel_calls(c.compiled.as_text()) if "tpu_cache_attention" in n]
+        assert len(names) == cfg.model.n_layers == r.attention_mosaic_fwd, (c.what, names)
+        assert r.attention_mosaic_bwd == 0
+
+
+def test_fallback_detection_sees_decode_attention(aot):
+    """The detector of XLA attention: a decode step's logits ``[B, KV, G, 1, S]`` count as attention
+    in an inference program (and only there: a training program's rule needs 64 queries)."""
+    from ttt_jax.ops.attention_cache import cache_attention
+
+    devices = aot.topology_devices(chips.parse_topology("v5p:2x2x1"))
+    mesh = Mesh(np.array(devices[:1]), ("data",))
+    sh = NamedSharding(mesh, P())
+    q = jax.ShapeDtypeStruct((2, 1, 4, 128), jnp.bfloat16, sharding=sh)
+    kv = jax.ShapeDtypeStruct((2, 256, 2, 128), jnp.bfloat16, sharding=sh)
+    pos = [jax.ShapeDtypeStruct(s, jnp.int32, sharding=sh) for s in ((2, 1), (2, 256))]
+
+    def compiled(impl):
+        def attention(q, qp, k, v, kp):   # op names "jit(attention)/...": an attention scope
+            return cache_attention(q, qp, k, v, kp, impl=impl)
+        return jax.jit(attention).lower(q, pos[0], kv, kv, pos[1]).compile().as_text()
+
+    with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+        xla, kernel = compiled("reference"), compiled("auto")
+    assert aot._attention_fallback(xla, min_queries=1) and not aot._attention_fallback(xla)
+    assert not aot._attention_fallback(kernel, min_queries=1) and hlo.kernel_calls(kernel)

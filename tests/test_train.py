@@ -225,44 +225,19 @@ def test_throughput_and_mfu():
     assert peak_tflops_per_device("cpu", override=1.5) == 1.5
 
 
-@pytest.mark.slow   # two CLI subprocesses, each importing JAX and compiling the step: ~70 s
-def test_killed_process_resumes_to_identical_parameters(tmp_path, straight_30):
-    """SIGKILL a `ttt-jax train` process mid-run, start it again: the final parameters equal those of
-    an uninterrupted run, bitwise (CPU)."""
-    import signal
-    import subprocess
-    import sys
-    import time
+@pytest.mark.slow   # three CLI processes, each importing JAX and compiling the step
+def test_signal_then_kill_then_resume_gives_the_parameters_of_one_run(tmp_path, straight_30):
+    """The same `ttt-jax train` command three times (CPU, bitwise):
 
-    if jax.default_backend() != "cpu":
-        pytest.skip("bitwise reproducibility is a CPU guarantee (see README)")
-    extra = ["train.steps=30", "train.checkpoint_every=2", "train.eval_every=15", "train.log_every=10"]
-    run_dir = tmp_path / "killed"
-    import yaml
+    1. SIGINT mid-run (before the first periodic checkpoint): the step in flight is checkpointed
+       (the only checkpoint, named on stderr) and the process exits with status 4;
+    2. run again: it resumes from that checkpoint; SIGKILL once the periodic checkpoint of step 10
+       exists (nothing of the steps after it is kept);
+    3. run again: it resumes from the newest intact checkpoint and finishes. The final parameters equal those of an
+       uninterrupted run.
 
-    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy(tmp_path, *extra, name="killed").to_dict()))
-    cmd = [sys.executable, "-m", "ttt_jax.cli", "train", str(tmp_path / "toy.yaml")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while not (run_dir / "checkpoints" / "10").is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "no checkpoint at step 10 within 240 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    resumed = train(toy(tmp_path, *extra, name="killed"))   # restores the final checkpoint
-    assert resumed.step == 30
-    for a, b in zip(straight_30, params_of(resumed.model), strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.slow   # two CLI subprocesses per signal, as the killed-process test
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
-def test_signal_checkpoints_current_step_and_resume_is_exact(tmp_path, signame, straight_30):
-    """SIGTERM/SIGINT mid-run: the step in flight is checkpointed, the process exits with status 4,
-    and the same command resumes to bitwise the parameters of an uninterrupted run (CPU)."""
+    (SIGTERM, and SIGINT/SIGTERM at random steps, are covered in process by
+    test_fault_training.py; its CLI test covers SIGTERM followed by a second signal.)"""
     import signal
     import subprocess
     import sys
@@ -272,29 +247,40 @@ def test_signal_checkpoints_current_step_and_resume_is_exact(tmp_path, signame, 
 
     if jax.default_backend() != "cpu":
         pytest.skip("bitwise reproducibility is a CPU guarantee (see README)")
-    # No periodic checkpoints: only the signal's checkpoint (and the final one) can exist.
-    extra = ["train.steps=30", "train.checkpoint_every=1000", "train.eval_every=15", "train.log_every=1"]
-    run_dir = tmp_path / "signalled"
-    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy(tmp_path, *extra, name="signalled").to_dict()))
+    extra = ["train.steps=30", "train.checkpoint_every=10", "train.eval_every=15", "train.log_every=1"]
+    run_dir = tmp_path / "interrupted"
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy(tmp_path, *extra, name="interrupted").to_dict()))
     cmd = [sys.executable, "-m", "ttt_jax.cli", "train", str(tmp_path / "toy.yaml")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.is_file() and len(records(metrics, "train")) >= 3):
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "training did not start within 240 s"
-        time.sleep(0.05)
-    proc.send_signal(getattr(signal, signame))
+    metrics, checkpoints = run_dir / "metrics.jsonl", run_dir / "checkpoints"
+
+    def start_and_wait(ready, what):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 240
+        while not ready():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, f"{what} within 240 s"
+            time.sleep(0.05)
+        return proc
+
+    proc = start_and_wait(lambda: metrics.is_file() and len(records(metrics, "train")) >= 3,
+                          "no third training step")
+    proc.send_signal(signal.SIGINT)
     err = proc.stderr.read().decode()
     assert proc.wait() == 4, err[-2000:]
-    ck = Checkpointer(run_dir / "checkpoints", keep=3)
+    ck = Checkpointer(checkpoints, keep=3)
     steps = ck.all_steps()
     ck.close()
-    assert len(steps) == 1 and 3 <= steps[0] < 30, steps
-    assert f"saved {run_dir / 'checkpoints' / str(steps[0])}" in err
+    assert len(steps) == 1 and 3 <= steps[0] < 10, steps
+    assert f"saved {checkpoints / str(steps[0])}" in err
+
+    proc = start_and_wait(lambda: (checkpoints / "10").is_dir(), "no checkpoint at step 10")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    resumed = train(toy(tmp_path, *extra, name="signalled"))   # restores the final checkpoint
+    assert "resumed from" in done.stdout, done.stdout[-2000:]
+    resumed = train(toy(tmp_path, *extra, name="interrupted"))   # restores the final checkpoint
     assert resumed.step == 30
     for a, b in zip(straight_30, params_of(resumed.model), strict=True):
         np.testing.assert_array_equal(a, b)

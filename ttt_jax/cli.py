@@ -126,11 +126,13 @@ def _cmd_train(cfg: Config) -> int:
     import jax  # deferred: `ttt-jax config` and `--help` should not pay for initialising JAX
 
     from ttt_jax.parallel.mesh import maybe_initialize_distributed
+    from ttt_jax.platform import start_backends
     from ttt_jax.train import NonFiniteLossError, TrainingInterrupted, train
 
     # Before any other JAX call: joins the other processes when a multi-host launcher started us
     # (no-op on one host).
     maybe_initialize_distributed()
+    start_backends()
     main_process = jax.process_index() == 0
     say = print if main_process else (lambda *a, **k: None)
     _check_init_from(cfg)
@@ -193,6 +195,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   "implemented in this version; see README", file=sys.stderr)
             return EXIT_USAGE
         try:
+            if args.command != "compile":   # compile loads libtpu's compiler itself
+                from ttt_jax.platform import start_backends
+
+                start_backends()
             return module.run(args)
         except (ConfigError, ValueError, OSError) as e:  # OSError: a path that cannot be read/written
             print(f"error: {e}", file=sys.stderr)

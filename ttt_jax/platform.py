@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Optional
+import os
+import re
+import sys
+import tempfile
+from typing import Callable, Iterator, Optional
 
 import jax
 
@@ -80,3 +84,50 @@ def target_platform(platform: Optional[str] = None, *, mesh=None) -> str:
     if p is not None:
         return p
     return normalise(jax.devices()[0].platform)
+
+
+# libtpu's start-up lines on a host without TPU chips (the `tpu` extra installs it to compile for
+# TPU slices anywhere): warnings about TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES, which do not apply.
+_LIBTPU_NOISE = re.compile(r"TPU_ACCELERATOR_TYPE|TPU_WORKER_HOSTNAMES|Logging before InitGoogle|"
+                           r"Source Location Trace|libtpu_init_utils")
+
+
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[Callable[[], str]]:
+    """Send file descriptor 2 (C++ libraries write there directly) to a temporary file for the block;
+    yields a function that reads what was written. If the block raises, what was written is
+    replayed first, so no real error is hidden."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        def read() -> str:
+            tmp.seek(0)
+            return tmp.read().decode(errors="replace")
+
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield read
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            sys.stderr.write(read())
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def start_backends() -> list:
+    """Initialise JAX's backends now and return ``jax.devices()``. On a host without TPU chips,
+    libtpu's start-up warnings are dropped (they would precede every one-line message of the CLI);
+    anything else written during start-up is passed on."""
+    with captured_stderr() as read:
+        devices = jax.devices()
+        text = read()
+    if not any(d.platform == "tpu" for d in devices):
+        text = "".join(ln for ln in text.splitlines(keepends=True) if not _LIBTPU_NOISE.search(ln))
+    if text:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    return devices

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import json
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,8 +56,44 @@ def _host_value(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x) if x.is_fully_addressable else x.addressable_data(0))
 
 
+def _signature(tree: Any) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return (treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+
+
+# Checksum programs compiled ahead (:func:`prepare_checksums`), by the state's signature.
+_PREPARED: dict[tuple, Future] = {}
+
+
+def prepare_checksums(tree: Any) -> None:
+    """Compile the checksum program for arrays shaped and sharded like ``tree``'s, in a background
+    thread, so that the first save (a preemption's included) does not wait for that compile. The
+    arrays are only read for their shapes, dtypes and shardings."""
+    key = _signature(tree)
+    if key in _PREPARED:
+        return
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    future: Future = Future()
+    _PREPARED[key] = future
+
+    def compile_() -> None:
+        try:
+            future.set_result(_checksums_jit.lower(abstract).compile())
+        except BaseException as e:   # the save then compiles through jit as before
+            future.set_exception(e)
+
+    threading.Thread(target=compile_, name="ttt-jax-checksums", daemon=True).start()
+
+
+def _checksums(tree: Any) -> Any:
+    future = _PREPARED.get(_signature(tree))
+    if future is not None and future.exception() is None:
+        return future.result()(tree)
+    return _checksums_jit(tree)
+
+
 def checksums_and_finite(tree: Any) -> tuple[dict[str, str], list[str]]:
-    sums = {k: _host_value(s) for k, s in flatten(_checksums_jit(tree)).items()}
+    sums = {k: _host_value(s) for k, s in flatten(_checksums(tree)).items()}
     return ({k: f"{int(v[0]):08x}{int(v[1]):08x}" for k, v in sums.items()},
             sorted(k for k, v in sums.items() if not v[2]))
 

@@ -54,8 +54,8 @@ from ttt_jax.checkpoint.errors import (CheckpointCorruptError, CheckpointWarning
                                        NonFiniteStateError)
 from ttt_jax import fs
 from ttt_jax.checkpoint.integrity import (brief, checkpoint_bytes, checksums_and_finite, describe_no_space,
-                                          fmt_bytes, is_damage, state_nbytes, verify_checksums,
-                                          write_failure)
+                                          fmt_bytes, is_damage, prepare_checksums, state_nbytes,
+                                          verify_checksums, write_failure)
 from ttt_jax.checkpoint.layout import saved_layout
 from ttt_jax.checkpoint.quiet import abandon, contain as contain_library_noise, current_operation
 from ttt_jax.checkpoint.storage import TMP_MARKER, manager_options, unfinished
@@ -189,6 +189,17 @@ class Checkpointer:
             self._write_failed(e, step)
             raise
 
+    @staticmethod
+    def _state(model_state: nnx.State, opt_state: nnx.State) -> dict[str, Any]:
+        return {"model": to_saveable(nnx.to_pure_dict(model_state)),
+                "optimizer": to_saveable(nnx.to_pure_dict(opt_state))}
+
+    def prepare(self, model_state: nnx.State, opt_state: nnx.State) -> None:
+        """Start compiling what a save of states shaped like these runs on the devices (the
+        checksums), in the background: the first save, a preemption's included, then does not wait
+        for a compile."""
+        prepare_checksums(self._state(model_state, opt_state))
+
     def save(self, step: int, model_state: nnx.State, opt_state: nnx.State,
              data_state: dict[str, Any], config: dict[str, Any],
              extra_meta: Optional[dict[str, Any]] = None) -> None:
@@ -204,8 +215,7 @@ class Checkpointer:
         if self._failed:
             raise CheckpointWriteError(f"an earlier checkpoint write into {self.directory} failed; "
                                        f"not saving step {step}", errno.EIO, step)
-        state = {"model": to_saveable(nnx.to_pure_dict(model_state)),
-                 "optimizer": to_saveable(nnx.to_pure_dict(opt_state))}
+        state = self._state(model_state, opt_state)
         self._wait_pending()   # an earlier save's failure is reported as that step's
         self.check_free_space(state_nbytes(state), len(jax.tree.leaves(state)))
         checksums, nonfinite = checksums_and_finite(state)   # one pass on the devices

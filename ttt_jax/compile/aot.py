@@ -14,14 +14,11 @@ FLOPs (:mod:`ttt_jax.models.flops`), collective bytes over ICI and DCN and the M
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
-import sys
-import tempfile
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,27 +36,6 @@ BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.floa
                 "segment_ids": jnp.int32, "positions": jnp.int32}
 
 
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """Send file descriptor 2 to a temporary file for the block (libtpu's C++ start-up warnings about
-    ``TPU_ACCELERATOR_TYPE`` / ``TPU_WORKER_HOSTNAMES`` do not apply to a compile-only host). What
-    was written is replayed if the block raises, so no real error is hidden."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            tmp.seek(0)
-            sys.stderr.write(tmp.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def topology_devices(topo: Topology) -> list:
     """The devices of ``topo`` (``TpuDevice`` descriptions, no hardware needed)."""
     from jax.experimental import topologies
@@ -68,7 +44,9 @@ def topology_devices(topo: Topology) -> list:
     # a compile touches no chip, so several compiles (or a compile beside a run) may load it.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kwargs = {"num_slices": topo.num_slices} if topo.num_slices > 1 else {}
-    with quiet_stderr():
+    # libtpu's start-up warnings (TPU_ACCELERATOR_TYPE, ...) do not apply to a compile-only host;
+    # what was written is replayed if loading fails.
+    with platform_lib.captured_stderr():
         desc = topologies.get_topology_desc(topology_name=topo.topology_name, platform="tpu", **kwargs)
     return list(desc.devices)
 
@@ -170,21 +148,22 @@ def compile_generate(cfg: Config, mesh: Mesh, processes: int, *, prompt_len: int
     cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows if x.ndim else None),
                          jax.eval_shape(lambda: init_cache(model_cfg, batch, prompt_len + 1)))
     static = StaticGraph(graphdef)
+    target = platform_lib.mesh_platform(mesh)   # as Engine(platform=...) on the slice: the Pallas kernel
     sds = jax.ShapeDtypeStruct
     out = []
     for what in ("prefill", "decode"):
         t0 = time.perf_counter()
-        with jax.set_mesh(mesh), platform_lib.target(platform_lib.mesh_platform(mesh)):
+        with jax.set_mesh(mesh), platform_lib.target(target):
             if what == "prefill":
                 lowered = extend_step.lower(static, abs_state, cache, sds((batch, prefill_block), jnp.int32, sharding=rows),
                                             sds((batch,), jnp.int32, sharding=rows), {}, logits="last",
-                                            attn_impl="auto", attn_block=512)
+                                            attn_impl="auto", attn_block=512, attn_platform=target)
             else:
                 lowered = decode_step.lower(static, abs_state, cache, sds((batch,), jnp.int32, sharding=rows),
                                             sds((batch,), jnp.bool_, sharding=rows), {},
                                             jax.eval_shape(lambda: jax.random.key(0)), sds((), jnp.float32),
                                             sds((), jnp.int32), sds((), jnp.float32), attn_impl="auto",
-                                            attn_block=512)
+                                            attn_block=512, attn_platform=target)
             compiled = lowered.compile()
         out.append(Compiled(what, compiled, time.perf_counter() - t0, batch,
                             prefill_block if what == "prefill" else 1))
@@ -245,19 +224,22 @@ class Report:
         return dataclasses.asdict(self)
 
 
-def _attention_fallback(text: str) -> list[str]:
+def _attention_fallback(text: str, min_queries: int = 64) -> list[str]:
     """Attention scopes whose softmax XLA computes (a Mosaic kernel keeps its ``exp`` inside).
 
     The tell-tale: ``exp`` of a logits block under an attention scope, i.e. of rank >= 4 with its
-    last two dimensions (``Tq``, ``Tk``) both >= 64. A ring's online merge of kernel outputs only
-    exponentiates ``[B, (KV, G,) T]`` log-sum-exps. Op names with digits folded."""
+    last dimension (``Tk``) >= 64 and the one before it (``Tq``) >= ``min_queries``. Training
+    programs keep the default 64: a ring's online merge of kernel outputs only exponentiates
+    ``[B, (KV, G,) T]`` log-sum-exps, whose next-to-last dimension is a head count. Inference
+    programs (no ring: ``--what generate`` needs ``mesh.context=1``) pass 1, so that a decode step's
+    ``[B, KV, G, 1, S]`` logits count too. Op names with digits folded."""
     import re
 
     names = set()
     for line in hlo.logical_lines(text):
         m = re.match(r"\s*(?:ROOT )?%?\S+ = (\w+)\[([\d,]*)\]\S* exponential\(", line)
         dims = [int(d) for d in m.group(2).split(",") if d] if m else []
-        if len(dims) < 4 or min(dims[-2:]) < 64:
+        if len(dims) < 4 or dims[-1] < 64 or dims[-2] < min_queries:
             continue
         op = re.search(r'op_name="([^"]*)"', line)
         if op and hlo.is_attention_op(op.group(1)):
@@ -275,7 +257,7 @@ def analyse(cfg: Config, c: Compiled, topo: Topology, mesh: Mesh) -> Report:
     slice_of = [getattr(d, "slice_index", 0) or 0 for d in devices] if topo.num_slices > 1 else None
     coll = hlo.collective_bytes(text, slice_of)
     kernels = hlo.kernel_calls(text)
-    fallback = _attention_fallback(text)
+    fallback = _attention_fallback(text, min_queries=64 if c.what == "train" else 1)
     attn_fwd, attn_bwd = hlo.attention_kernel_calls(text)
     # One chip per device on v5e/v5p/v6e (megacore); v4 topologies list each TensorCore.
     per_chip = max(1, len(devices) // topo.chips)

@@ -38,11 +38,12 @@ from ttt_jax.infer.cache import Cache, init_cache
 from ttt_jax.infer.sampling import sample_logits
 from ttt_jax.models.lm import CausalLM, check_cacheable, check_tokens, unrolled_model
 from ttt_jax.nn.cache import CacheStep, round_up
+from ttt_jax.platform import normalise, target_platform
 
 
 def extend(model: CausalLM, cache: Cache, tokens: jax.Array, n_valid: jax.Array, *,
            q_deltas: Optional[Mapping[int, jax.Array]] = None, attn_impl: str = "auto",
-           attn_block: int = 512) -> tuple[jax.Array, Cache]:
+           attn_block: int = 512, attn_platform: Optional[str] = None) -> tuple[jax.Array, Cache]:
     """The model over ``T`` new tokens of every sequence, continuing from ``cache``.
 
     Args:
@@ -53,6 +54,7 @@ def extend(model: CausalLM, cache: Cache, tokens: jax.Array, n_valid: jax.Array,
       n_valid: ``[B]`` int32 in ``[0, T]``.
       q_deltas: optional ``{layer: [B, D, H, Dh]}`` query-kernel additions (query-only TTT).
       attn_impl, attn_block: :func:`ttt_jax.ops.attention_cache.cache_attention` options.
+      attn_platform: the platform the step is built for (:class:`~ttt_jax.nn.cache.CacheStep`).
 
     Returns:
       ``([B, T, D]`` final-normed hidden states (compute dtype; padding rows are garbage), the
@@ -60,7 +62,7 @@ def extend(model: CausalLM, cache: Cache, tokens: jax.Array, n_valid: jax.Array,
     """
     n_valid = n_valid.astype(jnp.int32)
     step = CacheStep(start=cache.lengths, n_valid=n_valid, q_deltas=dict(q_deltas or {}),
-                     attn_impl=attn_impl, attn_block=attn_block)
+                     attn_impl=attn_impl, attn_block=attn_block, attn_platform=attn_platform)
     hidden, layers = model.hidden(tokens, cache=cache.layers, step=step)
     return hidden, Cache(lengths=cache.lengths + n_valid, layers=layers)
 
@@ -122,38 +124,39 @@ class StaticGraph:
 
 # Jitted at module level with the graph definition static: engines of the same model structure
 # (a reloaded checkpoint, another Engine over the same model) share compilations.
-@functools.partial(jax.jit, static_argnames=("graphdef", "logits", "attn_impl", "attn_block"),
-                   donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "logits", "attn_impl", "attn_block",
+                                             "attn_platform"), donate_argnames=("cache",))
 def extend_step(graphdef, state, cache, tokens, n_valid, q_deltas, *, logits: str, attn_impl: str,
-                attn_block: int):
+                attn_block: int, attn_platform: Optional[str] = None):
     """Jitted :func:`extend` of ``tokens [B, T]`` plus logits (``logits="all"``: ``[B, T, V]``;
     ``"last"``: ``[B, V]`` at each row's last real token), with the cache donated. ``graphdef`` is a
     :class:`StaticGraph`. Public so that ``ttt-jax compile`` lowers the same program."""
     model = nnx.merge(graphdef.graphdef, state)
     hidden, cache = extend(model, cache, tokens, n_valid, q_deltas=q_deltas, attn_impl=attn_impl,
-                           attn_block=attn_block)
+                           attn_block=attn_block, attn_platform=attn_platform)
     if logits == "all":
         return model.logits(hidden), cache
     return model.logits(_last_rows(hidden, n_valid)[:, None])[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "attn_block"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "attn_block", "attn_platform"),
                    donate_argnames=("cache",))
 def decode_step(graphdef, state, cache, tokens, active, q_deltas, key, temperature, top_k, top_p, *,
-                attn_impl: str, attn_block: int):
+                attn_impl: str, attn_block: int, attn_platform: Optional[str] = None):
     """One jitted decode step: feed ``tokens [B]`` (rows with ``active`` false leave their cache
     unchanged), sample the next ``[B]`` tokens; returns ``(next tokens, logits [B, V], cache)``."""
     model = nnx.merge(graphdef.graphdef, state)
     hidden, cache = extend(model, cache, tokens[:, None], active.astype(jnp.int32), q_deltas=q_deltas,
-                           attn_impl=attn_impl, attn_block=attn_block)
+                           attn_impl=attn_impl, attn_block=attn_block, attn_platform=attn_platform)
     logits = model.logits(hidden)[:, 0]
     return sample_logits(logits, key, temperature, top_k, top_p), logits, cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "size", "return_logits", "attn_impl",
-                                             "attn_block"), donate_argnames=("cache",))
+                                             "attn_block", "attn_platform"), donate_argnames=("cache",))
 def _decode_loop_jit(graphdef, state, cache, tokens, active, stop, q_deltas, key, step0, n, temperature,
-                     top_k, top_p, *, size: int, return_logits: bool, attn_impl: str, attn_block: int):
+                     top_k, top_p, *, size: int, return_logits: bool, attn_impl: str, attn_block: int,
+                     attn_platform: Optional[str]):
     model = nnx.merge(graphdef.graphdef, state)
     b = tokens.shape[0]
     vocab = model.cfg.vocab_size
@@ -161,7 +164,7 @@ def _decode_loop_jit(graphdef, state, cache, tokens, active, stop, q_deltas, key
     def step(i, cache, tok, active):
         # Exactly the one-token step of decode_step: feed `tok`, sample with fold_in(key, step0 + i).
         hidden, cache = extend(model, cache, tok[:, None], active.astype(jnp.int32), q_deltas=q_deltas,
-                               attn_impl=attn_impl, attn_block=attn_block)
+                               attn_impl=attn_impl, attn_block=attn_block, attn_platform=attn_platform)
         logits = model.logits(hidden)[:, 0]
         new = sample_logits(logits, jax.random.fold_in(key, step0 + i), temperature, top_k, top_p)
         return new, logits, cache
@@ -223,12 +226,15 @@ class Engine:
     Args:
       model: a :class:`CausalLM` (scanned layers are unrolled, sharing the values).
       prefill_block: prompt tokens per prefill call (bounds activation memory).
-      attn_block: keys per block of the blockwise cache attention.
+      attn_block: keys per block of the cache attention (blockwise and TPU kernel).
       attn_impl: :func:`ttt_jax.ops.attention_cache.cache_attention` implementation.
+      platform: the platform the steps are built for (``"cpu" | "gpu" | "tpu"``); default: that of
+        the devices holding the model's parameters (:func:`state_platform`). With
+        ``attn_impl="auto"`` the cache attention is the Pallas TPU kernel on TPU.
     """
 
     def __init__(self, model: CausalLM, *, prefill_block: int = 1024, attn_block: int = 512,
-                 attn_impl: str = "auto"):
+                 attn_impl: str = "auto", platform: Optional[str] = None):
         if prefill_block < 1:
             raise ValueError(f"prefill_block must be >= 1, got {prefill_block}")
         check_cacheable(model.cfg)
@@ -239,6 +245,7 @@ class Engine:
         self.attn_impl = attn_impl
         self.graphdef, self.state = nnx.split(model)
         self._static = StaticGraph(self.graphdef)
+        self.platform = state_platform(self.state) if platform is None else normalise(platform)
 
     def model(self, state=None) -> CausalLM:
         """The model (``state`` replaces the parameters, e.g. inside a jitted function)."""
@@ -246,7 +253,8 @@ class Engine:
 
     def _extend(self, cache, tokens, n_valid, q_deltas, *, logits: str):
         return extend_step(self._static, self.state, cache, tokens, n_valid, q_deltas, logits=logits,
-                           attn_impl=self.attn_impl, attn_block=self.attn_block)
+                           attn_impl=self.attn_impl, attn_block=self.attn_block,
+                           attn_platform=self.platform)
 
     # -- host API -------------------------------------------------------------------------------
 
@@ -347,7 +355,8 @@ class Engine:
         key = jax.random.key(0) if key is None else key
         return decode_step(self._static, self.state, cache, tokens, active, dict(q_deltas or {}), key,
                            jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-                           attn_impl=self.attn_impl, attn_block=self.attn_block)
+                           attn_impl=self.attn_impl, attn_block=self.attn_block,
+                           attn_platform=self.platform)
 
     def decode_loop(self, cache: Cache, tokens, n: int, *, active=None, key=None, step0: int = 0,
                     stop_tokens: Sequence[int] = (), temperature: float = 0.0, top_k: int = 0,
@@ -386,7 +395,17 @@ class Engine:
                                 dict(q_deltas or {}), key, jnp.int32(step0), jnp.int32(n),
                                 jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
                                 size=size, return_logits=bool(return_logits), attn_impl=self.attn_impl,
-                                attn_block=self.attn_block)
+                                attn_block=self.attn_block, attn_platform=self.platform)
+
+
+def state_platform(state) -> str:
+    """The platform of the devices holding ``state``'s arrays (its first committed leaf), else
+    :func:`ttt_jax.platform.target_platform`."""
+    for leaf in jax.tree.leaves(state):
+        devices = getattr(getattr(leaf, "sharding", None), "device_set", None)
+        if devices:
+            return normalise(next(iter(devices)).platform)
+    return target_platform()
 
 
 def pad_prompts(prompts, lengths) -> tuple[np.ndarray, np.ndarray]:

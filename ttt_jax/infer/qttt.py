@@ -85,9 +85,10 @@ class QTTTConfig:
 
 
 def span_hidden(model, cache: Cache, tokens: jax.Array, start: jax.Array,
-                q_deltas: dict) -> jax.Array:
+                q_deltas: dict, platform: Optional[str] = None) -> jax.Array:
     """Final-normed hidden states ``[B, k, D]`` of span tokens ``[B, k]`` at positions
-    ``start[b] + i``, attending to the frozen cache (read only; see the module docstring)."""
+    ``start[b] + i``, attending to the frozen cache (read only; see the module docstring).
+    ``platform``: the cache attention's target (``Engine.platform``)."""
     k = tokens.shape[1]
     positions = start[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
     x = model.embed_tokens(tokens)
@@ -96,7 +97,7 @@ def span_hidden(model, cache: Cache, tokens: jax.Array, start: jax.Array,
         q, _, _ = attn.project(block.attn_norm(x), positions, q_deltas.get(i))
         kv = lc.kv
         out = cache_attention(q, positions, jax.lax.stop_gradient(kv.k), jax.lax.stop_gradient(kv.v),
-                              kv.slot_positions(cache.lengths), window=kv.window)
+                              kv.slot_positions(cache.lengths), window=kv.window, platform=platform)
         x = x + jnp.einsum("bthk,hkd->btd", out, attn.o[...].astype(attn.dtype),
                            preferred_element_type=jnp.float32).astype(attn.dtype)
         h = block.mlp_norm(x)
@@ -138,12 +139,13 @@ def _per_sequence_clip(grads, max_norm: float):
     return jax.tree.map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), grads)
 
 
-def span_loss(model, cache: Cache, params: dict, tokens: jax.Array, start: jax.Array, span: int):
+def span_loss(model, cache: Cache, params: dict, tokens: jax.Array, start: jax.Array, span: int,
+              platform: Optional[str] = None):
     """Per-sequence mean next-token NLL ``[B]`` over spans ``tokens[b, start[b] : start[b] + span]``
     (targets one position later); ``tokens [B, L]`` the padded prompts."""
     idx = start[:, None] + jnp.arange(span + 1, dtype=jnp.int32)[None, :]
     seq = jnp.take_along_axis(tokens, idx, axis=1)
-    hidden = span_hidden(model, cache, seq[:, :-1], start, _deltas(params))
+    hidden = span_hidden(model, cache, seq[:, :-1], start, _deltas(params), platform)
     logits = model.logits(hidden)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, seq[:, 1:, None], axis=-1)[..., 0]
@@ -154,8 +156,8 @@ def _optimizer(cfg: QTTTConfig, lr):
     return optax.adamw(lr, weight_decay=cfg.weight_decay)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "span"))
-def _step(graphdef, cfg, span, state, cache, params, opt_state, tokens, lens, key, lr):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "span", "platform"))
+def _step(graphdef, cfg, span, state, cache, params, opt_state, tokens, lens, key, lr, platform=None):
     """One qTTT step: sample spans, per-sequence gradient, clip, AdamW. Returns the new params,
     optimizer state and the ``[B]`` span losses before the update."""
     model = nnx.merge(graphdef.graphdef, state)
@@ -163,7 +165,7 @@ def _step(graphdef, cfg, span, state, cache, params, opt_state, tokens, lens, ke
     start = jax.random.randint(key, lens.shape, 0, lens - span).astype(jnp.int32)
 
     def loss_fn(p):
-        per_seq = span_loss(model, cache, p, tokens, start, span)
+        per_seq = span_loss(model, cache, p, tokens, start, span, platform)
         return jnp.sum(per_seq), per_seq
 
     grads, per_seq = jax.grad(loss_fn, has_aux=True)(params)
@@ -213,7 +215,8 @@ def adapt_queries(engine, cache: Cache, prompts: Sequence[Sequence[int]], cfg: Q
     losses = []
     for s in range(cfg.steps):
         params, opt_state, loss = _step(engine._static, static, span, engine.state, cache, params, opt_state,
-                                        tokens_d, lens_d, jax.random.fold_in(key, s), jnp.float32(cfg.lr))
+                                        tokens_d, lens_d, jax.random.fold_in(key, s), jnp.float32(cfg.lr),
+                                        platform=engine.platform)
         losses.append(np.asarray(loss))
     deltas = {i: d.astype(jnp.dtype(model_cfg.compute_dtype)) for i, d in _deltas(params).items()}
     return deltas, np.stack(losses)

@@ -108,7 +108,7 @@ class Attention(nnx.Module):
         if cache is not None and not step.fill:
             # New tokens against the cache (``positions`` are ``step.positions(T)``).
             out, cache = cache.extend(q, k, v, step.start, step.n_valid, impl=step.attn_impl,
-                                      block=step.attn_block)
+                                      block=step.attn_block, platform=step.attn_platform)
             return self.output(out), cache
         if context_size() > 1:
             # Sequence split over the context axis: ring attention (full) or halo exchange (window),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,9 @@ class CacheStep:
       q_deltas: optional ``{layer: [B, D, H, Dh]}`` per-sequence query-kernel additions (query-only
         TTT, :mod:`ttt_jax.infer.qttt`).
       attn_impl, attn_block: :func:`ttt_jax.ops.attention_cache.cache_attention` options.
+      attn_platform: the platform the step is built for (``None``: ask
+        :func:`ttt_jax.platform.target_platform` while tracing); ``attn_impl="auto"`` takes the
+        Pallas TPU kernel on ``"tpu"``.
     """
 
     start: jax.Array
@@ -42,6 +45,7 @@ class CacheStep:
     q_deltas: Mapping[int, jax.Array] = dataclasses.field(default_factory=dict)
     attn_impl: str = "auto"
     attn_block: int = 512
+    attn_platform: Optional[str] = None
 
     def positions(self, t: int) -> jax.Array:
         """``[B, T]`` int32 positions of the new tokens: ``start[b] + i``."""

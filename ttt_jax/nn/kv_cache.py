@@ -18,6 +18,7 @@ The update, as :class:`ttt_jax.nn.attention.Attention` calls it with a cache:
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,8 @@ class KVCache:
                        ring=self.ring)
 
     def extend(self, q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, n_valid: jax.Array,
-               *, impl: str = "auto", block: int = 512) -> tuple[jax.Array, "KVCache"]:
+               *, impl: str = "auto", block: int = 512, platform: Optional[str] = None
+               ) -> tuple[jax.Array, "KVCache"]:
         """Attention of ``T`` new tokens per sequence, with their keys and values written.
 
         Args:
@@ -72,7 +74,7 @@ class KVCache:
             padding: their outputs are garbage and they are never written.
           start: ``[B]`` int32 tokens already in the cache.
           n_valid: ``[B]`` int32 real new tokens per sequence (0 leaves the sequence untouched).
-          impl, block: :func:`ttt_jax.ops.attention_cache.cache_attention` options.
+          impl, block, platform: :func:`ttt_jax.ops.attention_cache.cache_attention` options.
 
         Returns:
           ``([B, T, H, Dh]`` attention output before the output projection, the updated cache).
@@ -90,14 +92,14 @@ class KVCache:
             vals = jnp.concatenate([self.v, v.astype(self.v.dtype)], axis=1)
             k_pos = jnp.concatenate([self.slot_positions(start), jnp.where(valid, positions, -1)], axis=1)
             out = cache_attention(q, positions, keys, vals, k_pos, window=self.window, impl=impl,
-                                  block=block)
+                                  block=block, platform=platform)
             keep = valid & (positions >= new_len[:, None] - cap)
             return out, self.written(k, v, jnp.where(keep, positions % cap, cap))
         # Full cache (slot = position), or one token into a ring: the write evicts position
         # p - window, which query p no longer sees.
         kv = self.written(k, v, jnp.where(valid, positions % cap if self.ring else positions, cap))
         out = cache_attention(q, positions, kv.k, kv.v, kv.slot_positions(new_len), window=self.window,
-                              impl=impl, block=block)
+                              impl=impl, block=block, platform=platform)
         return out, kv
 
     def fill(self, k: jax.Array, v: jax.Array) -> "KVCache":

@@ -3,26 +3,44 @@
 :func:`cache_attention`: queries at explicit positions attend to cached keys at explicit positions
 (``-1`` = empty slot), causally and optionally within a sliding window -- the same pattern as
 :func:`ttt_jax.ops.attention.attention_mask` (a query at ``t`` sees keys ``s <= t`` and, with
-``window > 0``, ``s > t - window``; :func:`cache_mask`). Two implementations: ``reference``
-(explicit softmax over all slots, the oracle) and ``blockwise`` (online softmax over key blocks in a
-``lax.scan``: memory ``O(Tq * block)`` per head, for long prefills); ``auto`` picks the reference
-when the cache fits in one block or the logits are small. The KV cache it reads and how new keys
-are written into it: :mod:`ttt_jax.nn.kv_cache`.
+``window > 0``, ``s > t - window``; :func:`cache_mask`). Implementations:
+
+* ``reference`` -- explicit softmax over all slots, the oracle;
+* ``blockwise`` -- online softmax over key blocks in a ``lax.scan``: memory ``O(Tq * block)`` per
+  head, for long prefills;
+* ``pallas``    -- the TPU (Pallas Mosaic) kernel of :mod:`ttt_jax.ops.kernels.tpu_cache`: GQA
+  groups' query heads together, key blocks of ``block`` slots read once, blocks that no query can
+  see skipped, run once per device under a mesh
+  (:func:`~ttt_jax.ops.attention_kernels.per_device`). The kernel is forward only; gradients (query-
+  only TTT differentiates the cache attention) recompute through the XLA path ``auto`` would take
+  off TPU. Off TPU it runs in Pallas interpret mode (slow; CPU tests);
+* ``auto``      -- ``pallas`` when the program is built for TPU (:func:`ttt_jax.platform.target_platform`
+  with the ``platform`` argument: the platform of the devices the computation is placed on, not the
+  host's backend); elsewhere the reference when the cache fits in one block or the logits are small,
+  else ``blockwise``.
+
+The KV cache it reads and how new keys are written into it: :mod:`ttt_jax.nn.kv_cache`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from ttt_jax.ops.attention_kernels import per_device
+from ttt_jax.ops.kernels.tpu_cache import tpu_cache_attention
+from ttt_jax.platform import target_platform
 
 _NEG = -1e30
 # Largest [B, H, Tq, S] fp32 logits array impl="auto" materialises (1 GiB); longer caches are read
 # blockwise.
 AUTO_MAX_LOGITS = 2**28
-IMPLS = ("auto", "reference", "blockwise")
+IMPLS = ("auto", "reference", "blockwise", "pallas")
 
 
 def cache_mask(q_pos: jax.Array, k_pos: jax.Array, window: int) -> jax.Array:
@@ -105,9 +123,51 @@ def _blockwise(q, q_pos, k, v, k_pos, window, scale, block):
     return out.astype(q.dtype)
 
 
+def _xla_impl(q, k, block) -> str:
+    """The XLA implementation ``auto`` picks off TPU: the reference while its logits are small."""
+    small = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[1] <= AUTO_MAX_LOGITS
+    return "reference" if k.shape[1] <= block or small else "blockwise"
+
+
+def _xla(impl, q, q_pos, k, v, k_pos, window, scale, block):
+    if impl == "reference":
+        return _reference(q, q_pos, k, v, k_pos, window, scale)
+    return _blockwise(q, q_pos, k, v, k_pos, window, scale, block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _pallas(q, q_pos, k, v, k_pos, static):
+    window, scale, block, interpret = static
+
+    def kernel(q_, k_, v_, qp, kp):
+        return tpu_cache_attention(q_, qp, k_, v_, kp, window=window, scale=scale, block=block,
+                                   interpret=interpret)
+
+    return per_device(kernel, q, k, v, q_pos, k_pos)
+
+
+def _pallas_fwd(q, q_pos, k, v, k_pos, static):
+    return _pallas(q, q_pos, k, v, k_pos, static), (q, q_pos, k, v, k_pos)
+
+
+def _pallas_bwd(static, res, ct):
+    # The kernel is forward only: the gradient recomputes the attention through the XLA path.
+    window, scale, block, _ = static
+    q, q_pos, k, v, k_pos = res
+    impl = _xla_impl(q, k, block)
+    _, pullback = jax.vjp(lambda q_, k_, v_: _xla(impl, q_, q_pos, k_, v_, k_pos, window, scale, block),
+                          q, k, v)
+    dq, dk, dv = pullback(ct)
+    zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+    return dq, zero(q_pos), dk, dv, zero(k_pos)
+
+
+_pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
 def cache_attention(q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, *,
                     window: int = 0, impl: str = "auto", block: int = 512,
-                    scale: Optional[float] = None) -> jax.Array:
+                    scale: Optional[float] = None, platform: Optional[str] = None) -> jax.Array:
     """Queries attend to cached keys by position (GQA: query head ``h`` uses kv head ``h // (H/KV)``).
 
     Args:
@@ -116,9 +176,13 @@ def cache_attention(q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, 
       k, v: ``[B, S, KV, Dh]`` cached keys (after RoPE) and values.
       k_pos: ``[B, S]`` int position of every slot, ``-1`` for an empty slot.
       window: 0 (full causal) or the sliding window (keys ``q_pos - window < s <= q_pos``).
-      impl: ``"auto" | "reference" | "blockwise"``.
-      block: keys per block of the blockwise implementation.
+      impl: ``"auto" | "reference" | "blockwise" | "pallas"`` (module docstring).
+      block: keys per block of the blockwise implementation and of the kernel (which rounds it to
+        a multiple of 128).
       scale: logit scale (default ``1 / sqrt(Dh)``).
+      platform: the platform the computation is built for (``"cpu" | "gpu" | "tpu"``; default:
+        :func:`ttt_jax.platform.target_platform`): ``auto`` takes the kernel on TPU, and the
+        kernel runs compiled (not interpreted) on TPU.
 
     Returns:
       ``[B, Tq, H, Dh]`` in ``q.dtype``; a query that sees no key outputs exactly 0. Softmax
@@ -128,9 +192,9 @@ def cache_attention(q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, 
     if impl not in IMPLS:
         raise ValueError(f"cache_attention impl={impl!r} is not one of {IMPLS}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    target = target_platform(platform) if impl in ("auto", "pallas") else None
     if impl == "auto":
-        small = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[1] <= AUTO_MAX_LOGITS
-        impl = "reference" if k.shape[1] <= block or small else "blockwise"
-    if impl == "reference":
-        return _reference(q, q_pos, k, v, k_pos, window, scale)
-    return _blockwise(q, q_pos, k, v, k_pos, window, scale, block)
+        impl = "pallas" if target == "tpu" else _xla_impl(q, k, block)
+    if impl == "pallas":
+        return _pallas(q, q_pos, k, v, k_pos, (int(window), scale, int(block), target != "tpu"))
+    return _xla(impl, q, q_pos, k, v, k_pos, window, scale, block)

@@ -106,21 +106,26 @@ def attention_flash(q, k, v, segment_ids, *, window: int, scale: float) -> jax.A
 _BATCH_AXES, _HEAD_AXIS = ("data", "fsdp"), "tensor"
 
 
-def per_device(fn, q, k, v, segment_ids, *, check_vma: bool = False) -> jax.Array:
-    """``fn(q, k, v, segment_ids)`` once per device when the trace runs under a mesh of more than one
-    device: inside a ``shard_map`` of its own over every mesh axis still automatic. XLA cannot partition a Mosaic kernel ("wrap the call in a shard_map"), and
-    attention is independent per (row, head): rows are split over ``data`` x ``fsdp`` and heads over
-    ``tensor`` where they divide, any other axis sees whole operands (XLA reshards at the boundary
-    if the operands are laid out otherwise)."""
+def per_device(fn, q, k, v, *rows, check_vma: bool = False) -> jax.Array:
+    """``fn(q, k, v, *rows)`` once per device when the trace runs under a mesh of more than one
+    device: inside a ``shard_map`` of its own over every mesh axis still automatic. XLA cannot
+    partition a Mosaic kernel ("wrap the call in a shard_map"), and attention is independent per
+    (row, head): rows are split over ``data`` x ``fsdp`` and heads over ``tensor`` where they
+    divide, any other axis sees whole operands (XLA reshards at the boundary if the operands are
+    laid out otherwise).
+
+    ``q [B, Tq, H, Dh]``, ``k, v [B, Tk, KV, Dh]`` and the result (shaped like ``q``) are split by
+    rows and heads; ``rows`` (segment ids, positions: ``[B, ...]``, ``None`` allowed and passed on
+    as ``None``) by rows only."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return fn(q, k, v, segment_ids)
+        return fn(q, k, v, *rows)
     manual = set(getattr(mesh, "manual_axes", ()))
     # Every automatic axis, size 1 included: a Mosaic call lowers only where the whole mesh is
     # manual (JAX refuses it inside a shard_map that leaves any axis automatic).
     auto = [a for a in mesh.axis_names if a not in manual]
     if not auto or (not manual and all(mesh.shape[a] == 1 for a in auto)):
-        return fn(q, k, v, segment_ids)
+        return fn(q, k, v, *rows)
     batch = tuple(a for a in _BATCH_AXES if a in auto and mesh.shape[a] > 1)
     if q.shape[0] % math.prod(mesh.shape[a] for a in batch):
         batch = ()
@@ -128,16 +133,20 @@ def per_device(fn, q, k, v, segment_ids, *, check_vma: bool = False) -> jax.Arra
     if heads and (q.shape[2] % mesh.shape[heads] or k.shape[2] % mesh.shape[heads]):
         heads = None
     spec = P(batch or None, None, heads, None)
-    seg_spec = P(batch or None, None)
-    if segment_ids is None:
-        mapped = jax.shard_map(lambda q_, k_, v_: fn(q_, k_, v_, None), in_specs=(spec,) * 3,
-                               out_specs=spec, axis_names=frozenset(auto), check_vma=check_vma)
-        return mapped(q, k, v)
+    given = [i for i, r in enumerate(rows) if r is not None]
+    row_specs = tuple(P(batch or None, *([None] * (rows[i].ndim - 1))) for i in given)
+
+    def local(q_, k_, v_, *given_rows):
+        full = [None] * len(rows)
+        for i, r in zip(given, given_rows):
+            full[i] = r
+        return fn(q_, k_, v_, *full)
+
     # check_vma=False (default): splash's pallas_call declares plain output shapes (no varying-axes
     # info); kernels that type their results varying (ttt_jax.ops.attention_cp_tpu) ask for True.
-    mapped = jax.shard_map(fn, in_specs=(spec,) * 3 + (seg_spec,), out_specs=spec,
+    mapped = jax.shard_map(local, in_specs=(spec,) * 3 + row_specs, out_specs=spec,
                            axis_names=frozenset(auto), check_vma=check_vma)
-    return mapped(q, k, v, segment_ids)
+    return mapped(q, k, v, *(rows[i] for i in given))
 
 
 def attention_splash(q, k, v, segment_ids, *, window: int, scale: float,

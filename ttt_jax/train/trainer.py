@@ -312,6 +312,9 @@ def _train(cfg: Config, say: _Log, stack: contextlib.ExitStack) -> TrainResult:
         _check_batch(b, cfg.model.vocab_size)
 
     model_state, opt_state = prog.init()  # created sharded (FSDP / tensor), never whole on one device
+    # The checksum program of a save compiles now, in the background, beside the step's compile:
+    # a signal before the first checkpoint then waits for the step in flight only.
+    ckpt.prepare(model_state, opt_state)
     # Entered after building the program: nnx.eval_shape under a mesh would read the parameters'
     # *logical* axis names as mesh axes (mapping them is the job of the rules in parallel/).
     stack.enter_context(jax.set_mesh(mesh))
