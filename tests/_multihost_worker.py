@@ -2,7 +2,8 @@
 
 ``python _multihost_worker.py OUT single`` runs on 8 local CPU devices; ``... OUT multi PID PORT``
 joins a 2-process ``jax.distributed`` runtime on localhost (4 CPU devices each, gloo collectives).
-Both run two train steps of the same model on the same global batches over the mesh
+Both run two train steps of the same model (one TTT layer: ring attention and the cross-device
+fast-weight scan, the collectives that cross processes) on the same global batches over the mesh
 ``data=2, context=4`` and write the losses and per-parameter sums of squares to ``OUT`` (process 0).
 """
 
@@ -12,7 +13,9 @@ import sys
 
 out, mode = sys.argv[1], sys.argv[2]
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + ("8" if mode == "single" else "4")
+# The test's other XLA flags (conftest's fast CPU compilation) are kept.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+                           + ("8" if mode == "single" else "4"))
 
 import jax  # noqa: E402
 
@@ -29,7 +32,7 @@ from ttt_jax import sharding  # noqa: E402
 from ttt_jax.train.trainer import train_program  # noqa: E402
 
 cfg = load_config(None, [
-    "model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "model.vocab_size=64", "model.d_model=32", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2",
     "model.d_ff=64", "model.max_seq_len=64", "model.compute_dtype=float32", "model.ttt.layers=[0]",
     "model.ttt.chunk_size=8", "data.seq_len=64", "mesh.data=2", "mesh.context=4",
     "train.learning_rate=1e-2", "train.warmup_steps=1"])

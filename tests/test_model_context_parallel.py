@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from ttt_jax.parallel.layout import from_zigzag, to_zigzag
 from ttt_jax.parallel.mesh import make_mesh
 from ttt_jax.config import load_config
-from ttt_jax.models.lm import CausalLM
+from ttt_jax.models.lm import CausalLM, positions_from_segments
 
 pytestmark = pytest.mark.model
 
@@ -41,76 +41,91 @@ def _segments(batch, length):
     return jnp.asarray(rows, jnp.int32)
 
 
+TOKENS = np.random.default_rng(1).integers(0, 64, (2, 64)).astype(np.int32)
+
+
+def _loss(graphdef):
+    def loss(state, tokens, seg, pos):
+        logits = nnx.merge(graphdef, state)(tokens, segment_ids=seg, positions=pos)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+    return loss
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """``reference(window, segs)``: the unsharded model's gradients and logits on :data:`TOKENS`,
+    with explicit positions (the position within each document when packed). Compiled once per
+    window and packing, and shared by the cases below: the runtime options under test (context
+    attention mode, remat, layout) do not change the unsharded model's values."""
+    cache = {}
+
+    def get(window, segs):
+        if (window, segs) not in cache:
+            graphdef, state = nnx.split(_model([f"model.attention_window={window}"]))
+            seg = _segments(2, 64) if segs else None
+            pos = positions_from_segments(seg) if segs else jnp.broadcast_to(jnp.arange(64), (2, 64))
+            cache[window, segs] = jax.jit(jax.grad(_loss(graphdef), has_aux=True))(state, TOKENS, seg, pos)
+        return cache[window, segs]
+
+    return get
+
+
+def _assert_close(got, want):
+    (got_grads, got), (want_grads, want) = got, want
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, rtol=2e-4)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-3)
+
+
 # One case per model-level option: the op-level grids (test_inplace_ttt_cp.py, test_attention_cp*.py,
 # test_parallel_scan.py) cover the combinations of device count, layout, scan mode, window and
-# packing; here the model must wire each option through, with the same values and gradients.
-# Each case compiles the model's forward and backward twice (unsharded, sharded): 33-56 CPU seconds
-# measured; the fast tier keeps the first as its one model-level context-parallel check.
+# packing on values and gradients; here the model must wire each option through, with the same
+# values and gradients. Each case compiles the model's sharded forward and backward (the unsharded
+# reference is shared); the fast tier keeps the first as its one model-level context-parallel check.
 _SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("context, window, segs, impls", [
     (4, 0, False, ()),
     pytest.param(4, 0, True, ("runtime.context.attention=allgather",), marks=_SLOW),
-    pytest.param(2, 12, True, (), marks=_SLOW),
     # Remat that keeps the exchanges' results (TTT carried-in state, halo K/V), each block's
     # recomputation pinned behind its output's gradient: same values.
     pytest.param(4, 12, False, ("runtime.remat=true", "runtime.remat_policy=save_exchanges"), marks=_SLOW),
+    # Full remat, with the halo window over packed documents (positions derived from the sharded
+    # segment ids inside the model).
     pytest.param(4, 12, True, ("runtime.remat=true", "runtime.remat_policy=full"), marks=_SLOW)])
-def test_context_parallel_logits_and_grads(context, window, segs, impls):
-    model = _model([f"model.attention_window={window}", *impls])
-    tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, 64)
+def test_context_parallel_logits_and_grads(reference, context, window, segs, impls):
+    graphdef, state = nnx.split(_model([f"model.attention_window={window}", *impls]))
     seg = _segments(2, 64) if segs else None
-    graphdef, state = nnx.split(model)
-
-    def loss(state, tokens, seg):
-        logits = nnx.merge(graphdef, state)(tokens, segment_ids=seg)
-        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
-
-    want_grads, want = jax.jit(jax.grad(loss, has_aux=True))(state, tokens, seg)
     mesh = make_mesh(data=8 // context, context=context)
     with jax.set_mesh(mesh):
         sh = NamedSharding(mesh, P(None, "context"))
-        tok_s = jax.device_put(tokens, sh)
+        tok_s = jax.device_put(TOKENS, sh)
         seg_s = None if seg is None else jax.device_put(seg, sh)
-        got_grads, got = jax.jit(jax.grad(loss, has_aux=True))(state, tok_s, seg_s)
+        traced = jax.jit(jax.grad(_loss(graphdef), has_aux=True)).trace(state, tok_s, seg_s, None)
         # The context-parallel path was taken: collectives over "context" inside shard_map.
-        jaxpr = str(jax.make_jaxpr(lambda s, t, g: loss(s, t, g)[0])(state, tok_s, seg_s))
+        jaxpr = str(traced.jaxpr)
         assert "shard_map" in jaxpr and ("ppermute" in jaxpr or "all_gather" in jaxpr)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, rtol=2e-4)
-    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-3)
+        got = traced.lower().compile()(state, tok_s, seg_s, None)
+    _assert_close(got, reference(window, segs))
 
 
-@pytest.mark.slow   # ~40 CPU s measured
-@pytest.mark.parametrize("context, segs", [(4, True)])
-def test_zigzag_layout_logits_and_grads(context, segs):
+@pytest.mark.slow
+def test_zigzag_layout_logits_and_grads(reference):
     """The load-balanced layout: the caller permutes tokens, positions and segment ids into zigzag
     order; the logits, permuted back, and the gradients equal the unsharded model's."""
-    model = _model(["runtime.context.layout=zigzag"])
-    tokens = jax.random.randint(jax.random.key(2), (2, 64), 0, 64)
-    seg = _segments(2, 64) if segs else jnp.ones((2, 64), jnp.int32)
-    pos = jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2, 64))
-    if segs:
-        from ttt_jax.models.lm import positions_from_segments
-        pos = positions_from_segments(seg)
-    graphdef, state = nnx.split(model)
-
-    def loss(state, tokens, seg, pos):
-        logits = nnx.merge(graphdef, state)(tokens, segment_ids=seg, positions=pos)
-        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
-
-    want_grads, want = jax.jit(jax.grad(loss, has_aux=True))(state, tokens, seg, pos)
+    context = 4
+    graphdef, state = nnx.split(_model(["runtime.context.layout=zigzag"]))
+    seg = _segments(2, 64)
+    pos = positions_from_segments(seg)
     mesh = make_mesh(data=8 // context, context=context)
-    zz = [to_zigzag(np.asarray(x), context) for x in (tokens, seg, pos)]
-    assert not np.array_equal(zz[0], np.asarray(tokens))
+    zz = [to_zigzag(np.asarray(x), context) for x in (TOKENS, seg, pos)]
+    assert not np.array_equal(zz[0], np.asarray(TOKENS))
     with jax.set_mesh(mesh):
         sh = NamedSharding(mesh, P(None, "context"))
-        got_grads, got = jax.jit(jax.grad(loss, has_aux=True))(state, *(jax.device_put(x, sh) for x in zz))
-    np.testing.assert_allclose(np.asarray(from_zigzag(np.asarray(got), context)), np.asarray(want),
-                               atol=2e-4, rtol=2e-4)
-    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-3)
+        got_grads, got = jax.jit(jax.grad(_loss(graphdef), has_aux=True))(
+            state, *(jax.device_put(x, sh) for x in zz))
+    _assert_close((got_grads, from_zigzag(np.asarray(got), context)), reference(0, True))
 
 
 def test_zigzag_rejects_sliding_window():
@@ -126,7 +141,7 @@ def test_local_part_must_be_whole_chunks():
         jax.jit(lambda t: model(t))(tokens)
 
 
-@pytest.mark.slow   # ~47 CPU s measured
+@pytest.mark.slow
 def test_bf16_gradients_under_context_parallelism():
     """bf16 compute: the gradient of the replicated fast-weight init (the MLP's down-projection) is
     summed over the context devices (in fp32; a bf16 all-reduce there crashed XLA's CPU compiler)."""

@@ -6,6 +6,7 @@ shards are tested in tests/test_data.py."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,7 +28,9 @@ def _free_port() -> int:
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    # Each worker sets its own device count; conftest's fast-compilation flags are passed on.
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 

@@ -13,10 +13,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ttt_jax.config import load_config
-from ttt_jax.models.lm import CausalLM
 from ttt_jax.train import train
 from ttt_jax import sharding
-from ttt_jax.train.optim import make_optimizer
 
 from test_train import TOY
 
@@ -24,10 +22,19 @@ pytestmark = pytest.mark.integration
 
 # The toy model of test_train with every tensor-parallel dimension even: vocab 264 (the byte
 # tokenizer needs >= 259) and 2 KV heads, so that mesh.tensor=2 divides vocab / heads / kv_heads / mlp.
-SHARDABLE = ["model.vocab_size=264", "model.n_kv_heads=2", "train.steps=4", "train.log_every=1",
-             "train.eval_every=4", "train.checkpoint_every=2"]
+# One layer (the TTT layer: attention, the gated MLP and the TTT parameters, i.e. every kind of
+# parameter the sharding rules place; a second, plain layer would only add compile time).
+# 64-token rows (4 TTT chunks of 16), so that every run here, the zigzag layout over context=2
+# included, trains on the same batches and compares with the one data-parallel reference run. The
+# up-front record check (data.check, tested with the data pipeline) would re-read the corpus for
+# each of the runs here.
+SHARDABLE = ["model.vocab_size=264", "model.n_kv_heads=2", "model.n_layers=1", "data.seq_len=64",
+             "data.check=false", "train.steps=4", "train.log_every=1", "train.eval_every=4",
+             "train.checkpoint_every=2"]
 SHARDED = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 REPLICATED = ["mesh.data=8"]
+# Context parallelism with the optimizer sharded (ZeRO-1, train.shard_optimizer).
+CONTEXT = ["mesh.data=2", "mesh.fsdp=2", "mesh.context=2", "train.shard_optimizer=true"]
 
 # Same computation, other reduction order (the gradient all-reduce is split differently): fp32
 # rounding differences. Adam's normalised update turns a gradient element near 0 into an update of
@@ -66,6 +73,42 @@ def runs(tmp_path_factory):
     return tmp, train(cfg(tmp / "replicated", *REPLICATED)), train(cfg(tmp / "sharded", *SHARDED))
 
 
+@pytest.fixture(scope="module")
+def context_run(runs):
+    """The run of :data:`CONTEXT` (contiguous layout), for the context-parallel and zigzag tests
+    (its program is also the one a checkpoint is restored onto in the resume test)."""
+    tmp = runs[0]
+    c = cfg(tmp / "context", *CONTEXT)
+    return c, train(c)
+
+
+def _program(*mesh):
+    """The trainer's program for the toy on ``mesh`` (shardings only: nothing is compiled)."""
+    from ttt_jax.train.trainer import train_program
+
+    c = cfg("unused", *mesh)
+    return train_program(c, sharding.make_mesh(c.mesh))
+
+
+def _param_shardings(*mesh):
+    """``{name: NamedSharding}`` (nested) of the toy's parameters on ``mesh``."""
+    return nnx.to_pure_dict(nnx.filter_state(_program(*mesh).model_sh, nnx.Param))
+
+
+def _assert_trained_shardings(sh, rep):
+    """The trained parameters kept the shardings the program was built with."""
+    state = nnx.state(sh.model, nnx.Param)
+    down = state["layers"][0]["mlp"]["down"][...]          # [F=64, D=32]  (mlp, embed)
+    assert down.sharding.spec == P("tensor", "fsdp")
+    assert {s.data.shape for s in down.addressable_shards} == {(32, 16)}   # a quarter per device
+    want = jax.tree_util.tree_flatten_with_path(_param_shardings(*SHARDED))[0]
+    got = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
+    assert [jax.tree_util.keystr(p) for p, _ in got] == [jax.tree_util.keystr(p) for p, _ in want]
+    assert all(x.sharding.is_equivalent_to(s, x.ndim) for (_, x), (_, s) in zip(got, want))
+    # Data parallelism alone: everything replicated.
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(nnx.state(rep.model, nnx.Param)))
+
+
 @pytest.mark.slow
 def test_sharded_training_matches_data_parallel(runs):
     _, rep, sh = runs
@@ -74,32 +117,28 @@ def test_sharded_training_matches_data_parallel(runs):
     assert len(train_losses(sh)) == 4
     np.testing.assert_allclose([v for _, v in sh.val_losses], [v for _, v in rep.val_losses], rtol=LOSS_RTOL)
     assert_params_close(params(sh.model), params(rep.model))
+    _assert_trained_shardings(sh, rep)
 
 
-def test_parameters_and_moments_are_sharded(runs):
-    tmp, rep, sh = runs
-    state = nnx.state(sh.model, nnx.Param)
-    down = state["layers"][0]["mlp"]["down"][...]          # [F=64, D=32]  (mlp, embed)
-    assert down.sharding.spec == P("tensor", "fsdp")
-    assert {s.data.shape for s in down.addressable_shards} == {(32, 16)}   # a quarter per device
-    assert state["layers"][0]["attn"]["q"][...].sharding.spec == P("fsdp", "tensor", None)
-    assert state["layers"][0]["attn"]["o"][...].sharding.spec == P("tensor", None, "fsdp")
-    assert state["embed"][...].sharding.spec == P("tensor", "fsdp")
-    assert state["layers"][0]["mlp"]["ttt_proj"][...].sharding.spec == P("fsdp", None)
-    assert state["final_norm"]["scale"][...].sharding.spec == P(None)
+def test_parameters_and_moments_are_sharded():
+    """The shardings the trainer's program gives parameters and Adam moments (shape-only; that a
+    trained model keeps them is checked after the runs above)."""
+    model_sh = _param_shardings(*SHARDED)
+    down = model_sh["layers"][0]["mlp"]["down"]          # [F=64, D=32]  (mlp, embed)
+    assert down.spec == P("tensor", "fsdp")
+    assert down.shard_shape((64, 32)) == (32, 16)        # a quarter per device
+    assert model_sh["layers"][0]["attn"]["q"].spec == P("fsdp", "tensor", None)
+    assert model_sh["layers"][0]["attn"]["o"].spec == P("tensor", None, "fsdp")
+    assert model_sh["embed"].spec == P("tensor", "fsdp")
+    assert model_sh["layers"][0]["mlp"]["ttt_proj"].spec == P("fsdp", None)
+    assert model_sh["final_norm"]["scale"].spec == P(None)
     # Data parallelism alone: everything replicated.
-    assert nnx.state(rep.model, nnx.Param)["layers"][0]["mlp"]["down"][...].sharding.is_fully_replicated
+    assert all(s.is_fully_replicated for s in jax.tree.leaves(_param_shardings(*REPLICATED)))
 
     # The optimizer state the trainer jits with: Adam moments sharded like their parameter,
     # counters replicated.
-    c = cfg(tmp / "unused", *SHARDED)
-
-    def build():
-        model = CausalLM(c.model, rngs=nnx.Rngs(0))
-        return nnx.Optimizer(model, make_optimizer(c.train), wrt=nnx.Param)
-
-    opt_sh = sharding.state_shardings(nnx.state(nnx.eval_shape(build)), sharding.make_mesh(c.mesh))
-    flat = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(opt_sh)[0]}
+    flat = {jax.tree_util.keystr(p): s
+            for p, s in jax.tree_util.tree_flatten_with_path(_program(*SHARDED).opt_sh)[0]}
     mu = [s for k, s in flat.items() if "'mu'" in k and "['mlp']['down']" in k]
     nu = [s for k, s in flat.items() if "'nu'" in k and "['mlp']['down']" in k]
     assert mu and nu and all(s.spec == P("tensor", "fsdp") for s in mu + nu)
@@ -120,15 +159,14 @@ def test_indivisible_mesh_names_parameter_and_fix(tmp_path):
 
 
 @pytest.mark.slow
-def test_context_parallel_training_matches_data_parallel(runs, tmp_path):
-    """mesh.context=2 (each row split into two 16-token halves = one TTT chunk per device, with ring
-    attention and the cross-device fast-weight scan), with the optimizer sharded (ZeRO-1,
+def test_context_parallel_training_matches_data_parallel(runs, context_run):
+    """mesh.context=2 (each 64-token row split into two 32-token halves = two TTT chunks per device,
+    with ring attention and the cross-device fast-weight scan), with the optimizer sharded (ZeRO-1,
     train.shard_optimizer), trains like data parallelism."""
     from ttt_jax.train.trainer import train_program
 
     _, rep, _ = runs
-    c = cfg(tmp_path / "cp", "mesh.data=2", "mesh.fsdp=2", "mesh.context=2", "train.shard_optimizer=true")
-    cp = train(c)
+    c, cp = context_run
     assert cp.step == rep.step == 4
     np.testing.assert_allclose(train_losses(cp), train_losses(rep), rtol=LOSS_RTOL)
     np.testing.assert_allclose([v for _, v in cp.val_losses], [v for _, v in rep.val_losses], rtol=LOSS_RTOL)
@@ -161,26 +199,25 @@ def test_split_further_places_zero_axes():
 
 
 @pytest.mark.slow
-def test_zigzag_training_matches_contiguous(tmp_path):
+def test_zigzag_training_matches_contiguous(context_run, tmp_path):
     """The load-balanced layout trains like the contiguous one (64-token rows over context=2:
     four 16-token segments, one TTT chunk each)."""
-    common = ("mesh.data=2", "mesh.fsdp=2", "mesh.context=2", "data.seq_len=64", "model.max_seq_len=64",
-              "train.stop_after=2")
-    contiguous = train(cfg(tmp_path / "contiguous", *common))
-    zigzag = train(cfg(tmp_path / "zigzag", *common, "runtime.context.layout=zigzag"))
+    _, contiguous = context_run
+    zigzag = train(cfg(tmp_path / "zigzag", *CONTEXT, "runtime.context.layout=zigzag"))
+    assert zigzag.step == contiguous.step == 4
     np.testing.assert_allclose(train_losses(zigzag), train_losses(contiguous), rtol=LOSS_RTOL)
     np.testing.assert_allclose([v for _, v in zigzag.val_losses], [v for _, v in contiguous.val_losses],
                                rtol=LOSS_RTOL)
     assert_params_close(params(zigzag.model), params(contiguous.model))
     with pytest.raises(ValueError, match=r"multiple of 2 \(zigzag\) x mesh\.context=2 x model\.ttt\.chunk_size=16"):
-        train(cfg(tmp_path / "bad", "mesh.data=2", "mesh.fsdp=2", "mesh.context=2", "runtime.context.layout=zigzag"))
+        train(cfg(tmp_path / "bad", *CONTEXT, "data.seq_len=32", "runtime.context.layout=zigzag"))
 
 
 def test_context_layout_error(tmp_path):
     # seq_len 32 over context=4 leaves 8 tokens per device, half a 16-token TTT chunk.
     with pytest.raises(ValueError, match=r"data\.seq_len=32 must be a multiple of mesh\.context=4 x "
                                          r"model\.ttt\.chunk_size=16"):
-        train(cfg(tmp_path / "run", "mesh.data=2", "mesh.context=4"))
+        train(cfg(tmp_path / "run", "data.seq_len=32", "mesh.data=2", "mesh.context=4"))
 
 
 @needs_determinism
@@ -190,7 +227,7 @@ def test_sharded_resume_is_bitwise_exact_and_restores_on_other_meshes(runs, tmp_
     first = train(cfg(tmp_path / "resumed", *SHARDED, "train.stop_after=2"))
     assert first.step == 2
     # The step-2 checkpoint (written from sharded arrays), for restores onto other meshes.
-    for name in ("on_replicated", "on_fsdp4"):
+    for name in ("on_replicated", "on_context"):
         shutil.copytree(tmp_path / "resumed", tmp_path / name)
 
     resumed = train(cfg(tmp_path / "resumed", *SHARDED))
@@ -201,9 +238,11 @@ def test_sharded_resume_is_bitwise_exact_and_restores_on_other_meshes(runs, tmp_
     assert resumed.val_losses[-1] == straight.val_losses[-1]
     assert resumed.train_loss == straight.train_loss
 
-    # Orbax reshards on restore: the same checkpoint continues under data parallelism and under
-    # another FSDP size, and the result is the same training (to fp32 rounding).
-    for name, mesh in (("on_replicated", REPLICATED), ("on_fsdp4", ["mesh.data=2", "mesh.fsdp=4"])):
+    # Orbax reshards on restore: the same checkpoint continues under data parallelism (every array
+    # whole on every device) and under context parallelism with ZeRO-1 (the tensor-parallel
+    # parameters' halves joined, the Adam moments' shards split over data x context), and the
+    # result is the same training (to fp32 rounding). Both programs are the ones compiled above.
+    for name, mesh in (("on_replicated", REPLICATED), ("on_context", CONTEXT)):
         other = train(cfg(tmp_path / name, *mesh))
         assert other.step == 4
         assert_params_close(params(other.model), b)

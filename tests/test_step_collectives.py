@@ -24,8 +24,10 @@ def _hidden_gathers(found, d_model):
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8 emulated CPU devices of conftest")
 @pytest.mark.slow
 def test_loss_groups_keep_the_loss_local_under_context_parallelism():
+    # One layer: the loss reads the last hidden states only.
     args = ["--preset", "tiny", "--context", "8", "--seq-len", "8192",
-            "--set", "model.n_layers=3", "model.ttt.enabled=false", "model.max_seq_len=8192"]
+            "--set", "model.n_layers=1", "model.ttt.layers=[0]", "model.ttt.enabled=false",
+            "model.max_seq_len=8192"]
     local = step_collectives.main(args)
     gathered = step_collectives.main(args + ["--loss-groups", "1"])
     # Without per-shard groups the loss scan gathers [chunks, B, chunk, D] hidden states.
